@@ -1,0 +1,1 @@
+"""Host-side primitives below every other layer: mappings, memfds and their seals."""

@@ -1,0 +1,1 @@
+"""The `kvm` backend: the real /dev/kvm through fcntl.ioctl, mmap and ctypes."""

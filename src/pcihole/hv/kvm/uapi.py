@@ -1,0 +1,307 @@
+"""<linux/kvm.h> and <asm/kvm.h> (x86-64), declared once as ctypes.
+
+Names are exactly the kernel's, so that a reader can grep the kernel for them. Sizes and offsets are
+pinned by tests/hv/test_uapi.py the way bindgen's layout tests pin kvm-bindings. Logic stays out of
+this file. Written against the uapi of Linux 6.x (kvm_run's system_event has `ndata`; the coalesced
+ring entry's `pad` is the `pio` flag since 4.21).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
+from enum import IntEnum, IntFlag
+
+KVM_API_VERSION = 12
+PAGE_SIZE = 4096
+
+# --- memslot flags (include/uapi/linux/kvm.h) ------------------------------------------------------
+
+
+class KvmMemFlag(IntFlag):
+    KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+    KVM_MEM_READONLY = 1 << 1
+    # Since 6.8. The seed's KVM_MEM_PCI_HOLE used this bit; see hv/proposed.py.
+    KVM_MEM_GUEST_MEMFD = 1 << 2
+
+
+# --- capabilities (KVM_CHECK_EXTENSION) ------------------------------------------------------------
+
+
+class KvmCap(IntEnum):
+    KVM_CAP_IRQCHIP = 0
+    KVM_CAP_HLT = 1
+    KVM_CAP_USER_MEMORY = 3
+    KVM_CAP_SET_TSS_ADDR = 4
+    KVM_CAP_EXT_CPUID = 7
+    KVM_CAP_NR_VCPUS = 9
+    KVM_CAP_NR_MEMSLOTS = 10
+    KVM_CAP_COALESCED_MMIO = 15
+    KVM_CAP_SYNC_MMU = 16
+    KVM_CAP_INTERNAL_ERROR_DATA = 40
+    KVM_CAP_MAX_VCPUS = 66
+    KVM_CAP_READONLY_MEM = 81
+    KVM_CAP_MULTI_ADDRESS_SPACE = 118
+    KVM_CAP_IMMEDIATE_EXIT = 136
+    KVM_CAP_COALESCED_PIO = 162
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+    KVM_CAP_STEAL_TIME = 187
+    KVM_CAP_USER_MEMORY2 = 231
+    KVM_CAP_GUEST_MEMFD = 234
+
+
+# KVM_DIRTY_LOG_MANUAL_CAPS on x86 (PROTECT_ENABLE | INITIALLY_SET).
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+# --- exit reasons ----------------------------------------------------------------------------------
+
+
+class KvmExitReason(IntEnum):
+    KVM_EXIT_UNKNOWN = 0
+    KVM_EXIT_EXCEPTION = 1
+    KVM_EXIT_IO = 2
+    KVM_EXIT_HYPERCALL = 3
+    KVM_EXIT_DEBUG = 4
+    KVM_EXIT_HLT = 5
+    KVM_EXIT_MMIO = 6
+    KVM_EXIT_IRQ_WINDOW_OPEN = 7
+    KVM_EXIT_SHUTDOWN = 8
+    KVM_EXIT_FAIL_ENTRY = 9
+    KVM_EXIT_INTR = 10
+    KVM_EXIT_SET_TPR = 11
+    KVM_EXIT_TPR_ACCESS = 12
+    KVM_EXIT_NMI = 16
+    KVM_EXIT_INTERNAL_ERROR = 17
+    KVM_EXIT_SYSTEM_EVENT = 24
+
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+
+# --- structs ---------------------------------------------------------------------------------------
+
+
+class kvm_userspace_memory_region(ctypes.Structure):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("flags", c_uint32),
+        ("guest_phys_addr", c_uint64),
+        ("memory_size", c_uint64),
+        ("userspace_addr", c_uint64),
+    ]
+
+
+class kvm_regs(ctypes.Structure):
+    _fields_ = [
+        (name, c_uint64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    ]  # fmt: skip
+
+
+class kvm_segment(ctypes.Structure):
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint32),
+        ("selector", c_uint16),
+        ("type", c_uint8),
+        ("present", c_uint8),
+        ("dpl", c_uint8),
+        ("db", c_uint8),
+        ("s", c_uint8),
+        ("l", c_uint8),
+        ("g", c_uint8),
+        ("avl", c_uint8),
+        ("unusable", c_uint8),
+        ("padding", c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):
+    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
+
+
+KVM_NR_INTERRUPTS = 256
+
+
+class kvm_sregs(ctypes.Structure):
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", c_uint64),
+        ("cr2", c_uint64),
+        ("cr3", c_uint64),
+        ("cr4", c_uint64),
+        ("cr8", c_uint64),
+        ("efer", c_uint64),
+        ("apic_base", c_uint64),
+        ("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    # union { __u32 pad; __u32 pio; }: pio = 1 puts the zone on KVM_PIO_BUS.
+    _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
+
+
+class kvm_coalesced_mmio(ctypes.Structure):
+    _fields_ = [("phys_addr", c_uint64), ("len", c_uint32), ("pio", c_uint32), ("data", c_uint8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(ctypes.Structure):
+    # Followed in the page by KVM_COALESCED_MMIO_MAX entries of kvm_coalesced_mmio.
+    _fields_ = [("first", c_uint32), ("last", c_uint32)]
+
+
+KVM_COALESCED_MMIO_MAX = (PAGE_SIZE - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(
+    kvm_coalesced_mmio
+)
+
+
+class kvm_dirty_log(ctypes.Structure):
+    # union { void __user *dirty_bitmap; __u64 padding2; }
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("num_pages", c_uint32),
+        ("first_page", c_uint64),
+        ("dirty_bitmap", c_uint64),
+    ]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = [
+        ("function", c_uint32),
+        ("index", c_uint32),
+        ("flags", c_uint32),
+        ("eax", c_uint32),
+        ("ebx", c_uint32),
+        ("ecx", c_uint32),
+        ("edx", c_uint32),
+        ("padding", c_uint32 * 3),
+    ]
+
+
+class kvm_cpuid2(ctypes.Structure):
+    # Followed by `nent` kvm_cpuid_entry2; use cpuid2_with(n) for a sized type.
+    _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
+
+
+KVM_MAX_CPUID_ENTRIES = 256
+
+
+def cpuid2_with(nent: int) -> type[ctypes.Structure]:
+    """struct kvm_cpuid2 with room for `nent` entries (the flexible array made concrete)."""
+
+    class kvm_cpuid2_n(ctypes.Structure):
+        _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * nent)]
+
+    return kvm_cpuid2_n
+
+
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+class kvm_msrs(ctypes.Structure):
+    # Followed by `nmsrs` kvm_msr_entry; use msrs_with(n).
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+def msrs_with(nmsrs: int) -> type[ctypes.Structure]:
+    """struct kvm_msrs with room for `nmsrs` entries."""
+
+    class kvm_msrs_n(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * nmsrs)]
+
+    return kvm_msrs_n
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
+
+
+# --- struct kvm_run and its exit union -------------------------------------------------------------
+
+
+class kvm_run_hw(ctypes.Structure):
+    _fields_ = [("hardware_exit_reason", c_uint64)]
+
+
+class kvm_run_fail_entry(ctypes.Structure):
+    _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
+
+
+class kvm_run_io(ctypes.Structure):
+    _fields_ = [
+        ("direction", c_uint8),
+        ("size", c_uint8),
+        ("port", c_uint16),
+        ("count", c_uint32),
+        ("data_offset", c_uint64),  # relative to the start of kvm_run
+    ]
+
+
+class kvm_run_mmio(ctypes.Structure):
+    _fields_ = [("phys_addr", c_uint64), ("data", c_uint8 * 8), ("len", c_uint32), ("is_write", c_uint8)]
+
+
+class kvm_run_internal(ctypes.Structure):
+    _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class kvm_run_system_event(ctypes.Structure):
+    _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class kvm_run_exit(ctypes.Union):
+    _fields_ = [
+        ("hw", kvm_run_hw),
+        ("fail_entry", kvm_run_fail_entry),
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("internal", kvm_run_internal),
+        ("system_event", kvm_run_system_event),
+        ("padding", c_char * 256),
+    ]
+
+
+SYNC_REGS_SIZE_BYTES = 2048
+
+
+class kvm_run(ctypes.Structure):
+    _anonymous_ = ("exit",)
+    _fields_ = [
+        ("request_interrupt_window", c_uint8),
+        ("immediate_exit", c_uint8),
+        ("padding1", c_uint8 * 6),
+        ("exit_reason", c_uint32),
+        ("ready_for_interrupt_injection", c_uint8),
+        ("if_flag", c_uint8),
+        ("flags", c_uint16),
+        ("cr8", c_uint64),
+        ("apic_base", c_uint64),
+        ("exit", kvm_run_exit),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_char * SYNC_REGS_SIZE_BYTES),
+    ]

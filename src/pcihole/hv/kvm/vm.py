@@ -1,0 +1,146 @@
+"""`Vm`: a KVM virtual machine file descriptor (VM ioctls)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from pcihole.hv.kvm import uapi
+from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
+from pcihole.hv.kvm.ioctls import KvmIoctl
+from pcihole.hv.kvm.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from pcihole.hv.kvm.system import Kvm
+
+# Where KVM may put the three pages of the real-mode TSS that VMX needs (kvmtool and Firecracker use
+# the same address). Harmless elsewhere; keep guest MMIO off [0xfffbd000, 0xfffc0000).
+KVM_TSS_ADDRESS = 0xFFFBD000
+
+_FORBIDDEN_FLAGS = uapi.KvmMemFlag.KVM_MEM_GUEST_MEMFD
+
+
+class MemslotFlagRefused(KvmError):
+    """pcihole refused a memslot flag before reaching the kernel (errno EINVAL, as the kernel would)."""
+
+
+def memslot_detail(slot: int, flags: int, gpa: int, size: int, hva: int) -> str:
+    last = f"{gpa + size - 1:#x}" if size else "-"
+    return f"slot={slot}, flags={flags:#x}, gpa=[{gpa:#x}, {last}], size={size:#x}, hva={hva:#x}"
+
+
+class Vm:
+    """One KVM VM. Owns its fd and its vCPUs; close() closes them all."""
+
+    def __init__(self, fd: int, kvm: Kvm) -> None:
+        self.fd = fd
+        self.kvm = kvm
+        self.vcpus: list[Vcpu] = []
+        # Sizes of the slots we created: KVM_GET_DIRTY_LOG copies ALIGN(npages, 64) / 8 bytes to the
+        # buffer we pass, and nothing tells userspace npages but its own bookkeeping.
+        self._slot_sizes: dict[int, int] = {}
+        try:
+            kvm_ioctl(fd, KvmIoctl.KVM_SET_TSS_ADDR, KVM_TSS_ADDRESS, f"{KVM_TSS_ADDRESS:#x}")
+        except KvmError:
+            os.close(fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        return kvm_ioctl(self.fd, KvmIoctl.KVM_CHECK_EXTENSION, int(cap), f"cap={int(cap)}")
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION. Errors carry the kernel's errno (kvm_set_memory_region)."""
+        detail = memslot_detail(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        if flags & _FORBIDDEN_FLAGS:
+            # Bit 2 is KVM_MEM_GUEST_MEMFD on a real kernel (6.8+) and the seed's KVM_MEM_PCI_HOLE in
+            # the model. Never let a request meant for one reach the other.
+            raise MemslotFlagRefused(
+                errno.EINVAL,
+                "KVM_SET_USER_MEMORY_REGION",
+                f"{detail}; flag bit 2 is KVM_MEM_GUEST_MEMFD on a real kernel, not the proposed "
+                "KVM_MEM_PCI_HOLE (use the model backend for that); refused before the ioctl",
+            )
+        region = uapi.kvm_userspace_memory_region(
+            slot & 0xFFFFFFFF,
+            flags & 0xFFFFFFFF,
+            guest_phys_addr & (2**64 - 1),
+            memory_size & (2**64 - 1),
+            userspace_addr & (2**64 - 1),
+        )
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_USER_MEMORY_REGION, region, detail)
+        if memory_size:
+            self._slot_sizes[slot] = memory_size
+        else:
+            self._slot_sizes.pop(slot, None)
+
+    def _bitmap_bytes(self, slot: int) -> int:
+        npages = self._slot_sizes.get(slot, 0) // uapi.PAGE_SIZE
+        return max(8, (npages + 63) // 64 * 8)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: bit i of the little-endian bitmap is page i of the slot."""
+        bitmap = ctypes.create_string_buffer(self._bitmap_bytes(slot))
+        log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_DIRTY_LOG, log, f"slot={slot}")
+        return bitmap.raw
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG: bit i of `bitmap` clears page first_page + i."""
+        need = (num_pages + 63) // 64 * 8
+        buf = ctypes.create_string_buffer(bytes(bitmap).ljust(need, b"\0"), max(need, len(bitmap), 8))
+        log = uapi.kvm_clear_dirty_log(
+            slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=ctypes.addressof(buf)
+        )
+        kvm_ioctl(
+            self.fd,
+            KvmIoctl.KVM_CLEAR_DIRTY_LOG,
+            log,
+            f"slot={slot}, first_page={first_page}, num_pages={num_pages}",
+        )
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        req = uapi.kvm_enable_cap(cap=int(cap))
+        for i, a in enumerate(args):
+            req.args[i] = a
+        kvm_ioctl(self.fd, KvmIoctl.KVM_ENABLE_CAP, req, f"cap={int(cap)}, args={list(args)}")
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        zone = uapi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        kvm_ioctl(
+            self.fd, KvmIoctl.KVM_REGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
+        )
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        zone = uapi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        kvm_ioctl(
+            self.fd, KvmIoctl.KVM_UNREGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
+        )
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        fd = kvm_ioctl(self.fd, KvmIoctl.KVM_CREATE_VCPU, vcpu_id, f"id={vcpu_id}")
+        ring_page = self.check_extension(uapi.KvmCap.KVM_CAP_COALESCED_MMIO)
+        try:
+            vcpu = Vcpu(fd, vcpu_id, self.kvm.vcpu_mmap_size, ring_page)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
