@@ -1,0 +1,1 @@
+"""Loading a guest image: ELF parsing and the PVH boot protocol."""

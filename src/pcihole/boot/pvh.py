@@ -1,0 +1,77 @@
+"""The PVH boot protocol: what QEMU's `-kernel` does for an ELF with a Xen PHYS32_ENTRY note.
+
+Xen's xen/include/public/elfnote.h (XEN_ELFNOTE_PHYS32_ENTRY = 18) and
+xen/include/public/arch-x86/hvm/start_info.h (struct hvm_start_info, struct hvm_memmap_table_entry).
+The kernel is entered in 32-bit flat protected mode with paging off and EBX = &hvm_start_info
+(hv/x86_cpu_state.enter_protected_mode_flat).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pcihole.boot.elf import ElfError, ElfImage
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+HVM_START_MAGIC_VALUE = 0x336EC578
+HVM_START_INFO_VERSION = 1
+# struct hvm_start_info: magic, version, flags, nr_modules, modlist_paddr (u64), cmdline_paddr (u64),
+# rsdp_paddr (u64), memmap_paddr (u64), memmap_entries (u32), reserved (u32): 56 bytes.
+HVM_START_INFO = struct.Struct("<IIIIQQQQII")
+# struct hvm_memmap_table_entry: addr (u64), size (u64), type (u32), reserved (u32).
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
+E820_RAM, E820_RESERVED, E820_ACPI = 1, 2, 3
+
+
+class PvhError(ValueError):
+    """The image cannot be booted with PVH; says why."""
+
+
+@dataclass(frozen=True)
+class MemmapEntry:
+    addr: int
+    size: int
+    type: int
+
+
+def phys32_entry(image: ElfImage) -> int:
+    for note in image.notes():
+        if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY:
+            if len(note.desc) not in (4, 8):
+                raise PvhError(f"{image.name}: XEN_ELFNOTE_PHYS32_ENTRY has {len(note.desc)} bytes, expected 4 or 8")
+            return int.from_bytes(note.desc, "little")
+    raise PvhError(
+        f"{image.name}: no XEN_ELFNOTE_PHYS32_ENTRY note, so this is not a PVH kernel "
+        "(build it with CONFIG_PVH, or add the note)"
+    )
+
+
+def load_elf(image: ElfImage, write: Callable[[int, bytes], None], ram_size: int) -> int:
+    """Copy every PT_LOAD segment to its physical address (zero-filling the bss); returns the PVH entry."""
+    entry = phys32_entry(image)
+    for seg in image.loadable():
+        if seg.paddr + seg.memsz > ram_size:
+            raise PvhError(
+                f"{image.name}: segment [{seg.paddr:#x}, {seg.paddr + seg.memsz - 1:#x}] does not fit in "
+                f"{ram_size >> 20} MiB of RAM"
+            )
+        write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz] + bytes(seg.memsz - seg.filesz))
+    if not any(s.paddr <= entry < s.paddr + s.memsz for s in image.loadable()):
+        raise PvhError(f"{image.name}: the PVH entry {entry:#x} is in no loadable segment")
+    return entry
+
+
+def start_info(
+    *, cmdline_paddr: int, rsdp_paddr: int, memmap_paddr: int, memmap: Sequence[MemmapEntry]
+) -> tuple[bytes, bytes]:
+    """The bytes of struct hvm_start_info and of its memory map table."""
+    info = HVM_START_INFO.pack(
+        HVM_START_MAGIC_VALUE, HVM_START_INFO_VERSION, 0, 0, 0, cmdline_paddr, rsdp_paddr, memmap_paddr, len(memmap), 0
+    )
+    table = b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in memmap)
+    return info, table
+
+
+__all__ = ["ElfError", "MemmapEntry", "PvhError", "load_elf", "phys32_entry", "start_info"]
