@@ -179,3 +179,21 @@ def test_dirty_log_shows_exactly_the_pages_the_guest_wrote(guest, kvm_vm):
 def test_triple_fault_is_shutdown(guest):
     g = guest("ud2")  # #UD with no IDT -> #GP -> #DF -> triple fault
     assert g.run() == exits.Shutdown()
+
+
+def test_kick_from_another_thread_stops_a_spinning_guest(guest):
+    import threading
+
+    g = guest("1: jmp 1b")
+    timer = threading.Timer(0.2, g.vcpu.kick)
+    timer.start()
+    assert g.run() == exits.Interrupted()
+    timer.join()
+    # The kick is consumed: the guest is still spinning where it was.
+    assert g.vcpu.get_regs().rip == CODE
+
+
+def test_kick_before_run_makes_run_return_at_once(guest):
+    g = guest("1: jmp 1b")
+    g.vcpu.kick()
+    assert g.run() == exits.Interrupted()

@@ -33,6 +33,10 @@ class Vcpu(Protocol):
         """KVM_RUN until the next exit to userspace, decoded (hv/exits.py)."""
         ...
 
+    def kick(self) -> None:
+        """Make the running (or the next) run() return Interrupted soon. Safe from another thread."""
+        ...
+
     def complete_read(self, data: bytes) -> None:
         """Supply the bytes of the pending MmioRead / IoIn; the guest sees them on the next run()."""
         ...

@@ -11,7 +11,9 @@ import ctypes
 import errno
 import mmap
 import os
+import signal
 import struct
+import threading
 
 from pcihole.hv import exits
 from pcihole.hv.kvm import uapi
@@ -35,6 +37,19 @@ _IO = struct.Struct("<BBHIQ")
 _ENTRY = ctypes.sizeof(uapi.kvm_coalesced_mmio)
 _RING_HEADER = ctypes.sizeof(uapi.kvm_coalesced_mmio_ring)
 _RING_ENTRY = struct.Struct("<QII8s")
+_OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
+
+# The signal kick() sends to a vCPU thread sitting in KVM_RUN, so that KVM_RUN returns EINTR (QEMU's
+# SIG_IPI). Its handler does nothing; it only has to exist, or the signal would kill the process.
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _install_kick_handler() -> None:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) in (
+        signal.SIG_DFL,
+        None,
+    ):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
 class Vcpu:
@@ -49,6 +64,8 @@ class Vcpu:
         self._ring = coalesced_ring_page * uapi.PAGE_SIZE if coalesced_ring_page else 0
         # (offset in kvm_run, length) where the data of a pending MmioRead / IoIn must be written.
         self._pending_read: tuple[int, int] | None = None
+        self._running_thread: int | None = None
+        _install_kick_handler()
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -86,13 +103,28 @@ class Vcpu:
 
     def run(self) -> exits.VcpuExit:
         """KVM_RUN, then decode why the vCPU stopped. A pending read must be completed first."""
+        self._running_thread = threading.get_ident()
         try:
             kvm_ioctl(self.fd, KvmIoctl.KVM_RUN)
         except KvmError as e:
             if e.errno == errno.EINTR:
+                self._run[_OFF_IMMEDIATE_EXIT] = 0
                 return exits.Interrupted()
             raise
+        finally:
+            self._running_thread = None
         return self._decode()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return EINTR: immediate_exit covers a kick that lands just before KVM_RUN
+        (api.rst, KVM_CAP_IMMEDIATE_EXIT), the signal one that lands while the vCPU runs."""
+        self._run[_OFF_IMMEDIATE_EXIT] = 1
+        thread = self._running_thread
+        if thread is not None and thread != threading.get_ident() and signal.getsignal(KICK_SIGNAL) not in (
+            signal.SIG_DFL,
+            None,
+        ):
+            signal.pthread_kill(thread, KICK_SIGNAL)
 
     def _decode(self) -> exits.VcpuExit:
         run = self._run

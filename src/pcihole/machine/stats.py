@@ -1,0 +1,34 @@
+"""What a run cost, counted where it happens (the run loop and the dispatcher)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExitCounts:
+    mmio_read: int = 0
+    mmio_write: int = 0
+    io: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.mmio_read + self.mmio_write + self.io + self.other
+
+    def as_dict(self) -> dict[str, int]:
+        return {"mmio_read": self.mmio_read, "mmio_write": self.mmio_write, "io": self.io, "total": self.total}
+
+
+@dataclass
+class RunStats:
+    exits: ExitCounts = field(default_factory=ExitCounts)
+    #: ECAM accesses that exited to pcihole, reads and writes (a subset of the exits above)
+    ecam_exits: int = 0
+    #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
+    coalesced_writes: int = 0
+    #: writes to holes that reached the trap handler (writes = "trap")
+    trapped_writes: int = 0
+    #: ports the guest touched that no device claims (each logged once)
+    unclaimed_ports: set[int] = field(default_factory=set)
+    unclaimed_mmio: set[int] = field(default_factory=set)
