@@ -1,0 +1,300 @@
+"""Parsers for what the scan guest reports: the ``pcihole_report`` struct in guest memory and its serial lines.
+
+Layout (little-endian, version 1; README.md in this folder is the reference)::
+
+    0x00 u32 magic "PHSR" (0x52534850)   0x04 u16 version (1)     0x06 u16 header_size (0x30)
+    0x08 u16 max_regions (8)              0x0a u16 max_devices (256)
+    0x0c u32 state (0 not started, 1 running, 2 done)             0x10 u32 status (bits below)
+    0x14 u32 scans                        0x18 u32 config_reads (last scan)
+    0x1c u32 total_config_reads           0x20 u32 ndevices (last scan; may exceed max_devices)
+    0x24 u32 nregions                     0x28 u32 rsdp_paddr      0x2c u32 mcfg_paddr
+    header_size:  regions[max_regions], 16 bytes: u64 base, u16 segment, u8 start_bus, u8 end_bus,
+                                                  u8 source (1 mcfg, 2 cmdline), u8 flags (1 skipped), u16 0
+    then:         devices[max_devices], 16 bytes: u16 segment, u8 bus, u8 devfn, u16 vendor, u16 device,
+                                                  u32 class_rev, u8 header_type (raw), u8 flags,
+                                                  u8 secondary, u8 subordinate
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import REPORT_SYMBOL
+from .elf import Elf32
+
+REPORT_MAGIC = 0x52534850  # b"PHSR"
+REPORT_VERSION = 1
+HEADER = struct.Struct("<IHHHHIIIIIIIII")
+REGION = struct.Struct("<QHBBBBH")
+DEVICE = struct.Struct("<HBBHHIBBBB")
+
+STATE_NOT_STARTED = 0
+STATE_RUNNING = 1
+STATE_DONE = 2
+
+# status bits (the low byte is also the value written to port 0xf4)
+ST_NO_ECAM = 0x01
+ST_BAD_START_INFO = 0x02
+ST_NO_ACPI = 0x04
+ST_NO_MCFG = 0x08
+ST_BAD_TABLE = 0x10
+ST_REGION_SKIPPED = 0x20
+ST_BAD_OPTION = 0x40
+ST_TRUNCATED = 0x80
+STATUS_NAMES = {
+    ST_NO_ECAM: "no-ecam",
+    ST_BAD_START_INFO: "bad-start-info",
+    ST_NO_ACPI: "no-acpi",
+    ST_NO_MCFG: "no-mcfg",
+    ST_BAD_TABLE: "bad-table",
+    ST_REGION_SKIPPED: "region-skipped",
+    ST_BAD_OPTION: "bad-option",
+    ST_TRUNCATED: "truncated",
+}
+
+SOURCE_MCFG = 1
+SOURCE_CMDLINE = 2
+SOURCE_NAMES = {SOURCE_MCFG: "mcfg", SOURCE_CMDLINE: "cmdline"}
+REGION_SKIPPED = 0x01
+
+DEV_PEER_SCAN = 0x01
+DEV_ONE_CHILD = 0x02
+DEV_NOT_FOLLOWED = 0x04
+
+LINE_PREFIX = "pcihole-scan: "
+
+
+class ReportError(ValueError):
+    pass
+
+
+def status_names(status: int) -> list[str]:
+    return [name for bit, name in STATUS_NAMES.items() if status & bit]
+
+
+@dataclass(frozen=True)
+class EcamRegion:
+    base: int
+    segment: int
+    start_bus: int
+    end_bus: int
+    source: str  # "mcfg" | "cmdline"
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class ScannedDevice:
+    segment: int
+    bus: int
+    devfn: int
+    vendor: int
+    device: int
+    class_code: int  # 24 bits: base class, subclass, programming interface
+    revision: int
+    header_type: int  # low 7 bits
+    multifunction: bool
+    # Only in the memory report (the serial line does not carry them):
+    flags: int = field(default=0, compare=False)
+    secondary: int = field(default=0, compare=False)
+    subordinate: int = field(default=0, compare=False)
+
+    @property
+    def slot(self) -> int:
+        return self.devfn >> 3
+
+    @property
+    def function(self) -> int:
+        return self.devfn & 7
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.segment:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
+
+    @property
+    def header_byte(self) -> int:
+        return self.header_type | (0x80 if self.multifunction else 0)
+
+    def key(self) -> tuple[str, int, int, int]:
+        """What another enumerator (QEMU's query-pci, lspci) can be compared on."""
+        return (self.bdf, self.vendor, self.device, self.class_code)
+
+    def line(self) -> str:
+        """The serial line the guest prints for this device."""
+        return (
+            f"{LINE_PREFIX}{self.bdf} {self.vendor:04x}:{self.device:04x} class {self.class_code:06x}"
+            f" rev {self.revision:02x} hdr {self.header_byte:02x}"
+        )
+
+
+@dataclass
+class ScanReport:
+    """The in-memory report."""
+
+    version: int
+    state: int
+    status: int
+    scans: int
+    config_reads: int
+    total_config_reads: int
+    ndevices: int
+    rsdp_paddr: int
+    mcfg_paddr: int
+    regions: list[EcamRegion]
+    devices: list[ScannedDevice]
+
+    @property
+    def done(self) -> bool:
+        return self.state == STATE_DONE
+
+    @property
+    def truncated(self) -> bool:
+        return self.ndevices > len(self.devices)
+
+
+@dataclass
+class SerialReport:
+    """What the serial lines say. ``done`` is False when the final line has not (yet) been seen."""
+
+    regions: list[EcamRegion] = field(default_factory=list)
+    devices: list[ScannedDevice] = field(default_factory=list)
+    done: bool = False
+    ndevices: int = 0
+    config_reads: int = 0
+    status: int = 0
+    scans: int = 0
+
+
+# ---------------------------------------------------------------------------- memory report
+
+
+def report_symbol(image: bytes | Elf32) -> tuple[int, int]:
+    """(guest physical address, size) of ``pcihole_report`` in the image (physical == virtual)."""
+    elf = image if isinstance(image, Elf32) else Elf32(image)
+    sym = elf.symbol(REPORT_SYMBOL)
+    return sym.value, sym.size
+
+
+def parse_report(data: bytes) -> ScanReport:
+    """Parse the bytes of ``pcihole_report`` (at least the header; all of it for the device list)."""
+    if len(data) < HEADER.size:
+        raise ReportError(f"report too short ({len(data)} bytes)")
+    (
+        magic,
+        version,
+        header_size,
+        max_regions,
+        max_devices,
+        state,
+        status,
+        scans,
+        config_reads,
+        total_reads,
+        ndevices,
+        nregions,
+        rsdp,
+        mcfg,
+    ) = HEADER.unpack_from(data, 0)
+    if magic != REPORT_MAGIC:
+        if magic == 0 and state == 0:
+            raise ReportError("report is empty: the guest has not started")
+        raise ReportError(f"bad report magic {magic:#010x}")
+    if version != REPORT_VERSION:
+        raise ReportError(f"unsupported report version {version}")
+    if nregions > max_regions:
+        raise ReportError(f"nregions {nregions} > max_regions {max_regions}")
+    dev_off = header_size + max_regions * REGION.size
+    nstored = min(ndevices, max_devices)
+    if len(data) < dev_off + nstored * DEVICE.size:
+        raise ReportError(f"report truncated: {len(data)} bytes, need {dev_off + nstored * DEVICE.size}")
+    regions = []
+    for i in range(nregions):
+        base, seg, start, end, source, flags, _ = REGION.unpack_from(data, header_size + i * REGION.size)
+        regions.append(
+            EcamRegion(
+                base, seg, start, end, SOURCE_NAMES.get(source, str(source)), bool(flags & REGION_SKIPPED)
+            )
+        )
+    devices = []
+    for i in range(nstored):
+        seg, bus, devfn, ven, dev, class_rev, hdr, flags, sec, sub = DEVICE.unpack_from(
+            data, dev_off + i * DEVICE.size
+        )
+        devices.append(
+            ScannedDevice(
+                seg,
+                bus,
+                devfn,
+                ven,
+                dev,
+                class_rev >> 8,
+                class_rev & 0xFF,
+                hdr & 0x7F,
+                bool(hdr & 0x80),
+                flags,
+                sec,
+                sub,
+            )
+        )
+    return ScanReport(
+        version, state, status, scans, config_reads, total_reads, ndevices, rsdp, mcfg, regions, devices
+    )
+
+
+def read_report(image: bytes | Elf32, read_phys: Callable[[int, int], bytes]) -> ScanReport:
+    """Find ``pcihole_report`` in the image and parse it from guest memory (``read_phys(gpa, size)``)."""
+    addr, size = report_symbol(image)
+    return parse_report(read_phys(addr, size))
+
+
+# ---------------------------------------------------------------------------- serial lines
+
+_HEX = "[0-9a-f]"
+_DEVICE_RE = re.compile(
+    rf"({_HEX}{{4}}):({_HEX}{{2}}):({_HEX}{{2}})\.([0-7]) ({_HEX}{{4}}):({_HEX}{{4}})"
+    rf" class ({_HEX}{{6}}) rev ({_HEX}{{2}}) hdr ({_HEX}{{2}})"
+)
+_REGION_RE = re.compile(
+    rf"ecam ({_HEX}{{4}}) base=0x({_HEX}{{16}}) buses=({_HEX}{{2}})-({_HEX}{{2}}) source=(mcfg|cmdline)( skipped)?"
+)
+_DONE_RE = re.compile(r"done devices=(\d+) config_reads=(\d+) status=0x([0-9a-f]{2,8}) scans=(\d+)")
+
+
+def parse_serial(text: str) -> SerialReport:
+    """Parse the guest's serial output; lines without the ``pcihole-scan: `` prefix are ignored."""
+    rep = SerialReport()
+    for raw in text.splitlines():
+        line = raw.strip("\r")
+        if not line.startswith(LINE_PREFIX):
+            continue
+        body = line[len(LINE_PREFIX) :]
+        if m := _DEVICE_RE.fullmatch(body):
+            seg, bus, slot, fn, ven, dev, cls, rev, hdr = m.groups()
+            h = int(hdr, 16)
+            rep.devices.append(
+                ScannedDevice(
+                    int(seg, 16),
+                    int(bus, 16),
+                    int(slot, 16) << 3 | int(fn),
+                    int(ven, 16),
+                    int(dev, 16),
+                    int(cls, 16),
+                    int(rev, 16),
+                    h & 0x7F,
+                    bool(h & 0x80),
+                )
+            )
+        elif m := _REGION_RE.fullmatch(body):
+            seg, base, start, end, source, skipped = m.groups()
+            rep.regions.append(
+                EcamRegion(int(base, 16), int(seg, 16), int(start, 16), int(end, 16), source, bool(skipped))
+            )
+        elif m := _DONE_RE.fullmatch(body):
+            rep.done = True
+            rep.ndevices, rep.config_reads = int(m[1]), int(m[2])
+            rep.status, rep.scans = int(m[3], 16), int(m[4])
+        else:
+            raise ReportError(f"unparseable guest line: {line!r}")
+    return rep

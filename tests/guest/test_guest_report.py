@@ -1,0 +1,129 @@
+"""report.py: the memory-struct and serial-line parsers, on hand-made inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcihole.guest.report import (
+    DEVICE,
+    HEADER,
+    REGION,
+    REPORT_MAGIC,
+    ST_NO_MCFG,
+    ST_TRUNCATED,
+    EcamRegion,
+    ReportError,
+    ScannedDevice,
+    parse_report,
+    parse_serial,
+    status_names,
+)
+
+
+def _report(devices, regions, *, ndevices=None, magic=REPORT_MAGIC, max_devices=4, state=2, status=0):
+    hdr = HEADER.pack(
+        magic,
+        1,
+        0x30,
+        2,
+        max_devices,
+        state,
+        status,
+        3,
+        100,
+        300,
+        len(devices) if ndevices is None else ndevices,
+        len(regions),
+        0xF0000,
+        0x7FE0000,
+    )
+    regs = b"".join(REGION.pack(*r, 0) for r in regions).ljust(2 * REGION.size, b"\0")
+    devs = b"".join(DEVICE.pack(*d) for d in devices).ljust(max_devices * DEVICE.size, b"\0")
+    return hdr + regs + devs
+
+
+def test_layout_sizes():
+    assert (HEADER.size, REGION.size, DEVICE.size) == (0x30, 16, 16)
+
+
+def test_parse_report_fields():
+    data = _report(
+        [
+            (0, 1, 0x0A, 0x1AF4, 0x1041, 0x02000001, 0x80, 0x01, 0, 0),
+            (0, 0, 0x08, 0x1B36, 0x000C, 0x06040000, 0x01, 2, 1, 3),
+        ],
+        [(0xB0000000, 0, 0, 255, 1, 0), (0x1_0000_0000, 1, 0, 15, 2, 1)],
+    )
+    r = parse_report(data)
+    assert r.done and r.scans == 3 and r.config_reads == 100 and r.total_config_reads == 300
+    assert (r.rsdp_paddr, r.mcfg_paddr) == (0xF0000, 0x7FE0000)
+    assert r.regions == [
+        EcamRegion(0xB0000000, 0, 0, 255, "mcfg", False),
+        EcamRegion(1 << 32, 1, 0, 15, "cmdline", True),
+    ]
+    d0, d1 = r.devices
+    assert d0.bdf == "0000:01:01.2" and (d0.vendor, d0.device) == (0x1AF4, 0x1041)
+    assert (d0.class_code, d0.revision, d0.header_type, d0.multifunction) == (0x020000, 1, 0, True)
+    assert d0.flags == 1
+    assert (d1.header_type, d1.secondary, d1.subordinate) == (1, 1, 3)
+    assert d0.line() == "pcihole-scan: 0000:01:01.2 1af4:1041 class 020000 rev 01 hdr 80"
+
+
+def test_parse_report_truncated_device_list():
+    devs = [(0, 0, i * 8, 0x8086, i, 0, 0, 0, 0, 0) for i in range(4)]
+    r = parse_report(_report(devs, [], ndevices=9, status=ST_TRUNCATED))
+    assert len(r.devices) == 4 and r.ndevices == 9 and r.truncated
+    assert status_names(r.status) == ["truncated"]
+
+
+@pytest.mark.parametrize(
+    "data, msg",
+    [
+        (bytes(0x30 + 32 + 64), "not started"),
+        (_report([], [], magic=0x12345678), "magic"),
+        (_report([], [])[:20], "too short"),
+        (_report([(0, 0, 0, 1, 2, 0, 0, 0, 0, 0)], [])[: 0x30 + 32 + 8], "truncated"),
+    ],
+)
+def test_parse_report_errors(data, msg):
+    with pytest.raises(ReportError, match=msg):
+        parse_report(data)
+
+
+SERIAL = """\
+SeaBIOS noise
+pcihole-scan: ecam 0000 base=0x00000000b0000000 buses=00-ff source=mcfg\r
+pcihole-scan: ecam 0001 base=0x0000000100000000 buses=00-0f source=cmdline skipped
+pcihole-scan: 0000:00:00.0 8086:29c0 class 060000 rev 00 hdr 00
+pcihole-scan: 0000:00:1f.2 8086:2922 class 010601 rev 02 hdr 80
+pcihole-scan: done devices=2 config_reads=8187 status=0x08 scans=1
+"""
+
+
+def test_parse_serial():
+    s = parse_serial(SERIAL)
+    assert s.done and s.ndevices == 2 and s.config_reads == 8187 and s.status == ST_NO_MCFG and s.scans == 1
+    assert [r.source for r in s.regions] == ["mcfg", "cmdline"] and s.regions[1].skipped
+    assert s.regions[1].base == 1 << 32 and s.regions[1].end_bus == 15
+    assert [d.bdf for d in s.devices] == ["0000:00:00.0", "0000:00:1f.2"]
+    sata = s.devices[1]
+    assert (sata.vendor, sata.device, sata.class_code, sata.revision, sata.multifunction) == (
+        0x8086,
+        0x2922,
+        0x010601,
+        2,
+        True,
+    )
+    assert sata.line() + "\n" in SERIAL  # line() and the parser agree
+
+
+def test_parse_serial_incomplete_and_malformed():
+    assert not parse_serial(SERIAL.split("pcihole-scan: done")[0]).done
+    with pytest.raises(ReportError):
+        parse_serial("pcihole-scan: 0000:00:00.0 8086:29c0 class 0600 hdr 00\n")
+
+
+def test_device_equality_ignores_memory_only_fields():
+    a = ScannedDevice(0, 0, 8, 1, 2, 3, 4, 1, False, flags=2, secondary=1, subordinate=1)
+    b = ScannedDevice(0, 0, 8, 1, 2, 3, 4, 1, False)
+    assert a == b and a.key() == ("0000:00:01.0", 1, 2, 3)
