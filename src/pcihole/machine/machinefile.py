@@ -1,0 +1,296 @@
+"""Machine files: a TOML description of the guest's RAM and PCIe hierarchy.
+
+Schema (every key is checked: an unknown key, a wrong type or an invalid value is an error)::
+
+    [machine]                       # required
+    ram_mib = 64                    # required, integer >= 1: guest RAM in MiB
+    name = "default"                # optional string
+
+    [[segment]]                     # one or more; each is an ECAM window and its hole
+    id = 0                          # required, PCI segment group 0..65535
+    ecam_base = 0xe0000000          # required: guest-physical address of bus 0 (MCFG Base Address),
+                                    #   aligned to 2^(n+20) for n bus-number bits, window below 4 GiB
+    buses = "0-255"                 # optional, "first-last" (decimal), default "0-255"
+    fill = 0xff                     # optional, the byte absent functions read as, default 0xff
+    writes = "discard"              # optional, "discard" | "trap" (log Unsupported Requests), default "discard"
+
+    [[root_port]]                   # zero or more, on the segment's root bus (QEMU pcie-root-port)
+    bdf = "0000:00:02.0"            # required, SSSS:BB:DD.F in hexadecimal
+    secondary = 1                   # required: the bus below the port
+    subordinate = 1                 # optional, default = secondary
+    vendor = 0x1b36                 # optional, default 0x1b36
+    device = 0x000c                 # optional, default 0x000c (class is always 0x060400)
+    slot = 1                        # optional physical slot number, default = secondary
+    name = "rp1"                    # optional string
+
+    [[endpoint]]                    # zero or more type 0 functions
+    bdf = "0000:01:00.0"            # required; on the root bus or device 0 of a port's secondary bus
+    vendor = 0x1af4                 # required
+    device = 0x1041                 # required
+    class = 0x020000                # required, 24-bit class code (base class, subclass, prog-if)
+    revision = 1                    # optional, default 0
+    subsystem_vendor = 0x1af4       # optional, default 0x1af4 (QEMU's for every device)
+    subsystem = 0x1100              # optional, default 0x1100
+    name = "virtio-net"             # optional string
+
+    [[endpoint.bar]]                # zero or more BARs of the endpoint just above
+    index = 1                       # required, 0..5 (a mem64 BAR also uses index + 1)
+    type = "mem32"                  # required, "mem32" | "mem64" | "io"
+    size = 0x1000                   # required, a power of two (memory >= 128 bytes, I/O 4..256)
+    prefetchable = false            # optional, memory BARs only
+
+Every segment has an implicit host bridge at <first bus>:00.0. Several endpoints with the same bus and
+device form a multi-function device (function 0 required; it gets the multi-function bit). The rules
+the hierarchy must follow, and why, are in `pcihole.pci.topology`.
+
+Errors are `MachineFileError` (a ValueError) with a one-line message naming the file and the problem,
+e.g. ``machine.toml: endpoint 0000:05:00.0: bus 5 is reached by no bridge``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from pcihole.pci.bdf import Bdf
+from pcihole.pci.topology import (
+    QEMU_SUBSYSTEM,
+    QEMU_SUBSYSTEM_VENDOR,
+    ROOT_PORT_DEVICE,
+    ROOT_PORT_VENDOR,
+    WRITES_DISCARD,
+    BarSpec,
+    EndpointSpec,
+    RootPortSpec,
+    Segment,
+    Topology,
+    TopologyError,
+)
+
+DEFAULT_MACHINE = "default.toml"
+_BUSES_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_TOML_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "table",
+}
+
+
+class MachineFileError(ValueError):
+    """A problem in a machine file; str() is one line: "<file>: <where>: <problem>"."""
+
+
+@dataclass(frozen=True)
+class MachineFile:
+    """A loaded, validated machine description."""
+
+    path: str
+    name: str
+    ram_mib: int
+    topology: Topology
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_mib << 20
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self.topology.segments
+
+
+def _type_name(value: object) -> str:
+    return _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+class _Problem(Exception):
+    """Raised inside the parser; turned into MachineFileError with the file name on the way out."""
+
+
+class _Table:
+    """One TOML table being read, with the words that say where it is ("endpoint 0000:01:00.0")."""
+
+    def __init__(self, where: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise _Problem(f"{where}: must be a table, not {_type_name(data)}")
+        self.where = where
+        self.data: dict[str, Any] = data
+
+    def check_keys(self, known: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in known:
+                raise _Problem(f"{self.where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+    def _get(self, key: str, kind: type, required: bool, default: Any) -> Any:
+        if key not in self.data:
+            if required:
+                raise _Problem(f"{self.where}: missing key {key!r}")
+            return default
+        value = self.data[key]
+        # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = _TOML_TYPE_NAMES[kind]
+            article = "an" if expected[0] in "aeiou" else "a"
+            raise _Problem(f"{self.where}: {key} must be {article} {expected}, not {_type_name(value)}")
+        return value
+
+    def get_int(self, key: str, *, required: bool = False, default: int | None = None) -> Any:
+        return self._get(key, int, required, default)
+
+    def get_str(self, key: str, *, required: bool = False, default: str | None = None) -> Any:
+        return self._get(key, str, required, default)
+
+    def get_bool(self, key: str, *, default: bool = False) -> bool:
+        return bool(self._get(key, bool, False, default))
+
+    def bdf(self) -> Bdf:
+        text = self.get_str("bdf", required=True)
+        try:
+            return Bdf.parse(text)
+        except ValueError as e:
+            raise _Problem(f"{self.where}: bdf {e}") from None
+
+
+def _array_of_tables(document: dict[str, Any], key: str) -> list[Any]:
+    value = document.get(key, [])
+    if not isinstance(value, list):
+        raise _Problem(f"{key} must be an array of tables ([[{key}]]), not {_type_name(value)}")
+    return value
+
+
+def _parse_buses(table: _Table) -> tuple[int, int]:
+    text = table.get_str("buses", default="0-255")
+    match = _BUSES_RE.match(text)
+    if match is None:
+        raise _Problem(f'{table.where}: buses {text!r} must be "first-last", e.g. "0-255"')
+    first, last = int(match.group(1)), int(match.group(2))
+    if not first <= last <= 255:
+        raise _Problem(f"{table.where}: buses {text!r} must have 0 <= first <= last <= 255")
+    return first, last
+
+
+def _parse_machine(document: dict[str, Any]) -> tuple[str, int]:
+    if "machine" not in document:
+        raise _Problem("missing table [machine]")
+    table = _Table("[machine]", document["machine"])
+    table.check_keys(("name", "ram_mib"))
+    ram_mib = table.get_int("ram_mib", required=True)
+    if ram_mib < 1:
+        raise _Problem(f"[machine]: ram_mib {ram_mib} must be at least 1")
+    return table.get_str("name", default=""), ram_mib
+
+
+def _parse_segment(index: int, data: object) -> Segment:
+    table = _Table(f"segment #{index + 1}", data)
+    segment_id = table.get_int("id", required=True)
+    table.where = f"segment {segment_id}"
+    table.check_keys(("buses", "ecam_base", "fill", "id", "writes"))
+    start_bus, end_bus = _parse_buses(table)
+    return Segment(
+        id=segment_id,
+        ecam_base=table.get_int("ecam_base", required=True),
+        start_bus=start_bus,
+        end_bus=end_bus,
+        fill=table.get_int("fill", default=0xFF),
+        writes=table.get_str("writes", default=WRITES_DISCARD),
+    )
+
+
+def _parse_root_port(index: int, data: object) -> RootPortSpec:
+    table = _Table(f"root port #{index + 1}", data)
+    bdf = table.bdf()
+    table.where = f"root port {bdf}"
+    table.check_keys(("bdf", "device", "name", "secondary", "slot", "subordinate", "vendor"))
+    secondary = table.get_int("secondary", required=True)
+    return RootPortSpec(
+        bdf=bdf,
+        secondary=secondary,
+        subordinate=table.get_int("subordinate", default=secondary),
+        vendor=table.get_int("vendor", default=ROOT_PORT_VENDOR),
+        device=table.get_int("device", default=ROOT_PORT_DEVICE),
+        physical_slot=table.get_int("slot"),
+        name=table.get_str("name", default=""),
+    )
+
+
+def _parse_bar(where: str, index: int, data: object) -> BarSpec:
+    table = _Table(f"{where}: bar #{index + 1}", data)
+    table.check_keys(("index", "prefetchable", "size", "type"))
+    return BarSpec(
+        index=table.get_int("index", required=True),
+        kind=table.get_str("type", required=True),
+        size=table.get_int("size", required=True),
+        prefetchable=table.get_bool("prefetchable"),
+    )
+
+
+def _parse_endpoint(index: int, data: object) -> EndpointSpec:
+    table = _Table(f"endpoint #{index + 1}", data)
+    bdf = table.bdf()
+    table.where = f"endpoint {bdf}"
+    table.check_keys(
+        ("bar", "bdf", "class", "device", "name", "revision", "subsystem", "subsystem_vendor", "vendor")
+    )
+    bars = table.data.get("bar", [])
+    if not isinstance(bars, list):
+        raise _Problem(
+            f"{table.where}: bar must be an array of tables ([[endpoint.bar]]), not {_type_name(bars)}"
+        )
+    return EndpointSpec(
+        bdf=bdf,
+        vendor=table.get_int("vendor", required=True),
+        device=table.get_int("device", required=True),
+        class_code=table.get_int("class", required=True),
+        revision=table.get_int("revision", default=0),
+        subsystem_vendor=table.get_int("subsystem_vendor", default=QEMU_SUBSYSTEM_VENDOR),
+        subsystem=table.get_int("subsystem", default=QEMU_SUBSYSTEM),
+        bars=tuple(_parse_bar(table.where, i, bar) for i, bar in enumerate(bars)),
+        name=table.get_str("name", default=""),
+    )
+
+
+def _parse(document: dict[str, Any], path: str) -> MachineFile:
+    for key in document:
+        if key not in ("endpoint", "machine", "root_port", "segment"):
+            raise _Problem(f"unknown top-level key {key!r} (known: endpoint, machine, root_port, segment)")
+    name, ram_mib = _parse_machine(document)
+    segments = [_parse_segment(i, t) for i, t in enumerate(_array_of_tables(document, "segment"))]
+    if not segments:
+        raise _Problem("no [[segment]]: a machine needs at least one ECAM segment")
+    root_ports = [_parse_root_port(i, t) for i, t in enumerate(_array_of_tables(document, "root_port"))]
+    endpoints = [_parse_endpoint(i, t) for i, t in enumerate(_array_of_tables(document, "endpoint"))]
+    try:
+        topology = Topology(tuple(segments), tuple(root_ports), tuple(endpoints)).validate()
+    except TopologyError as e:
+        raise _Problem(str(e)) from None
+    return MachineFile(path=path, name=name, ram_mib=ram_mib, topology=topology)
+
+
+def loads(text: str, path: str = "<string>") -> MachineFile:
+    """Parse a machine file's text; `path` is the name errors start with."""
+    try:
+        document = tomllib.loads(text)
+        return _parse(document, path)
+    except tomllib.TOMLDecodeError as e:
+        raise MachineFileError(f"{path}: invalid TOML: {e}") from None
+    except _Problem as e:
+        raise MachineFileError(f"{path}: {e}") from None
+
+
+def load(path: str | PathLike[str]) -> MachineFile:
+    """Read and validate a machine file (OSError if it cannot be read, MachineFileError if it is wrong)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return loads(text, str(path))
+
+
+def load_default() -> MachineFile:
+    """The machine embedded in the package (machine/default.toml), used when no --machine is given."""
+    text = resources.files(__package__).joinpath(DEFAULT_MACHINE).read_text(encoding="utf-8")
+    return loads(text, DEFAULT_MACHINE)

@@ -1,0 +1,20 @@
+"""PCI Express configuration space behind an ECAM window: functions, root ports, the host bridge, hot-plug.
+
+Pure Python, no hypervisor: the machine layer hands ECAM accesses to `host_bridge.HostBridge` and asks
+it which 4 KiB pages hold present functions (everything else in a segment's window is the hole).
+
+    topology.py        segments and function specs (plain data) and their validation
+    synthetic.py       generated topologies for tests and benchmarks
+    bdf.py             "0000:00:01.0" addresses
+    ecam.py            offset <-> (bus, device, function, register)
+    access.py          how one MMIO access is cut into configuration requests
+    config_space.py    4 KiB of bytes + write masks (RO / RW / RW1C)
+    registers.py       register names from Linux's pci_regs.h
+    capabilities.py    capability list placement and lookup
+    pcie_capability.py the PCI Express capability (device/port type, link, slot)
+    aer.py             Advanced Error Reporting and Unsupported Request logging
+    function.py        what every function has; DeviceInfo for listings
+    endpoint.py        type 0 functions: endpoints and the host bridge function
+    root_port.py       type 1 root ports
+    host_bridge.py     ECAM routing, the hole's read/write policy, hot-plug and page listeners
+"""

@@ -1,0 +1,16 @@
+"""Fixtures for the PCI tests."""
+
+import pytest
+from pci_test_machines import small_topology
+
+from pcihole.pci.host_bridge import HostBridge
+
+
+@pytest.fixture
+def bridge() -> HostBridge:
+    return HostBridge(small_topology())
+
+
+@pytest.fixture
+def trapping_bridge() -> HostBridge:
+    return HostBridge(small_topology(writes="trap"))
