@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import unicorn
 from unicorn import x86_const
 
+from pcihole.boot.elf import ElfImage
+from pcihole.boot.pvh import pvh_entry
 from pcihole.guest import image_bytes
-from pcihole.guest.elf import Elf32
 from pcihole.guest.report import ScanReport, parse_report, report_symbol
 
 RAM_SIZE = 16 << 20
@@ -122,7 +123,7 @@ class Result:
 
 def run(m: Machine, image: bytes | None = None, max_insns: int = 50_000_000) -> Result:
     image = image or image_bytes()
-    elf = Elf32(image)
+    elf = ElfImage(image)
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_32)
     uc.mem_map(0, RAM_SIZE)
     for paddr, data, memsz in elf.load_segments():
@@ -206,7 +207,7 @@ def run(m: Machine, image: bytes | None = None, max_insns: int = 50_000_000) -> 
     uc.hook_add(unicorn.UC_HOOK_INSN, on_out, None, 1, 0, x86_const.UC_X86_INS_OUT)
     uc.reg_write(x86_const.UC_X86_REG_EBX, START_INFO)
     uc.reg_write(x86_const.UC_X86_REG_ESP, 0x4000)  # the guest must set its own
-    entry = elf.pvh_entry()
+    entry = pvh_entry(elf)
     assert entry is not None
     uc.emu_start(entry, 0xFFFFFFFF, count=max_insns)
 

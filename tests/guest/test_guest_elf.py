@@ -6,14 +6,15 @@ import struct
 
 import pytest
 
+from pcihole.boot.elf import EM_386, PT_LOAD, ElfError, ElfImage
+from pcihole.boot.pvh import pvh_entry
 from pcihole.guest import REPORT_SYMBOL, image_bytes
-from pcihole.guest.elf import EM_386, PT_LOAD, Elf32, ElfError
 from pcihole.guest.report import DEVICE, HEADER, REGION
 
 
 @pytest.fixture(scope="module")
-def elf() -> Elf32:
-    return Elf32(image_bytes())
+def elf() -> ElfImage:
+    return ElfImage(image_bytes())
 
 
 def test_is_i386_executable(elf):
@@ -22,7 +23,7 @@ def test_is_i386_executable(elf):
 
 
 def test_phys32_entry_note_points_into_executable_load_segment(elf):
-    entry = elf.pvh_entry()
+    entry = pvh_entry(elf)
     assert entry is not None, "no XEN_ELFNOTE_PHYS32_ENTRY note"
     seg = elf.segment_at(entry)
     assert seg is not None and seg.type == PT_LOAD
@@ -58,9 +59,9 @@ def test_stack_symbols_kept(elf):
 
 def test_notes_parsing_rejects_garbage():
     with pytest.raises(ElfError):
-        Elf32(b"\x7fELF" + bytes(10))
+        ElfImage(b"\x7fELF" + bytes(10))
     with pytest.raises(ElfError):
-        Elf32(b"MZ" + bytes(100))
+        ElfImage(b"MZ" + bytes(100))
 
 
 def test_note_with_8_byte_descriptor_is_understood():
@@ -73,5 +74,5 @@ def test_note_with_8_byte_descriptor_is_understood():
         + struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, 0, 52, 0, 0, 52, 32, 1, 40, 0, 0)
     )
     phdr = struct.pack("<IIIIIIII", 4, 84, 0, 0, len(note), len(note), 4, 4)
-    e = Elf32(ehdr + phdr + note)
-    assert e.pvh_entry() == 0x1234567
+    e = ElfImage(ehdr + phdr + note)
+    assert pvh_entry(e) == 0x1234567

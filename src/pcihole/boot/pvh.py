@@ -37,6 +37,7 @@ class MemmapEntry:
 
 
 def phys32_entry(image: ElfImage) -> int:
+    """The XEN_ELFNOTE_PHYS32_ENTRY address (a 4- or 8-byte descriptor); PvhError if there is none."""
     for note in image.notes():
         if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY:
             if len(note.desc) not in (4, 8):
@@ -48,17 +49,25 @@ def phys32_entry(image: ElfImage) -> int:
     )
 
 
+def pvh_entry(image: ElfImage) -> int | None:
+    """``phys32_entry``, or None where the image has no usable PHYS32_ENTRY note."""
+    try:
+        return phys32_entry(image)
+    except PvhError:
+        return None
+
+
 def load_elf(image: ElfImage, write: Callable[[int, bytes], None], ram_size: int) -> int:
     """Copy every PT_LOAD segment to its physical address (zero-filling the bss); returns the PVH entry."""
     entry = phys32_entry(image)
-    for seg in image.loadable():
-        if seg.paddr + seg.memsz > ram_size:
+    for paddr, data, memsz in image.load_segments():
+        if paddr + memsz > ram_size:
             raise PvhError(
-                f"{image.name}: segment [{seg.paddr:#x}, {seg.paddr + seg.memsz - 1:#x}] does not fit in "
+                f"{image.name}: segment [{paddr:#x}, {paddr + memsz - 1:#x}] does not fit in "
                 f"{ram_size >> 20} MiB of RAM"
             )
-        write(seg.paddr, image.data[seg.offset : seg.offset + seg.filesz] + bytes(seg.memsz - seg.filesz))
-    if not any(s.paddr <= entry < s.paddr + s.memsz for s in image.loadable()):
+        write(paddr, data + bytes(memsz - len(data)))
+    if image.segment_at(entry) is None:
         raise PvhError(f"{image.name}: the PVH entry {entry:#x} is in no loadable segment")
     return entry
 
@@ -74,4 +83,4 @@ def start_info(
     return info, table
 
 
-__all__ = ["ElfError", "MemmapEntry", "PvhError", "load_elf", "phys32_entry", "start_info"]
+__all__ = ["ElfError", "MemmapEntry", "PvhError", "load_elf", "phys32_entry", "pvh_entry", "start_info"]

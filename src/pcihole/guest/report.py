@@ -22,8 +22,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pcihole.boot.elf import ElfImage
+
 from . import REPORT_SYMBOL
-from .elf import Elf32
 
 REPORT_MAGIC = 0x52534850  # b"PHSR"
 REPORT_VERSION = 1
@@ -170,9 +171,9 @@ class SerialReport:
 # ---------------------------------------------------------------------------- memory report
 
 
-def report_symbol(image: bytes | Elf32) -> tuple[int, int]:
+def report_symbol(image: bytes | ElfImage) -> tuple[int, int]:
     """(guest physical address, size) of ``pcihole_report`` in the image (physical == virtual)."""
-    elf = image if isinstance(image, Elf32) else Elf32(image)
+    elf = image if isinstance(image, ElfImage) else ElfImage(image)
     sym = elf.symbol(REPORT_SYMBOL)
     return sym.value, sym.size
 
@@ -243,7 +244,7 @@ def parse_report(data: bytes) -> ScanReport:
     )
 
 
-def read_report(image: bytes | Elf32, read_phys: Callable[[int, int], bytes]) -> ScanReport:
+def read_report(image: bytes | ElfImage, read_phys: Callable[[int, int], bytes]) -> ScanReport:
     """Find ``pcihole_report`` in the image and parse it from guest memory (``read_phys(gpa, size)``)."""
     addr, size = report_symbol(image)
     return parse_report(read_phys(addr, size))
