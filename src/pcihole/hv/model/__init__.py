@@ -1,0 +1,21 @@
+"""The `model` backend: an executable reference model of KVM's memory-slot subsystem.
+
+It implements the interface of hv/interface.py with the kernel's checks, in the kernel's order,
+with the kernel's errno (research/kvm-memslot-rules.md), plus the seed's KVM_MEM_PCI_HOLE (v2
+rules) and the reviewer's MMIO-bus fill device (hv/proposed.py). Guest code runs on Unicorn; every
+guest memory access resolves through the model's memslots and MMIO bus, as on a KVM vCPU.
+
+One concept per file:
+  errors.py       ModelKvmError, the OSError every failing "ioctl" raises
+  capabilities.py what KVM_CHECK_EXTENSION answers
+  memslots.py     KVM_SET_USER_MEMORY_REGION rules and the slot table
+  page_levels.py  the largest mapping level per gfn (disallow_lpage)
+  dirty_log.py    KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG
+  io_bus.py       kvm_io_bus: sorted device ranges, NR_IOBUS_DEVS, dispatch order
+  coalesced.py    coalesced MMIO/PIO zones and the ring page
+  mmio_fill.py    the MMIO-bus fill device (reviewer's alternative)
+  fill_window.py  a sealed memfd of 0xff bytes, mapped side by side (PCI_HOLE reads, no callback)
+  guest_memory.py the Unicorn memory map built from the slots and the gaps between them
+  cpu.py          Unicorn set up from kvm_regs / kvm_sregs
+  vcpu.py, vm.py, system.py  the Vcpu / Vm / Hypervisor objects
+"""

@@ -1,0 +1,143 @@
+"""The model's x86 CPU: a Unicorn engine started from the kvm_regs / kvm_sregs that set_sregs gave.
+
+Unicorn fixes the CPU mode when the engine is created, so the model reads the mode out of the
+special registers the way the hardware would (CR0.PE, CR0.PG, EFER.LMA, CS.L / CS.DB) and supports
+exactly the start states of x86_cpu_state.py plus real mode:
+- real mode: CR0.PE = 0, every segment base = selector << 4;
+- 32-bit flat protected mode, paging off: CS.DB = 1, every segment base 0 and limit 4 GiB;
+- 64-bit long mode with paging: EFER.LMA, CR0.PG, CS.L; CR3 / CR4 / EFER are loaded, and Unicorn
+  walks the guest's page tables in guest memory (through the memslots, as KVM's MMU does).
+Anything else raises UnsupportedCpuState naming the register that is out of reach.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
+from unicorn import x86_const as x86
+
+from pcihole.hv.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
+from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
+
+MSR_EFER = 0xC0000080
+FLAT_LIMIT = 0xFFFFFFFF
+
+
+class UnsupportedCpuState(ValueError):
+    """The model cannot run a vCPU in this state (it is not one the model implements)."""
+
+
+class CpuMode(Enum):
+    REAL = UC_MODE_16
+    PROTECTED_32 = UC_MODE_32
+    LONG_64 = UC_MODE_64
+
+
+_GPRS_64 = (
+    ("rax", x86.UC_X86_REG_RAX), ("rbx", x86.UC_X86_REG_RBX), ("rcx", x86.UC_X86_REG_RCX),
+    ("rdx", x86.UC_X86_REG_RDX), ("rsi", x86.UC_X86_REG_RSI), ("rdi", x86.UC_X86_REG_RDI),
+    ("rsp", x86.UC_X86_REG_RSP), ("rbp", x86.UC_X86_REG_RBP), ("r8", x86.UC_X86_REG_R8),
+    ("r9", x86.UC_X86_REG_R9), ("r10", x86.UC_X86_REG_R10), ("r11", x86.UC_X86_REG_R11),
+    ("r12", x86.UC_X86_REG_R12), ("r13", x86.UC_X86_REG_R13), ("r14", x86.UC_X86_REG_R14),
+    ("r15", x86.UC_X86_REG_R15), ("rip", x86.UC_X86_REG_RIP), ("rflags", x86.UC_X86_REG_RFLAGS),
+)  # fmt: skip
+_GPRS_32 = (
+    ("rax", x86.UC_X86_REG_EAX), ("rbx", x86.UC_X86_REG_EBX), ("rcx", x86.UC_X86_REG_ECX),
+    ("rdx", x86.UC_X86_REG_EDX), ("rsi", x86.UC_X86_REG_ESI), ("rdi", x86.UC_X86_REG_EDI),
+    ("rsp", x86.UC_X86_REG_ESP), ("rbp", x86.UC_X86_REG_EBP), ("rip", x86.UC_X86_REG_EIP),
+    ("rflags", x86.UC_X86_REG_EFLAGS),
+)  # fmt: skip
+_SEGMENTS_16 = (
+    ("cs", x86.UC_X86_REG_CS), ("ds", x86.UC_X86_REG_DS), ("es", x86.UC_X86_REG_ES),
+    ("fs", x86.UC_X86_REG_FS), ("gs", x86.UC_X86_REG_GS), ("ss", x86.UC_X86_REG_SS),
+)  # fmt: skip
+
+
+def reset_sregs() -> kvm_sregs:
+    """The special registers of a freshly created KVM vCPU (kvm_vcpu_reset): real mode at f000:fff0."""
+    sregs = kvm_sregs()
+    sregs.cs = kvm_segment(base=0xFFFF0000, limit=0xFFFF, selector=0xF000, type=0xB, present=1, s=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, kvm_segment(base=0, limit=0xFFFF, selector=0, type=3, present=1, s=1))
+    sregs.tr = kvm_segment(base=0, limit=0xFFFF, type=0xB, present=1)
+    sregs.ldt = kvm_segment(base=0, limit=0xFFFF, type=2, present=1)
+    sregs.gdt.limit = sregs.idt.limit = 0xFFFF
+    sregs.cr0 = 0x60000010
+    sregs.apic_base = 0xFEE00900
+    return sregs
+
+
+def reset_regs() -> kvm_regs:
+    return kvm_regs(rip=0xFFF0, rflags=0x2, rdx=0x600)
+
+
+def _is_flat(seg: kvm_segment) -> bool:
+    limit = seg.limit if not seg.g else (seg.limit << 12) | 0xFFF
+    return seg.base == 0 and (limit & 0xFFFFFFFF) == FLAT_LIMIT
+
+
+def cpu_mode(sregs: kvm_sregs) -> CpuMode:
+    """Which Unicorn mode runs this state, or UnsupportedCpuState."""
+    segs = {name: getattr(sregs, name) for name, _ in _SEGMENTS_16}
+    if not sregs.cr0 & X86_CR0_PE:
+        for name, seg in segs.items():
+            if seg.base != seg.selector << 4:
+                raise UnsupportedCpuState(
+                    f"real mode with {name}.base {seg.base:#x} != selector {seg.selector:#x} << 4 "
+                    "(the model's real mode has no hidden segment state)"
+                )
+        return CpuMode.REAL
+    if sregs.efer & EFER_LMA:
+        if not (sregs.cr0 & X86_CR0_PG and sregs.cs.l):
+            raise UnsupportedCpuState("EFER.LMA without CR0.PG and a 64-bit CS (compatibility mode)")
+        return CpuMode.LONG_64
+    if sregs.cr0 & X86_CR0_PG:
+        raise UnsupportedCpuState("32-bit paging (the model runs protected mode with paging off only)")
+    if not sregs.cs.db:
+        raise UnsupportedCpuState("16-bit protected mode (CS.DB = 0)")
+    for name, seg in segs.items():
+        if not _is_flat(seg):
+            raise UnsupportedCpuState(
+                f"{name} is not flat (base {seg.base:#x}, limit {seg.limit:#x}): the model runs flat protected mode only"
+            )
+    return CpuMode.PROTECTED_32
+
+
+def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
+    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+    uc = Uc(UC_ARCH_X86, mode.value)
+    if mode is CpuMode.LONG_64:
+        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
+        uc.msr_write(MSR_EFER, sregs.efer)
+        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
+    elif mode is CpuMode.REAL:
+        for name, reg in _SEGMENTS_16:
+            uc.reg_write(reg, getattr(sregs, name).selector)
+    write_regs(uc, mode, regs)
+    return uc
+
+
+def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs) -> None:
+    table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
+    for name, reg in table:
+        uc.reg_write(reg, getattr(regs, name))
+
+
+def read_regs(uc: Uc, mode: CpuMode) -> kvm_regs:
+    regs = kvm_regs()
+    table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
+    for name, reg in table:
+        setattr(regs, name, uc.reg_read(reg))
+    return regs
+
+
+def program_counter(uc: Uc, mode: CpuMode) -> int:
+    """The address to start emulation at: Unicorn's emu_start takes a linear address (CS.base + IP)."""
+    if mode is CpuMode.LONG_64:
+        return uc.reg_read(x86.UC_X86_REG_RIP)
+    ip = uc.reg_read(x86.UC_X86_REG_EIP)
+    if mode is CpuMode.REAL:
+        return (uc.reg_read(x86.UC_X86_REG_CS) << 4) + (ip & 0xFFFF)
+    return ip

@@ -1,0 +1,120 @@
+"""`ModelVm`: one VM of the model (the VM ioctls), with the model-only extras of the proposed ABI."""
+
+from __future__ import annotations
+
+import errno
+
+from pcihole.hv.kvm.uapi import KvmCap
+from pcihole.hv.model import capabilities, dirty_log, page_levels
+from pcihole.hv.model.coalesced import CoalescedRing, CoalescedZones
+from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.io_bus import IoBus
+from pcihole.hv.model.memslots import MemslotChange, MemslotTable
+from pcihole.hv.model.mmio_fill import MmioFillDevices
+from pcihole.hv.model.vcpu import ModelVcpu
+
+# arch/x86/include/asm/kvm_host.h: KVM_MAX_VCPU_IDS (kvm_vm_ioctl_create_vcpu: id >= it -> EINVAL).
+KVM_MAX_VCPU_IDS = 4096
+
+
+class ModelVm:
+    """The model's VM: memslots, dirty logs, KVM_MMIO_BUS / KVM_PIO_BUS devices, vCPUs."""
+
+    def __init__(self) -> None:
+        self.memslots = MemslotTable()
+        self.mmio_bus = IoBus("KVM_MMIO_BUS")
+        self.pio_bus = IoBus("KVM_PIO_BUS")
+        self.coalesced_ring = CoalescedRing()
+        self.coalesced_zones = CoalescedZones(self.coalesced_ring, self.mmio_bus, self.pio_bus)
+        self.mmio_fill = MmioFillDevices(self.mmio_bus)
+        self.vcpus: list[ModelVcpu] = []
+        self.closed = False
+
+    def _check_open(self, ioctl: str) -> None:
+        if self.closed:
+            raise ModelKvmError(errno.EBADF, ioctl, "", "the VM is closed")
+
+    def check_extension(self, cap: int) -> int:
+        return capabilities.check_extension(cap)
+
+    # --- memory slots ------------------------------------------------------------------------------
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> MemslotChange | None:
+        """KVM_SET_USER_MEMORY_REGION with the kernel's checks; returns what changed (None: no-op).
+
+        The kvm backend returns None; the change kind is extra information the model can give.
+        """
+        self._check_open("KVM_SET_USER_MEMORY_REGION")
+        return self.memslots.set_user_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+
+    def max_mapping_level(self, gfn: int) -> int:
+        """Model only: the largest page (PG_LEVEL_4K/2M/1G = 1/2/3) the memslot allows for `gfn`."""
+        return page_levels.max_mapping_level(self.memslots, gfn)
+
+    # --- dirty log ---------------------------------------------------------------------------------
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        self._check_open("KVM_GET_DIRTY_LOG")
+        return dirty_log.get_dirty_log(self.memslots, slot)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        self._check_open("KVM_CLEAR_DIRTY_LOG")
+        dirty_log.clear_dirty_log(self.memslots, slot, first_page, num_pages, bitmap)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP: the model implements KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only (else EINVAL)."""
+        self._check_open("KVM_ENABLE_CAP")
+        if int(cap) == KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            dirty_log.enable_manual_dirty_log_protect(self.memslots, tuple(args))
+            return
+        raise ModelKvmError(
+            errno.EINVAL, "KVM_ENABLE_CAP", f"cap={int(cap)}, args={list(args)}", "not implemented"
+        )
+
+    # --- in-kernel MMIO / PIO devices ---------------------------------------------------------------
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool | int = False) -> None:
+        self._check_open("KVM_REGISTER_COALESCED_MMIO")
+        self.coalesced_zones.register(addr, size, int(pio))
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool | int = False) -> None:
+        self._check_open("KVM_UNREGISTER_COALESCED_MMIO")
+        self.coalesced_zones.unregister(addr, size, int(pio))
+
+    def register_mmio_fill(self, addr: int, size: int, fill: int = 0xFF, flags: int = 0) -> None:
+        """Model only (KVM_CAP_MMIO_FILL): reads of [addr, addr+size) no slot maps return `fill`."""
+        self._check_open("KVM_REGISTER_MMIO_FILL")
+        self.mmio_fill.register(addr, size, fill, flags)
+
+    def unregister_mmio_fill(self, addr: int, size: int) -> None:
+        self._check_open("KVM_UNREGISTER_MMIO_FILL")
+        self.mmio_fill.unregister(addr, size)
+
+    # --- vCPUs -------------------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
+        """kvm_vm_ioctl_create_vcpu: EINVAL for an id >= KVM_MAX_VCPU_IDS, EEXIST for a duplicate."""
+        self._check_open("KVM_CREATE_VCPU")
+        if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
+            raise ModelKvmError(errno.EINVAL, "KVM_CREATE_VCPU", f"id={vcpu_id}", "id >= KVM_MAX_VCPU_IDS")
+        if any(v.id == vcpu_id for v in self.vcpus):
+            raise ModelKvmError(
+                errno.EEXIST, "KVM_CREATE_VCPU", f"id={vcpu_id}", "a vCPU with this id exists"
+            )
+        vcpu = ModelVcpu(self, vcpu_id)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        self.closed = True
+
+    def __enter__(self) -> ModelVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
