@@ -1,0 +1,72 @@
+"""Hole strategies: how a hole is made to read as fill bytes (DESIGN.md "Strategies").
+
+`make_strategy(name, hypervisor, vm)` builds one by name; "auto" picks native > ro-alias > exit,
+the first the backend can express. Asking for one the backend cannot do raises
+`StrategyUnavailable` naming what is missing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, StrategyUnavailable
+from pcihole.memory.strategies.exit import ExitStrategy
+from pcihole.memory.strategies.mmio_bus import MmioBusStrategy
+from pcihole.memory.strategies.native import NativeStrategy
+from pcihole.memory.strategies.ro_alias import RoAliasStrategy
+from pcihole.memory.strategies.ro_filled import RoFilledStrategy
+
+if TYPE_CHECKING:
+    from pcihole.hv.interface import Hypervisor, Vm
+
+STRATEGIES: dict[str, type[HoleStrategy]] = {
+    s.name: s for s in (ExitStrategy, RoFilledStrategy, RoAliasStrategy, NativeStrategy, MmioBusStrategy)
+}
+STRATEGY_NAMES = ("auto", *STRATEGIES)
+AUTO_ORDER = ("native", "ro-alias", "exit")
+
+
+def resolve_strategy(name: str, hypervisor: Hypervisor, vm: Vm) -> type[HoleStrategy]:
+    """The strategy class for `name` on this backend, or StrategyUnavailable saying what is missing."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if STRATEGIES[candidate].missing(hypervisor, vm) is None:
+                return STRATEGIES[candidate]
+        raise StrategyUnavailable("no strategy available (not even exit?)")
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGY_NAMES)}") from None
+    reason = cls.missing(hypervisor, vm)
+    if reason is not None:
+        raise StrategyUnavailable(reason)
+    return cls
+
+
+def available_strategies(hypervisor: Hypervisor, vm: Vm) -> list[str]:
+    return [name for name, cls in STRATEGIES.items() if cls.missing(hypervisor, vm) is None]
+
+
+def make_strategy(
+    name: str, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None
+) -> HoleStrategy:
+    return resolve_strategy(name, hypervisor, vm)(hypervisor, vm, map_budget=map_budget)
+
+
+__all__ = [
+    "AUTO_ORDER",
+    "ExitStrategy",
+    "HoleLayout",
+    "HoleStrategy",
+    "MmioBusStrategy",
+    "NativeStrategy",
+    "RoAliasStrategy",
+    "RoFilledStrategy",
+    "STRATEGIES",
+    "STRATEGY_NAMES",
+    "SlotSpec",
+    "StrategyUnavailable",
+    "available_strategies",
+    "make_strategy",
+    "resolve_strategy",
+]

@@ -1,0 +1,165 @@
+"""What every hole strategy produces: a `HoleLayout` of memslots, coalesced zones and fill devices.
+
+A strategy turns the holes of a map into kernel objects, and owns the host memory behind them. It
+never issues ioctls itself: `GuestMemory.update()` diffs the layout of the new map against the
+one in force and applies only the difference, so that unchanged slots stay in place while a page is
+punched (memory/guest_memory.py). Backing is allocated by `layout()` and released by `collect()`,
+which frees whatever the layout in force no longer references (after a successful swap, or after a
+failed one, when the layout in force is still the old one).
+
+Whatever part of a hole the layout does not cover (no slot, no fill device: the `exit` strategy,
+the partial pages at the edges of a hole that is not page aligned, a transient gap while slots are
+replaced) exits to the VMM, which answers from the map in force: `GuestMemory.handle_mmio_read`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from pcihole.hv.kvm.uapi import KvmCap
+from pcihole.memory.address import GuestRange
+from pcihole.memory.region import Hole
+
+if TYPE_CHECKING:
+    from pcihole.hv.interface import Hypervisor, Vm
+
+# struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size; __u32 pio; }: a zone is at most
+# 2**32 - 1 bytes. Zones are cut at 2 GiB so that each piece stays page aligned.
+ZONE_MAX_BYTES = 1 << 31
+# include/linux/kvm_host.h: NR_IOBUS_DEVS 1000 devices per bus (KVM_MMIO_BUS), shared by coalesced
+# zones and in-kernel MMIO devices; more -> ENOSPC. Hole zones take at most this many, leaving the
+# rest to the machine. Past it, discard-holes simply exit on writes (still correct, just slower).
+ZONE_BUDGET = 512
+
+
+class StrategyUnavailable(RuntimeError):
+    """The backend cannot express the strategy; the message names what is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotSpec:
+    """One memslot: the arguments of KVM_SET_USER_MEMORY_REGION except the slot id."""
+
+    range: GuestRange
+    flags: int
+    hva: int
+
+    @property
+    def gpa(self) -> int:
+        return self.range.start.value
+
+    @property
+    def size(self) -> int:
+        return self.range.size
+
+
+@dataclass(frozen=True, slots=True)
+class FillSpec:
+    """One in-kernel MMIO fill device (the model's register_mmio_fill)."""
+
+    range: GuestRange
+    fill: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class HoleLayout:
+    slots: tuple[SlotSpec, ...] = ()
+    zones: tuple[GuestRange, ...] = ()
+    fills: tuple[FillSpec, ...] = ()
+    #: Holes (or parts) whose discard-writes exit because the zone budget ran out.
+    zoneless: tuple[GuestRange, ...] = field(default=())
+
+
+class HoleStrategy(ABC):
+    """Base of the strategies. Subclasses set `name` and implement `layout()`."""
+
+    name: ClassVar[str]
+    #: Reads of absent pages never exit (where the layout covers them).
+    reads_exit: ClassVar[bool] = False
+
+    def __init__(self, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None) -> None:
+        self.hypervisor = hypervisor
+        self.vm = vm
+        self.map_budget = map_budget
+        self.coalesced = bool(vm.check_extension(KvmCap.KVM_CAP_COALESCED_MMIO))
+
+    @classmethod
+    def missing(cls, hypervisor: Hypervisor, vm: Vm) -> str | None:
+        """None if the backend can do this strategy, else a sentence naming what is missing."""
+        return None
+
+    @abstractmethod
+    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+        """The kernel objects for these holes; allocates any backing they need."""
+
+    def collect(self, live: Iterable[SlotSpec]) -> None:  # noqa: B027 - most strategies own no backing
+        """Free the backing no slot in `live` uses."""
+
+    def backing_bytes(self) -> int:
+        """Distinct host bytes behind the holes (see memory/accounting.py)."""
+        return 0
+
+    def host_mappings(self) -> int:
+        """Host mappings (VMAs) this strategy owns."""
+        return 0
+
+    def close(self) -> None:
+        self.collect(())
+
+    # --- helpers shared by the strategies ------------------------------------------------------------
+
+    def write_zones(self, holes: Sequence[Hole]) -> tuple[tuple[GuestRange, ...], tuple[GuestRange, ...]]:
+        """Coalesced zones over the discard-holes (so their writes do not exit), and what did not fit.
+
+        Trap-holes get no zone: each of their writes must exit as an MmioWrite for the trap handler.
+        """
+        if not self.coalesced:
+            return (), tuple(h.range for h in holes if h.writes == "discard")
+        zones: list[GuestRange] = []
+        for rng in merge_adjacent(h.range for h in holes if h.writes == "discard"):
+            zones.extend(rng.split(ZONE_MAX_BYTES))
+        return tuple(zones[:ZONE_BUDGET]), tuple(zones[ZONE_BUDGET:])
+
+
+def merge_adjacent(ranges: Iterable[GuestRange]) -> list[GuestRange]:
+    out: list[GuestRange] = []
+    for r in sorted(ranges):
+        if out and out[-1].end == r.start.value:
+            out[-1] = GuestRange(out[-1].start, r.last)
+        else:
+            out.append(r)
+    return out
+
+
+def fill_runs(holes: Sequence[Hole]) -> list[tuple[GuestRange, int]]:
+    """Page-aligned runs of hole to cover with slots: adjacent holes of one fill merged, then the
+    whole pages inside (partial pages at unaligned edges are left to exits)."""
+    merged: list[tuple[GuestRange, int]] = []
+    for h in sorted(holes, key=lambda h: h.range):
+        if merged and merged[-1][1] == h.fill and merged[-1][0].end == h.range.start.value:
+            merged[-1] = (GuestRange(merged[-1][0].start, h.range.last), h.fill)
+        else:
+            merged.append((h.range, h.fill))
+    out = []
+    for rng, fill in merged:
+        inner = rng.page_interior()
+        if inner is not None:
+            out.append((inner, fill))
+    return out
+
+
+__all__ = [
+    "FillSpec",
+    "HoleLayout",
+    "HoleStrategy",
+    "SlotSpec",
+    "StrategyUnavailable",
+    "ZONE_BUDGET",
+    "ZONE_MAX_BYTES",
+    "fill_runs",
+    "merge_adjacent",
+]

@@ -1,0 +1,144 @@
+"""`ro-alias`: KVM_MEM_READONLY slots that all alias one small sealed memfd of fill bytes.
+
+Per fill value: one `SealedFillMemfd` (host/memfd.py) of `alias_size` bytes (64 KiB, more only when
+the map budget demands it, see memory/slot_planner.py), and one *arena*: a PROT_NONE reservation
+tiled with MAP_SHARED|MAP_FIXED, PROT_READ mappings of that memfd, as large as the longest hole
+run. Every hole slot of that fill uses the arena's start as its userspace_addr, so the slots of all
+holes share it, and punching a page only replaces slots, never host mappings. The arena outlives
+any slot that points into it (a slot over unmapped host memory would make KVM_RUN fail with
+EFAULT), so arenas are replaced only by `collect()`, after the slots using them are gone.
+
+Reads: served from the alias, no exit. Writes: the slot is read-only, so a write takes the RO-fault
+path into the in-kernel MMIO bus: with writes="discard" a coalesced zone over the hole swallows it
+into the ring (no exit while the ring has room, drained at every exit); with writes="trap" there is
+no zone and each write exits as MmioWrite for the trap handler (research/kvm-memslot-rules.md §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pcihole.host.memfd import SealedFillMemfd
+from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
+from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.memory.region import Hole
+from pcihole.memory.slot_planner import default_map_budget, plan_alias
+from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, fill_runs
+
+MAX_MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
+
+
+def max_map_count() -> int:
+    with open(MAX_MAP_COUNT_FILE) as f:
+        return int(f.read())
+
+
+def maps_in_use() -> int:
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+@dataclass
+class Arena:
+    fill: int
+    alias_size: int
+    memfd: SealedFillMemfd
+    reservation: HostMapping
+
+    @property
+    def addr(self) -> int:
+        return self.reservation.addr
+
+    @property
+    def size(self) -> int:
+        return self.reservation.size
+
+    @property
+    def mappings(self) -> int:
+        return self.size // self.alias_size
+
+
+class RoAliasStrategy(HoleStrategy):
+    name = "ro-alias"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.arenas: list[Arena] = []
+        self.memfds: dict[tuple[int, int], SealedFillMemfd] = {}
+
+    @classmethod
+    def missing(cls, hypervisor, vm) -> str | None:  # type: ignore[no-untyped-def]
+        if not vm.check_extension(KvmCap.KVM_CAP_READONLY_MEM):
+            return "ro-alias needs KVM_CAP_READONLY_MEM, which this kernel lacks"
+        return None
+
+    def budget(self) -> int:
+        """Host mappings the arenas may use in all (slot_planner.py explains the choice)."""
+        if self.map_budget is None:
+            # Fixed at the first layout (reading /proc/self/maps costs ~1 ms with thousands of
+            # arena lines, too much for every punch); our own arenas are given back to the budget.
+            self.map_budget = default_map_budget(max_map_count(), maps_in_use() - self.host_mappings())
+        return self.map_budget
+
+    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+        plan = plan_alias(fill_runs(holes), free_slots=free_slots, map_budget=self.budget())
+        arenas = {
+            spec.fill: self._arena(spec.fill, spec.alias_size, spec.arena_size) for spec in plan.aliases
+        }
+        flags = int(KvmMemFlag.KVM_MEM_READONLY)
+        slots = tuple(SlotSpec(p.range, flags, arenas[p.fill].addr) for p in plan.slots)
+        zones, zoneless = self.write_zones(holes)
+        return HoleLayout(slots=slots, zones=zones, zoneless=zoneless)
+
+    def _arena(self, fill: int, alias_size: int, size: int) -> Arena:
+        # Re-use any arena of this fill that is large enough: its pages are all `fill`, whatever its
+        # alias size, and keeping it keeps the slots that point at it unchanged.
+        for a in self.arenas:
+            if a.fill == fill and a.size >= size:
+                return a
+        memfd = self.memfds.get((fill, alias_size))
+        if memfd is None:
+            memfd = self.memfds[(fill, alias_size)] = SealedFillMemfd(alias_size, fill)
+        reservation = HostMapping.reserve(size, name=f"ro-alias arena fill={fill:#04x}")
+        try:
+            for offset in range(0, size, alias_size):
+                reservation.map_fixed(offset, alias_size, PROT_READ, MAP_SHARED, memfd.fd, 0)
+        except BaseException:
+            reservation.close()
+            self._drop_unused_memfds()
+            raise
+        arena = Arena(fill, alias_size, memfd, reservation)
+        self.arenas.append(arena)
+        return arena
+
+    def collect(self, live: Iterable[SlotSpec]) -> None:
+        hvas = {s.hva for s in live}
+        keep = []
+        for a in self.arenas:
+            if a.addr in hvas:
+                keep.append(a)
+            else:
+                a.reservation.close()
+        self.arenas = keep
+        self._drop_unused_memfds()
+
+    def _drop_unused_memfds(self) -> None:
+        used = {id(a.memfd) for a in self.arenas}
+        for key, memfd in list(self.memfds.items()):
+            if id(memfd) not in used:
+                memfd.close()
+                del self.memfds[key]
+
+    def backing_bytes(self) -> int:
+        # Distinct pages: the memfds' allocated blocks. Not Rss, which counts every mapping again.
+        return sum(m.allocated_bytes() for m in self.memfds.values())
+
+    def host_mappings(self) -> int:
+        return sum(a.mappings for a in self.arenas)
+
+    def memfd_fds(self) -> list[int]:
+        return [m.fd for m in self.memfds.values()]
+
+
+__all__ = ["Arena", "RoAliasStrategy", "max_map_count", "maps_in_use"]

@@ -1,0 +1,84 @@
+"""`ro-filled`: KVM_MEM_READONLY slots over private buffers as large as the holes, filled with the fill.
+
+The status quo the seed wants to replace: no exits for reads, but every byte of hole costs a byte of
+host memory once the buffer is touched (we touch it all when filling, so it is all resident: 256 MiB
+for a 256-bus ECAM). Each buffer is *gpa-linear*: the slot for [a, b] inside the buffer's hole
+uses `buffer + (a - hole start)`, so punching a page out of a hole re-uses the same buffer for the
+two new slots instead of allocating new ones, and filling it back re-uses it again. A buffer is
+freed when no slot in force points into it. Buffers are mprotect()ed read-only after filling.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
+from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.memory.accounting import resident_bytes
+from pcihole.memory.address import GuestRange
+from pcihole.memory.region import Hole
+from pcihole.memory.slot_planner import plan_plain_slots
+from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, fill_runs
+
+
+@dataclass
+class FilledBuffer:
+    range: GuestRange  # the guest range this buffer is linear over
+    fill: int
+    mapping: HostMapping
+
+    def hva_of(self, rng: GuestRange) -> int | None:
+        if self.range.covers(rng):
+            return self.mapping.addr + rng.start.offset_from(self.range.start)
+        return None
+
+
+class RoFilledStrategy(HoleStrategy):
+    name = "ro-filled"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.buffers: list[FilledBuffer] = []
+
+    @classmethod
+    def missing(cls, hypervisor, vm) -> str | None:  # type: ignore[no-untyped-def]
+        if not vm.check_extension(KvmCap.KVM_CAP_READONLY_MEM):
+            return "ro-filled needs KVM_CAP_READONLY_MEM, which this kernel lacks"
+        return None
+
+    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+        slots = []
+        for plan in plan_plain_slots(fill_runs(holes), free_slots=free_slots):
+            hva = self._hva_for(plan.range, plan.fill)
+            slots.append(SlotSpec(plan.range, int(KvmMemFlag.KVM_MEM_READONLY), hva))
+        zones, zoneless = self.write_zones(holes)
+        return HoleLayout(slots=tuple(slots), zones=zones, zoneless=zoneless)
+
+    def _hva_for(self, rng: GuestRange, fill: int) -> int:
+        for buf in self.buffers:
+            if buf.fill == fill and (hva := buf.hva_of(rng)) is not None:
+                return hva
+        mapping = HostMapping.anonymous(rng.size, name=f"ro-filled {rng}")
+        ctypes.memset(mapping.addr, fill, rng.size)
+        mprotect_raw(mapping.addr, mapping.size, PROT_READ)
+        self.buffers.append(FilledBuffer(rng, fill, mapping))
+        return mapping.addr
+
+    def collect(self, live: Iterable[SlotSpec]) -> None:
+        hvas = [s.hva for s in live]
+        keep = []
+        for buf in self.buffers:
+            m = buf.mapping
+            if any(m.addr <= h < m.addr + m.size for h in hvas):
+                keep.append(buf)
+            else:
+                m.close()
+        self.buffers = keep
+
+    def backing_bytes(self) -> int:
+        return sum(resident_bytes(b.mapping.addr, b.mapping.size) for b in self.buffers)
+
+    def host_mappings(self) -> int:
+        return len(self.buffers)
