@@ -191,6 +191,11 @@ class Vcpu:
         """(first, last) of the coalesced ring; tests use it as the kernel's selftest does."""
         return struct.unpack_from("<II", self._run, self._ring) if self._ring else (0, 0)
 
+    def set_ring_indices(self, first: int, last: int) -> None:
+        """Write the ring's first/last as userspace may (the kernel's coalesced_io_test sets both)."""
+        if self._ring:
+            struct.pack_into("<II", self._run, self._ring, first, last)
+
     def close(self) -> None:
         if self.fd >= 0:
             self._run.close()

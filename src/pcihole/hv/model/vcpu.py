@@ -89,6 +89,7 @@ class ModelVcpu:
         self._restart = False
         self._closed = False
         self._closing = False
+        self._kicked = False  # kick(): the running or next run() returns Interrupted
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -142,10 +143,24 @@ class ModelVcpu:
             resume = self._read_data if self._read_data is not None else bytes(self._pending_read)
             self._pending_read = None
             self._read_data = None
+        if self._kicked and not self._suspended and resume is None:
+            # KVM_RUN with immediate_exit set returns EINTR before entering the guest.
+            self._kicked = False
+            return exits.Interrupted()
         if self._guest is None or self._guest.dead:
             self._guest = greenlet(self._guest_loop)
         self._guest.parent = getcurrent()
         return self._guest.switch(resume)
+
+    def kick(self) -> None:
+        """Make the running (or the next) run() return Interrupted, like the kvm backend's kick.
+
+        uc_emu_stop may be called from another thread: it asks the emulating thread to leave its
+        translation block at the next boundary, and emu_start then returns with no exit pending.
+        """
+        self._kicked = True
+        if self._uc is not None and not self._closed:
+            self._uc.emu_stop()
 
     def complete_read(self, data: bytes) -> None:
         if self._pending_read is None:
@@ -209,6 +224,9 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit
+        if self._kicked:
+            self._kicked = False
+            return exits.Interrupted()
         # emu_start returns by itself only after HLT (there is no end address or count).
         pc = cpu.program_counter(uc, mode)
         if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
