@@ -1,0 +1,209 @@
+"""`pcihole run | acpi | bench`: the command line.
+
+Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero: 2 for bad input
+(arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
+fails at run time (timeout, triple fault, KVM errors). Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_HALT
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BACKENDS = ("auto", "kvm", "model")
+STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
+#: The embedded guest prints only its summary line: one port exit per character would otherwise
+#: outnumber the ECAM exits being measured. pcihole prints the device list from the guest's report.
+EMBEDDED_GUEST_CMDLINE = "pcihole.quiet"
+
+
+class UsageError(Exception):
+    """Bad input: exit status 2."""
+
+
+class RunFailed(Exception):
+    """The run did not end well: exit status 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcihole", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log what pcihole does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot the embedded scan guest (or --kernel) on a machine")
+    run.add_argument("--machine", metavar="FILE.toml", help="machine file (default: the embedded default machine)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto", help="kvm where /dev/kvm opens, else model")
+    run.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how ECAM holes are implemented")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
+    run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
+    run.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)")
+
+    acpi = sub.add_parser("acpi", help="write the machine's ACPI tables as RSDP.dat, XSDT.dat, MCFG.dat")
+    acpi.add_argument("--machine", metavar="FILE.toml")
+    acpi.add_argument("--out", required=True, metavar="DIR")
+
+    bench = sub.add_parser("bench", help="run the strategies side by side")
+    bench.add_argument("--out", default="bench-out", metavar="DIR", help="where to write JSON, markdown and plots")
+    bench.add_argument("--quick", action="store_true", help="a run under a minute")
+    bench.add_argument("--backend", choices=BACKENDS, action="append", help="limit to these backends")
+    return p
+
+
+def _load_machine(path: str | None):
+    from pcihole.machine.machinefile import MachineFileError, load, load_default
+
+    try:
+        return load(path) if path else load_default()
+    except MachineFileError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pcihole.machine.builder import MachineBuildError, build_machine, default_kernel
+
+    spec = _load_machine(args.machine)
+    if args.kernel:
+        try:
+            kernel, kernel_name = Path(args.kernel).read_bytes(), args.kernel
+        except OSError as e:
+            raise UsageError(f"{args.kernel}: {e.strerror}") from None
+        cmdline = args.append or ""
+    else:
+        kernel, kernel_name = default_kernel()
+        cmdline = args.append if args.append is not None else EMBEDDED_GUEST_CMDLINE
+    # The guest's serial output streams to stdout for --kernel (as QEMU's -serial stdio); the
+    # embedded guest's is summarised by pcihole instead.
+    sink = None
+    if args.kernel and not args.json:
+        out = sys.stdout.buffer
+
+        def sink(b: bytes) -> None:
+            out.write(b)
+            out.flush()
+
+    try:
+        machine = build_machine(
+            spec,
+            backend=args.backend,
+            strategy=args.strategy,
+            kernel=kernel,
+            kernel_name=kernel_name,
+            cmdline=cmdline,
+            serial_sink=sink,
+        )
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+    with machine:
+        try:
+            result = machine.run(timeout=args.timeout)
+        except OSError as e:
+            raise RunFailed(f"the {machine.hv.name} backend failed while running the guest: {e}") from None
+    if not args.json:
+        print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    elif args.kernel:
+        _print_stats(result, file=sys.stderr)
+    else:
+        _print_devices(result)
+        _print_stats(result, file=sys.stdout)
+    return _outcome(result)
+
+
+def _outcome(result) -> int:
+    stop = result.stop
+    if stop.reason == STOP_DEBUG_EXIT and stop.status == 0:
+        return EXIT_OK
+    if stop.reason == STOP_HALT:
+        return EXIT_OK
+    if stop.reason == STOP_DEBUG_EXIT:
+        detail = f"the guest ended with status {stop.status:#x}"
+        if result.report is not None:
+            from pcihole.guest.report import status_names
+
+            detail += f" ({', '.join(status_names(stop.status)) or 'no known bits'})"
+        raise RunFailed(detail)
+    raise RunFailed(f"{stop.reason}: {stop.detail}")
+
+
+def _print_devices(result) -> None:
+    from pcihole.pci.class_names import class_name
+
+    for d in result.devices:
+        print(f"{d.bdf} {class_name(d.class_code)} [{d.class_code >> 8:04x}]: {d.vendor:04x}:{d.device:04x}")
+
+
+def _print_stats(result, file) -> None:
+    s = result.stats
+    e = s.exits
+    rows = [
+        ("backend / strategy", f"{result.backend} / {result.strategy}"),
+        ("exits (mmio read / write / io / total)", f"{e.mmio_read} / {e.mmio_write} / {e.io} / {e.total}"),
+        ("ECAM exits", s.ecam_exits),
+        ("config reads (guest)", "-" if result.config_reads is None else result.config_reads),
+        ("hole writes coalesced (no exit)", s.coalesced_writes),
+        ("scan time", f"{result.seconds * 1000:.1f} ms"),
+        ("hole backing", f"{result.memory.hole_backing_bytes} bytes"),
+        ("memslots", result.memory.memslots),
+        ("host mappings for holes", result.memory.hole_mappings),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("", file=file)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}", file=file)
+
+
+def cmd_acpi(args: argparse.Namespace) -> int:
+    from pcihole.acpi import build_tables, write_tables
+    from pcihole.machine import layout
+
+    spec = _load_machine(args.machine)
+    tables = build_tables(spec.segments, layout.ACPI_GPA)
+    try:
+        paths = write_tables(tables, args.out)
+    except OSError as e:
+        raise UsageError(f"{args.out}: {e.strerror}") from None
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pcihole.bench.runner import run_bench
+
+    return run_bench(out_dir=args.out, quick=args.quick, backends=args.backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="pcihole: %(message)s")
+    command = {"run": cmd_run, "acpi": cmd_acpi, "bench": cmd_bench}[args.command]
+    try:
+        return command(args)
+    except UsageError as e:
+        print(f"pcihole: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailed as e:
+        print(f"pcihole: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("pcihole: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Build a machine from a machine file, step by step (Firecracker's builder.rs):
+
+backend -> VM -> guest memory (RAM + one hole per ECAM window, present functions punched) ->
+ACPI tables -> kernel (PVH) -> boot information -> vCPU -> buses.
+
+Each step wraps what goes wrong in one `MachineBuildError` saying which step and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pcihole.acpi import build_tables
+from pcihole.boot.elf import ElfError, ElfImage
+from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
+from pcihole.hv import BackendUnavailable, kvm_available, open_backend
+from pcihole.hv.interface import Hypervisor
+from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
+from pcihole.machine import layout
+from pcihole.machine.bus import Bus
+from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from pcihole.machine.ecam_window import EcamWindow, FunctionPage, HotplugWiring
+from pcihole.machine.machine import Machine
+from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
+from pcihole.machine.stats import RunStats
+from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram, StrategyUnavailable
+from pcihole.pci.host_bridge import HostBridge
+
+log = logging.getLogger(__name__)
+
+
+class MachineBuildError(RuntimeError):
+    """The machine could not be built; the message names the step and the reason."""
+
+
+def choose_backend(name: str) -> tuple[Hypervisor, str]:
+    """Open the backend; "auto" is kvm where /dev/kvm opens, else the model. Returns (hv, why)."""
+    if name == "auto":
+        reason = kvm_available()
+        if reason is None:
+            return open_backend("kvm"), "auto: /dev/kvm opens"
+        return open_backend("model"), f"auto: {reason}; using the model"
+    return open_backend(name), "asked for"
+
+
+def build_machine(
+    spec: MachineFile,
+    *,
+    backend: str = "auto",
+    strategy: str = "auto",
+    kernel: bytes,
+    kernel_name: str,
+    cmdline: str = "",
+    serial_sink=None,
+) -> Machine:
+    try:
+        hv, backend_reason = choose_backend(backend)
+    except (BackendUnavailable, OSError) as e:
+        raise MachineBuildError(f"cannot open the {backend} backend: {e}") from e
+    vm = memory = None
+    try:
+        vm = hv.create_vm()
+        try:
+            memory = GuestMemory(hv, vm, strategy)
+        except StrategyUnavailable as e:
+            raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
+
+        host_bridge = HostBridge(spec.topology)
+        ram_size = spec.ram_bytes
+        if ram_size < layout.MIN_RAM:
+            raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
+        regions = [Ram(GuestRange.from_size(0, ram_size), "ram")]
+        for seg in host_bridge.segments:
+            regions.append(
+                Hole(
+                    GuestRange.from_size(seg.window_base, seg.window_size),
+                    f"ecam segment {seg.id}",
+                    fill=seg.fill,
+                    writes=seg.writes,
+                    on_write=host_bridge.absent_write if seg.writes == "trap" else None,
+                )
+            )
+        try:
+            memory_map = MemoryMap(regions)
+            for page in host_bridge.present_pages():
+                memory_map = memory_map.punch_page(page, FunctionPage(host_bridge, page), name=f"ecam page {page:#x}")
+            memory.update(memory_map)
+        except (ValueError, RuntimeError) as e:
+            raise MachineBuildError(f"cannot lay out guest memory: {e}") from e
+        hotplug = HotplugWiring(host_bridge, memory)
+        host_bridge.add_listener(hotplug)
+
+        acpi = build_tables(host_bridge.segments, layout.ACPI_GPA)
+        if len(acpi.blob) > layout.ACPI_MAX:
+            raise MachineBuildError(f"ACPI tables take {len(acpi.blob)} bytes, more than {layout.ACPI_MAX}")
+        memory.write_guest(layout.ACPI_GPA, acpi.blob)
+
+        try:
+            image = ElfImage(kernel, kernel_name)
+            entry = load_elf(image, memory.write_guest, ram_size)
+        except (ElfError, PvhError) as e:
+            raise MachineBuildError(str(e)) from e
+        cmdline_bytes = cmdline.encode() + b"\0"
+        if len(cmdline_bytes) > layout.CMDLINE_MAX:
+            raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
+        memory.write_guest(layout.CMDLINE_GPA, cmdline_bytes)
+        memmap = e820_map(ram_size, host_bridge)
+        info, table = start_info(
+            cmdline_paddr=layout.CMDLINE_GPA,
+            rsdp_paddr=acpi.rsdp_gpa,
+            memmap_paddr=layout.MEMMAP_GPA,
+            memmap=memmap,
+        )
+        memory.write_guest(layout.START_INFO_GPA, info)
+        memory.write_guest(layout.MEMMAP_GPA, table)
+
+        vcpu = vm.create_vcpu(0)
+        if hv.name == "kvm":
+            vcpu.set_cpuid2(hv.get_supported_cpuid())  # type: ignore[attr-defined]
+        enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
+
+        stats = RunStats()
+        mmio, pio = Bus("mmio"), Bus("port")
+        for seg in host_bridge.segments:
+            mmio.insert(EcamWindow(memory, stats), seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
+        serial = SerialConsole(serial_sink)
+        pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
+        pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
+        return Machine(
+            spec=spec,
+            hv=hv,
+            backend_reason=backend_reason,
+            vm=vm,
+            vcpu=vcpu,
+            memory=memory,
+            host_bridge=host_bridge,
+            hotplug=hotplug,
+            image=image,
+            mmio=mmio,
+            pio=pio,
+            serial=serial,
+            stats=stats,
+        )
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        if vm is not None:
+            vm.close()
+        hv.close()
+        raise
+
+
+def e820_map(ram_size: int, host_bridge: HostBridge) -> list[MemmapEntry]:
+    """The guest's memory map as a PC firmware would report it (Firecracker's E820 layout)."""
+    entries = [
+        MemmapEntry(0, layout.LOW_RAM_END, E820_RAM),
+        MemmapEntry(layout.LOW_RAM_END, layout.ACPI_GPA - layout.LOW_RAM_END, E820_RESERVED),
+        MemmapEntry(layout.ACPI_GPA, layout.ACPI_MAX, E820_ACPI),
+        MemmapEntry(layout.KERNEL_MIN_GPA, ram_size - layout.KERNEL_MIN_GPA, E820_RAM),
+    ]
+    # ECAM is reserved, as Firecracker and cloud-hypervisor report it (Linux needs E820 or a PNP0C02
+    # _CRS before it trusts MCFG; research/linux-ecam-boot.md §1.2).
+    entries += [MemmapEntry(s.window_base, s.window_size, E820_RESERVED) for s in host_bridge.segments]
+    return entries
+
+
+def default_kernel() -> tuple[bytes, str]:
+    from pcihole.guest import IMAGE_PATH, image_bytes
+
+    return image_bytes(), os.fspath(IMAGE_PATH)

@@ -1,0 +1,141 @@
+"""A built machine: run its vCPU until the guest is done, then say what happened and what it cost."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pcihole.guest import REPORT_SYMBOL
+from pcihole.guest.report import ReportError, ScanReport, read_report
+from pcihole.machine.dispatch import ExitHandler, Stop
+from pcihole.machine.run_loop import run_until_stop
+
+if TYPE_CHECKING:
+    from pcihole.boot.elf import ElfImage
+    from pcihole.hv.interface import Hypervisor, Vcpu, Vm
+    from pcihole.machine.bus import Bus
+    from pcihole.machine.ecam_window import HotplugWiring
+    from pcihole.machine.machinefile import MachineFile
+    from pcihole.machine.serial import SerialConsole
+    from pcihole.machine.stats import RunStats
+    from pcihole.memory import GuestMemory, MemoryStats
+    from pcihole.pci.host_bridge import HostBridge
+
+
+@dataclass
+class RunResult:
+    backend: str
+    backend_reason: str
+    strategy: str
+    stop: Stop
+    seconds: float
+    stats: RunStats
+    memory: MemoryStats
+    serial: str
+    #: The scan guest's report, read from guest memory (None for a kernel without one).
+    report: ScanReport | None
+    #: The functions the machine has (what a correct guest finds).
+    machine_devices: list = field(default_factory=list)
+
+    @property
+    def devices(self) -> list:
+        """What the guest found (the scan guest's report), or the machine's devices for another kernel."""
+        if self.report is None:
+            return self.machine_devices
+        return sorted(self.report.devices, key=lambda d: (d.segment, d.bus, d.devfn))
+
+    @property
+    def config_reads(self) -> int | None:
+        return self.report.config_reads if self.report is not None else None
+
+    def to_json(self) -> dict[str, object]:
+        """The object DESIGN.md specifies for `pcihole run --json`."""
+        return {
+            "backend": self.backend,
+            "strategy": self.strategy,
+            "devices": [device_json(d) for d in self.devices],
+            "stats": {
+                "exits": self.stats.exits.as_dict(),
+                "config_reads": self.config_reads,
+                "scan_seconds": round(self.seconds, 6),
+                "hole_backing_bytes": self.memory.hole_backing_bytes,
+                "memslots": self.memory.memslots,
+            },
+        }
+
+
+def device_json(d) -> dict[str, object]:
+    """One device in the JSON schema of DESIGN.md; `d` is a ScannedDevice or a DeviceInfo."""
+    if hasattr(d, "as_json"):
+        return d.as_json()
+    return {
+        "bdf": d.bdf,
+        "vendor": f"{d.vendor:#06x}",
+        "device": f"{d.device:#06x}",
+        "class": f"{d.class_code:#08x}",
+        "header_type": d.header_type,
+    }
+
+
+@dataclass
+class Machine:
+    spec: MachineFile
+    hv: Hypervisor
+    backend_reason: str
+    vm: Vm
+    vcpu: Vcpu
+    memory: GuestMemory
+    host_bridge: HostBridge
+    hotplug: HotplugWiring
+    image: ElfImage
+    mmio: Bus
+    pio: Bus
+    serial: SerialConsole
+    stats: RunStats
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        handler = ExitHandler(self.mmio, self.pio, self.stats)
+        start = time.perf_counter()
+        stop = run_until_stop(self.vcpu, handler, timeout=timeout, on_coalesced=self._coalesced)
+        seconds = time.perf_counter() - start
+        return RunResult(
+            backend=self.hv.name,
+            backend_reason=self.backend_reason,
+            strategy=self.memory.strategy.name,
+            stop=stop,
+            seconds=seconds,
+            stats=self.stats,
+            memory=self.memory.stats(),
+            serial=self.serial.text(),
+            report=self.read_report(),
+            machine_devices=self.host_bridge.devices(),
+        )
+
+    def _coalesced(self, writes) -> None:
+        before = self.memory.counters.hole_writes_coalesced
+        rest = self.memory.handle_coalesced(writes)
+        self.stats.coalesced_writes += self.memory.counters.hole_writes_coalesced - before
+        for w in rest:  # no zone but the holes' is registered; deliver anything else as a write
+            device = self.mmio.find(w.addr, len(w.data))
+            if device is not None:
+                device.write(w.addr, w.data)
+
+    def read_report(self) -> ScanReport | None:
+        if REPORT_SYMBOL not in self.image.symbols():
+            return None
+        try:
+            return read_report(self.image, self.memory.read_guest)
+        except ReportError:
+            return None
+
+    def close(self) -> None:
+        self.memory.close()
+        self.vm.close()
+        self.hv.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
