@@ -6,11 +6,11 @@ Guest code is 32-bit flat protected mode (the PVH entry state) at CODE; RAM is s
 from __future__ import annotations
 
 import pytest
-from guestasm import assemble
 
+from guestasm import assemble
+from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, x86_cpu_state
 from pcihole.hv.kvm.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
-from pcihole.host.mman import HostMapping
 
 pytestmark = pytest.mark.kvm
 

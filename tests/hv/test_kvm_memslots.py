@@ -10,11 +10,11 @@ import errno
 
 import pytest
 
+from pcihole.host.mman import HostMapping
 from pcihole.hv.kvm import ioctl as ioctl_mod
 from pcihole.hv.kvm.ioctls import KvmIoctl
 from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.kvm.vm import MemslotFlagRefused
-from pcihole.host.mman import HostMapping
 
 pytestmark = pytest.mark.kvm
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from guestasm import assemble
 
-from pcihole.hv import x86_cpu_state
+from guestasm import assemble
 from pcihole.host.mman import HostMapping
+from pcihole.hv import x86_cpu_state
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_TIMEOUT, STOP_TRIPLE_FAULT, ExitHandler

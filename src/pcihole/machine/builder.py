@@ -25,7 +25,7 @@ from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
-from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram, StrategyUnavailable
+from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram, Region, StrategyUnavailable
 from pcihole.pci.host_bridge import HostBridge
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ def build_machine(
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
             raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
-        regions = [Ram(GuestRange.from_size(0, ram_size), "ram")]
+        regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
         for seg in host_bridge.segments:
             regions.append(
                 Hole(
                     GuestRange.from_size(seg.window_base, seg.window_size),
                     f"ecam segment {seg.id}",
                     fill=seg.fill,
-                    writes=seg.writes,
+                    writes="trap" if seg.writes == "trap" else "discard",
                     on_write=host_bridge.absent_write if seg.writes == "trap" else None,
                 )
             )
