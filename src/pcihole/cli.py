@@ -2,7 +2,9 @@
 
 Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero: 2 for bad input
 (arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
-fails at run time (timeout, triple fault, KVM errors). Never a traceback.
+fails (timeout, triple fault, /dev/kvm missing or not permitted, KVM errors). Never a traceback: an
+error pcihole did not foresee is one line too (`internal error: ...`; -v logs the traceback).
+README.md "## Errors" lists them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_HALT
+from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_HALT, STOP_TIMEOUT
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
@@ -32,8 +35,16 @@ class RunFailed(Exception):
     """The run did not end well: exit status 1."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UsageError (one line) instead of usage text and exit(2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("pcihole").strip()  # "run" for `pcihole run`'s parser
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see '{self.prog} --help')")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pcihole", description=__doc__.splitlines()[0])
+    p = _ArgumentParser(prog="pcihole", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log what pcihole does")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -46,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
     run.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)")
 
-    acpi = sub.add_parser("acpi", help="write the machine's ACPI tables as RSDP.dat, XSDT.dat, MCFG.dat")
+    acpi = sub.add_parser("acpi", help="write the machine's ACPI tables as RSDP.dat, XSDT.dat, FACP.dat, DSDT.dat, APIC.dat, MCFG.dat")
     acpi.add_argument("--machine", metavar="FILE.toml")
     acpi.add_argument("--out", required=True, metavar="DIR")
 
@@ -69,8 +80,10 @@ def _load_machine(path: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pcihole.machine.builder import MachineBuildError, build_machine, default_kernel
+    from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
+    if not args.timeout > 0:  # also refuses nan
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
     spec = _load_machine(args.machine)
     if args.kernel:
         try:
@@ -101,13 +114,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             cmdline=cmdline,
             serial_sink=sink,
         )
+    except HostUnavailable as e:
+        raise RunFailed(str(e)) from None
     except MachineBuildError as e:
         raise UsageError(str(e)) from None
     with machine:
         try:
             result = machine.run(timeout=args.timeout)
         except OSError as e:
-            raise RunFailed(f"the {machine.hv.name} backend failed while running the guest: {e}") from None
+            raise RunFailed(
+                f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
+            ) from None
+    # Decide the outcome first: a failed run prints its one error line, not the informational lines.
+    failure = _failure(result, kernel_name, args.timeout)
+    if failure is not None:
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2))
+        raise RunFailed(failure)
     if not args.json:
         print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
     if args.json:
@@ -117,23 +140,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_devices(result)
         _print_stats(result, file=sys.stdout)
-    return _outcome(result)
+    return EXIT_OK
 
 
-def _outcome(result) -> int:
+def _failure(result, kernel_name: str, timeout: float) -> str | None:
+    """None if the guest ended well (debug-exit 0, or HLT); else the one-line error, naming the kernel."""
     stop = result.stop
     if stop.reason == STOP_DEBUG_EXIT and stop.status == 0:
-        return EXIT_OK
+        return None
     if stop.reason == STOP_HALT:
-        return EXIT_OK
+        return None
+    where = f"{result.backend} backend, strategy {result.strategy}"
     if stop.reason == STOP_DEBUG_EXIT:
         detail = f"the guest ended with status {stop.status:#x}"
         if result.report is not None:
             from pcihole.guest.report import status_names
 
             detail += f" ({', '.join(status_names(stop.status)) or 'no known bits'})"
-        raise RunFailed(detail)
-    raise RunFailed(f"{stop.reason}: {stop.detail}")
+        return f"{kernel_name}: {detail} ({where})"
+    if stop.reason == STOP_TIMEOUT:
+        return f"{kernel_name}: timeout: the guest was still running after --timeout {timeout:g} s ({where})"
+    return f"{kernel_name}: {stop.reason}: {stop.detail} ({where})"
 
 
 def _print_devices(result) -> None:
@@ -186,10 +213,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="pcihole: %(message)s")
-    command = {"run": cmd_run, "acpi": cmd_acpi, "bench": cmd_bench}[args.command]
+    verbose = False
     try:
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pcihole: %(message)s")
+        command = {"run": cmd_run, "acpi": cmd_acpi, "bench": cmd_bench}[args.command]
         return command(args)
     except UsageError as e:
         print(f"pcihole: error: {e}", file=sys.stderr)
@@ -202,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as e:  # a bug or a failure nobody foresaw: still one line, never a traceback
+        if verbose:
+            traceback.print_exc()
+        print(
+            f"pcihole: error: internal error: {type(e).__name__}: {e} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

@@ -6,36 +6,18 @@ so the RSDP is checked the other way round: iasl compiles an RSDP data-table sou
 values, computing both checksums itself, and its binary must equal ours byte for byte.
 """
 
-import re
-import shutil
 import struct
 import subprocess
-from dataclasses import dataclass
 
 import pytest
+from acpi_helpers import IASL, Seg, byte_sum, disassemble, header_fields, needs_iasl
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pcihole.acpi import build_tables, write_tables
 
-IASL = shutil.which("iasl")
-needs_iasl = pytest.mark.skipif(IASL is None, reason="iasl (acpica-tools) is not installed")
-
-
-@dataclass(frozen=True)
-class Seg:
-    id: int
-    ecam_base: int
-    start_bus: int
-    end_bus: int
-
-
 SEGMENTS = [Seg(0, 0xE0000000, 0, 255), Seg(1, 0xD0000000, 0, 63), Seg(3, 0xC0000000, 16, 31)]
 BASE = 0x000E0000
-
-
-def byte_sum(data: bytes) -> int:
-    return sum(data) % 256
 
 
 def test_rsdp_layout_and_both_checksums():
@@ -52,7 +34,7 @@ def test_rsdp_layout_and_both_checksums():
     assert byte_sum(rsdp) == 0
 
 
-def test_xsdt_points_at_mcfg_and_tables_sit_in_the_blob():
+def test_xsdt_lists_fadt_madt_mcfg_and_tables_sit_in_the_blob():
     t = build_tables(SEGMENTS, BASE)
     for name, data in t.tables.items():
         offset = t.addresses[name] - BASE
@@ -62,31 +44,46 @@ def test_xsdt_points_at_mcfg_and_tables_sit_in_the_blob():
             assert data[0:4] == name.encode()
             assert struct.unpack_from("<I", data, 4)[0] == len(data)
             assert byte_sum(data) == 0
+    assert sorted(t.tables) == ["APIC", "DSDT", "FACP", "MCFG", "RSDP", "XSDT"]
     xsdt = t.tables["XSDT"]
-    assert len(xsdt) == 36 + 8
-    assert struct.unpack_from("<Q", xsdt, 36)[0] == t.addresses["MCFG"]
+    assert len(xsdt) == 36 + 3 * 8
+    assert struct.unpack_from("<3Q", xsdt, 36) == (
+        t.addresses["FACP"],
+        t.addresses["APIC"],
+        t.addresses["MCFG"],
+    )
+    # The DSDT is reached through the FADT, 32-bit and 64-bit pointers alike.
+    fadt = t.tables["FACP"]
+    assert struct.unpack_from("<I", fadt, 40)[0] == t.addresses["DSDT"]
+    assert struct.unpack_from("<Q", fadt, 140)[0] == t.addresses["DSDT"]
     # No two tables overlap.
     spans = sorted((t.addresses[n], t.addresses[n] + len(d)) for n, d in t.tables.items())
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
 
 
+def _segment(id_, ecam_mib, buses):
+    first, last = sorted(buses)
+    return Seg(id_, ecam_mib << 20 & 0xFFFFFFFF, first, last)
+
+
 @given(
     st.lists(
         st.builds(
-            Seg,
+            _segment,
             st.integers(0, 0xFFFF),
-            st.integers(0, (1 << 32) - 1).map(lambda x: x << 20 & 0xFFFFFFFF),
-            st.integers(0, 255),
-            st.integers(0, 255),
+            st.integers(0, (1 << 32) - 1),
+            st.tuples(st.integers(0, 255), st.integers(0, 255)),
         ),
         max_size=8,
+        unique_by=lambda s: s.id,
     ),
     st.integers(0, 1 << 40).map(lambda x: x * 16),
 )
-def test_mcfg_has_one_allocation_per_segment(segments, base):
+def test_every_table_follows_the_segments_anywhere(segments, base):
     t = build_tables(segments, base)
+    for name, data in t.tables.items():
+        assert byte_sum(data) == 0, name
     mcfg = t.tables["MCFG"]
-    assert byte_sum(mcfg) == 0
     assert (len(mcfg) - 44) % 16 == 0 and (len(mcfg) - 44) // 16 == len(segments)  # pci_parse_mcfg's count
     for i, s in enumerate(segments):
         assert struct.unpack_from("<QHBBI", mcfg, 44 + 16 * i) == (
@@ -97,7 +94,12 @@ def test_mcfg_has_one_allocation_per_segment(segments, base):
             0,
         )
     assert t.rsdp_gpa == base
-    assert struct.unpack_from("<Q", t.tables["XSDT"], 36)[0] == t.addresses["MCFG"]
+    assert struct.unpack_from("<Q", t.tables["XSDT"], 52)[0] == t.addresses["MCFG"]
+    # The 32-bit DSDT pointer is set only where it can hold the address; X_DSDT always is.
+    dsdt = t.addresses["DSDT"]
+    assert struct.unpack_from("<I", t.tables["FACP"], 40)[0] == (dsdt if dsdt < 1 << 32 else 0)
+    assert struct.unpack_from("<Q", t.tables["FACP"], 140)[0] == dsdt
+    assert len(t.pci_windows) == len(segments)
 
 
 @pytest.mark.parametrize("base", [0xE0001, 0xE0008, -16])
@@ -109,45 +111,20 @@ def test_base_must_be_16_byte_aligned(base):
 def test_write_tables_names_files_by_signature(tmp_path):
     t = build_tables(SEGMENTS, BASE)
     written = write_tables(t, tmp_path / "out")
-    assert sorted(p.name for p in written) == ["MCFG.dat", "RSDP.dat", "XSDT.dat"]
+    # acpixtract's names: the signature, so the FADT is FACP.dat and the MADT APIC.dat.
+    assert sorted(p.name for p in written) == [
+        "APIC.dat",
+        "DSDT.dat",
+        "FACP.dat",
+        "MCFG.dat",
+        "RSDP.dat",
+        "XSDT.dat",
+    ]
     for path in written:
         assert path.read_bytes() == t.tables[path.stem]
 
 
 # --- read back with iasl -----------------------------------------------------------------------------
-
-FIELD = re.compile(r"^\[([0-9A-F]+)h (\d+)\s+(\d+)\]\s+(.*?) : (.*)$")
-
-
-def disassemble(tmp_path, name: str, data: bytes) -> tuple[list[tuple[int, int, str, str]], str]:
-    """Run `iasl -d NAME.dat`; return the fields of NAME.dsl as (offset, length, name, value) and iasl's output."""
-    path = tmp_path / f"{name}.dat"
-    path.write_bytes(data)
-    run = subprocess.run([IASL, "-d", path.name], cwd=tmp_path, capture_output=True, text=True, check=False)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output
-    fields = []
-    for line in (tmp_path / f"{name}.dsl").read_text().splitlines():
-        match = FIELD.match(line)
-        if match:
-            offset_hex, offset_dec, length, field, value = match.groups()
-            assert int(offset_hex, 16) == int(offset_dec)
-            fields.append((int(offset_dec), int(length), field.strip(), value.strip()))
-    return fields, output
-
-
-def header_fields(data: bytes, signature: str, description: str) -> list[tuple[int, int, str, str]]:
-    return [
-        (0, 4, "Signature", f'"{signature}"    [{description}]'),
-        (4, 4, "Table Length", f"{len(data):08X}"),
-        (8, 1, "Revision", "01"),
-        (9, 1, "Checksum", f"{data[9]:02X}"),
-        (10, 6, "Oem ID", '"PCIHOL"'),
-        (16, 8, "Oem Table ID", f'"PHOL{signature}"'),
-        (24, 4, "Oem Revision", "00000001"),
-        (28, 4, "Asl Compiler ID", '"PHOL"'),
-        (32, 4, "Asl Compiler Revision", "00000001"),
-    ]
 
 
 @needs_iasl
@@ -175,7 +152,8 @@ def test_iasl_reads_every_xsdt_field(tmp_path):
     fields, output = disassemble(tmp_path, "XSDT", t.tables["XSDT"])
     assert "checksum" not in output.lower()
     expected = header_fields(t.tables["XSDT"], "XSDT", "Extended System Description Table")
-    expected.append((36, 8, "ACPI Table Address   0", f"{t.addresses['MCFG']:016X}"))
+    for i, name in enumerate(["FACP", "APIC", "MCFG"]):
+        expected.append((36 + 8 * i, 8, f"ACPI Table Address   {i}", f"{t.addresses[name]:016X}"))
     assert fields == expected
 
 

@@ -129,6 +129,6 @@ def test_cli_run_prints_an_lspci_like_list(capsys):
 def test_cli_acpi_writes_tables(tmp_path):
     assert main(["acpi", "--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["MCFG.dat", "RSDP.dat", "XSDT.dat"]
+    assert names == ["APIC.dat", "DSDT.dat", "FACP.dat", "MCFG.dat", "RSDP.dat", "XSDT.dat"]
     mcfg = (tmp_path / "MCFG.dat").read_bytes()
     assert mcfg[:4] == b"MCFG" and sum(mcfg) % 256 == 0

@@ -23,6 +23,8 @@ MCFG_REVISION = 1
 MCFG_RESERVED = struct.Struct("<Q")
 MCFG_ALLOCATION = struct.Struct("<QHBBI")  # 16 bytes
 MCFG_ALLOCATIONS_OFFSET = 44
+BUS_SHIFT = 20  # 1 MiB of ECAM per bus
+MAX_BUS = 0xFF
 
 
 class EcamSegment(Protocol):
@@ -48,6 +50,19 @@ class McfgAllocation:
     @classmethod
     def of(cls, segment: EcamSegment) -> McfgAllocation:
         return cls(segment.ecam_base, segment.id, segment.start_bus, segment.end_bus)
+
+
+def decoded_window(segment: EcamSegment) -> tuple[int, int]:
+    """(first byte, length) of the ECAM an allocation decodes: [Base + Start Bus MiB, + buses MiB),
+    the range pci_mmconfig_alloc() gives cfg->res and is_mmconf_reserved() wants reserved."""
+    if not 0 <= segment.start_bus <= segment.end_bus <= MAX_BUS:
+        raise ValueError(
+            f"segment {segment.id}: bus range {segment.start_bus}-{segment.end_bus} is not within 0-255"
+        )
+    return (
+        segment.ecam_base + (segment.start_bus << BUS_SHIFT),
+        (segment.end_bus - segment.start_bus + 1) << BUS_SHIFT,
+    )
 
 
 def build_mcfg(segments: Iterable[EcamSegment]) -> bytes:

@@ -3,12 +3,16 @@
 Layout (each table 16-byte aligned; pointers inside are absolute guest-physical addresses):
 
     base_gpa + 0x00  RSDP (36 bytes), 16-byte aligned so the legacy 0xE0000-0xFFFFF scan finds it
-    next             XSDT, one entry per table below
+    next             XSDT: FACP, APIC, MCFG (the FADT first, as firmware conventionally lists it)
+    next             FACP (FADT), pointing at the DSDT
+    next             DSDT: \\_SB.PCI<n> host bridges, \\_SB.MBRD reserving the ECAM windows, \\_S5
+    next             APIC (MADT): one local APIC per vCPU, one I/O APIC
     next             MCFG, one allocation per segment
 
-Not there yet: FADT, DSDT and MADT. Linux needs a DSDT with a PNP0A08/PNP0A03 host bridge and a
-PNP0C02 device whose _CRS covers every ECAM window before it accepts the MCFG without conf1
-(research/linux-ecam-boot.md §1.2-1.3); the embedded guest reads the MCFG directly and needs none.
+That is research/linux-ecam-boot.md §1.3's checklist: with no conf1, Linux accepts the MCFG only in
+pci_mmcfg_late_init() and only because MBRD's _CRS covers every ECAM window, and scans each root bus
+through the DSDT's PNP0A08/PNP0A03 bridge (acpi_pci_root_add). The embedded scan guest reads only the
+MCFG. Four segments take about 1.1 KiB, far below layout.ACPI_MAX (128 KiB).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
+from .dsdt import DSDT_SIGNATURE, build_dsdt
+from .fadt import FADT_LENGTH, FADT_SIGNATURE, build_fadt
+from .madt import MADT_SIGNATURE, build_madt
 from .mcfg import MCFG_SIGNATURE, EcamSegment, build_mcfg
+from .pci_windows import MmioWindow, allocate_windows
 from .rsdp import RSDP_ALIGNMENT, RSDP_SIZE, build_rsdp
 from .xsdt import XSDT_SIGNATURE, build_xsdt, xsdt_size
 
@@ -38,6 +46,7 @@ class AcpiTables:
     blob: bytes
     tables: dict[str, bytes]
     addresses: dict[str, int]  # signature -> guest-physical address
+    pci_windows: tuple[MmioWindow | None, ...] = ()  # each segment's BAR window, as in the DSDT
 
     @property
     def rsdp_gpa(self) -> int:
@@ -45,18 +54,38 @@ class AcpiTables:
         return self.addresses[RSDP_NAME]
 
 
-def build_tables(segments: Iterable[EcamSegment], base_gpa: int) -> AcpiTables:
-    """RSDP, XSDT and MCFG for these segments, placed at base_gpa (16-byte aligned)."""
+def build_tables(
+    segments: Iterable[EcamSegment],
+    base_gpa: int,
+    *,
+    cpus: int = 1,
+    mmio_aperture: MmioWindow | None = None,
+) -> AcpiTables:
+    """RSDP, XSDT, FADT, DSDT, MADT and MCFG for these segments and `cpus` vCPUs, placed at base_gpa
+    (16-byte aligned). The host bridges' BAR windows are carved out of `mmio_aperture` (default
+    [0xC0000000, 0xFEC00000), see pci_windows.py)."""
     if base_gpa < 0 or base_gpa % RSDP_ALIGNMENT:
         raise ValueError(f"ACPI base {base_gpa:#x} must be a {RSDP_ALIGNMENT}-byte aligned address")
-    mcfg = build_mcfg(list(segments))
+    segments = list(segments)
+    windows = allocate_windows(segments, mmio_aperture)
+    dsdt = build_dsdt(segments, windows)
+    madt = build_madt(cpus)
+    mcfg = build_mcfg(segments)
+    xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only
     xsdt_gpa = base_gpa + _align(RSDP_SIZE)
-    mcfg_gpa = xsdt_gpa + _align(xsdt_size(1))
-    xsdt = build_xsdt([mcfg_gpa])
+    fadt_gpa = xsdt_gpa + _align(xsdt_size(xsdt_entries))
+    dsdt_gpa = fadt_gpa + _align(FADT_LENGTH)
+    madt_gpa = dsdt_gpa + _align(len(dsdt))
+    mcfg_gpa = madt_gpa + _align(len(madt))
+    fadt = build_fadt(dsdt_gpa)
+    xsdt = build_xsdt([fadt_gpa, madt_gpa, mcfg_gpa])
     rsdp = build_rsdp(xsdt_gpa)
     placed = {
         RSDP_NAME: (base_gpa, rsdp),
         XSDT_SIGNATURE.decode(): (xsdt_gpa, xsdt),
+        FADT_SIGNATURE.decode(): (fadt_gpa, fadt),
+        DSDT_SIGNATURE.decode(): (dsdt_gpa, dsdt),
+        MADT_SIGNATURE.decode(): (madt_gpa, madt),
         MCFG_SIGNATURE.decode(): (mcfg_gpa, mcfg),
     }
     end = max(gpa + len(data) for gpa, data in placed.values())
@@ -70,12 +99,13 @@ def build_tables(segments: Iterable[EcamSegment], base_gpa: int) -> AcpiTables:
         blob=bytes(blob),
         tables={name: data for name, (_, data) in placed.items()},
         addresses={name: gpa for name, (gpa, _) in placed.items()},
+        pci_windows=tuple(windows),
     )
 
 
 def write_tables(tables: AcpiTables, out_dir: str | PathLike[str]) -> list[Path]:
-    """Write each table as <SIGNATURE>.dat (RSDP.dat, XSDT.dat, MCFG.dat), the raw binaries acpixtract
-    produces and `iasl -d` disassembles; returns the paths written."""
+    """Write each table as <SIGNATURE>.dat (RSDP.dat, XSDT.dat, FACP.dat, DSDT.dat, APIC.dat, MCFG.dat),
+    the names and raw binaries acpixtract produces and `iasl -d` disassembles; returns the paths."""
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,0 +1,145 @@
+"""The DSDT: one PCIe host bridge per segment, a motherboard device reserving ECAM, and \\_S5.
+
+In ASL, for one segment 0 with buses 0-255 at 0xE0000000 (the default machine)::
+
+    DefinitionBlock ("", "DSDT", 2, "PCIHOL", "PHOLDSDT", 1) {
+        Scope (\\_SB) {
+            Device (PCI0) {
+                Name (_HID, EisaId ("PNP0A08"))  // PCI Express Root Bridge
+                Name (_CID, EisaId ("PNP0A03"))  // PCI Bus
+                Name (_SEG, Zero)
+                Name (_BBN, Zero)
+                Name (_UID, Zero)
+                Name (_CRS, ResourceTemplate () {
+                    WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0xFF, 0, 0x100)
+                    DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+                                 0, 0xC0000000, 0xDFFFFFFF, 0, 0x20000000)
+                })
+            }
+            Device (MBRD) {
+                Name (_HID, EisaId ("PNP0C02"))  // PNP Motherboard Resources
+                Name (_UID, Zero)
+                Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, 0xE0000000, 0x10000000) })
+            }
+        }
+        Name (\\_S5, Package (0x04) { 0x05, Zero, Zero, Zero })
+    }
+
+Why each piece (research/linux-ecam-boot.md §1.2-1.3):
+
+- _HID PNP0A08 *and* _CID PNP0A03: the pci_root scan handler matches only "PNP0A03" (root_device_ids
+  in drivers/acpi/pci_root.c); PNP0A08 makes acpi_pci_root_add() treat the bridge as PCI Express.
+  acpi_pci_root_add() reads _SEG (segment, default 0), _BBN and the WordBusNumber of _CRS (the bus
+  range), then pci_acpi_scan_root() scans the root bus through ECAM.
+- _BBN is the first bus of the segment's range (ACPI 6.5 §6.5.5 "_BBN (Base Bus Number)"); _UID is
+  the segment id, unique among PNP0A08 devices as §6.1.12 requires for one _HID.
+- Host bridge names: PCI<s> for segment s < 0x10, PC<ss> below 0x100 (the letters PCI never collide
+  with two hex digits), R<nnn> (position in the segment list, hex) above.
+- The producer DWordMemory is the bridge's 32-bit BAR window (pci_windows.py). No I/O window: pcihole
+  routes no port I/O to PCI devices, so an I/O BAR stays unassigned.
+- MBRD, _HID PNP0C02, one Memory32Fixed per decoded ECAM window, exactly
+  [ecam_base + start_bus MiB, + buses MiB): without conf1 Linux accepts MCFG only in the late pass,
+  pci_mmcfg_late_init() -> pci_mmcfg_check_reserved() -> is_mmconf_reserved(is_acpi_reserved), which
+  walks every PNP0C01/PNP0C02 device's _CRS (find_mboard_resource -> check_mcfg_resource) for a
+  descriptor containing the window. pnp/system.c then reserves it ("system 00:00: [mem ...] has been
+  reserved"). A window that does not fit Memory32Fixed (it ends above 4 GiB, which topology.py forbids
+  but this module accepts) gets a consumer QWordMemory, which check_mcfg_resource also takes.
+- \\_S5 (§7.4.2.6 "\\_S5 (Soft Off)"): SLP_TYP 5. acpi_sleep_init() registers acpi_power_off only when
+  S5 is supported, which in hardware-reduced mode also needs the FADT's SLEEP_CONTROL/SLEEP_STATUS
+  registers (fadt.py leaves them zero): until pcihole has such a device, \\_S5 is inert and Linux
+  powers off by halting.
+- No COM1 device (PNP0501): Linux finds 0x3F8 from SERIAL_PORT_DFNS without ACPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import aml
+from .mcfg import EcamSegment, decoded_window
+from .pci_windows import MmioWindow
+from .resources import dword_memory, memory32_fixed, qword_memory, resource_template, word_bus_number
+from .sdt_header import build_sdt
+
+DSDT_SIGNATURE = b"DSDT"
+#: §5.2.11.1: the DSDT's revision "also sets the global integer width for the AML interpreter": 2 and
+#: above means 64-bit integers; ACPICA (acpi_ut_set_integer_width) makes them 32-bit below 2.
+DSDT_REVISION = 2
+
+PCI_EXPRESS_ROOT_BRIDGE = "PNP0A08"
+PCI_BUS = "PNP0A03"
+MOTHERBOARD_RESOURCES = "PNP0C02"
+MOTHERBOARD_DEVICE = "MBRD"  # cloud-hypervisor's name for the same device
+SYSTEM_BUS = "\\_SB"
+SOFT_OFF = "\\_S5"
+SLP_TYP_S5 = 5
+FOUR_GIB = 1 << 32
+
+
+def host_bridge_name(segment_id: int, position: int) -> str:
+    """The 4-character name of a segment's host bridge (see the module docstring)."""
+    if segment_id < 0x10:
+        return f"PCI{segment_id:X}"
+    if segment_id < 0x100:
+        return f"PC{segment_id:02X}"
+    if position < 0x1000:
+        return f"R{position:03X}"
+    raise ValueError(
+        f"segment {segment_id:#x} is number {position} of more than 4096: no host bridge name left"
+    )
+
+
+def host_bridge(segment: EcamSegment, position: int, window: MmioWindow | None) -> bytes:
+    descriptors = [word_bus_number(segment.start_bus, segment.end_bus)]
+    if window is not None:
+        descriptors.append(dword_memory(window.base, window.last))
+    return aml.device(
+        host_bridge_name(segment.id, position),
+        [
+            aml.name("_HID", aml.integer(aml.eisa_id(PCI_EXPRESS_ROOT_BRIDGE))),
+            aml.name("_CID", aml.integer(aml.eisa_id(PCI_BUS))),
+            aml.name("_SEG", aml.integer(segment.id)),
+            aml.name("_BBN", aml.integer(segment.start_bus)),
+            aml.name("_UID", aml.integer(segment.id)),
+            aml.name("_CRS", resource_template(descriptors)),
+        ],
+    )
+
+
+def ecam_reservation(segment: EcamSegment) -> bytes:
+    """The descriptor covering exactly this segment's decoded ECAM window."""
+    base, length = decoded_window(segment)
+    if base + length <= FOUR_GIB:
+        return memory32_fixed(base, length)
+    return qword_memory(base, base + length - 1, producer=False)
+
+
+def motherboard_resources(segments: Sequence[EcamSegment]) -> bytes:
+    return aml.device(
+        MOTHERBOARD_DEVICE,
+        [
+            aml.name("_HID", aml.integer(aml.eisa_id(MOTHERBOARD_RESOURCES))),
+            aml.name("_UID", aml.integer(0)),
+            aml.name("_CRS", resource_template(ecam_reservation(s) for s in segments)),
+        ],
+    )
+
+
+def soft_off() -> bytes:
+    """Name (\\_S5, Package () { SLP_TYP for PM1a, for PM1b, reserved, reserved }) (§7.4.2)."""
+    return aml.name(SOFT_OFF, aml.package([aml.integer(SLP_TYP_S5), *[aml.integer(0)] * 3]))
+
+
+def build_dsdt(segments: Sequence[EcamSegment], windows: Sequence[MmioWindow | None]) -> bytes:
+    """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window)."""
+    if len(windows) != len(segments):
+        raise ValueError(f"{len(segments)} segments but {len(windows)} MMIO windows")
+    ids = [s.id for s in segments]
+    if len(set(ids)) != len(ids):
+        # Two host bridges with one _SEG and _UID, and one name: ACPICA refuses the second (AE_ALREADY_EXISTS).
+        raise ValueError(f"segment ids {sorted(ids)} are not unique")
+    for s in segments:
+        decoded_window(s)  # checks the bus range
+    bridges = [host_bridge(s, i, w) for i, (s, w) in enumerate(zip(segments, windows, strict=True))]
+    body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments)]) + soft_off()
+    return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)

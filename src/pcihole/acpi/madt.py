@@ -1,0 +1,58 @@
+"""The MADT (signature "APIC"): the x86 interrupt controllers a guest should expect (ACPI 6.5 §5.2.12).
+
+    header (36) | Local Interrupt Controller Address u32 = 0xFEE00000 | Flags u32 = 0 |
+    one Processor Local APIC structure per vCPU (type 0, 8 bytes, §5.2.12.2) |
+    one I/O APIC structure (type 1, 12 bytes, §5.2.12.3): id, address 0xFEC00000, GSI base 0
+
+Why a MADT although pcihole creates no in-kernel irqchip yet (no KVM_CREATE_IRQCHIP, nothing injected):
+
+- It is what every x86 VMM gives a direct-booted Linux (Firecracker emits exactly LAPICs + one IOAPIC;
+  cloud-hypervisor and QEMU microvm add ISOs and NMI entries), and it describes the addresses KVM's
+  in-kernel LAPIC (0xFEE00000) and IOAPIC (0xFEC00000, api.rst KVM_CREATE_IRQCHIP) will occupy, so
+  the table is already right on the day pcihole creates them.
+- Linux enumerates CPUs from it (acpi_parse_madt_lapic_entries -> acpi_register_lapic). Without a MADT
+  it falls back to an MP-table scan of the BIOS areas (CONFIG_X86_MPPARSE), finds none, and runs
+  with "APIC: ACPI MADT or MP tables are not detected" (apic_intr_mode_select), a path no VMM tests.
+- What a guest sees today: the IOAPIC's registers read all-ones (unclaimed MMIO, machine/dispatch.py),
+  and mp_register_ioapic() -> bad_ioapic_register() then prints "I/O APIC 0xfec00000 registers return
+  all ones, skipping!" and carries on without it. The local APIC is whatever the vCPU's CPUID
+  promises; without an in-kernel LAPIC no interrupt (timer, serial, MSI) is delivered either way.
+
+Flags = 0: PCAT_COMPAT (bit 0) would promise dual 8259 PICs, which pcihole lacks (and the FADT is
+hardware-reduced, so Linux uses null_legacy_pic anyway). No Interrupt Source Override: with no PIT or
+PIC there is no ISA IRQ 0 to redirect to GSI 2. Processor UID = APIC ID = vCPU index, KVM's default
+APIC ID for vCPU n (the id passed to KVM_CREATE_VCPU). The I/O APIC takes the first id after the CPUs.
+Only xAPIC entries (type 0, 8-bit ids) are made, so at most 254 vCPUs (0xFF is the broadcast id).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .sdt_header import build_sdt
+
+MADT_SIGNATURE = b"APIC"
+MADT_REVISION = 6  # ACPI 6.5 (edk2's EFI_ACPI_6_5_MULTIPLE_APIC_DESCRIPTION_TABLE_REVISION)
+LOCAL_APIC_ADDRESS = 0xFEE00000  # APIC_DEFAULT_PHYS_BASE
+IO_APIC_ADDRESS = 0xFEC00000  # IO_APIC_DEFAULT_PHYS_BASE, KVM's in-kernel IOAPIC
+IO_APIC_GSI_BASE = 0
+MADT_FLAGS = 0  # no PCAT_COMPAT: no 8259 PICs
+PCAT_COMPAT = 1 << 0
+
+MADT_HEADER = struct.Struct("<II")  # Local Interrupt Controller Address, Flags (offsets 36, 40)
+TYPE_LOCAL_APIC = 0
+TYPE_IO_APIC = 1
+LOCAL_APIC = struct.Struct("<BBBBI")  # type, length 8, ACPI Processor UID, APIC ID, flags
+IO_APIC = struct.Struct("<BBBBII")  # type, length 12, I/O APIC ID, reserved, address, GSI base
+LOCAL_APIC_ENABLED = 1 << 0  # §5.2.12.2 Local APIC Flags: "Enabled"
+MAX_XAPIC_CPUS = 254
+
+
+def build_madt(cpus: int) -> bytes:
+    if not 1 <= cpus <= MAX_XAPIC_CPUS:
+        raise ValueError(f"{cpus} vCPUs: the MADT's xAPIC entries describe 1 to {MAX_XAPIC_CPUS}")
+    body = bytearray(MADT_HEADER.pack(LOCAL_APIC_ADDRESS, MADT_FLAGS))
+    for cpu in range(cpus):
+        body += LOCAL_APIC.pack(TYPE_LOCAL_APIC, LOCAL_APIC.size, cpu, cpu, LOCAL_APIC_ENABLED)
+    body += IO_APIC.pack(TYPE_IO_APIC, IO_APIC.size, cpus, 0, IO_APIC_ADDRESS, IO_APIC_GSI_BASE)
+    return build_sdt(MADT_SIGNATURE, MADT_REVISION, bytes(body))

@@ -1,0 +1,97 @@
+"""The 32-bit MMIO window each host bridge offers for BARs (its producer DWordMemory in _CRS).
+
+Linux turns a host bridge's producer memory descriptors into root bus windows (acpi_pci_root_create ->
+pci_acpi_root_prepare_resources, IORESOURCE_WINDOW from acpi_decode_space in drivers/acpi/resource.c)
+and assigns unassigned BARs from them (pci_assign_unassigned_root_bus_resources). Windows are not needed
+to enumerate, only to give BARs addresses. A window that overlaps another host bridge's window or RAM
+is dropped ("ignoring host bridge window ... (conflicts with ...)", pci_acpi_root_add_resources), so:
+
+- the windows share an aperture, by default [3 GiB, 0xFEC00000): the traditional PC "PCI hole" below
+  the IOAPIC (0xFEC00000), the local APIC (0xFEE00000) and KVM's TSS / identity map pages
+  (0xFFFBC000-0xFFFBFFFF, research/linux-ecam-boot.md §3); QEMU microvm's MMIO32 window starts at
+  0xC0000000 too. pcihole's RAM is one range from address 0, so the default is right for machines
+  with at most 3 GiB of RAM (the default machine has 64 MiB); nothing here knows the RAM size, so a
+  caller with more RAM passes an `aperture` that starts above it (machine/builder.py knows ram_end).
+- every decoded ECAM window is cut out of it;
+- each segment, in the order given, gets one naturally aligned power-of-two block, the largest size at
+  which every segment gets one (at least 1 MiB, the granularity of a PCI-to-PCI bridge memory window,
+  PCI-to-PCI Bridge Architecture 1.2 §3.2.5.8). One segment at 0xE0000000 gets 0xC0000000-0xDFFFFFFF.
+- when not even 1 MiB is free for every segment, the segments that get none have no memory window:
+  Linux still enumerates them but cannot place their BARs ("no space for").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .mcfg import EcamSegment, decoded_window
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_APERTURE_BASE = 3 * GiB
+DEFAULT_APERTURE_END = 0xFEC00000  # exclusive: the IOAPIC (madt.py) starts here
+MIN_WINDOW = 1 * MiB
+MAX_WINDOW = 2 * GiB  # a DWordMemory length is 32 bits; no 32-bit aperture holds more
+
+
+@dataclass(frozen=True, slots=True)
+class MmioWindow:
+    base: int
+    size: int
+
+    @property
+    def last(self) -> int:
+        """Inclusive last byte."""
+        return self.base + self.size - 1
+
+
+def free_gaps(aperture: MmioWindow, segments: Iterable[EcamSegment]) -> list[MmioWindow]:
+    """The parts of `aperture` outside every segment's decoded ECAM window, in address order."""
+    gaps = [aperture]
+    for segment in segments:
+        first, length = decoded_window(segment)
+        last = first + length - 1
+        next_gaps = []
+        for g in gaps:
+            if last < g.base or first > g.last:
+                next_gaps.append(g)
+                continue
+            if g.base < first:
+                next_gaps.append(MmioWindow(g.base, first - g.base))
+            if last < g.last:
+                next_gaps.append(MmioWindow(last + 1, g.last - last))
+        gaps = next_gaps
+    return sorted(gaps, key=lambda g: g.base)
+
+
+def _blocks(gaps: Sequence[MmioWindow], size: int) -> list[MmioWindow]:
+    """Every naturally aligned block of `size` bytes inside the gaps, in address order."""
+    out = []
+    for g in gaps:
+        at = (g.base + size - 1) // size * size
+        while at + size - 1 <= g.last:
+            out.append(MmioWindow(at, size))
+            at += size
+    return out
+
+
+def allocate_windows(
+    segments: Sequence[EcamSegment], aperture: MmioWindow | None = None
+) -> list[MmioWindow | None]:
+    """One window per segment (None where none is left), following the rules in the module docstring."""
+    if aperture is None:
+        aperture = MmioWindow(DEFAULT_APERTURE_BASE, DEFAULT_APERTURE_END - DEFAULT_APERTURE_BASE)
+    if aperture.size <= 0 or aperture.base < 0 or aperture.last >= 1 << 32:
+        raise ValueError(f"MMIO aperture [{aperture.base:#x}, {aperture.last:#x}] is not a range below 4 GiB")
+    if not segments:
+        return []
+    gaps = free_gaps(aperture, segments)
+    size = MAX_WINDOW
+    while size >= MIN_WINDOW:
+        blocks = _blocks(gaps, size)
+        if len(blocks) >= len(segments):
+            return list(blocks[: len(segments)])
+        size //= 2
+    smallest: list[MmioWindow | None] = list(_blocks(gaps, MIN_WINDOW))
+    return smallest + [None] * (len(segments) - len(smallest))
