@@ -46,21 +46,6 @@ READS = [
 ]
 
 
-# Found while writing these tests, in the model backend (hv/model/vcpu.py, not this layer): a guest
-# write that is unaligned, or straddles a read-only slot and an unmapped page, is delivered twice:
-# once whole (as an MmioWrite or a ring entry) and once more split into bytes. A function then sees
-# the same bytes written twice (hole contract points 3 and 5). KVM delivers each byte once.
-MODEL_DOUBLE_WRITE = pytest.mark.xfail(
-    reason="model bug: an unaligned write into a read-only slot is delivered twice (whole, then by byte)",
-    strict=False,
-)
-
-
-def _xfail_model_double_write(request, backend: str, strategy: str) -> None:
-    if backend == "model" and strategy in ("ro-filled", "ro-alias", "native"):
-        request.applymarker(MODEL_DOUBLE_WRITE)
-
-
 def _fill_value(fill: int, size: int) -> int:
     return int.from_bytes(bytes([fill]) * size, "little")
 
@@ -110,8 +95,7 @@ def test_native_refuses_a_fill_other_than_0xff(backend):
 
 
 @pytest.mark.parametrize(("backend", "strategy"), BACKEND_STRATEGIES)
-def test_discarded_writes_change_nothing_and_cost_no_exit(request, table_guest, backend, strategy):
-    _xfail_model_double_write(request, backend, strategy)
+def test_discarded_writes_change_nothing_and_cost_no_exit(table_guest, backend, strategy):
     g = table_guest(backend, strategy)
     writes = [
         (ECAM + off, size, 0x0123456789ABCDEF)
@@ -156,10 +140,7 @@ def test_trapped_writes_reach_the_trap_handler_once_each(table_guest, backend, s
 
 
 @pytest.mark.parametrize(("backend", "strategy"), BACKEND_STRATEGIES)
-def test_accesses_straddling_a_hole_and_a_function_get_each_byte_right(
-    request, table_guest, backend, strategy
-):
-    _xfail_model_double_write(request, backend, strategy)
+def test_accesses_straddling_a_hole_and_a_function_get_each_byte_right(table_guest, backend, strategy):
     g = table_guest(backend, strategy)
     fn = FakeFunction()
     page = ECAM + 3 * MiB + 0x8000  # bus 3, device 1, function 0

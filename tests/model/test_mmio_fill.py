@@ -74,7 +74,6 @@ def test_memslot_wins_over_the_bus_and_access_must_fit_inside(model_hv):
         close_run(run)
 
 
-@pytest.mark.xfail(strict=True, reason="Unicorn splits a page-crossing MMIO read into two aligned reads")
 def test_page_crossing_read_exits_like_kvm(model_hv):
     """KVM's emulator splits at the page boundary: 2 bytes from the device, 2 bytes exit."""
     run = run_guest(

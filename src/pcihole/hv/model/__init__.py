@@ -17,5 +17,6 @@ One concept per file:
   fill_window.py  a sealed memfd of 0xff bytes, mapped side by side (PCI_HOLE reads, no callback)
   guest_memory.py the Unicorn memory map built from the slots and the gaps between them
   cpu.py          Unicorn set up from kvm_regs / kvm_sregs
+  boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
   vcpu.py, vm.py, system.py  the Vcpu / Vm / Hypervisor objects
 """

@@ -10,6 +10,9 @@ Every guest access resolves as on KVM (memslot first, then the MMIO bus, then an
 - A slot whose host pages are not mapped (or not writable, for a RAM slot): KVM only finds out in
   KVM_RUN; so does the model, which maps the slot as MMIO whose callbacks fail the run with EFAULT.
 - Everything else below PHYS_LIMIT: MMIO regions whose callbacks go to the MMIO bus, then exit.
+
+How an access that leaves RAM is cut into pieces and delivered (once, as KVM's emulator does) is
+vcpu.py's business: its read / write hooks take the whole access before Unicorn splits it.
 """
 
 from __future__ import annotations
@@ -73,9 +76,18 @@ class HostMaps:
         return True
 
 
-def plan_regions(table: MemslotTable, phys_limit: int = PHYS_LIMIT) -> list[GuestRegion]:
-    """The regions covering [0, phys_limit): one per slot (clipped), UNBACKED in between."""
-    host = HostMaps()
+def plan_regions(
+    table: MemslotTable, phys_limit: int = PHYS_LIMIT, kinds: dict | None = None
+) -> list[GuestRegion]:
+    """The regions covering [0, phys_limit): one per slot (clipped), UNBACKED in between.
+
+    `kinds` (Memslot -> RegionKind) caches what the host mappings made of each slot, so that a
+    vCPU reads /proc/self/maps (ms with the 4096 mappings of an ro-alias hole) once per new slot,
+    not at every change: the model, like KVM's MMU, looks at a slot's host pages when it first
+    maps them, and a VMM that unmaps them under a live slot is not modelled.
+    """
+    kinds = {} if kinds is None else kinds
+    host: HostMaps | None = None
     regions: list[GuestRegion] = []
     cursor = 0
     for slot in table:
@@ -84,16 +96,21 @@ def plan_regions(table: MemslotTable, phys_limit: int = PHYS_LIMIT) -> list[Gues
         if slot.gpa > cursor:
             regions.append(GuestRegion(cursor, slot.gpa - cursor, RegionKind.UNBACKED))
         size = min(slot.size, phys_limit - slot.gpa)
-        if slot.pci_hole:
-            kind = RegionKind.PCI_HOLE
-        elif not host.covers(slot.userspace_addr, slot.size, write=False):
-            kind = RegionKind.BAD_HVA
-        elif slot.readonly:
-            kind = RegionKind.READONLY
-        elif not host.covers(slot.userspace_addr, slot.size, write=True):
-            kind = RegionKind.RAM_HOST_READONLY
-        else:
-            kind = RegionKind.RAM
+        kind = kinds.get(slot)
+        if kind is None:
+            if slot.pci_hole:
+                kind = RegionKind.PCI_HOLE
+            else:
+                host = host or HostMaps()
+                if not host.covers(slot.userspace_addr, slot.size, write=False):
+                    kind = RegionKind.BAD_HVA
+                elif slot.readonly:
+                    kind = RegionKind.READONLY
+                elif not host.covers(slot.userspace_addr, slot.size, write=True):
+                    kind = RegionKind.RAM_HOST_READONLY
+                else:
+                    kind = RegionKind.RAM
+            kinds[slot] = kind
         regions.append(GuestRegion(slot.gpa, size, kind, slot))
         cursor = slot.gpa + size
     if cursor < phys_limit:

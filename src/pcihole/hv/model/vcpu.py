@@ -7,24 +7,49 @@ switches back out with the exit (run() returns it), and the next run() switches 
 bytes complete_read() supplied, which the callback returns to Unicorn (~1 us per exit).
 
 Exits that end an instruction stream (HLT, a triple fault) stop `emu_start`; the greenlet reports
-them and, on the next run(), starts emulating again from the current RIP. So does a change of the
-memslots or of the special registers: Unicorn's memory map is rebuilt only while it is stopped,
-because changing it from inside a callback could invalidate the very translation block that runs.
+them and, on the next run(), starts emulating again from the current RIP.
+
+Accesses are split as KVM's emulator splits them (emulator_read_write): only at a page boundary,
+each piece read from / written to memory or sent to the MMIO bus and, unhandled, exited as one
+KVM_EXIT_MMIO per 8 bytes. Unicorn splits MMIO accesses its own way (an unaligned access becomes
+aligned reads or single-byte stores, 8 bytes become 4 + 4), so the model takes the whole access
+from a UC_HOOK_MEM_READ / UC_HOOK_MEM_WRITE hook (which Unicorn calls once per guest access, before
+it splits it), bounded to the unbacked ranges (reads) and the non-RAM ranges (writes), plus the 7
+bytes below them for accesses that cross into them. The hook delivers the pieces; the callbacks
+Unicorn then makes for its own pieces (mmio_map, write-protect) only replay what the hook decided.
+(An aligned access of at most 4 bytes reaches those callbacks whole, so they deliver it.) Reads of
+RAM, READONLY and PCI_HOLE slots never reach Python. The hooks see guest-physical addresses and a
+page-crossing access is assumed physically contiguous (true of the identity maps the guests use).
+
+Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
+change arms a block hook (boundary_hook.py) whose callback, at the start of the next translation
+block (an instruction boundary), rebuilds Unicorn's memory map in the vCPU's own thread and lets
+emulation go on; an IN / OUT exit applies a change made during it at once. A change made during an
+MMIO exit is applied at the next boundary, not in the middle of the access (Unicorn still holds
+the region and TLB entry of the access), so the rest of that translation block runs on the old
+map. uc_emu_stop from another thread is not used: Unicorn observes a stop request after any load
+or store and restarts the interrupted instruction from its beginning, so an instruction like
+`incl (mem)` or an MMIO access would run twice (kick() uses the boundary hook too).
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
+import threading
 
 from greenlet import getcurrent, greenlet
 from unicorn import (
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
@@ -40,20 +65,37 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 from pcihole.hv import exits
 from pcihole.hv.kvm.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 from pcihole.hv.model import cpu
+from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.dirty_log import mark_page_dirty
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.fill_window import WINDOW_BYTES, shared_fill_window
 from pcihole.hv.model.guest_memory import PHYS_LIMIT, GuestRegion, RegionKind, plan_regions
-from pcihole.hv.model.memslots import PAGE_SHIFT
+from pcihole.hv.model.memslots import PAGE_SHIFT, PAGE_SIZE
 
 _PROT_RX = UC_PROT_READ | UC_PROT_EXEC
 _HLT_OPCODE = 0xF4
-# How much the unmapped-access hook maps at once: memory pieces up to one fill window (a hole piece
-# must alias one window). MMIO pieces as large: every Unicorn region added rebuilds its flat view
-# of memory, so thousands of small pieces (one per probed ECAM function) would cost seconds.
+# Unicorn regions are cut at multiples of this: at most one fill window (a hole piece must alias
+# one window). Not smaller: every Unicorn region added rebuilds its flat view of memory, so
+# thousands of small pieces (one per probed ECAM function) would cost seconds.
 _MEMORY_PIECE = WINDOW_BYTES
-_MMIO_PIECE = WINDOW_BYTES
 _EAGER = (RegionKind.RAM, RegionKind.READONLY, RegionKind.RAM_HOST_READONLY)
+# Pieces of an access that go down the MMIO path (vcpu_mmio_read / vcpu_mmio_write).
+_MMIO_READ_KINDS = (RegionKind.UNBACKED,)
+_MMIO_WRITE_KINDS = (RegionKind.UNBACKED, RegionKind.READONLY, RegionKind.PCI_HOLE)
+# Pieces whose access fails KVM_RUN with EFAULT (left to the paths that raise it).
+_FAULT_KINDS = (RegionKind.BAD_HVA, RegionKind.RAM_HOST_READONLY)
+# An access is at most 8 bytes wide, so one that starts 7 bytes below a range can reach into it.
+_REACH = 7
+# vcpu_mmio_read / vcpu_mmio_write hand the bus at most 8 bytes at a time; an exit carries <= 8.
+_MMIO_CHUNK = 8
+# Bounds that match no address: Unicorn keeps the hook, the hook never fires.
+_NOWHERE = (1 << 64) - 0x1000
+
+
+def split_at_pages(addr: int, size: int) -> list[tuple[int, int]]:
+    """emulator_read_write: (gpa, length) pieces of an access, cut only at page boundaries."""
+    first = min(size, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+    return [(addr, first)] if first == size else [(addr, first), (addr + first, size - first)]
 
 
 class _Closing:
@@ -79,7 +121,16 @@ class ModelVcpu:
         self._plan_starts: list[int] = []
         self._pieces: dict[int, tuple[tuple, int]] = {}  # Unicorn region start -> (region key, size)
         self._dirty_hooks: dict[tuple, int] = {}
+        self._slot_kinds: dict = {}  # Memslot -> RegionKind, found once per slot (guest_memory.py)
+        self._access_hooks: list[int] = []  # the MEM_READ / MEM_WRITE hooks of the current plan
         self._callback_refs: list[object] = []
+        # The access a MEM_READ / MEM_WRITE hook took whole: Unicorn's own pieces of it (mmio_map and
+        # write-protect callbacks) are answered from here instead of being delivered again.
+        self._read_span: tuple | None = None  # (start, end, bytes, window start, window end)
+        self._write_span: tuple[int, int] | None = None
+        self._boundary: BoundaryHook | None = None
+        self._boundary_stopped = False  # the boundary callback stopped emu_start (kick / restart)
+        self._engine_lock = threading.Lock()  # the engine, as other threads see it (kick, remap)
         self._fault: OSError | None = None
         self._guest: greenlet | None = None
         self._suspended = False  # the guest greenlet waits inside a Unicorn callback
@@ -155,12 +206,29 @@ class ModelVcpu:
     def kick(self) -> None:
         """Make the running (or the next) run() return Interrupted, like the kvm backend's kick.
 
-        uc_emu_stop may be called from another thread: it asks the emulating thread to leave its
-        translation block at the next boundary, and emu_start then returns with no exit pending.
+        Any thread may call it: the running vCPU stops at the next instruction boundary (see
+        boundary_hook.py for why not uc_emu_stop, which may run an instruction twice).
         """
         self._kicked = True
-        if self._uc is not None and not self._closed:
-            self._uc.emu_stop()
+        self._request_boundary()
+
+    def memslots_changed(self) -> None:
+        """The VM's memslots changed (from any thread): apply them before the guest's next access."""
+        self._request_boundary()
+
+    def _request_boundary(self) -> None:
+        with self._engine_lock:
+            if self._boundary is not None and not self._closed:
+                self._boundary.arm()
+
+    def _at_boundary(self, uc: Uc) -> None:
+        """The boundary hook's callback: in the vCPU thread, between two instructions."""
+        if self._mapped_generation != self.vm.memslots.generation:
+            self._map_memory(uc, in_callback=True)
+        if self._kicked or self._closing or self._restart or self._uc_stale:
+            self._restart = self._restart or self._uc_stale
+            self._boundary_stopped = True
+            uc.emu_stop()
 
     def complete_read(self, data: bytes) -> None:
         if self._pending_read is None:
@@ -171,8 +239,11 @@ class ModelVcpu:
             )
         self._read_data = bytes(data)
 
-    def _exit_to_user(self, exit_: exits.VcpuExit) -> bytes | None:
-        """From inside a Unicorn callback: hand `exit_` to run()'s caller; return what it supplied."""
+    def _exit_to_user(self, exit_: exits.VcpuExit, *, in_access: bool = False) -> bytes | None:
+        """From inside a Unicorn callback: hand `exit_` to run()'s caller; return what it supplied.
+
+        `in_access`: called in the middle of a memory access (see below), not from IN / OUT.
+        """
         self._suspended = True
         try:
             value = self._guest.parent.switch(exit_)
@@ -181,13 +252,16 @@ class ModelVcpu:
         if value is _CLOSING:
             self._uc.emu_stop()
             return None
-        if self._mapped_generation != self.vm.memslots.generation:
+        if self._mapped_generation != self.vm.memslots.generation and not in_access:
+            # The VMM changed the memslots during an IN / OUT exit: the next access sees them.
             self._map_memory(self._uc, in_callback=True)
-        if self._restart or self._uc_stale:
-            # set_sregs during an exit: a new engine is needed, which only a stopped vCPU can get.
-            # The rest of the current translation block still runs in the old mode.
-            self._restart = True
-            self._uc.emu_stop()
+        elif self._mapped_generation != self.vm.memslots.generation or self._restart or self._uc_stale:
+            # Not in the middle of a memory access: Unicorn holds pointers into the region and
+            # the TLB entry of the access under way (a map change frees the one and may resize
+            # the TLB under the other), so the next instruction boundary applies the change, and
+            # stops there for a new engine after set_sregs. The rest of the current translation
+            # block (a few instructions at most) still runs with the old map or mode.
+            self._request_boundary()
         return value
 
     def _guest_loop(self, _resume: object) -> None:
@@ -220,14 +294,21 @@ class ModelVcpu:
         if self._fault is not None:
             fault, self._fault = self._fault, None
             raise fault
+        stopped, self._boundary_stopped = self._boundary_stopped, False
         if self._closing or self._restart:
             return None
         if self._stop_exit is not None:
             return self._stop_exit
-        if self._kicked:
-            self._kicked = False
-            return exits.Interrupted()
-        # emu_start returns by itself only after HLT (there is no end address or count).
+        boundary = self._boundary
+        if boundary is not None and not boundary.precise and boundary.armed:
+            boundary.armed = False  # the fallback's uc_emu_stop (boundary_hook.py) stopped us
+            stopped = True
+        if stopped:
+            if self._kicked:
+                self._kicked = False
+                return exits.Interrupted()
+            return None  # stopped at a boundary for nothing the caller must see: go on
+        # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
         pc = cpu.program_counter(uc, mode)
         if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
             return exits.Hlt()
@@ -239,11 +320,14 @@ class ModelVcpu:
         if self._uc is None or self._uc_stale:
             # set_sregs saved the old engine's registers into self._regs when it made it stale.
             self._mode = cpu.cpu_mode(self._sregs)
-            self._uc = cpu.new_engine(self._mode, self._regs, self._sregs)
-            self._uc_stale = False
-            self._mapped_generation = -1
-            self._pieces, self._dirty_hooks, self._callback_refs = {}, {}, []
-            self._install_hooks(self._uc)
+            uc = cpu.new_engine(self._mode, self._regs, self._sregs)
+            with self._engine_lock:
+                self._uc, self._boundary = uc, None
+                self._uc_stale = False
+                self._mapped_generation = -1
+                self._pieces, self._dirty_hooks, self._access_hooks, self._callback_refs = {}, {}, [], []
+                self._slot_kinds = {}
+                self._install_hooks(uc)
         if self._mapped_generation != self.vm.memslots.generation:
             self._map_memory(self._uc)
         else:
@@ -251,6 +335,12 @@ class ModelVcpu:
             self._uc.ctl_flush_tb()
 
     def _install_hooks(self, uc: Uc) -> None:
+        self._boundary = BoundaryHook(uc, self._at_boundary)
+        # Any MEM_READ / MEM_WRITE hook makes Unicorn translate every load and store through its
+        # slow path (that is how the bounded hooks below can fire); these two, which never fire,
+        # keep it so whatever the plan, so that no block is translated on the fast path.
+        uc.hook_add(UC_HOOK_MEM_READ, self._on_read, None, _NOWHERE, _NOWHERE)
+        uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, None, _NOWHERE, _NOWHERE)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_protected)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
@@ -264,37 +354,99 @@ class ModelVcpu:
         Slots backed by host memory are mapped at once. PCI holes and unbacked space are not:
         guest-physical space is 2**40 bytes and Unicorn, once its CPU exists, unmaps a region by
         flushing its TLB page by page. Instead the unmapped-access hook maps the piece an access
-        falls in (_on_unmapped), and a change of the slots unmaps the
-        pieces whose meaning changed. This may run inside a Unicorn callback (the VMM changed the
-        slots while the vCPU waited for an exit to be completed): the rest of the current
-        translation block then sees the new map, as the next instruction would on KVM. Unmapping
-        flushes Unicorn's TLB and invalidates translations of those pages; pieces whose meaning did
-        not change (typically the one holding the running code) are left alone, and the whole
-        translation cache is flushed only outside callbacks.
+        falls in (_on_unmapped). Every region is mapped in pieces cut at the same aligned
+        boundaries (_piece_of), and a change of the slots unmaps only the pieces whose meaning
+        changed: punching a page out of a large slot costs one piece, not the slot (Unicorn unmaps
+        page by page: 4 ms for 256 MiB). This runs outside emulation, at an instruction boundary
+        (the boundary hook) or in an IN / OUT callback, never in the middle of a memory access.
+        Unmapping invalidates translations of those pages; pieces whose meaning did not change
+        (typically the one holding the running code) are left alone, and the whole translation
+        cache is flushed only outside callbacks.
         """
-        self._plan = plan_regions(self.vm.memslots)
+        with self.vm.memslots_lock:  # a consistent snapshot, also while another thread commits
+            generation = self.vm.memslots.generation
+            self._plan = plan_regions(self.vm.memslots, kinds=self._slot_kinds)
         self._plan_starts = [r.start for r in self._plan]
-        wanted = {self._region_key(r) for r in self._plan}
         for start, (key, size) in list(self._pieces.items()):
-            if key not in wanted:
+            if self._piece_key(*self._piece_of(self._region_at(start), start)) != key:
                 del self._pieces[start]
                 uc.mem_unmap(start, size)
+        live = {r.slot for r in self._plan if r.slot is not None}
+        for slot in [s for s in self._slot_kinds if s not in live]:
+            del self._slot_kinds[slot]
+        wanted = {self._region_key(r) for r in self._plan}
         for key in [k for k in self._dirty_hooks if k not in wanted]:
             uc.hook_del(self._dirty_hooks.pop(key))
         for region in self._plan:
             key = self._region_key(region)
-            if region.kind in _EAGER and region.start not in self._pieces:
+            if region.kind in _EAGER:
                 # Memory the CPU itself reads (page tables, descriptor tables) must be mapped before
                 # it is touched: Unicorn's page walker does not call the unmapped-access hook.
-                self._map_piece(uc, region, region.start, region.size)
-                self._pieces[region.start] = (key, region.size)
+                at = region.start
+                while at < region.end:
+                    region_, start, end = self._piece_of(region, at)
+                    if start not in self._pieces:
+                        self._map_piece(uc, region, start, end - start)
+                        self._pieces[start] = (self._piece_key(region, start, end), end - start)
+                    at = end
             if region.kind is RegionKind.RAM and region.slot.logs_dirty and key not in self._dirty_hooks:
                 self._dirty_hooks[key] = uc.hook_add(
                     UC_HOOK_MEM_WRITE, self._on_logged_write, region.slot, region.start, region.end - 1
                 )
-        self._mapped_generation = self.vm.memslots.generation
+        self._hook_accesses(uc)
+        self._read_span = self._write_span = None
+        self._mapped_generation = generation
+        # Unicorn flushes the TLB pages of what it unmaps, but every map change also renumbers the
+        # sections that the I/O TLB entries of the pages left alone point to: without a full flush,
+        # an access through such an entry reaches another region (measured: an MMIO read that
+        # returned 0 without calling its callback).
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if not in_callback:
             uc.ctl_flush_tb()
+
+    def _hook_accesses(self, uc: Uc) -> None:
+        """The MEM_READ hooks over the unbacked ranges and the MEM_WRITE hooks over the non-RAM ones.
+
+        Each range starts _REACH bytes low, for an access that starts below it and crosses into it.
+        Reads of RAM, READONLY and PCI_HOLE ranges stay out of every range (no Python on them).
+        """
+        for handle in self._access_hooks:
+            # The binding frees the ctypes thunk of a deleted hook; this may run inside one of them.
+            self._callback_refs.append(uc._callbacks.get(handle))
+            uc.hook_del(handle)
+        reads: list[tuple[int, int]] = []
+        writes: list[tuple[int, int]] = []
+        for region in self._plan:
+            if region.kind in _MMIO_READ_KINDS:
+                reads.append((max(region.start - _REACH, 0), region.end - 1))
+            if region.kind is not RegionKind.RAM:
+                if writes and writes[-1][1] == region.start - 1:
+                    writes[-1] = (writes[-1][0], region.end - 1)  # one hook per run of non-RAM
+                else:
+                    writes.append((max(region.start - _REACH, 0), region.end - 1))
+        self._access_hooks = [uc.hook_add(UC_HOOK_MEM_READ, self._on_read, None, b, e) for b, e in reads]
+        self._access_hooks += [uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, None, b, e) for b, e in writes]
+
+    def _region_at(self, addr: int) -> GuestRegion:
+        return self._plan[bisect.bisect_right(self._plan_starts, addr) - 1]
+
+    @staticmethod
+    def _piece_of(region: GuestRegion, addr: int) -> tuple[GuestRegion, int, int]:
+        """The piece of `region` that holds `addr`: cut at _MEMORY_PIECE-aligned boundaries."""
+        base = addr & ~(_MEMORY_PIECE - 1)
+        return region, max(region.start, base), min(region.end, base + _MEMORY_PIECE)
+
+    @staticmethod
+    def _piece_key(region: GuestRegion, start: int, end: int) -> tuple:
+        """What a mapped piece means: equal keys need no remapping."""
+        slot, kind = region.slot, region.kind
+        if kind in _EAGER:
+            backing = (slot.userspace_addr + start - slot.gpa, slot if slot.logs_dirty else None)
+        elif kind is RegionKind.BAD_HVA:
+            backing = region  # the callbacks' user data
+        else:
+            backing = None  # the fill window, or the MMIO callbacks of `start`
+        return (start, end - start, kind, backing)
 
     @staticmethod
     def _region_key(region: GuestRegion) -> tuple:
@@ -311,11 +463,9 @@ class ModelVcpu:
         region = self._plan[i]
         if access == UC_MEM_FETCH_UNMAPPED and region.kind in (RegionKind.UNBACKED, RegionKind.BAD_HVA):
             return False  # no instruction fetch from MMIO: emu_start fails, run() reports it
-        piece = _MMIO_PIECE if region.kind in (RegionKind.UNBACKED, RegionKind.BAD_HVA) else _MEMORY_PIECE
-        start = max(region.start, addr & ~(piece - 1))
-        end = min(region.end, (addr & ~(piece - 1)) + piece)
+        _, start, end = self._piece_of(region, addr)
         self._map_piece(uc, region, start, end - start)
-        self._pieces[start] = (self._region_key(region), end - start)
+        self._pieces[start] = (self._piece_key(region, start, end), end - start)
         return True
 
     def _map_piece(self, uc: Uc, region: GuestRegion, start: int, size: int) -> None:
@@ -338,43 +488,152 @@ class ModelVcpu:
                 uc.mmio_map(start, size, self._on_bad_hva, region, self._on_bad_hva_write, region)
             # The binding keeps the ctypes thunks per range and drops them when the range is mapped
             # again; keep every one alive with the engine, since a remap can happen inside a
-            # callback that returns through the old thunk.
+            # callback (IN / OUT, the boundary hook) while an old one is still on the stack.
             self._callback_refs.append(uc._mmio_callbacks.get((start, start + size - 1)))
 
     # --- the access paths, as arch/x86/kvm/x86.c takes them ------------------------------------------
 
+    def _on_read(self, uc: Uc, access: int, addr: int, size: int, value: int, _data: object) -> None:
+        """A guest read touching unbacked space, whole: emulator_read_write's pieces and exits.
+
+        Each page piece in unbacked space goes to the MMIO bus (vcpu_mmio_read, 8 bytes at a time);
+        what no device answers becomes a fragment, and the fragments exit in order, one MmioRead
+        per 8 bytes. Pieces in slots are left to Unicorn, which reads them natively. The bytes are
+        kept in _read_span for the mmio_map callbacks Unicorn makes next for its own pieces.
+        """
+        self._read_span = None
+        if size <= 4 and not addr & (size - 1):
+            # Aligned and at most 4 bytes: Unicorn neither widens nor splits it, so the mmio_map
+            # callback sees the whole access and takes the KVM path itself (the common case).
+            return
+        buf = bytearray(size)
+        fragments = []
+        touched = False
+        for gpa, length in split_at_pages(addr, size):
+            if self._region_at(gpa).kind not in _MMIO_READ_KINDS:
+                continue
+            touched = True
+            off = gpa - addr
+            done = 0
+            while done < length:
+                n = min(length - done, _MMIO_CHUNK)
+                data = self.vm.mmio_bus.read(gpa + done, n)
+                if data is None:
+                    break
+                buf[off + done : off + done + n] = data
+                done += n
+            if done < length:
+                fragments.append((gpa + done, length - done, off + done))
+        if not touched:
+            return
+        for gpa, length, off in fragments:
+            for i in range(0, length, _MMIO_CHUNK):
+                n = min(length - i, _MMIO_CHUNK)
+                self._pending_read = n
+                data = self._exit_to_user(exits.MmioRead(gpa + i, n), in_access=True)
+                if data is not None:
+                    buf[off + i : off + i + n] = data
+        # Unicorn reads an unaligned access as two aligned ones of its size, [low, low + 2 * size).
+        low = addr & ~(size - 1)
+        self._read_span = (addr, addr + size, bytes(buf), low, max(low + 2 * size, addr + size))
+
+    def _on_write(self, uc: Uc, access: int, addr: int, size: int, value: int, _data: object) -> None:
+        """A guest write touching a non-RAM range, whole: emulator_read_write's pieces and exits.
+
+        A piece in RAM is written to memory (before any exit, as the emulator does); a piece in a
+        READONLY / PCI_HOLE slot or in unbacked space goes to the MMIO bus (vcpu_mmio_write, 8 bytes
+        at a time: coalesced zones, fill devices), and what no device takes exits, after every
+        piece has been offered to the bus, one MmioWrite per 8 bytes. Unicorn's own handling of the
+        store that follows (write-protect hook, mmio_map callbacks, byte stores) delivers nothing.
+        """
+        self._read_span = None
+        if size <= 4 and not addr & (size - 1):
+            # Aligned and at most 4 bytes: the write-protect hook or the mmio_map callback gets it
+            # whole, once (Unicorn neither splits it nor stores it byte by byte), and delivers it.
+            self._write_span = None
+            return
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        pieces = [(gpa, length, self._region_at(gpa)) for gpa, length in split_at_pages(addr, size)]
+        if all(r.kind is RegionKind.RAM for _, _, r in pieces) or any(
+            r.kind in _FAULT_KINDS for _, _, r in pieces
+        ):
+            self._write_span = None  # plain RAM, or KVM_RUN fails (the write-protect / mmio path raises)
+            return
+        self._write_span = (addr, addr + size)
+        fragments = []
+        for gpa, length, region in pieces:
+            chunk = data[gpa - addr : gpa - addr + length]
+            if region.kind is RegionKind.RAM:
+                slot = region.slot
+                ctypes.memmove(slot.userspace_addr + gpa - slot.gpa, chunk, length)
+                if slot.logs_dirty and not region.start <= addr < region.end:
+                    mark_page_dirty(slot, gpa >> PAGE_SHIFT)  # the dirty hook saw only `addr`
+                continue
+            done = 0
+            while done < length:
+                n = min(length - done, _MMIO_CHUNK)
+                if not self.vm.mmio_bus.write(gpa + done, chunk[done : done + n]):
+                    break
+                done += n
+            if done < length:
+                fragments.append((gpa + done, chunk[done:]))
+        for gpa, rest in fragments:
+            for i in range(0, len(rest), _MMIO_CHUNK):
+                self._exit_to_user(exits.MmioWrite(gpa + i, rest[i : i + _MMIO_CHUNK]), in_access=True)
+
+    def _taken_by_write_hook(self, addr: int, size: int) -> bool:
+        span = self._write_span
+        return span is not None and span[0] <= addr and addr + size <= span[1]
+
     def _mmio_write(self, addr: int, data: bytes) -> None:
-        """vcpu_mmio_write: KVM_MMIO_BUS devices (coalesced zones, fill devices), else KVM_EXIT_MMIO."""
+        """vcpu_mmio_write for an access no hook took whole (not expected: the hooks cover them all)."""
         if not self.vm.mmio_bus.write(addr, data):
-            self._exit_to_user(exits.MmioWrite(addr, data))
+            self._exit_to_user(exits.MmioWrite(addr, data), in_access=True)
 
     def _on_write_protected(
         self, uc: Uc, access: int, addr: int, size: int, value: int, _data: object
     ) -> bool:
-        """A store to a READONLY / PCI_HOLE slot (Unicorn discards the store itself once we return)."""
-        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        slot = self.vm.memslots.find_gpa(addr)
-        if slot is not None and not slot.readonly and not slot.pci_hole:
+        """A store to a READONLY / PCI_HOLE slot (Unicorn discards the store itself once we return).
+
+        Unicorn calls this for the whole store and again for every byte of an unaligned one; the
+        write hook has already delivered it (KVM_PFN_ERR_RO_FAULT -> emulator -> MMIO).
+        """
+        region = self._region_at(addr)
+        if region.kind is RegionKind.RAM_HOST_READONLY:
             raise ModelKvmError(
                 errno.EFAULT,
                 "KVM_RUN",
                 f"vcpu={self.id}",
-                f"write to {slot.describe()} whose host pages are read-only",
+                f"write to {region.slot.describe()} whose host pages are read-only",
             )
-        # KVM_PFN_ERR_RO_FAULT -> RET_PF_EMULATE -> emulator_read_write_onepage -> MMIO.
-        self._mmio_write(addr, data)
+        if not self._taken_by_write_hook(addr, size):
+            self._mmio_write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
         return True
 
     def _on_mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
-        self._mmio_write(base + offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        addr = base + offset
+        if not self._taken_by_write_hook(addr, size):
+            self._mmio_write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def _on_mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
-        """vcpu_mmio_read: KVM_MMIO_BUS devices (fill devices), else a KVM_EXIT_MMIO read."""
+        """One of Unicorn's pieces of a read the read hook took whole: its bytes from _read_span.
+
+        Unicorn widens an unaligned read into aligned ones; the bytes outside the guest's access
+        are dropped by Unicorn, so they read as 0 here and reach no device.
+        """
         addr = base + offset
+        span = self._read_span
+        if span is not None and span[3] <= addr and addr + size <= span[4]:
+            start, end, data = span[:3]
+            lo, hi = max(addr, start), min(addr + size, end)
+            if lo >= hi:
+                return 0
+            return int.from_bytes(data[lo - start : hi - start], "little") << (8 * (lo - addr))
+        # vcpu_mmio_read for an access no hook took whole (not expected: the hooks cover them all).
         data = self.vm.mmio_bus.read(addr, size)
         if data is None:
             self._pending_read = size
-            data = self._exit_to_user(exits.MmioRead(addr, size))
+            data = self._exit_to_user(exits.MmioRead(addr, size), in_access=True)
             if data is None:
                 return 0
         return int.from_bytes(data, "little")
@@ -434,8 +693,9 @@ class ModelVcpu:
             guest.parent = getcurrent()
             guest.switch(_CLOSING)
         self._guest = None
-        self._uc = None
-        self._closed = True
+        with self._engine_lock:
+            self._uc = self._boundary = None
+            self._closed = True
 
     def __enter__(self) -> ModelVcpu:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 from pcihole.hv.kvm.uapi import KvmCap
 from pcihole.hv.model import capabilities, dirty_log, page_levels
@@ -22,6 +23,9 @@ class ModelVm:
 
     def __init__(self) -> None:
         self.memslots = MemslotTable()
+        # Held while a change is committed and while a vCPU snapshots the slots: KVM_SET_USER_MEMORY_
+        # REGION may come from any thread, also while a vCPU runs (kvm->slots_lock / SRCU).
+        self.memslots_lock = threading.RLock()
         self.mmio_bus = IoBus("KVM_MMIO_BUS")
         self.pio_bus = IoBus("KVM_PIO_BUS")
         self.coalesced_ring = CoalescedRing()
@@ -47,7 +51,16 @@ class ModelVm:
         The kvm backend returns None; the change kind is extra information the model can give.
         """
         self._check_open("KVM_SET_USER_MEMORY_REGION")
-        return self.memslots.set_user_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        with self.memslots_lock:
+            change = self.memslots.set_user_memory_region(
+                slot, flags, guest_phys_addr, memory_size, userspace_addr
+            )
+        if change is not None:
+            # kvm_swap_active_memslots + the MMU zap: running vCPUs see the new slots at their next
+            # access (the model: at the next instruction boundary, in their own thread).
+            for vcpu in list(self.vcpus):
+                vcpu.memslots_changed()
+        return change
 
     def max_mapping_level(self, gfn: int) -> int:
         """Model only: the largest page (PG_LEVEL_4K/2M/1G = 1/2/3) the memslot allows for `gfn`."""
