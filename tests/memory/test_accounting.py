@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from memory_guests import BACKEND_STRATEGIES, CODE, ECAM, ECAM_SIZE, PAGE_TABLES, STACK, FakeFunction
 
-from conftest import BACKEND_STRATEGIES, CODE, ECAM, ECAM_SIZE, PAGE_TABLES, STACK, FakeFunction
 from pcihole.hv import exits, x86_cpu_state
 from pcihole.memory.accounting import process_mappings, resident_bytes, vm_pte_bytes
 

@@ -6,8 +6,7 @@ Point 5 (hot-add/remove while the guest reads) is tests/memory/test_punch_fill.p
 from __future__ import annotations
 
 import pytest
-
-from conftest import (
+from memory_guests import (
     BACKEND_STRATEGIES,
     BACKENDS,
     ECAM,
@@ -19,6 +18,7 @@ from conftest import (
     expected_bytes,
     open_hv,
 )
+
 from pcihole.memory import GuestMemory, GuestRange, Hole, StrategyUnavailable
 
 # Strategies under which a read of an absent byte never exits to userspace.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from memory_guests import BACKENDS, ECAM, FakeFunction, MiB, open_hv
 
-from conftest import BACKENDS, ECAM, FakeFunction, MiB, open_hv
 from pcihole.host.mman import HostMapping
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, MemoryUpdateError, PlanError, Ram
 

@@ -12,8 +12,8 @@ import threading
 import time
 
 import pytest
+from memory_guests import BACKEND_STRATEGIES, ECAM, FakeFunction, MiB
 
-from conftest import BACKEND_STRATEGIES, ECAM, FakeFunction, MiB
 from pcihole.hv import exits
 
 PAGE = ECAM + 7 * MiB + 0x18000  # bus 7, device 3, function 0
@@ -92,7 +92,8 @@ def test_reads_see_all_ones_or_the_function_while_a_page_is_punched_and_filled(
     g = table_guest(backend, strategy, source=READER.replace("$FN", f"${fn_value:#x}"))
     mem = g.mem
     slots_before = mem.stats().memslots
-    from conftest import CODE, PAGE_TABLES, STACK
+    from memory_guests import CODE, PAGE_TABLES, STACK
+
     from pcihole.hv import x86_cpu_state
 
     mem.write_guest(CODE, g.code)
