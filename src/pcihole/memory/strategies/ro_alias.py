@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pcihole.host.memfd import SealedFillMemfd
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.memory.accounting import process_mappings
 from pcihole.memory.region import Hole
 from pcihole.memory.slot_planner import default_map_budget, plan_alias
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, fill_runs
@@ -32,11 +33,6 @@ MAX_MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 def max_map_count() -> int:
     with open(MAX_MAP_COUNT_FILE) as f:
         return int(f.read())
-
-
-def maps_in_use() -> int:
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
 
 
 @dataclass
@@ -78,7 +74,7 @@ class RoAliasStrategy(HoleStrategy):
         if self.map_budget is None:
             # Fixed at the first layout (reading /proc/self/maps costs ~1 ms with thousands of
             # arena lines, too much for every punch); our own arenas are given back to the budget.
-            self.map_budget = default_map_budget(max_map_count(), maps_in_use() - self.host_mappings())
+            self.map_budget = default_map_budget(max_map_count(), process_mappings() - self.host_mappings())
         return self.map_budget
 
     def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
@@ -141,4 +137,4 @@ class RoAliasStrategy(HoleStrategy):
         return [m.fd for m in self.memfds.values()]
 
 
-__all__ = ["Arena", "RoAliasStrategy", "max_map_count", "maps_in_use"]
+__all__ = ["Arena", "RoAliasStrategy", "max_map_count"]
