@@ -28,6 +28,11 @@ from . import REPORT_SYMBOL
 
 REPORT_MAGIC = 0x52534850  # b"PHSR"
 REPORT_VERSION = 1
+TIMING_SYMBOL = "pcihole_timing"
+TIMING_MAGIC = 0x4D544850  # b"PHTM"
+TIMING_VERSION = 1
+#: struct timing: u32 magic, u32 version, u64 scan_tsc (beside the report, which keeps its layout)
+TIMING = struct.Struct("<IIQ")
 HEADER = struct.Struct("<IHHHHIIIIIIIII")
 REGION = struct.Struct("<QHBBBBH")
 DEVICE = struct.Struct("<HBBHHIBBBB")
@@ -166,6 +171,8 @@ class SerialReport:
     config_reads: int = 0
     status: int = 0
     scans: int = 0
+    #: TSC ticks the scans took, from the done line (only with the pcihole.timing option)
+    scan_tsc: int | None = None
 
 
 # ---------------------------------------------------------------------------- memory report
@@ -250,6 +257,21 @@ def read_report(image: bytes | ElfImage, read_phys: Callable[[int, int], bytes])
     return parse_report(read_phys(addr, size))
 
 
+def read_scan_tsc(image: bytes | ElfImage, read_phys: Callable[[int, int], bytes]) -> int | None:
+    """TSC ticks the guest's scans took, from ``pcihole_timing`` in guest memory.
+
+    None for an image without the symbol (built before it existed) or a guest that has not
+    finished its scans (no magic yet)."""
+    elf = image if isinstance(image, ElfImage) else ElfImage(image)
+    if TIMING_SYMBOL not in elf.symbols():
+        return None
+    sym = elf.symbol(TIMING_SYMBOL)
+    magic, version, scan_tsc = TIMING.unpack(read_phys(sym.value, TIMING.size))
+    if magic != TIMING_MAGIC or version != TIMING_VERSION:
+        return None
+    return scan_tsc
+
+
 # ---------------------------------------------------------------------------- serial lines
 
 _HEX = "[0-9a-f]"
@@ -260,7 +282,9 @@ _DEVICE_RE = re.compile(
 _REGION_RE = re.compile(
     rf"ecam ({_HEX}{{4}}) base=0x({_HEX}{{16}}) buses=({_HEX}{{2}})-({_HEX}{{2}}) source=(mcfg|cmdline)( skipped)?"
 )
-_DONE_RE = re.compile(r"done devices=(\d+) config_reads=(\d+) status=0x([0-9a-f]{2,8}) scans=(\d+)")
+_DONE_RE = re.compile(
+    r"done devices=(\d+) config_reads=(\d+) status=0x([0-9a-f]{2,8}) scans=(\d+)(?: scan_tsc=0x([0-9a-f]{16}))?"
+)
 
 
 def parse_serial(text: str) -> SerialReport:
@@ -296,6 +320,7 @@ def parse_serial(text: str) -> SerialReport:
             rep.done = True
             rep.ndevices, rep.config_reads = int(m[1]), int(m[2])
             rep.status, rep.scans = int(m[3], 16), int(m[4])
+            rep.scan_tsc = int(m[5], 16) if m[5] is not None else None
         else:
             raise ReportError(f"unparseable guest line: {line!r}")
     return rep

@@ -1,0 +1,86 @@
+"""The few numbers the issue asks the benchmark to answer, per backend, from rows measured in one run:
+
+- exits for absent functions with ro-alias and native (target: 0);
+- hole memory of ro-alias against ro-filled for a 256-bus segment (target: at least 256x less);
+- the full scan with the backend's best strategy (what `auto` picks): its speed-up over the `exit`
+  strategy and over QEMU, and its ratio to the floor (the same scan with every hole backed by real
+  memory, i.e. ro-filled);
+- what pcihole adds to an exit (exit_path.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pcihole.bench.results import BenchResults
+
+
+@dataclass
+class HoleMemory:
+    """ro-alias against ro-filled on the default machine's 256-bus segment."""
+
+    ro_filled_bytes: int | None
+    ro_alias_bytes: int | None
+    #: ro-filled / ro-alias: how many times less memory the alias needs
+    times_less: float | None
+    ro_filled_vm_pte_growth_bytes: int | None
+    ro_alias_vm_pte_growth_bytes: int | None
+    ro_alias_host_mappings: int | None
+
+
+@dataclass
+class Headline:
+    backend: str
+    best_strategy: str
+    #: strategy -> exits that landed in a hole page (ro-alias, native where they exist)
+    absent_function_exits: dict[str, int | None] = field(default_factory=dict)
+    hole_memory_256_bus_segment: HoleMemory | None = None
+    best_scan_seconds: float | None = None
+    speedup_over_exit: float | None = None
+    #: kvm only: QEMU runs on the same /dev/kvm
+    speedup_over_qemu: float | None = None
+    ratio_to_floor: float | None = None
+    exit_path_ratio: float | None = None
+
+
+def _time(results: BenchResults, backend: str, strategy: str) -> float | None:
+    row = results.row(backend, strategy)
+    return row.scan_seconds.median if row else None
+
+
+def _quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def headline_for(results: BenchResults, backend: str) -> Headline:
+    best = results.configs.auto[backend]
+    headline = Headline(backend=backend, best_strategy=best)
+    for strategy in ("ro-alias", "native"):
+        row = results.row(backend, strategy)
+        if row is not None:
+            headline.absent_function_exits[strategy] = row.absent_exits
+    filled, alias = results.row(backend, "ro-filled"), results.row(backend, "ro-alias")
+    if filled is not None and alias is not None:
+        headline.hole_memory_256_bus_segment = HoleMemory(
+            ro_filled_bytes=filled.hole_backing_bytes,
+            ro_alias_bytes=alias.hole_backing_bytes,
+            times_less=_quotient(filled.hole_backing_bytes, alias.hole_backing_bytes),
+            ro_filled_vm_pte_growth_bytes=filled.vm_pte_growth_bytes,
+            ro_alias_vm_pte_growth_bytes=alias.vm_pte_growth_bytes,
+            ro_alias_host_mappings=alias.hole_mappings,
+        )
+    best_time = _time(results, backend, best)
+    headline.best_scan_seconds = best_time
+    headline.speedup_over_exit = _quotient(_time(results, backend, "exit"), best_time)
+    headline.ratio_to_floor = _quotient(best_time, _time(results, backend, "ro-filled"))
+    if backend == "kvm":
+        headline.speedup_over_qemu = _quotient(_time(results, "qemu", "exit"), best_time)
+    exit_path = next((e for e in results.exit_path if e.backend == backend), None)
+    headline.exit_path_ratio = exit_path.ratio if exit_path else None
+    return headline
+
+
+def compute_headline(results: BenchResults) -> dict[str, Headline]:
+    return {backend: headline_for(results, backend) for backend in results.configs.backends}

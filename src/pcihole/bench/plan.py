@@ -1,0 +1,60 @@
+"""How much to measure: the full run (for README numbers) and `--quick` (under a minute, every strategy)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    name: str
+    #: boots of the default machine per backend x strategy (median, min and max over these)
+    scan_runs: int
+    #: boots per scaling point (the median is plotted)
+    scaling_runs: int
+    #: ECAM sizes: bus counts per segment, times segment counts
+    bus_counts: tuple[int, ...]
+    segment_counts: tuple[int, ...]
+    #: present functions (on one 256-bus segment)
+    function_counts: tuple[int, ...]
+    #: hot-add + hot-remove pairs per strategy
+    hotplug_changes: int
+    #: MMIO reads of the bare-loop guest (exit_path.py), and its VMs (the median is kept)
+    exit_path_reads: int
+    exit_path_runs: int
+    #: QEMU boots (each costs ~2-4 s of firmware around a ~0.1 s scan)
+    qemu_runs: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+FULL = BenchPlan(
+    name="full",
+    scan_runs=9,
+    scaling_runs=5,
+    bus_counts=(1, 16, 64, 256),
+    segment_counts=(1, 4),
+    function_counts=(1, 16, 256, 1024),
+    hotplug_changes=20,
+    exit_path_reads=20000,
+    exit_path_runs=5,
+    qemu_runs=5,
+)
+
+QUICK = BenchPlan(
+    name="quick",
+    scan_runs=2,
+    scaling_runs=1,
+    bus_counts=(1, 256),
+    segment_counts=(1, 4),
+    function_counts=(1, 256),
+    hotplug_changes=3,
+    exit_path_reads=2000,
+    exit_path_runs=1,
+    qemu_runs=1,
+)
+
+
+def plan_for(quick: bool) -> BenchPlan:
+    return QUICK if quick else FULL

@@ -1,0 +1,192 @@
+"""The markdown report: headline, the default machine's scan table, exit path, hot-plug, scaling."""
+
+from __future__ import annotations
+
+from pcihole.bench import units
+from pcihole.bench.results import BenchResults
+from pcihole.bench.scaling import SWEEP_ECAM, SWEEP_FUNCTIONS
+
+
+def host_lines(results: BenchResults) -> list[str]:
+    h, c = results.host, results.clock
+    reference = f", /proc/cpuinfo says {c.cpuinfo_hz / 1e6:.0f} MHz" if c.cpuinfo_hz else ""
+    check = ", ".join(f"{label} {x:.3f}" for label, x in results.tsc_check().items())
+    check_text = f"; guest-TSC scan time / host wall time of the run: {check}" if check else ""
+    return [
+        f"- CPU: {h.cpu_model} ({h.cpus} CPUs); kernel {h.kernel}; KVM: {h.kvm_flavour}",
+        f"- TSC: {c.hz / 1e6:.1f} MHz ({c.source}{reference}){check_text}",
+        f"- Python {h.python}; QEMU {h.qemu or 'not installed'}",
+        f"- plan: {results.plan.name} ({results.plan.scan_runs} boots per row, {results.plan.scaling_runs} per "
+        f"scaling point); run started {results.started}, took {results.seconds:.0f} s",
+    ]
+
+
+def headline_lines(results: BenchResults) -> list[str]:
+    lines = []
+    for backend, h in results.headline.items():
+        absent = ", ".join(f"{s} {n}" for s, n in h.absent_function_exits.items()) or "—"
+        lines.append(
+            f"- **{backend}** (best strategy `{h.best_strategy}`): exits for absent functions: {absent} (target 0)"
+        )
+        memory = h.hole_memory_256_bus_segment
+        if memory:
+            lines.append(
+                f"  - hole memory for a 256-bus segment: ro-alias {units.size(memory.ro_alias_bytes)} against "
+                f"ro-filled {units.size(memory.ro_filled_bytes)}: {units.times(memory.times_less)} less "
+                f"(target ≥ 256x); VmPTE growth {units.size(memory.ro_alias_vm_pte_growth_bytes)} against "
+                f"{units.size(memory.ro_filled_vm_pte_growth_bytes)}; "
+                f"{units.count(memory.ro_alias_host_mappings)} host mappings"
+            )
+        parts = [
+            f"{units.ms(h.best_scan_seconds)} ms",
+            f"{units.times(h.speedup_over_exit)} faster than `exit`",
+        ]
+        if backend == "kvm":
+            parts.append(f"{units.times(h.speedup_over_qemu)} faster than QEMU")
+        parts.append(f"{units.times(h.ratio_to_floor)} the floor (ro-filled)")
+        lines.append(f"  - full scan with `{h.best_strategy}`: " + ", ".join(parts))
+        if h.exit_path_ratio is not None:
+            lines.append(
+                f"  - one exit through pcihole costs {units.times(h.exit_path_ratio)} a bare KVM_RUN loop's"
+            )
+    return lines
+
+
+def scan_table(results: BenchResults) -> list[str]:
+    lines = [
+        "| backend / strategy | scan ms, median [min–max] | × best | exits: mmio r / w / io / total | ECAM exits "
+        "| absent-function exits | config reads | hole backing | memslots | VmPTE growth |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.scan:
+        s = r.scan_seconds
+        if r.exits:
+            e = r.exits
+            exits = f"{e['mmio_read']} / {e['mmio_write']} / {e['io']} / {e['total']}"
+        else:
+            exits = "—"
+        lines.append(
+            f"| {r.label} | {units.ms(s.median)} [{units.ms(s.min)}–{units.ms(s.max)}] "
+            f"| {units.times(r.ratios.get('scan_seconds'))} | {exits} | {units.count(r.ecam_exits)} "
+            f"| {units.count(r.absent_exits)} | {units.count(r.config_reads)} | {units.size(r.hole_backing_bytes)} "
+            f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} |"
+        )
+    notes = [f"- `{r.label}`: {r.note}" for r in results.scan if r.note]
+    if results.qemu_skipped:
+        notes.append(f"- no QEMU row: {results.qemu_skipped}")
+    return lines + ([""] + notes if notes else [])
+
+
+RATIO_COLUMNS = {
+    "scan_seconds": "scan time",
+    "exits_total": "exits",
+    "ecam_exits": "ECAM exits",
+    "absent_exits": "absent-function exits",
+    "hole_backing_bytes": "hole backing",
+    "memslots": "memslots",
+}
+
+
+def ratio_table(results: BenchResults) -> list[str]:
+    lines = [
+        "| backend / strategy | " + " | ".join(RATIO_COLUMNS.values()) + " |",
+        "|---" * (len(RATIO_COLUMNS) + 1) + "|",
+    ]
+    for r in results.scan:
+        lines.append(
+            f"| {r.label} | " + " | ".join(units.times(r.ratios.get(f)) for f in RATIO_COLUMNS) + " |"
+        )
+    lines += ["", "— : not measured, or the best is 0 and this row is not (no finite ratio)."]
+    return lines
+
+
+def exit_path_table(results: BenchResults) -> list[str]:
+    lines = [
+        "| backend | bare KVM_RUN loop, per exit | pcihole `exit` strategy, per dispatched ECAM exit | ratio |",
+        "|---|---|---|---|",
+    ]
+    for e in results.exit_path:
+        lines.append(
+            f"| {e.backend} | {units.us(e.bare_seconds_per_exit)} | {units.us(e.pcihole_seconds_per_exit)} "
+            f"| {units.times(e.ratio)} |"
+        )
+    return lines
+
+
+def hotplug_table(results: BenchResults) -> list[str]:
+    lines = [
+        "| backend / strategy | punch: memslot create / delete | other ioctls | wall, median | "
+        "fill: memslot create / delete | other ioctls | wall, median | slowest ioctl (punch) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for h in results.hotplug:
+        p, f = h.punch, h.fill
+        slowest = max(p.ioctl_seconds.items(), key=lambda kv: kv[1], default=None)
+        slowest_text = f"{slowest[0]} {units.duration(slowest[1])}" if slowest else "—"
+        lines.append(
+            f"| {h.backend} / {h.strategy} | {p.memslot_creates} / {p.memslot_deletes} | {_ops(p.other_ops)} "
+            f"| {units.duration(p.seconds.median)} | {f.memslot_creates} / {f.memslot_deletes} | {_ops(f.other_ops)} "
+            f"| {units.duration(f.seconds.median)} | {slowest_text} |"
+        )
+    return lines
+
+
+def _ops(ops: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in ops.items()) or "—"
+
+
+def scaling_table(results: BenchResults, sweep: str) -> list[str]:
+    lines = [
+        "| backend / strategy | functions | segments x buses | ECAM | scan ms | config reads | ECAM exits "
+        "| absent exits | hole backing | VmPTE growth | hole mappings | memslots |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in (p for p in results.scaling if p.sweep == sweep):
+        lines.append(
+            f"| {p.backend} / {p.strategy} | {p.functions} | {p.segments} x {p.buses} | {units.size(p.ecam_bytes)} "
+            f"| {units.ms(p.scan_seconds.median)} | {units.count(p.config_reads)} | {units.count(p.ecam_exits)} "
+            f"| {units.count(p.absent_exits)} | {units.size(p.hole_backing_bytes)} | {units.size(p.vm_pte_growth_bytes)} "
+            f"| {units.count(p.hole_mappings)} | {units.count(p.memslots)} |"
+        )
+    return lines
+
+
+def markdown(results: BenchResults, plots: list[str]) -> str:
+    skipped = [f"- backend {b} not measured: {why}" for b, why in results.configs.skipped.items()]
+    sections = [
+        ["# pcihole bench", "", *host_lines(results), *skipped],
+        ["## Headline", "", *headline_lines(results)],
+        [
+            "## Scan of the default machine",
+            "",
+            "The scan guest probes the default machine's 256-bus segment the way Linux does. Scan time is the "
+            "guest's own TSC count around the scan (the same on QEMU), converted with the TSC frequency above; "
+            "× best is the ratio to the fastest row on the same KVM (QEMU runs on /dev/kvm). "
+            "Absent-function exits are exits that landed in a hole page.",
+            "",
+            *scan_table(results),
+        ],
+        ["### Every figure's ratio to the best row on the same KVM", "", *ratio_table(results)],
+        [
+            "## Exit path",
+            "",
+            "A tiny guest reads an address with no memslot; the host only re-enters KVM_RUN (bare loop). "
+            "pcihole's figure is (`exit` scan − `ro-filled` scan) / the extra ECAM exits.",
+            "",
+            *exit_path_table(results),
+        ],
+        [
+            "## Hot-plug: one function's ECAM page punched (hot-add) and filled (hot-remove)",
+            "",
+            *hotplug_table(results),
+        ],
+        ["## Scaling with the ECAM (one host bridge per segment)", "", *scaling_table(results, SWEEP_ECAM)],
+        [
+            "## Scaling with present functions (one 256-bus segment)",
+            "",
+            *scaling_table(results, SWEEP_FUNCTIONS),
+        ],
+    ]
+    if plots:
+        sections.append(["## Plots", "", *[f"![{name}]({name})" for name in plots]])
+    return "\n\n".join("\n".join(s) for s in sections) + "\n"

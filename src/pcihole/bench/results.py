@@ -1,0 +1,76 @@
+"""Everything one `pcihole bench` measured, and its JSON form (the file report.py and plots.py read)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pcihole.bench.configs import Configs
+from pcihole.bench.exit_path import ExitPathResult
+from pcihole.bench.headline import Headline
+from pcihole.bench.host import HostInfo
+from pcihole.bench.hotplug import HotplugResult
+from pcihole.bench.plan import BenchPlan
+from pcihole.bench.scaling import ScalingPoint
+from pcihole.bench.scan import ScanRow
+from pcihole.bench.tsc import TscClock
+
+SCHEMA = "pcihole-bench/1"
+
+
+@dataclass
+class BenchResults:
+    plan: BenchPlan
+    host: HostInfo
+    clock: TscClock
+    configs: Configs
+    started: str
+    seconds: float = 0.0
+    scan: list[ScanRow] = field(default_factory=list)
+    #: why the QEMU peer row is missing (None when it is there)
+    qemu_skipped: str | None = None
+    exit_path: list[ExitPathResult] = field(default_factory=list)
+    hotplug: list[HotplugResult] = field(default_factory=list)
+    scaling: list[ScalingPoint] = field(default_factory=list)
+    headline: dict[str, Headline] = field(default_factory=dict)
+
+    def tsc_check(self) -> dict[str, float]:
+        """Guest-TSC scan time / host wall time of the whole run, for the `exit` rows (where the scan
+        is nearly all of the run): just under 1 when guest TSC ticks and host seconds agree."""
+        return {
+            r.label: r.scan_seconds.median / r.run_seconds.median
+            for r in self.scan
+            if r.strategy == "exit" and r.backend != "qemu" and r.run_seconds
+        }
+
+    def row(self, backend: str, strategy: str) -> ScanRow | None:
+        return next((r for r in self.scan if r.backend == backend and r.strategy == strategy), None)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "schema": SCHEMA,
+            "started": self.started,
+            "seconds": round(self.seconds, 3),
+            "plan": self.plan.as_dict(),
+            "host": self.host.as_dict(),
+            "tsc": {**self.clock.as_dict(), "scan_over_run_wall_time": self.tsc_check()},
+            "backends": {
+                "measured": self.configs.backends,
+                "skipped": self.configs.skipped,
+                "strategies": {b: [c.strategy for c in self.configs.of(b)] for b in self.configs.backends},
+                "auto": self.configs.auto,
+            },
+            "headline": {backend: asdict(h) for backend, h in self.headline.items()},
+            "scan": {
+                "machine": "default (pcihole/machine/default.toml)",
+                "rows": [r.as_dict() for r in self.scan],
+                "qemu_skipped": self.qemu_skipped,
+            },
+            "exit_path": [e.as_dict() for e in self.exit_path],
+            "hotplug": [h.as_dict() for h in self.hotplug],
+            "scaling": [p.as_dict() for p in self.scaling],
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.as_json(), indent=2) + "\n")

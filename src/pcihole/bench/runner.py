@@ -1,0 +1,157 @@
+"""`pcihole bench`: measure every backend x strategy this machine has, in one run, and write
+bench.json, bench.md and PNG plots into the output directory.
+
+Order: the default machine's scan per backend x strategy, QEMU as a peer, the exit path, hot-plug,
+then the scaling sweeps (the longest part). A progress bar runs on stderr; a short summary and the
+paths go to stdout. Returns the process exit status: 0, or 1 when a measurement failed (one line on
+stderr saying which), 2 when nothing can be measured.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+from pcihole.bench import qemu_peer
+from pcihole.bench.configs import discover
+from pcihole.bench.errors import BenchError
+from pcihole.bench.exit_path import measure_exit_path
+from pcihole.bench.headline import compute_headline
+from pcihole.bench.host import host_info
+from pcihole.bench.hotplug import measure_hotplug
+from pcihole.bench.plan import BenchPlan, plan_for
+from pcihole.bench.progress import Progress
+from pcihole.bench.report import headline_lines, markdown
+from pcihole.bench.results import BenchResults
+from pcihole.bench.scaling import measure_scaling, point_count
+from pcihole.bench.scan import Kernel, add_ratios, scan_default_machine
+from pcihole.bench.tsc import tsc_clock
+from pcihole.machine.builder import default_kernel
+from pcihole.machine.machinefile import load_default
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+JSON_NAME = "bench.json"
+MARKDOWN_NAME = "bench.md"
+
+
+def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool) -> int:
+    return (
+        configs * plan.scan_runs
+        + (plan.qemu_runs if with_qemu else 0)
+        + backends
+        + configs
+        + configs * point_count(plan)
+    )
+
+
+def measure(results: BenchResults, progress: Progress) -> None:
+    plan, configs, clock = results.plan, results.configs, results.clock
+    kernel = Kernel(*default_kernel())
+    default_machine = load_default()
+
+    for config in configs.configs:
+        label = f"scan: {config.label}"
+        progress.note(label)
+        row = scan_default_machine(
+            default_machine,
+            config,
+            plan.scan_runs,
+            kernel,
+            clock,
+            on_run=partial(progress.step, label),
+        )
+        results.scan.append(row)
+    if results.qemu_skipped is None:
+        progress.note("scan: QEMU q35 (its firmware takes a few seconds per boot)")
+        try:
+            results.scan.append(
+                qemu_peer.scan_on_qemu(
+                    default_machine, plan.qemu_runs, clock, on_run=lambda: progress.step("scan: QEMU")
+                )
+            )
+        except BenchError as e:
+            results.qemu_skipped = f"QEMU failed: {e}"
+    add_ratios(results.scan)
+
+    for backend in configs.backends:
+        progress.note(f"exit path: {backend}")
+        results.exit_path.append(
+            measure_exit_path(backend, plan.exit_path_reads, plan.exit_path_runs, results.scan, clock)
+        )
+        progress.step(f"exit path: {backend}")
+
+    for config in configs.configs:
+        progress.note(f"hot-plug: {config.label}")
+        results.hotplug.append(measure_hotplug(default_machine, config, plan.hotplug_changes, kernel))
+        progress.step(f"hot-plug: {config.label}")
+
+    for config in configs.configs:
+        results.scaling += measure_scaling(
+            config, plan, kernel, clock, on_point=lambda what: progress.step(f"scaling: {what}")
+        )
+
+
+def run_bench(out_dir: str | Path, quick: bool = False, backends: Sequence[str] | None = None) -> int:
+    start = time.monotonic()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"pcihole: error: {out}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    configs = discover(backends)
+    if not configs.configs:
+        reasons = "; ".join(configs.skipped.values()) or "no backend asked for"
+        print(f"pcihole: error: nothing to measure: {reasons}", file=sys.stderr)
+        return EXIT_USAGE
+    plan = plan_for(quick)
+    try:
+        clock = tsc_clock()
+    except BenchError as e:
+        print(f"pcihole: error: bench: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    results = BenchResults(
+        plan=plan,
+        host=host_info(),
+        clock=clock,
+        configs=configs,
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    if "kvm" not in configs.backends:
+        results.qemu_skipped = "the kvm backend is not measured, and QEMU is its peer"
+    else:
+        results.qemu_skipped = qemu_peer.unavailable_reason()
+    progress = Progress(
+        _work_units(plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None)
+    )
+    try:
+        measure(results, progress)
+    except BenchError as e:
+        progress.finish("failed")
+        print(f"pcihole: error: bench: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    progress.finish("writing results")
+    results.headline = compute_headline(results)
+    results.seconds = time.monotonic() - start
+
+    from pcihole.bench.plots import write_plots  # matplotlib is imported only now: it is slow to load
+
+    try:
+        plot_names = write_plots(results, out)
+    except ImportError as e:
+        print(
+            f"pcihole: warning: no plots ({e}; install the 'bench' extra: pip install 'pcihole[bench]')",
+            file=sys.stderr,
+        )
+        plot_names = []
+    results.write_json(out / JSON_NAME)
+    (out / MARKDOWN_NAME).write_text(markdown(results, plot_names))
+
+    print("\n".join(headline_lines(results)))
+    written = [JSON_NAME, MARKDOWN_NAME, *plot_names]
+    print(f"\nwrote {', '.join(str(out / n) for n in written)} in {results.seconds:.1f} s")
+    return EXIT_OK

@@ -1,0 +1,80 @@
+"""`pcihole bench --quick` runs end to end and writes what it promises. Benchmarks are not tests: no
+time is asserted here, only that every measurement ran and every output was written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pcihole.cli import main
+from pcihole.hv import kvm_available
+
+MODEL_STRATEGIES = {"exit", "ro-filled", "ro-alias", "native", "mmio-bus"}
+STOCK_KVM_STRATEGIES = {"exit", "ro-filled", "ro-alias"}
+TOP_LEVEL_KEYS = {
+    "schema",
+    "plan",
+    "host",
+    "tsc",
+    "backends",
+    "headline",
+    "scan",
+    "exit_path",
+    "hotplug",
+    "scaling",
+}
+ROW_KEYS = {
+    "backend",
+    "strategy",
+    "scan_seconds",
+    "exits",
+    "ecam_exits",
+    "absent_exits",
+    "config_reads",
+    "hole_backing_bytes",
+    "memslots",
+    "ratios",
+}
+PLOT_KINDS = ("scan", "scaling-ecam", "scaling-functions")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need the 'bench' extra (matplotlib)")
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data.keys() >= TOP_LEVEL_KEYS
+    rows = {(r["backend"], r["strategy"]): r for r in data["scan"]["rows"]}
+    expected = {("model", s) for s in MODEL_STRATEGIES}
+    if kvm_available() is None:
+        expected |= {("kvm", s) for s in STOCK_KVM_STRATEGIES}
+        if shutil.which("qemu-system-x86_64"):
+            expected.add(("qemu", "exit"))
+    assert expected <= rows.keys(), f"missing rows: {expected - rows.keys()}"
+    for row in rows.values():
+        assert row.keys() >= ROW_KEYS
+        assert row["config_reads"] > 8000  # the whole 256-bus segment was probed
+    measured = data["backends"]["measured"]
+    for backend in measured:
+        strategies = {(backend, s) for s in data["backends"]["strategies"][backend]}
+        assert {k for k in rows if k[0] == backend} == strategies
+        assert {(h["backend"], h["strategy"]) for h in data["hotplug"]} >= strategies
+        assert {(p["backend"], p["strategy"]) for p in data["scaling"]} >= strategies
+        assert backend in {e["backend"] for e in data["exit_path"]}
+        assert backend in data["headline"]
+    # Counts, not times: absent functions never exit where the hole is a memslot.
+    for (_, strategy), row in rows.items():
+        if strategy in ("ro-filled", "ro-alias", "native"):
+            assert row["absent_exits"] == 0
+
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "## Scan of the default machine" in markdown and "| backend / strategy |" in markdown
+    pngs = {p.name: p for p in tmp_path.glob("*.png")}
+    assert pngs.keys() >= {f"{kind}-{backend}.png" for kind in PLOT_KINDS for backend in measured}
+    for name, png in pngs.items():
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert f"]({name})" in markdown
