@@ -49,20 +49,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="boot the embedded scan guest (or --kernel) on a machine")
-    run.add_argument("--machine", metavar="FILE.toml", help="machine file (default: the embedded default machine)")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="kvm where /dev/kvm opens, else model")
+    run.add_argument(
+        "--machine", metavar="FILE.toml", help="machine file (default: the embedded default machine)"
+    )
+    run.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="kvm where /dev/kvm opens, else model"
+    )
     run.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how ECAM holes are implemented")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
-    run.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)")
+    run.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)"
+    )
 
-    acpi = sub.add_parser("acpi", help="write the machine's ACPI tables as RSDP.dat, XSDT.dat, FACP.dat, DSDT.dat, APIC.dat, MCFG.dat")
+    acpi = sub.add_parser(
+        "acpi",
+        help="write the machine's ACPI tables as RSDP.dat, XSDT.dat, FACP.dat, DSDT.dat, APIC.dat, MCFG.dat",
+    )
     acpi.add_argument("--machine", metavar="FILE.toml")
     acpi.add_argument("--out", required=True, metavar="DIR")
 
     bench = sub.add_parser("bench", help="run the strategies side by side")
-    bench.add_argument("--out", default="bench-out", metavar="DIR", help="where to write JSON, markdown and plots")
+    bench.add_argument(
+        "--out", default="bench-out", metavar="DIR", help="where to write JSON, markdown and plots"
+    )
     bench.add_argument("--quick", action="store_true", help="a run under a minute")
     bench.add_argument("--backend", choices=BACKENDS, action="append", help="limit to these backends")
     return p
@@ -132,7 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_json(), indent=2))
         raise RunFailed(failure)
     if not args.json:
-        print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
+        print(
+            f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     elif args.kernel:
@@ -179,7 +193,10 @@ def _print_stats(result, file) -> None:
         ("ECAM exits", s.ecam_exits),
         ("config reads (guest)", "-" if result.config_reads is None else result.config_reads),
         ("hole writes coalesced (no exit)", s.coalesced_writes),
-        ("scan time", f"{result.seconds * 1000:.1f} ms"),
+        (
+            "scan time (guest TSC)" if result.guest_scan_seconds is not None else "run time (host)",
+            f"{result.scan_seconds * 1000:.1f} ms",
+        ),
         ("hole backing", f"{result.memory.hole_backing_bytes} bytes"),
         ("memslots", result.memory.memslots),
         ("host mappings for holes", result.memory.hole_mappings),

@@ -59,6 +59,9 @@ def test_default_machine_scan_finds_the_topology(backend, strategy):
     assert result.strategy == strategy and result.backend == backend
     assert reported_keys(result) == topology
     assert result.report.config_reads > 8000  # 256 buses brute-forced, as Linux does
+    # The guest timed its own scan (pcihole_timing), and that is what the JSON reports.
+    assert result.guest_scan_seconds is not None and result.guest_scan_seconds > 0
+    assert result.to_json()["stats"]["scan_seconds"] == round(result.guest_scan_seconds, 6)
     # Absent functions are answered by the hole (the memory map), never by the host bridge.
     assert bridge.absent_reads == 0
     hole_reads = result.memory.exits.hole_reads

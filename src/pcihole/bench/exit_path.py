@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
-from pcihole.bench.tsc import TscClock
 from pcihole.host.mman import HostMapping
+from pcihole.host.tsc import TscClock
 from pcihole.hv import open_backend
 from pcihole.hv.exits import IoOut, MmioRead
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat

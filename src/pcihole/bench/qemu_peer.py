@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
 from pcihole.bench.summary import Summary
-from pcihole.bench.tsc import TscClock
 from pcihole.guest import IMAGE_PATH
 from pcihole.guest.report import ReportError, parse_serial
+from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
 
 QEMU_BINARY = "qemu-system-x86_64"

@@ -14,7 +14,7 @@ from pcihole.bench.hotplug import HotplugResult
 from pcihole.bench.plan import BenchPlan
 from pcihole.bench.scaling import ScalingPoint
 from pcihole.bench.scan import ScanRow
-from pcihole.bench.tsc import TscClock
+from pcihole.host.tsc import TscClock
 
 SCHEMA = "pcihole-bench/1"
 

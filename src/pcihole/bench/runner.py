@@ -29,7 +29,7 @@ from pcihole.bench.report import headline_lines, markdown
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import measure_scaling, point_count
 from pcihole.bench.scan import Kernel, add_ratios, scan_default_machine
-from pcihole.bench.tsc import tsc_clock
+from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.builder import default_kernel
 from pcihole.machine.machinefile import load_default
 
@@ -111,7 +111,7 @@ def run_bench(out_dir: str | Path, quick: bool = False, backends: Sequence[str] 
     plan = plan_for(quick)
     try:
         clock = tsc_clock()
-    except BenchError as e:
+    except TscUnknown as e:
         print(f"pcihole: error: bench: {e}", file=sys.stderr)
         return EXIT_FAILED
     results = BenchResults(

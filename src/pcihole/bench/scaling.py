@@ -13,7 +13,7 @@ from pcihole.bench.configs import Config
 from pcihole.bench.plan import BenchPlan
 from pcihole.bench.scan import Kernel, ScanSample, boot_and_scan
 from pcihole.bench.summary import Summary
-from pcihole.bench.tsc import TscClock
+from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
 from pcihole.pci import ecam
 from pcihole.pci.synthetic import generate

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
 from pcihole.bench.summary import Summary, ratio
-from pcihole.bench.tsc import TscClock
 from pcihole.guest.report import ST_TRUNCATED, ReportError, parse_serial, read_scan_tsc
+from pcihole.host.tsc import TscClock
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.dispatch import STOP_DEBUG_EXIT
 from pcihole.machine.machinefile import MachineFile

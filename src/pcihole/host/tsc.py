@@ -1,4 +1,4 @@
-"""The TSC frequency, to turn the guest's scan ticks (`pcihole.timing`) into seconds.
+"""The TSC frequency, to turn the guest's scan ticks (`pcihole_timing`) into seconds.
 
 Under KVM a guest's TSC counts at the host's TSC rate unless the VMM sets another (neither pcihole
 nor QEMU here does), so the host's rate converts both columns. It is measured, not trusted: the host
@@ -10,12 +10,11 @@ fallback where the host cannot run that code (not x86-64, or no executable anony
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import platform
 import time
 from dataclasses import asdict, dataclass
-
-from pcihole.bench.errors import BenchError
 
 # uint64_t rdtsc(void) for the x86-64 System V ABI:
 #   0f 31         rdtsc              ; edx:eax = TSC
@@ -75,13 +74,17 @@ def measure_host_tsc_hz(seconds: float = CALIBRATION_SECONDS) -> float:
     return (c1 - c0) / ((t1 - t0) / 1e9)
 
 
+class TscUnknown(RuntimeError):
+    """Neither RDTSC nor /proc/cpuinfo tells the TSC frequency here."""
+
+
+@functools.cache
 def tsc_clock() -> TscClock:
+    """The host's TSC clock, measured once per process (CALIBRATION_SECONDS of busy waiting)."""
     reference = cpuinfo_hz()
     try:
         return TscClock(measure_host_tsc_hz(), "measured", reference)
     except (OSError, ValueError):
         if reference is None:
-            raise BenchError(
-                "cannot tell the TSC frequency: no RDTSC here and no 'cpu MHz' in /proc/cpuinfo"
-            ) from None
+            raise TscUnknown("cannot tell the TSC frequency: no RDTSC here and no 'cpu MHz' in /proc/cpuinfo") from None
         return TscClock(reference, "cpuinfo", reference)
