@@ -87,11 +87,11 @@ def test_invalid_memory_region_flags(hypervisor):
 
 def test_change_kinds_and_max_pages_on_the_model(model_hv):
     vm = model_hv.create_vm()
-    assert vm.set_user_memory_region(1, 0, 0, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.CREATE
-    assert vm.set_user_memory_region(1, LOG, 0, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.FLAGS_ONLY
-    assert vm.set_user_memory_region(1, LOG, 1 << 44, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.MOVE
-    assert vm.set_user_memory_region(1, LOG, 1 << 44, KVM_MEM_MAX_NR_PAGES * P, 0) is None
-    assert vm.set_user_memory_region(1, 0, 0, 0, 0) is MemslotChange.DELETE
+    assert vm.change_memory_region(1, 0, 0, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.CREATE
+    assert vm.change_memory_region(1, LOG, 0, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.FLAGS_ONLY
+    assert vm.change_memory_region(1, LOG, 1 << 44, KVM_MEM_MAX_NR_PAGES * P, 0) is MemslotChange.MOVE
+    assert vm.change_memory_region(1, LOG, 1 << 44, KVM_MEM_MAX_NR_PAGES * P, 0) is None
+    assert vm.change_memory_region(1, 0, 0, 0, 0) is MemslotChange.DELETE
     assert vm.memslots.nr_memslot_pages == 0
 
 

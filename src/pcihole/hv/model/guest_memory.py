@@ -47,6 +47,13 @@ class GuestRegion:
     def end(self) -> int:
         return self.start + self.size
 
+    @property
+    def memslot(self) -> Memslot:
+        """The slot of a region made from one (every kind but UNBACKED)."""
+        if self.slot is None:
+            raise ValueError(f"{self.kind.value} region at {self.start:#x} has no memslot")
+        return self.slot
+
 
 class HostMaps:
     """/proc/self/maps as sorted intervals, to learn whether an HVA range is mapped (and writable)."""

@@ -30,6 +30,18 @@ the region and TLB entry of the access), so the rest of that translation block r
 map. uc_emu_stop from another thread is not used: Unicorn observes a stop request after any load
 or store and restarts the interrupted instruction from its beginning, so an instruction like
 `incl (mem)` or an MMIO access would run twice (kick() uses the boundary hook too).
+
+A memslot change is also synchronous, as KVM_SET_USER_MEMORY_REGION is (synchronize_srcu): once it
+returns, no vCPU uses the old slot's host pages, so the VMM may munmap them at once. Unicorn maps a
+slot's pages zero-copy (mem_map_ptr) and keeps TLB entries pointing into them, so the thread that
+changed the slots waits (sync_memslots) until every vCPU emulating in another thread has applied
+the change at its next boundary; a vCPU outside the engine (between runs, or suspended in an
+exit) applies it before the guest touches memory again. On resuming from an exit the change is
+applied at once where Unicorn no longer uses the region or TLB entry of the access under way:
+after IN / OUT, after a write-protect hook (the store is then discarded), and after an mmio_map
+callback, whose own piece is kept mapped (as MMIO) until the next boundary. Only an exit from the
+MEM_READ / MEM_WRITE hooks (an unaligned or 8-byte access touching MMIO) leaves the rest of its
+translation block on the old map; such a guest must not have a slot deleted under that block.
 """
 
 from __future__ import annotations
@@ -98,6 +110,22 @@ def split_at_pages(addr: int, size: int) -> list[tuple[int, int]]:
     return [(addr, first)] if first == size else [(addr, first), (addr + first, size - first)]
 
 
+def _carve(plan: list[GuestRegion], start: int, end: int) -> list[GuestRegion]:
+    """`plan` with [start, end) made one UNBACKED region (the regions around it cut short)."""
+    out: list[GuestRegion] = []
+    for r in plan:
+        if r.end <= start or r.start >= end:
+            out.append(r)
+            continue
+        if r.start < start:
+            out.append(GuestRegion(r.start, start - r.start, r.kind, r.slot))
+        if not out or out[-1].start != start:
+            out.append(GuestRegion(start, end - start, RegionKind.UNBACKED))
+        if r.end > end:
+            out.append(GuestRegion(end, r.end - end, r.kind, r.slot))
+    return out
+
+
 class _Closing:
     """Sent into a suspended vCPU greenlet by close(): stop emulating and return."""
 
@@ -141,26 +169,43 @@ class ModelVcpu:
         self._closed = False
         self._closing = False
         self._kicked = False  # kick(): the running or next run() returns Interrupted
+        # Whether the vCPU is inside the engine (emu_start, not suspended in an exit) and which
+        # thread runs it: sync_memslots() waits on this for a change to be applied.
+        self._sync = threading.Condition()
+        self._in_engine = False
+        self._thread: int | None = None
+        # The map is a provisional one (the piece of an MMIO access kept): redo it at the boundary.
+        self._provisional = False
 
     # --- registers ---------------------------------------------------------------------------------
 
+    def _live_engine(self) -> tuple[Uc, cpu.CpuMode] | None:
+        """The engine that holds the registers, if one does (else self._regs holds them)."""
+        uc, mode = self._uc, self._mode
+        if uc is None or mode is None or self._uc_stale:
+            return None
+        return uc, mode
+
     def get_regs(self) -> kvm_regs:
-        if self._uc is not None and not self._uc_stale:
-            return cpu.read_regs(self._uc, self._mode)
+        engine = self._live_engine()
+        if engine is not None:
+            return cpu.read_regs(*engine)
         return kvm_regs.from_buffer_copy(self._regs)
 
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
-        if self._uc is not None and not self._uc_stale:
-            cpu.write_regs(self._uc, self._mode, self._regs)
+        engine = self._live_engine()
+        if engine is not None:
+            cpu.write_regs(*engine, self._regs)
 
     def get_sregs(self) -> kvm_sregs:
         return kvm_sregs.from_buffer_copy(self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
         cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
-        if self._uc is not None and not self._uc_stale:
-            self._regs = cpu.read_regs(self._uc, self._mode)
+        engine = self._live_engine()
+        if engine is not None:
+            self._regs = cpu.read_regs(*engine)
         self._sregs = kvm_sregs.from_buffer_copy(sregs)
         self._uc_stale = True
         if self._suspended:
@@ -198,6 +243,7 @@ class ModelVcpu:
             # KVM_RUN with immediate_exit set returns EINTR before entering the guest.
             self._kicked = False
             return exits.Interrupted()
+        self._thread = threading.get_ident()
         if self._guest is None or self._guest.dead:
             self._guest = greenlet(self._guest_loop)
         self._guest.parent = getcurrent()
@@ -216,6 +262,29 @@ class ModelVcpu:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
         self._request_boundary()
 
+    def sync_memslots(self, generation: int) -> None:
+        """Return once this vCPU no longer uses memslots older than `generation` (synchronize_srcu).
+
+        A vCPU inside the engine in another thread applies the change at its next instruction
+        boundary (memslots_changed armed it), or leaves the engine first; either ends the wait. A
+        vCPU outside the engine applies it before it runs guest code again. Called from inside the
+        engine in the vCPU's own thread (an in-kernel device changing slots), it cannot wait.
+        """
+        with self._sync:
+            if self._thread == threading.get_ident():
+                return
+            while self._in_engine and not self._closed and self._mapped_generation < generation:
+                self._sync.wait()
+
+    def _set_in_engine(self, inside: bool) -> None:
+        with self._sync:
+            self._in_engine = inside
+            if not inside:
+                self._sync.notify_all()
+
+    def _map_stale(self) -> bool:
+        return self._provisional or self._mapped_generation != self.vm.memslots.generation
+
     def _request_boundary(self) -> None:
         with self._engine_lock:
             if self._boundary is not None and not self._closed:
@@ -223,7 +292,7 @@ class ModelVcpu:
 
     def _at_boundary(self, uc: Uc) -> None:
         """The boundary hook's callback: in the vCPU thread, between two instructions."""
-        if self._mapped_generation != self.vm.memslots.generation:
+        if self._map_stale():
             self._map_memory(uc, in_callback=True)
         if self._kicked or self._closing or self._restart or self._uc_stale:
             self._restart = self._restart or self._uc_stale
@@ -239,26 +308,38 @@ class ModelVcpu:
             )
         self._read_data = bytes(data)
 
-    def _exit_to_user(self, exit_: exits.VcpuExit, *, in_access: bool = False) -> bytes | None:
+    def _exit_to_user(
+        self, exit_: exits.VcpuExit, *, in_access: bool = False, keep: tuple[int, int] | None = None
+    ) -> bytes | None:
         """From inside a Unicorn callback: hand `exit_` to run()'s caller; return what it supplied.
 
-        `in_access`: called in the middle of a memory access (see below), not from IN / OUT.
+        A memslot change made meanwhile is applied before returning to Unicorn where that is safe
+        (module docstring): `in_access` is False after IN / OUT and a write-protect hook; `keep` is
+        the piece [start, end) of the mmio_map callback under way, kept mapped as it is; an exit
+        from the MEM_READ / MEM_WRITE hooks (in_access, no keep) leaves it to the next boundary.
         """
+        guest = self._guest
+        assert guest is not None and guest.parent is not None
         self._suspended = True
+        self._set_in_engine(False)
         try:
-            value = self._guest.parent.switch(exit_)
+            value = guest.parent.switch(exit_)
         finally:
             self._suspended = False
+            self._set_in_engine(True)
+        uc = self._uc
+        assert uc is not None
         if value is _CLOSING:
-            self._uc.emu_stop()
+            uc.emu_stop()
             return None
-        if self._mapped_generation != self.vm.memslots.generation and not in_access:
-            # The VMM changed the memslots during an IN / OUT exit: the next access sees them.
-            self._map_memory(self._uc, in_callback=True)
-        elif self._mapped_generation != self.vm.memslots.generation or self._restart or self._uc_stale:
-            # Not in the middle of a memory access: Unicorn holds pointers into the region and
-            # the TLB entry of the access under way (a map change frees the one and may resize
-            # the TLB under the other), so the next instruction boundary applies the change, and
+        if self._map_stale() and (not in_access or keep is not None):
+            # The VMM may have freed the host pages of a deleted slot: none of the rest of this
+            # translation block may reach them (the next boundary redoes a provisional map).
+            self._map_memory(uc, in_callback=True, keep=keep)
+        if self._map_stale() or self._restart or self._uc_stale:
+            # In the middle of a memory access: Unicorn holds pointers into the region and the
+            # TLB entry of the access under way (a map change frees the one and may resize the
+            # TLB under the other), so the next instruction boundary applies the change, and
             # stops there for a new engine after set_sregs. The rest of the current translation
             # block (a few instructions at most) still runs with the old map or mode.
             self._request_boundary()
@@ -270,16 +351,26 @@ class ModelVcpu:
             exit_ = self._emulate()
             if exit_ is None:
                 continue  # stopped to rebuild; emulate again from the current RIP
-            value = self._guest.parent.switch(exit_)
+            guest = self._guest
+            assert guest is not None and guest.parent is not None
+            value = guest.parent.switch(exit_)
             if value is _CLOSING:
                 return
 
     def _emulate(self) -> exits.VcpuExit | None:
-        self._prepare_engine()
-        uc, mode = self._uc, self._mode
-        self._stop_exit = None
-        self._restart = False
+        # Inside the engine before the map is brought up to date: a change committed from now on
+        # either is in the map built below or waits for this vCPU's boundary (sync_memslots).
+        self._set_in_engine(True)
         try:
+            return self._emulate_in_engine()
+        finally:
+            self._set_in_engine(False)
+
+    def _emulate_in_engine(self) -> exits.VcpuExit | None:
+        uc, mode = self._prepare_engine()
+        try:
+            self._stop_exit = None
+            self._restart = False
             uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
         except UcError as e:
             if self._closing:
@@ -316,11 +407,13 @@ class ModelVcpu:
 
     # --- the engine and its memory map -------------------------------------------------------------
 
-    def _prepare_engine(self) -> None:
-        if self._uc is None or self._uc_stale:
+    def _prepare_engine(self) -> tuple[Uc, cpu.CpuMode]:
+        """The engine to run, built if need be, with its memory map brought up to date."""
+        uc, mode = self._uc, self._mode
+        if uc is None or mode is None or self._uc_stale:
             # set_sregs saved the old engine's registers into self._regs when it made it stale.
-            self._mode = cpu.cpu_mode(self._sregs)
-            uc = cpu.new_engine(self._mode, self._regs, self._sregs)
+            self._mode = mode = cpu.cpu_mode(self._sregs)
+            uc = cpu.new_engine(mode, self._regs, self._sregs)
             with self._engine_lock:
                 self._uc, self._boundary = uc, None
                 self._uc_stale = False
@@ -328,11 +421,13 @@ class ModelVcpu:
                 self._pieces, self._dirty_hooks, self._access_hooks, self._callback_refs = {}, {}, [], []
                 self._slot_kinds = {}
                 self._install_hooks(uc)
-        if self._mapped_generation != self.vm.memslots.generation:
-            self._map_memory(self._uc)
+        if self._map_stale():
+            self._map_memory(uc)
         else:
             # The VMM may have written guest code through the HVA since Unicorn translated it.
-            self._uc.ctl_flush_tb()
+            # (ctl_flush_tb is in unicorn_py3's Uc; mypy reads the py2 binding's, which lacks it.)
+            uc.ctl_flush_tb()  # type: ignore[attr-defined]
+        return uc, mode
 
     def _install_hooks(self, uc: Uc) -> None:
         self._boundary = BoundaryHook(uc, self._at_boundary)
@@ -348,7 +443,7 @@ class ModelVcpu:
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
 
-    def _map_memory(self, uc: Uc, *, in_callback: bool = False) -> None:
+    def _map_memory(self, uc: Uc, *, in_callback: bool = False, keep: tuple[int, int] | None = None) -> None:
         """Bring Unicorn's memory map in line with the current memslots, touching only what changed.
 
         Slots backed by host memory are mapped at once. PCI holes and unbacked space are not:
@@ -362,10 +457,15 @@ class ModelVcpu:
         Unmapping invalidates translations of those pages; pieces whose meaning did not change
         (typically the one holding the running code) are left alone, and the whole translation
         cache is flushed only outside callbacks.
+
+        `keep` ([start, end) of an mmio_map piece whose callback is under way, see _exit_to_user)
+        stays mapped as it is: the map made is provisional, that range reads as unbacked (MMIO),
+        and the next boundary maps it anew.
         """
         with self.vm.memslots_lock:  # a consistent snapshot, also while another thread commits
             generation = self.vm.memslots.generation
-            self._plan = plan_regions(self.vm.memslots, kinds=self._slot_kinds)
+            plan = plan_regions(self.vm.memslots, kinds=self._slot_kinds)
+        self._plan = plan if keep is None else _carve(plan, *keep)
         self._plan_starts = [r.start for r in self._plan]
         for start, (key, size) in list(self._pieces.items()):
             if self._piece_key(*self._piece_of(self._region_at(start), start)) != key:
@@ -389,20 +489,24 @@ class ModelVcpu:
                         self._map_piece(uc, region, start, end - start)
                         self._pieces[start] = (self._piece_key(region, start, end), end - start)
                     at = end
-            if region.kind is RegionKind.RAM and region.slot.logs_dirty and key not in self._dirty_hooks:
+            slot = region.slot
+            if region.kind is RegionKind.RAM and slot is not None and slot.logs_dirty and key not in self._dirty_hooks:
                 self._dirty_hooks[key] = uc.hook_add(
-                    UC_HOOK_MEM_WRITE, self._on_logged_write, region.slot, region.start, region.end - 1
+                    UC_HOOK_MEM_WRITE, self._on_logged_write, slot, region.start, region.end - 1
                 )
         self._hook_accesses(uc)
         self._read_span = self._write_span = None
-        self._mapped_generation = generation
+        with self._sync:
+            self._mapped_generation = generation
+            self._provisional = keep is not None
+            self._sync.notify_all()
         # Unicorn flushes the TLB pages of what it unmaps, but every map change also renumbers the
         # sections that the I/O TLB entries of the pages left alone point to: without a full flush,
         # an access through such an entry reaches another region (measured: an MMIO read that
         # returned 0 without calling its callback).
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if not in_callback:
-            uc.ctl_flush_tb()
+            uc.ctl_flush_tb()  # type: ignore[attr-defined]  # see _prepare_engine
 
     def _hook_accesses(self, uc: Uc) -> None:
         """The MEM_READ hooks over the unbacked ranges and the MEM_WRITE hooks over the non-RAM ones.
@@ -439,8 +543,10 @@ class ModelVcpu:
     @staticmethod
     def _piece_key(region: GuestRegion, start: int, end: int) -> tuple:
         """What a mapped piece means: equal keys need no remapping."""
-        slot, kind = region.slot, region.kind
+        kind = region.kind
+        backing: object
         if kind in _EAGER:
+            slot = region.memslot
             backing = (slot.userspace_addr + start - slot.gpa, slot if slot.logs_dirty else None)
         elif kind is RegionKind.BAD_HVA:
             backing = region  # the callbacks' user data
@@ -469,10 +575,12 @@ class ModelVcpu:
         return True
 
     def _map_piece(self, uc: Uc, region: GuestRegion, start: int, size: int) -> None:
-        kind, slot = region.kind, region.slot
+        kind = region.kind
         if kind is RegionKind.RAM:
+            slot = region.memslot
             uc.mem_map_ptr(start, size, UC_PROT_ALL, slot.userspace_addr + start - slot.gpa)
         elif kind in (RegionKind.READONLY, RegionKind.RAM_HOST_READONLY):
+            slot = region.memslot
             uc.mem_map_ptr(start, size, UC_PROT_ALL, slot.userspace_addr + start - slot.gpa)
             # mem_protect (unlike mem_map_ptr's perms) marks the region readonly: stores are discarded
             # after the write-protect hook, so the host pages are never written.
@@ -489,7 +597,8 @@ class ModelVcpu:
             # The binding keeps the ctypes thunks per range and drops them when the range is mapped
             # again; keep every one alive with the engine, since a remap can happen inside a
             # callback (IN / OUT, the boundary hook) while an old one is still on the stack.
-            self._callback_refs.append(uc._mmio_callbacks.get((start, start + size - 1)))
+            # (_mmio_callbacks is in unicorn_py3's Uc; mypy reads the py2 binding's, which lacks it.)
+            self._callback_refs.append(uc._mmio_callbacks.get((start, start + size - 1)))  # type: ignore[attr-defined]
 
     # --- the access paths, as arch/x86/kvm/x86.c takes them ------------------------------------------
 
@@ -564,7 +673,7 @@ class ModelVcpu:
         for gpa, length, region in pieces:
             chunk = data[gpa - addr : gpa - addr + length]
             if region.kind is RegionKind.RAM:
-                slot = region.slot
+                slot = region.memslot
                 ctypes.memmove(slot.userspace_addr + gpa - slot.gpa, chunk, length)
                 if slot.logs_dirty and not region.start <= addr < region.end:
                     mark_page_dirty(slot, gpa >> PAGE_SHIFT)  # the dirty hook saw only `addr`
@@ -585,10 +694,13 @@ class ModelVcpu:
         span = self._write_span
         return span is not None and span[0] <= addr and addr + size <= span[1]
 
-    def _mmio_write(self, addr: int, data: bytes) -> None:
-        """vcpu_mmio_write for an access no hook took whole (not expected: the hooks cover them all)."""
+    def _mmio_write(self, addr: int, data: bytes, *, in_access: bool, keep: tuple[int, int] | None) -> None:
+        """vcpu_mmio_write for a store the write hook did not take whole (aligned, at most 4 bytes).
+
+        From an mmio_map callback (in_access, `keep` its piece) or the write-protect hook (not).
+        """
         if not self.vm.mmio_bus.write(addr, data):
-            self._exit_to_user(exits.MmioWrite(addr, data), in_access=True)
+            self._exit_to_user(exits.MmioWrite(addr, data), in_access=in_access, keep=keep)
 
     def _on_write_protected(
         self, uc: Uc, access: int, addr: int, size: int, value: int, _data: object
@@ -604,16 +716,18 @@ class ModelVcpu:
                 errno.EFAULT,
                 "KVM_RUN",
                 f"vcpu={self.id}",
-                f"write to {region.slot.describe()} whose host pages are read-only",
+                f"write to {region.memslot.describe()} whose host pages are read-only",
             )
         if not self._taken_by_write_hook(addr, size):
-            self._mmio_write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._mmio_write(addr, data, in_access=False, keep=None)
         return True
 
     def _on_mmio_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
         addr = base + offset
         if not self._taken_by_write_hook(addr, size):
-            self._mmio_write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._mmio_write(addr, data, in_access=True, keep=self._mmio_piece(base))
 
     def _on_mmio_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
         """One of Unicorn's pieces of a read the read hook took whole: its bytes from _read_span.
@@ -633,10 +747,15 @@ class ModelVcpu:
         data = self.vm.mmio_bus.read(addr, size)
         if data is None:
             self._pending_read = size
-            data = self._exit_to_user(exits.MmioRead(addr, size), in_access=True)
+            data = self._exit_to_user(exits.MmioRead(addr, size), in_access=True, keep=self._mmio_piece(base))
             if data is None:
                 return 0
         return int.from_bytes(data, "little")
+
+    def _mmio_piece(self, base: int) -> tuple[int, int] | None:
+        """[start, end) of the mapped mmio_map piece that starts at `base` (None: not known)."""
+        piece = self._pieces.get(base)
+        return None if piece is None else (base, base + piece[1])
 
     def _on_logged_write(self, uc: Uc, access: int, addr: int, size: int, value: int, slot) -> None:
         """mark_page_dirty for a guest store into a LOG_DIRTY slot (both pages if it crosses one)."""
@@ -652,8 +771,8 @@ class ModelVcpu:
                 errno.EFAULT,
                 "KVM_RUN",
                 f"vcpu={self.id}",
-                f"guest access to {region.slot.describe()} whose userspace_addr "
-                f"{region.slot.userspace_addr:#x} is not mapped in this process",
+                f"guest access to {region.memslot.describe()} whose userspace_addr "
+                f"{region.memslot.userspace_addr:#x} is not mapped in this process",
             )
         uc.emu_stop()
         return 0
@@ -696,6 +815,9 @@ class ModelVcpu:
         with self._engine_lock:
             self._uc = self._boundary = None
             self._closed = True
+        with self._sync:
+            self._in_engine = False
+            self._sync.notify_all()
 
     def __enter__(self) -> ModelVcpu:
         return self

@@ -45,21 +45,33 @@ class ModelVm:
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
-    ) -> MemslotChange | None:
-        """KVM_SET_USER_MEMORY_REGION with the kernel's checks; returns what changed (None: no-op).
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION with the kernel's checks (change_memory_region says what changed)."""
+        self.change_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
 
-        The kvm backend returns None; the change kind is extra information the model can give.
+    def change_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> MemslotChange | None:
+        """Model only: KVM_SET_USER_MEMORY_REGION, returning what changed (None: a no-op).
+
+        Synchronous, as in KVM: on return no vCPU uses the old slots any more, so the caller may
+        unmap the host pages of a slot it deleted or moved (ModelVcpu.sync_memslots).
         """
         self._check_open("KVM_SET_USER_MEMORY_REGION")
         with self.memslots_lock:
             change = self.memslots.set_user_memory_region(
                 slot, flags, guest_phys_addr, memory_size, userspace_addr
             )
+            generation = self.memslots.generation
         if change is not None:
             # kvm_swap_active_memslots + the MMU zap: running vCPUs see the new slots at their next
-            # access (the model: at the next instruction boundary, in their own thread).
-            for vcpu in list(self.vcpus):
+            # access (the model: at the next instruction boundary, in their own thread), and
+            # synchronize_srcu: wait until they have (outside memslots_lock, which they take).
+            vcpus = list(self.vcpus)
+            for vcpu in vcpus:
                 vcpu.memslots_changed()
+            for vcpu in vcpus:
+                vcpu.sync_memslots(generation)
         return change
 
     def max_mapping_level(self, gfn: int) -> int:
