@@ -13,12 +13,12 @@ HLTs. The host side answers MMIO exits through GuestMemory, drains the coalesced
 from __future__ import annotations
 
 import importlib.util
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
 
+from access_table_guest import ENTRY, access_table_guest, pack_table, read_results
 from guestasm import assemble
 from pcihole.hv import exits, kvm_available, x86_cpu_state
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram
@@ -31,8 +31,6 @@ PAGE_TABLES = 0x100000
 RAM_SIZE = 2 * MiB
 ECAM = 0xE0000000  # below 4 GiB: reachable with the identity map of x86_cpu_state.enter_long_mode
 ECAM_SIZE = 256 * MiB
-WRITE = 0x100
-ENTRY = struct.Struct("<QQQQ")
 
 KVM_UNAVAILABLE = kvm_available()
 MODEL_MISSING = (
@@ -64,57 +62,7 @@ def open_hv(name: str):
     return open_backend(name)
 
 
-GUEST_SOURCE = f"""
-    mov ${TABLE}, %ebx
-    mov (%rbx), %rcx
-    add $8, %rbx
-next:
-    test %rcx, %rcx
-    jz done
-    mov (%rbx), %rdi
-    mov 8(%rbx), %rax
-    mov 16(%rbx), %rdx
-    xor %r8, %r8
-    cmp $1, %rax
-    je r1
-    cmp $2, %rax
-    je r2
-    cmp $4, %rax
-    je r4
-    cmp $8, %rax
-    je r8
-    cmp $0x101, %rax
-    je w1
-    cmp $0x102, %rax
-    je w2
-    cmp $0x104, %rax
-    je w4
-    cmp $0x108, %rax
-    je w8
-    ud2
-r1: movzbq (%rdi), %r8
-    jmp store
-r2: movzwq (%rdi), %r8
-    jmp store
-r4: movl (%rdi), %r8d
-    jmp store
-r8: mov (%rdi), %r8
-    jmp store
-w1: mov %dl, (%rdi)
-    jmp store
-w2: mov %dx, (%rdi)
-    jmp store
-w4: mov %edx, (%rdi)
-    jmp store
-w8: mov %rdx, (%rdi)
-store:
-    mov %r8, 24(%rbx)
-    add $32, %rbx
-    dec %rcx
-    jmp next
-done:
-    hlt
-"""
+GUEST_SOURCE = access_table_guest(TABLE)
 
 
 @dataclass
@@ -150,7 +98,7 @@ class TableGuest:
         """ops: (addr, op, value). Returns each entry's result and the exits by kind."""
         mem = self.mem
         mem.write_guest(CODE, self.code)
-        table = struct.pack("<Q", len(ops)) + b"".join(ENTRY.pack(a, op, v, 0) for a, op, v in ops)
+        table = pack_table(ops)
         mem.write_guest(TABLE, table)
         x86_cpu_state.enter_long_mode(
             self.vcpu, CODE, page_tables_gpa=PAGE_TABLES, write_guest=mem.write_guest, rsp=STACK
@@ -172,7 +120,7 @@ class TableGuest:
         else:
             raise AssertionError("the guest did not finish")
         raw = mem.read_guest(TABLE + 8, len(ops) * ENTRY.size)
-        out.results = [ENTRY.unpack_from(raw, i * ENTRY.size)[3] for i in range(len(ops))]
+        out.results = read_results(raw, len(ops))
         return out
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ from memory_guests import (
     BACKENDS,
     ECAM,
     ECAM_SIZE,
-    WRITE,
     FakeFunction,
     MiB,
     bytes_written,
@@ -19,6 +18,7 @@ from memory_guests import (
     open_hv,
 )
 
+from access_table_guest import WRITE
 from pcihole.memory import GuestMemory, GuestRange, Hole, StrategyUnavailable
 
 # Strategies under which a read of an absent byte never exits to userspace.

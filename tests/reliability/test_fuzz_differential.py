@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 
 import pytest
 from reliability_guests import (
@@ -29,6 +28,7 @@ from reliability_guests import (
     pvh_kernel_from_asm,
 )
 
+from access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
 from pcihole.hv import x86_cpu_state
 from pcihole.machine.dispatch import STOP_HALT
 
@@ -40,8 +40,6 @@ ECAM_SIZE = 256 << 20
 TABLE = 0x300000
 PAGE_TABLES = 0x200000
 STACK = 0x8FF0
-WRITE = 0x100
-ENTRY = struct.Struct("<QQQQ")
 
 MACHINE = """
 [machine]
@@ -93,59 +91,7 @@ PRESENT = [
     for b, d, f in ((0, 0, 0), (0, 2, 0), (0, 3, 0), (0, 3, 1), (1, 0, 0))
 ]
 
-# 64-bit: walk {u64 addr; u64 op; u64 value; u64 result}; op = size for a read, WRITE | size for a
-# write of `value`; reads store what they returned in `result`. Ends with HLT.
-GUEST = f"""
-    mov ${TABLE}, %ebx
-    mov (%rbx), %rcx
-    add $8, %rbx
-next:
-    test %rcx, %rcx
-    jz done
-    mov (%rbx), %rdi
-    mov 8(%rbx), %rax
-    mov 16(%rbx), %rdx
-    xor %r8, %r8
-    cmp $1, %rax
-    je r1
-    cmp $2, %rax
-    je r2
-    cmp $4, %rax
-    je r4
-    cmp $8, %rax
-    je r8
-    cmp $0x101, %rax
-    je w1
-    cmp $0x102, %rax
-    je w2
-    cmp $0x104, %rax
-    je w4
-    cmp $0x108, %rax
-    je w8
-    ud2
-r1: movzbq (%rdi), %r8
-    jmp store
-r2: movzwq (%rdi), %r8
-    jmp store
-r4: movl (%rdi), %r8d
-    jmp store
-r8: mov (%rdi), %r8
-    jmp store
-w1: mov %dl, (%rdi)
-    jmp store
-w2: mov %dx, (%rdi)
-    jmp store
-w4: mov %edx, (%rdi)
-    jmp store
-w8: mov %rdx, (%rdi)
-store:
-    mov %r8, 24(%rbx)
-    add $32, %rbx
-    dec %rcx
-    jmp next
-done:
-    hlt
-"""
+GUEST = access_table_guest(TABLE)
 
 
 def sequence(rng: random.Random) -> list[tuple[int, int, int]]:
@@ -181,7 +127,7 @@ def run_sequences(backend: str, strategy: str, writes: str, seqs: list[list[tupl
     with machine(MACHINE.format(writes=writes), backend, strategy, kernel, f"fuzz-{writes}") as m:
         mem = m.memory
         for ops in seqs:
-            table = struct.pack("<Q", len(ops)) + b"".join(ENTRY.pack(a, op, v, 0) for a, op, v in ops)
+            table = pack_table(ops)
             mem.write_guest(TABLE, table)
             x86_cpu_state.enter_long_mode(
                 m.vcpu, 0x100000, page_tables_gpa=PAGE_TABLES, write_guest=mem.write_guest, rsp=STACK
@@ -189,7 +135,7 @@ def run_sequences(backend: str, strategy: str, writes: str, seqs: list[list[tupl
             result = m.run(timeout=120)
             assert result.stop.reason == STOP_HALT, result.stop
             raw = mem.read_guest(TABLE + 8, len(ops) * ENTRY.size)
-            out.append([ENTRY.unpack_from(raw, i * ENTRY.size)[3] for i in range(len(ops))])
+            out.append(read_results(raw, len(ops)))
         assert check_alias_sealed(mem) == (1 if strategy == "ro-alias" else 0)
         return out, m.host_bridge.stats.unsupported_requests
 
