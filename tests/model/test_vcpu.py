@@ -171,8 +171,10 @@ def test_close_unwinds_a_vcpu_suspended_inside_unicorn(model_hv):
     ram.close()
 
 
-def test_exits_are_cheap_and_an_ecam_scan_over_a_hole_is_fast(model_hv):
-    """Per-exit cost of an MMIO read answered by the VMM, and a 256-bus ECAM scan over a PCI_HOLE slot."""
+def test_many_exits_and_an_ecam_scan_over_each_kind_of_hole(model_hv):
+    """20000 MMIO-read exits in a row, then a 256-bus ECAM scan over a PCI_HOLE slot, a ro-alias
+    slot and a fill device: every read all-ones, no exit. The costs are printed, not asserted
+    (timings belong in `pcihole bench`)."""
     n = 20000
     source = f"mov ${n}, %ecx\n1: mov 0x100000, %eax\ndec %ecx\njnz 1b\nhlt"
     run = run_guest(model_hv, source, max_exits=1)
@@ -224,8 +226,6 @@ def test_exits_are_cheap_and_an_ecam_scan_over_a_hole_is_fast(model_hv):
         f"model: {per_exit * 1e6:.2f} us per MMIO-read exit; 256-bus ECAM scan (8192 reads):",
         ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()),
     )
-    assert per_exit < 50e-6
-    assert max(seconds.values()) < 1.0
 
 
 def ro_alias_mapping(size: int) -> HostMapping:
