@@ -15,7 +15,7 @@ from dataclasses import replace
 from pcihole.acpi import build_tables
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
-from pcihole.hv import BackendUnavailable, kvm_available, open_backend
+from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
@@ -54,10 +54,10 @@ class HostUnavailable(MachineBuildError):
 def choose_backend(name: str) -> tuple[Hypervisor, str]:
     """Open the backend; "auto" is kvm where /dev/kvm opens, else the model. Returns (hv, why)."""
     if name == "auto":
-        reason = kvm_available()
-        if reason is None:
+        try:
             return open_backend("kvm"), "auto: /dev/kvm opens"
-        return open_backend("model"), f"auto: {reason}; using the model"
+        except (BackendUnavailable, OSError) as e:  # the same reasons kvm_available() gives
+            return open_backend("model"), f"auto: {e}; using the model"
     return open_backend(name), "asked for"
 
 
