@@ -10,7 +10,7 @@ import pytest
 from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, x86_cpu_state
-from pcihole.hv.kvm.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
+from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
 
 pytestmark = pytest.mark.kvm
 

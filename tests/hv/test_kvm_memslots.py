@@ -11,10 +11,10 @@ import errno
 import pytest
 
 from pcihole.host.mman import HostMapping
+from pcihole.hv.ioctls import KvmIoctl
 from pcihole.hv.kvm import ioctl as ioctl_mod
-from pcihole.hv.kvm.ioctls import KvmIoctl
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.kvm.vm import MemslotFlagRefused
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 
 pytestmark = pytest.mark.kvm
 

@@ -10,8 +10,8 @@ import ctypes
 
 import pytest
 
-from pcihole.hv.kvm import uapi
-from pcihole.hv.kvm.ioctls import KvmIoctl
+from pcihole.hv import uapi
+from pcihole.hv.ioctls import KvmIoctl
 
 LAYOUTS = {
     uapi.kvm_userspace_memory_region: (

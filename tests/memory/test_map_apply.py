@@ -10,7 +10,7 @@ import errno
 
 import pytest
 
-from pcihole.hv.kvm.uapi import KvmCap
+from pcihole.hv.uapi import KvmCap
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, MemoryUpdateError, PlanError, Ram
 
 MiB = 1 << 20

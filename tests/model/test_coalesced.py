@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KVM_COALESCED_MMIO_MAX, KvmCap
+from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmCap
 
 from .conftest import BACKENDS
 from .guest_runner import close_run, run_guest

@@ -15,7 +15,7 @@ import pytest
 
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KvmMemFlag
+from pcihole.hv.uapi import KvmMemFlag
 
 from .conftest import kvm_only
 from .guest_runner import RAM_BYTES, close_run, run_guest

@@ -11,7 +11,7 @@ import pytest
 
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
+from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
 
 from .conftest import kvm_only
 from .guest_runner import RAM_BYTES, close_run, run_guest

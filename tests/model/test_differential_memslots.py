@@ -146,7 +146,7 @@ def apply(vm, op, model_vm, maps):
         _, slot, first, num, bitmap = op
         return lambda: vm.clear_dirty_log(slot, first, num, bitmap)
     if kind == "manual_protect":
-        from pcihole.hv.kvm.uapi import KvmCap
+        from pcihole.hv.uapi import KvmCap
 
         return lambda: vm.enable_cap(KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, op[1])
     raise AssertionError(op)

@@ -14,8 +14,8 @@ import errno
 import pytest
 
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KvmMemFlag
 from pcihole.hv.proposed import KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
+from pcihole.hv.uapi import KvmMemFlag
 
 from .conftest import BACKENDS
 from .guest_runner import run_guest

@@ -19,7 +19,7 @@ import pytest
 
 from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KvmMemFlag
+from pcihole.hv.uapi import KvmMemFlag
 
 from .guest_runner import RAM_BYTES, close_run, run_guest
 

@@ -8,8 +8,8 @@ import errno
 import pytest
 
 from pcihole.host.mman import HostMapping
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.model.memslots import KVM_MEM_MAX_NR_PAGES, TASK_SIZE_MAX, MemslotChange
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 
 from .conftest import BACKENDS
 

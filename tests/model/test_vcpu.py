@@ -11,10 +11,10 @@ import pytest
 from guestasm import assemble
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.model.capabilities import MODEL_CAPABILITIES
 from pcihole.hv.model.cpu import UnsupportedCpuState
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
 
 from .conftest import BACKENDS

@@ -6,7 +6,7 @@ creates `Vcpu`s, and each method is one KVM ioctl with the kernel's semantics: f
 real ioctls; the `model` backend (hv/model/) implements the same checks in Python, plus the
 proposed ABI in `hv/proposed.py`.
 
-Register state is exchanged as the uapi structs `kvm_regs` / `kvm_sregs` (hv/kvm/uapi.py) on both
+Register state is exchanged as the uapi structs `kvm_regs` / `kvm_sregs` (hv/uapi.py) on both
 backends: the model is a model of KVM, so it takes KVM's types.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pcihole.hv.exits import CoalescedWrite, VcpuExit
-    from pcihole.hv.kvm.uapi import kvm_cpuid2, kvm_regs, kvm_sregs
+    from pcihole.hv.uapi import kvm_cpuid2, kvm_regs, kvm_sregs
 
 
 @runtime_checkable

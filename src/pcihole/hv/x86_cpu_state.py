@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pcihole.hv.interface import Vcpu
-from pcihole.hv.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
+from pcihole.hv.uapi import kvm_regs, kvm_segment, kvm_sregs
 
 # Control and flag register bits (Intel SDM Vol. 3A, 2.5 and 2.2.1).
 X86_CR0_PE = 1 << 0

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
 from pcihole.hv.exits import CoalescedWrite, MmioRead, MmioWrite, VcpuExit
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.accounting import ExitCounters, MemoryStats, process_mappings, vm_pte_bytes
 from pcihole.memory.address import GuestAddress, GuestRange, page_range
 from pcihole.memory.memory_map import MemoryMap

@@ -14,7 +14,7 @@ import ctypes
 import ctypes.util
 import os
 
-from pcihole.hv.kvm.ioctls import KvmIoctl
+from pcihole.hv.ioctls import KvmIoctl
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _ioctl = _libc.ioctl

@@ -6,9 +6,9 @@ import ctypes
 import errno
 import os
 
-from pcihole.hv.kvm import uapi
+from pcihole.hv import uapi
+from pcihole.hv.ioctls import KvmIoctl
 from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
-from pcihole.hv.kvm.ioctls import KvmIoctl
 from pcihole.hv.kvm.vm import Vm
 
 KVM_DEVICE = "/dev/kvm"

@@ -15,10 +15,9 @@ import signal
 import struct
 import threading
 
-from pcihole.hv import exits
-from pcihole.hv.kvm import uapi
+from pcihole.hv import exits, uapi
+from pcihole.hv.ioctls import KvmIoctl
 from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
-from pcihole.hv.kvm.ioctls import KvmIoctl
 
 R = uapi.KvmExitReason
 _EXIT = uapi.kvm_run.exit.offset

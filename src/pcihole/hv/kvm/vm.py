@@ -7,9 +7,9 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from pcihole.hv.kvm import uapi
+from pcihole.hv import uapi
+from pcihole.hv.ioctls import KvmIoctl
 from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
-from pcihole.hv.kvm.ioctls import KvmIoctl
 from pcihole.hv.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ Everything else answers 0, which is what the kernel answers for a capability it 
 
 from __future__ import annotations
 
-from pcihole.hv.kvm.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KvmCap
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM
+from pcihole.hv.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KvmCap
 
 # include/linux/kvm_host.h: KVM_MEM_SLOTS_NUM = SHRT_MAX, minus KVM_INTERNAL_MEM_SLOTS (3 on x86).
 KVM_MEM_SLOTS_NUM = 32767

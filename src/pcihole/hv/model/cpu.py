@@ -17,7 +17,7 @@ from enum import Enum
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
-from pcihole.hv.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
+from pcihole.hv.uapi import kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
 MSR_EFER = 0xC0000080

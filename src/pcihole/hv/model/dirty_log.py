@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import errno
 
-from pcihole.hv.kvm.uapi import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 from pcihole.hv.model.capabilities import KVM_ADDRESS_SPACE_NUM, KVM_DIRTY_LOG_MANUAL_CAPS, KVM_USER_MEM_SLOTS
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.memslots import U32, U64, Memslot, MemslotTable, kvm_dirty_bitmap_bytes
+from pcihole.hv.uapi import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 
 
 def mark_page_dirty(slot: Memslot, gfn: int) -> None:

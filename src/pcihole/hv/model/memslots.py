@@ -14,10 +14,10 @@ import mmap
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pcihole.hv.kvm.uapi import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SIZE, KvmMemFlag
 from pcihole.hv.model.capabilities import KVM_ADDRESS_SPACE_NUM, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.proposed import KVM_MEM_PCI_HOLE
+from pcihole.hv.uapi import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SIZE, KvmMemFlag
 
 PAGE_SHIFT = 12
 U32 = (1 << 32) - 1

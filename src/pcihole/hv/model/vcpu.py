@@ -75,7 +75,6 @@ from unicorn import (
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 
 from pcihole.hv import exits
-from pcihole.hv.kvm.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.dirty_log import mark_page_dirty
@@ -83,6 +82,7 @@ from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.fill_window import WINDOW_BYTES, shared_fill_window
 from pcihole.hv.model.guest_memory import PHYS_LIMIT, GuestRegion, RegionKind, plan_regions
 from pcihole.hv.model.memslots import PAGE_SHIFT, PAGE_SIZE
+from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 
 _PROT_RX = UC_PROT_READ | UC_PROT_EXEC
 _HLT_OPCODE = 0xF4

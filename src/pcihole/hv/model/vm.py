@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import threading
 
-from pcihole.hv.kvm.uapi import KvmCap
 from pcihole.hv.model import capabilities, dirty_log, page_levels
 from pcihole.hv.model.coalesced import CoalescedRing, CoalescedZones
 from pcihole.hv.model.errors import ModelKvmError
@@ -13,6 +12,7 @@ from pcihole.hv.model.io_bus import IoBus
 from pcihole.hv.model.memslots import MemslotChange, MemslotTable
 from pcihole.hv.model.mmio_fill import MmioFillDevices
 from pcihole.hv.model.vcpu import ModelVcpu
+from pcihole.hv.uapi import KvmCap
 
 # arch/x86/include/asm/kvm_host.h: KVM_MAX_VCPU_IDS (kvm_vm_ioctl_create_vcpu: id >= it -> EINVAL).
 KVM_MAX_VCPU_IDS = 4096

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from pcihole.hv.kvm.uapi import KvmCap
+from pcihole.hv.uapi import KvmCap
 from pcihole.memory.address import GuestRange
 from pcihole.memory.region import Hole
 

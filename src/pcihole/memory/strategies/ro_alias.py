@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from pcihole.host.memfd import SealedFillMemfd
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.accounting import process_mappings
 from pcihole.memory.region import Hole
 from pcihole.memory.slot_planner import default_map_budget, plan_alias

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
-from pcihole.hv.kvm.uapi import KvmCap, KvmMemFlag
+from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.accounting import resident_bytes
 from pcihole.memory.address import GuestRange
 from pcihole.memory.region import Hole

@@ -1,5 +1,9 @@
 """<linux/kvm.h> and <asm/kvm.h> (x86-64), declared once as ctypes.
 
+The kernel ABI, shared: the kvm backend passes these structs to /dev/kvm, the model backend takes the
+same types and numbers (it is a model of KVM), and the memory layer names flags and capabilities with
+them. So it lives beside hv/interface.py, not inside one backend.
+
 Names are exactly the kernel's, so that a reader can grep the kernel for them. Sizes and offsets are
 pinned by tests/hv/test_uapi.py the way bindgen's layout tests pin kvm-bindings. Logic stays out of
 this file. Written against the uapi of Linux 6.x (kvm_run's system_event has `ndata`; the coalesced

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from enum import IntEnum
 
-from pcihole.hv.kvm import uapi
+from pcihole.hv import uapi
 
 # <asm-generic/ioctl.h>
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
