@@ -40,13 +40,6 @@ class Bus:
         self._starts.insert(i, base)
         self._entries.insert(i, (base, last, label, device))
 
-    def remove(self, base: int) -> None:
-        i = bisect.bisect_left(self._starts, base)
-        if i == len(self._starts) or self._starts[i] != base:
-            raise BusError(f"{self.name} bus: nothing inserted at {base:#x}")
-        del self._starts[i]
-        del self._entries[i]
-
     def find(self, addr: int, size: int = 1) -> BusDevice | None:
         """The device whose range holds all of [addr, addr + size), or None."""
         i = bisect.bisect_right(self._starts, addr) - 1

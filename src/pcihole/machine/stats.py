@@ -27,8 +27,6 @@ class RunStats:
     ecam_exits: int = 0
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
-    #: writes to holes that reached the trap handler (writes = "trap")
-    trapped_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)
     unclaimed_ports: set[int] = field(default_factory=set)
     unclaimed_mmio: set[int] = field(default_factory=set)

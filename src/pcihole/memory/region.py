@@ -15,10 +15,10 @@ filling the page back restores exactly the original hole.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from pcihole.memory.address import GuestAddress, GuestRange
+from pcihole.memory.address import GuestRange
 
 WritePolicy = Literal["discard", "trap"]
 WRITE_POLICIES: tuple[WritePolicy, ...] = ("discard", "trap")
@@ -43,9 +43,6 @@ class Region:
     @property
     def kind(self) -> str:
         return type(self).__name__.lower()
-
-    def with_range(self, new_range: GuestRange) -> Region:
-        return replace(self, range=new_range)
 
     def describe(self) -> str:
         label = f" {self.name!r}" if self.name else ""
@@ -98,9 +95,6 @@ class Hole(Region):
             other.name,
         )
 
-    def read_bytes(self, size: int) -> bytes:
-        return bytes([self.fill]) * size
-
 
 @dataclass(frozen=True)
 class Mmio(Region):
@@ -120,10 +114,6 @@ def _require_pages(region: Region) -> None:
         raise ValueError(f"{region.describe()} is not page aligned (it must become a memslot)")
 
 
-def address_offset(region: Region, addr: GuestAddress | int) -> int:
-    return int(addr) - region.range.start.value
-
-
 __all__ = [
     "Hole",
     "Mmio",
@@ -134,5 +124,4 @@ __all__ = [
     "TrapHandler",
     "WRITE_POLICIES",
     "WritePolicy",
-    "address_offset",
 ]

@@ -245,10 +245,6 @@ class HostBridge:
         with self._lock:
             self._listeners.append(listener)
 
-    def remove_listener(self, listener: PageListener) -> None:
-        with self._lock:
-            self._listeners.remove(listener)
-
     def _notify(self, page: int, present: bool) -> None:
         with self._lock:
             listeners = list(self._listeners)
