@@ -23,6 +23,7 @@ from pcihole.host.mman import HostMapping
 from pcihole.host.tsc import TscClock
 from pcihole.hv import open_backend
 from pcihole.hv.exits import IoOut, MmioRead
+from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 
 RAM_SIZE = 0x10000
@@ -78,8 +79,8 @@ def loop_ticks(backend: str, reads: int, target_gpa: int) -> int:
         ram.write(CODE_GPA, LOOP_GUEST)
         vm.set_user_memory_region(0, 0, 0, RAM_SIZE, ram.addr)
         vcpu = vm.create_vcpu(0)
-        if hv.name == "kvm":
-            vcpu.set_cpuid2(hv.get_supported_cpuid())  # type: ignore[attr-defined]
+        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+            vcpu.set_cpuid2(hv.get_supported_cpuid())
         enter_protected_mode_flat(vcpu, CODE_GPA)
         regs = vcpu.get_regs()
         regs.rcx, regs.rsi = reads, target_gpa

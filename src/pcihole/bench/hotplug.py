@@ -2,9 +2,9 @@
 function appears) and filling it back (it leaves), through the host bridge and the machine's
 HotplugWiring, as a running VMM would do it.
 
-Counted by wrapping the VM's memslot and zone ioctls on the machine's `Vm` object (every layer calls
-them through it): KVM_SET_USER_MEMORY_REGION creates (size > 0) and deletes (size 0), coalesced-MMIO
-zones and MMIO fill devices (un)registered. Timed with the host clock around add_function /
+Counted by the machine's `Vm` observer (hv/interface.py IoctlObserver: every ioctl of the VM tells
+it): KVM_SET_USER_MEMORY_REGION creates (size > 0) and deletes (size 0), coalesced-MMIO zones and
+MMIO fill devices (un)registered. Timed with the host clock around add_function /
 remove_function (no guest runs: the change itself is measured, not what the guest sees next).
 """
 
@@ -20,18 +20,20 @@ from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import GUEST_CMDLINE, Kernel
 from pcihole.bench.summary import Summary
+from pcihole.hv.interface import Vm
+from pcihole.hv.uapi import kvm_userspace_memory_region
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.topology import EndpointSpec
 
-#: Zone and fill-device ioctls; a backend without one simply has no such attribute.
-OTHER_OPS = (
-    "register_coalesced_mmio",
-    "unregister_coalesced_mmio",
-    "register_mmio_fill",
-    "unregister_mmio_fill",
-)
+#: The zone and fill-device ioctls counted, under the names the results use (the Vm methods').
+OTHER_OPS = {
+    "KVM_REGISTER_COALESCED_MMIO": "register_coalesced_mmio",
+    "KVM_UNREGISTER_COALESCED_MMIO": "unregister_coalesced_mmio",
+    "KVM_REGISTER_MMIO_FILL": "register_mmio_fill",
+    "KVM_UNREGISTER_MMIO_FILL": "unregister_mmio_fill",
+}
 
 
 @dataclass
@@ -77,43 +79,29 @@ class HotplugResult:
 
 
 class IoctlCounter:
-    """Counts and times the memory-layout ioctls issued through one Vm object (instance attributes
-    shadow the methods), so a change's time can be split between memslots and zones."""
+    """Counts and times the memory-layout ioctls of one Vm (as its observer), so a change's time can
+    be split between memslots and zones."""
 
-    def __init__(self, vm: object) -> None:
+    def __init__(self, vm: Vm) -> None:
         self.counts: Counter[str] = Counter()
-        self.seconds: Counter[str] = Counter()
-        original = vm.set_user_memory_region  # type: ignore[attr-defined]
+        self.seconds: dict[str, float] = {}
+        vm.observer = self
 
-        def set_user_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr):
-            name = "memslot_delete" if memory_size == 0 else "memslot_create"
-            start = time.perf_counter()
-            try:
-                return original(slot, flags, guest_phys_addr, memory_size, userspace_addr)
-            finally:
-                self.counts[name] += 1
-                self.seconds[name] += time.perf_counter() - start
+    def __call__(self, ioctl: str, arg: object, seconds: float) -> None:
+        if ioctl == "KVM_SET_USER_MEMORY_REGION":
+            deletes = isinstance(arg, kvm_userspace_memory_region) and arg.memory_size == 0
+            name = "memslot_delete" if deletes else "memslot_create"
+        elif ioctl in OTHER_OPS:
+            name = OTHER_OPS[ioctl]
+        else:
+            return
+        self.counts[name] += 1
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
-        vm.set_user_memory_region = set_user_memory_region  # type: ignore[attr-defined]
-        for name in OTHER_OPS:
-            if hasattr(vm, name):
-                setattr(vm, name, self._counting(name, getattr(vm, name)))
-
-    def _counting(self, name: str, method: Callable) -> Callable:
-        def counted(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.counts[name] += 1
-                self.seconds[name] += time.perf_counter() - start
-
-        return counted
-
-    def take(self) -> tuple[Counter[str], Counter[str]]:
+    def take(self) -> tuple[Counter[str], dict[str, float]]:
         """(counts, seconds) by ioctl since the last take."""
         taken = self.counts, self.seconds
-        self.counts, self.seconds = Counter(), Counter()
+        self.counts, self.seconds = Counter(), {}
         return taken
 
 
@@ -129,15 +117,15 @@ def free_slot_endpoint(spec: MachineFile) -> EndpointSpec:
     raise BenchError(f"{spec.path}: no root port with a free slot to hot-plug into")
 
 
-def _cost(taken: list[tuple[Counter[str], Counter[str]]], seconds: list[float]) -> ChangeCost:
+def _cost(taken: list[tuple[Counter[str], dict[str, float]]], seconds: list[float]) -> ChangeCost:
     first = taken[0][0]
     names = sorted({name for counts, _ in taken for name in counts})
     return ChangeCost(
         memslot_creates=first["memslot_create"],
         memslot_deletes=first["memslot_delete"],
-        other_ops={name: first[name] for name in OTHER_OPS if first[name]},
+        other_ops={name: first[name] for name in OTHER_OPS.values() if first[name]},
         seconds=Summary.of(seconds),
-        ioctl_seconds={name: statistics.median(times[name] for _, times in taken) for name in names},
+        ioctl_seconds={name: statistics.median(times.get(name, 0.0) for _, times in taken) for name in names},
     )
 
 

@@ -8,15 +8,28 @@ proposed ABI in `hv/proposed.py`.
 
 Register state is exchanged as the uapi structs `kvm_regs` / `kvm_sregs` (hv/uapi.py) on both
 backends: the model is a model of KVM, so it takes KVM's types.
+
+What a backend may lack is asked with `check_extension`, as a VMM asks KVM, never with getattr:
+`get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (the model's vCPU is Unicorn's and has no
+CPUID table to offer), the MMIO fill device where KVM_CAP_MMIO_FILL is (hv/proposed.py; the model
+only). Without the capability the method raises an OSError, as a kernel without the ioctl would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+#: Told of every ioctl a `Vm` issues, once it has returned or failed: (its name as <linux/kvm.h>
+#: spells it, its argument: the uapi struct passed (kvm_userspace_memory_region, ...) or None,
+#: the seconds spent in it). `pcihole bench` counts and times memory-layout changes with it.
+IoctlObserver = Callable[[str, object, float], None]
+
 if TYPE_CHECKING:
+    import ctypes
+
     from pcihole.hv.exits import CoalescedWrite, VcpuExit
-    from pcihole.hv.uapi import kvm_cpuid2, kvm_regs, kvm_sregs
+    from pcihole.hv.uapi import kvm_regs, kvm_sregs
 
 
 @runtime_checkable
@@ -27,7 +40,7 @@ class Vcpu(Protocol):
     def set_regs(self, regs: kvm_regs) -> None: ...
     def get_sregs(self) -> kvm_sregs: ...
     def set_sregs(self, sregs: kvm_sregs) -> None: ...
-    def set_cpuid2(self, cpuid: kvm_cpuid2) -> None: ...
+    def set_cpuid2(self, cpuid: ctypes.Structure) -> None: ...
 
     def run(self) -> VcpuExit:
         """KVM_RUN until the next exit to userspace, decoded (hv/exits.py)."""
@@ -50,6 +63,9 @@ class Vcpu(Protocol):
 
 @runtime_checkable
 class Vm(Protocol):
+    #: None, or called after each ioctl of this VM (see IoctlObserver).
+    observer: IoctlObserver | None
+
     def check_extension(self, cap: int) -> int: ...
 
     def set_user_memory_region(
@@ -66,6 +82,13 @@ class Vm(Protocol):
     def enable_cap(self, cap: int, *args: int) -> None: ...
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None: ...
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None: ...
+
+    def register_mmio_fill(self, addr: int, size: int, fill: int = 0xFF, flags: int = 0) -> None:
+        """The proposed MMIO fill device (where check_extension(KVM_CAP_MMIO_FILL) is non-zero):
+        reads of [addr, addr + size) that no memslot maps return `fill` bytes without an exit."""
+        ...
+
+    def unregister_mmio_fill(self, addr: int, size: int) -> None: ...
     def create_vcpu(self, vcpu_id: int) -> Vcpu: ...
     def close(self) -> None: ...
 
@@ -79,5 +102,11 @@ class Hypervisor(Protocol):
     implements_proposed_abi: bool
 
     def check_extension(self, cap: int) -> int: ...
+
+    def get_supported_cpuid(self) -> ctypes.Structure:
+        """KVM_GET_SUPPORTED_CPUID (where check_extension(KVM_CAP_EXT_CPUID) is non-zero): a
+        kvm_cpuid2 with its entries (uapi.cpuid2_with), for Vcpu.set_cpuid2."""
+        ...
+
     def create_vm(self) -> Vm: ...
     def close(self) -> None: ...

@@ -17,6 +17,7 @@ from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor
+from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
 from pcihole.machine.bus import Bus
@@ -137,8 +138,8 @@ def build_machine(
 
         step = "create the vCPU"
         vcpu = vm.create_vcpu(0)
-        if hv.name == "kvm":
-            vcpu.set_cpuid2(hv.get_supported_cpuid())  # type: ignore[attr-defined]
+        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+            vcpu.set_cpuid2(hv.get_supported_cpuid())
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
         stats = RunStats()

@@ -197,7 +197,7 @@ class GuestMemory:
             vm.unregister_coalesced_mmio(zone.start.value, zone.size)
             journal.append(_Op("unzone", zone))
         for f in sorted(set(old_layout.fills) - set(layout.fills), key=lambda f: f.range):
-            vm.unregister_mmio_fill(f.range.start.value, f.range.size)  # type: ignore[attr-defined]
+            vm.unregister_mmio_fill(f.range.start.value, f.range.size)
             journal.append(_Op("unfill", f))
 
         def create_slot(spec: SlotSpec) -> None:
@@ -227,7 +227,7 @@ class GuestMemory:
             create_slot(spec)
 
         for f in sorted(set(layout.fills) - set(old_layout.fills), key=lambda f: f.range):
-            vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)  # type: ignore[attr-defined]
+            vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)
             journal.append(_Op("fill", f))
         for zone in sorted(set(layout.zones) - set(old_layout.zones)):
             vm.register_coalesced_mmio(zone.start.value, zone.size)
@@ -270,11 +270,11 @@ class GuestMemory:
                 elif op.kind == "fill":
                     f = op.item
                     assert isinstance(f, FillSpec)
-                    vm.unregister_mmio_fill(f.range.start.value, f.range.size)  # type: ignore[attr-defined]
+                    vm.unregister_mmio_fill(f.range.start.value, f.range.size)
                 elif op.kind == "unfill":
                     f = op.item
                     assert isinstance(f, FillSpec)
-                    vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)  # type: ignore[attr-defined]
+                    vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)
             except OSError as e:
                 errors.append(f"undo {op.describe()}: {e}")
         return errors

@@ -13,8 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
+from typing import TYPE_CHECKING
 
 from pcihole.hv.ioctls import KvmIoctl
+
+if TYPE_CHECKING:
+    from pcihole.hv.interface import IoctlObserver
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _ioctl = _libc.ioctl
@@ -32,10 +37,26 @@ class KvmError(OSError):
         self.detail = detail
 
 
-def kvm_ioctl(fd: int, request: KvmIoctl, arg: int | ctypes.Structure | ctypes.Array = 0, detail: str = "") -> int:
-    """ioctl(fd, request, arg): `arg` is an integer, or a ctypes object passed by address (in/out)."""
+def kvm_ioctl(
+    fd: int,
+    request: KvmIoctl,
+    arg: int | ctypes.Structure | ctypes.Array = 0,
+    detail: str = "",
+    observer: IoctlObserver | None = None,
+) -> int:
+    """ioctl(fd, request, arg): `arg` is an integer, or a ctypes object passed by address (in/out).
+
+    `observer` (a Vm's, see hv/interface.py) is told of the call once it has returned or failed.
+    """
     ptr = arg if isinstance(arg, int) else ctypes.addressof(arg)
-    ret = _ioctl(fd, request, ptr)
+    if observer is None:
+        ret = _ioctl(fd, request, ptr)
+    else:
+        start = time.perf_counter()
+        try:
+            ret = _ioctl(fd, request, ptr)
+        finally:
+            observer(request.name, None if isinstance(arg, int) else arg, time.perf_counter() - start)
     if ret < 0:
         raise KvmError(ctypes.get_errno(), request, detail)
     return ret

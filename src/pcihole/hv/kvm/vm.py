@@ -13,6 +13,7 @@ from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
 from pcihole.hv.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from pcihole.hv.interface import IoctlObserver
     from pcihole.hv.kvm.system import Kvm
 
 # Where KVM may put the three pages of the real-mode TSS that VMX needs (kvmtool and Firecracker use
@@ -41,14 +42,18 @@ class Vm:
         # Sizes of the slots we created: KVM_GET_DIRTY_LOG copies ALIGN(npages, 64) / 8 bytes to the
         # buffer we pass, and nothing tells userspace npages but its own bookkeeping.
         self._slot_sizes: dict[int, int] = {}
+        self.observer: IoctlObserver | None = None
         try:
             kvm_ioctl(fd, KvmIoctl.KVM_SET_TSS_ADDR, KVM_TSS_ADDRESS, f"{KVM_TSS_ADDRESS:#x}")
         except KvmError:
             os.close(fd)
             raise
 
+    def _ioctl(self, request: KvmIoctl, arg: int | ctypes.Structure = 0, detail: str = "") -> int:
+        return kvm_ioctl(self.fd, request, arg, detail, observer=self.observer)
+
     def check_extension(self, cap: int) -> int:
-        return kvm_ioctl(self.fd, KvmIoctl.KVM_CHECK_EXTENSION, int(cap), f"cap={int(cap)}")
+        return self._ioctl(KvmIoctl.KVM_CHECK_EXTENSION, int(cap), f"cap={int(cap)}")
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
@@ -71,7 +76,7 @@ class Vm:
             memory_size & (2**64 - 1),
             userspace_addr & (2**64 - 1),
         )
-        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_USER_MEMORY_REGION, region, detail)
+        self._ioctl(KvmIoctl.KVM_SET_USER_MEMORY_REGION, region, detail)
         if memory_size:
             self._slot_sizes[slot] = memory_size
         else:
@@ -85,7 +90,7 @@ class Vm:
         """KVM_GET_DIRTY_LOG: bit i of the little-endian bitmap is page i of the slot."""
         bitmap = ctypes.create_string_buffer(self._bitmap_bytes(slot))
         log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
-        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_DIRTY_LOG, log, f"slot={slot}")
+        self._ioctl(KvmIoctl.KVM_GET_DIRTY_LOG, log, f"slot={slot}")
         return bitmap.raw
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
@@ -95,8 +100,7 @@ class Vm:
         log = uapi.kvm_clear_dirty_log(
             slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=ctypes.addressof(buf)
         )
-        kvm_ioctl(
-            self.fd,
+        self._ioctl(
             KvmIoctl.KVM_CLEAR_DIRTY_LOG,
             log,
             f"slot={slot}, first_page={first_page}, num_pages={num_pages}",
@@ -106,22 +110,38 @@ class Vm:
         req = uapi.kvm_enable_cap(cap=int(cap))
         for i, a in enumerate(args):
             req.args[i] = a
-        kvm_ioctl(self.fd, KvmIoctl.KVM_ENABLE_CAP, req, f"cap={int(cap)}, args={list(args)}")
+        self._ioctl(KvmIoctl.KVM_ENABLE_CAP, req, f"cap={int(cap)}, args={list(args)}")
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         zone = uapi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
-        kvm_ioctl(
-            self.fd, KvmIoctl.KVM_REGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
+        self._ioctl(
+            KvmIoctl.KVM_REGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
         )
 
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         zone = uapi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
-        kvm_ioctl(
-            self.fd, KvmIoctl.KVM_UNREGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
+        self._ioctl(
+            KvmIoctl.KVM_UNREGISTER_COALESCED_MMIO, zone, f"addr={addr:#x}, size={size:#x}, pio={int(pio)}"
+        )
+
+    def register_mmio_fill(self, addr: int, size: int, fill: int = 0xFF, flags: int = 0) -> None:
+        """No kernel has the MMIO fill device (check_extension(KVM_CAP_MMIO_FILL) is 0 here): refused
+        before any ioctl, as an unknown ioctl would be (ENOTTY)."""
+        self._refuse_mmio_fill("KVM_REGISTER_MMIO_FILL", addr, size)
+
+    def unregister_mmio_fill(self, addr: int, size: int) -> None:
+        self._refuse_mmio_fill("KVM_UNREGISTER_MMIO_FILL", addr, size)
+
+    def _refuse_mmio_fill(self, ioctl: str, addr: int, size: int) -> None:
+        raise KvmError(
+            errno.ENOTTY,
+            ioctl,
+            f"addr={addr:#x}, size={size:#x}; the MMIO fill device is the proposed ABI's, in no real "
+            "kernel: use the model backend",
         )
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        fd = kvm_ioctl(self.fd, KvmIoctl.KVM_CREATE_VCPU, vcpu_id, f"id={vcpu_id}")
+        fd = self._ioctl(KvmIoctl.KVM_CREATE_VCPU, vcpu_id, f"id={vcpu_id}")
         ring_page = self.check_extension(uapi.KvmCap.KVM_CAP_COALESCED_MMIO)
         try:
             vcpu = Vcpu(fd, vcpu_id, self.kvm.vcpu_mmap_size, ring_page)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+
 from pcihole.hv.model import capabilities
+from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.vm import ModelVm
 
 
@@ -17,6 +21,11 @@ class ModelKvm:
 
     def check_extension(self, cap: int) -> int:
         return capabilities.check_extension(cap)
+
+    def get_supported_cpuid(self) -> ctypes.Structure:
+        """Not offered (check_extension(KVM_CAP_EXT_CPUID) is 0): the model's vCPU runs Unicorn's
+        CPUID, which the model does not describe."""
+        raise ModelKvmError(errno.ENOTTY, "KVM_GET_SUPPORTED_CPUID", "", "the model has no CPUID table")
 
     def create_vm(self) -> ModelVm:
         vm = ModelVm()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from pcihole.hv import uapi
 from pcihole.hv.model import capabilities, dirty_log, page_levels
 from pcihole.hv.model.coalesced import CoalescedRing, CoalescedZones
 from pcihole.hv.model.errors import ModelKvmError
@@ -13,6 +18,9 @@ from pcihole.hv.model.memslots import MemslotChange, MemslotTable
 from pcihole.hv.model.mmio_fill import MmioFillDevices
 from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.hv.uapi import KvmCap
+
+if TYPE_CHECKING:
+    from pcihole.hv.interface import IoctlObserver
 
 # arch/x86/include/asm/kvm_host.h: KVM_MAX_VCPU_IDS (kvm_vm_ioctl_create_vcpu: id >= it -> EINVAL).
 KVM_MAX_VCPU_IDS = 4096
@@ -33,10 +41,22 @@ class ModelVm:
         self.mmio_fill = MmioFillDevices(self.mmio_bus)
         self.vcpus: list[ModelVcpu] = []
         self.closed = False
+        self.observer: IoctlObserver | None = None
 
-    def _check_open(self, ioctl: str) -> None:
+    @contextlib.contextmanager
+    def _ioctl(self, ioctl: str, arg: object = None) -> Iterator[None]:
+        """Around every VM ioctl of the model: EBADF once the VM is closed; the observer is told."""
         if self.closed:
             raise ModelKvmError(errno.EBADF, ioctl, "", "the VM is closed")
+        observer = self.observer
+        if observer is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            observer(ioctl, arg, time.perf_counter() - start)
 
     def check_extension(self, cap: int) -> int:
         return capabilities.check_extension(cap)
@@ -57,22 +77,28 @@ class ModelVm:
         Synchronous, as in KVM: on return no vCPU uses the old slots any more, so the caller may
         unmap the host pages of a slot it deleted or moved (ModelVcpu.sync_memslots).
         """
-        self._check_open("KVM_SET_USER_MEMORY_REGION")
-        with self.memslots_lock:
-            change = self.memslots.set_user_memory_region(
-                slot, flags, guest_phys_addr, memory_size, userspace_addr
-            )
-            generation = self.memslots.generation
-        if change is not None:
-            # kvm_swap_active_memslots + the MMU zap: running vCPUs see the new slots at their next
-            # access (the model: at the next instruction boundary, in their own thread), and
-            # synchronize_srcu: wait until they have (outside memslots_lock, which they take).
-            vcpus = list(self.vcpus)
-            for vcpu in vcpus:
-                vcpu.memslots_changed()
-            for vcpu in vcpus:
-                vcpu.sync_memslots(generation)
-        return change
+        region = None
+        if self.observer is not None:  # what the kvm backend would pass, for the observer
+            region = uapi.kvm_userspace_memory_region(
+                slot & 0xFFFFFFFF, flags & 0xFFFFFFFF, guest_phys_addr & (2**64 - 1),
+                memory_size & (2**64 - 1), userspace_addr & (2**64 - 1),
+            )  # fmt: skip
+        with self._ioctl("KVM_SET_USER_MEMORY_REGION", region):
+            with self.memslots_lock:
+                change = self.memslots.set_user_memory_region(
+                    slot, flags, guest_phys_addr, memory_size, userspace_addr
+                )
+                generation = self.memslots.generation
+            if change is not None:
+                # kvm_swap_active_memslots + the MMU zap: running vCPUs see the new slots at their
+                # next access (the model: at the next instruction boundary, in their own thread), and
+                # synchronize_srcu: wait until they have (outside memslots_lock, which they take).
+                vcpus = list(self.vcpus)
+                for vcpu in vcpus:
+                    vcpu.memslots_changed()
+                for vcpu in vcpus:
+                    vcpu.sync_memslots(generation)
+            return change
 
     def max_mapping_level(self, gfn: int) -> int:
         """Model only: the largest page (PG_LEVEL_4K/2M/1G = 1/2/3) the memslot allows for `gfn`."""
@@ -81,54 +107,59 @@ class ModelVm:
     # --- dirty log ---------------------------------------------------------------------------------
 
     def get_dirty_log(self, slot: int) -> bytes:
-        self._check_open("KVM_GET_DIRTY_LOG")
-        return dirty_log.get_dirty_log(self.memslots, slot)
+        with self._ioctl("KVM_GET_DIRTY_LOG"):
+            return dirty_log.get_dirty_log(self.memslots, slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
-        self._check_open("KVM_CLEAR_DIRTY_LOG")
-        dirty_log.clear_dirty_log(self.memslots, slot, first_page, num_pages, bitmap)
+        with self._ioctl("KVM_CLEAR_DIRTY_LOG"):
+            dirty_log.clear_dirty_log(self.memslots, slot, first_page, num_pages, bitmap)
 
     def enable_cap(self, cap: int, *args: int) -> None:
         """KVM_ENABLE_CAP: the model implements KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 only (else EINVAL)."""
-        self._check_open("KVM_ENABLE_CAP")
-        if int(cap) == KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-            dirty_log.enable_manual_dirty_log_protect(self.memslots, tuple(args))
-            return
-        raise ModelKvmError(
-            errno.EINVAL, "KVM_ENABLE_CAP", f"cap={int(cap)}, args={list(args)}", "not implemented"
-        )
+        with self._ioctl("KVM_ENABLE_CAP"):
+            if int(cap) == KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+                dirty_log.enable_manual_dirty_log_protect(self.memslots, tuple(args))
+                return
+            raise ModelKvmError(
+                errno.EINVAL, "KVM_ENABLE_CAP", f"cap={int(cap)}, args={list(args)}", "not implemented"
+            )
 
     # --- in-kernel MMIO / PIO devices ---------------------------------------------------------------
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool | int = False) -> None:
-        self._check_open("KVM_REGISTER_COALESCED_MMIO")
-        self.coalesced_zones.register(addr, size, int(pio))
+        with self._ioctl("KVM_REGISTER_COALESCED_MMIO", self._zone(addr, size, pio)):
+            self.coalesced_zones.register(addr, size, int(pio))
 
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool | int = False) -> None:
-        self._check_open("KVM_UNREGISTER_COALESCED_MMIO")
-        self.coalesced_zones.unregister(addr, size, int(pio))
+        with self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", self._zone(addr, size, pio)):
+            self.coalesced_zones.unregister(addr, size, int(pio))
+
+    def _zone(self, addr: int, size: int, pio: bool | int) -> uapi.kvm_coalesced_mmio_zone | None:
+        if self.observer is None:
+            return None
+        return uapi.kvm_coalesced_mmio_zone(addr=addr & (2**64 - 1), size=size & 0xFFFFFFFF, pio=int(pio))
 
     def register_mmio_fill(self, addr: int, size: int, fill: int = 0xFF, flags: int = 0) -> None:
         """Model only (KVM_CAP_MMIO_FILL): reads of [addr, addr+size) no slot maps return `fill`."""
-        self._check_open("KVM_REGISTER_MMIO_FILL")
-        self.mmio_fill.register(addr, size, fill, flags)
+        with self._ioctl("KVM_REGISTER_MMIO_FILL"):
+            self.mmio_fill.register(addr, size, fill, flags)
 
     def unregister_mmio_fill(self, addr: int, size: int) -> None:
-        self._check_open("KVM_UNREGISTER_MMIO_FILL")
-        self.mmio_fill.unregister(addr, size)
+        with self._ioctl("KVM_UNREGISTER_MMIO_FILL"):
+            self.mmio_fill.unregister(addr, size)
 
     # --- vCPUs -------------------------------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
         """kvm_vm_ioctl_create_vcpu: EINVAL for an id >= KVM_MAX_VCPU_IDS, EEXIST for a duplicate."""
-        self._check_open("KVM_CREATE_VCPU")
-        if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
-            raise ModelKvmError(errno.EINVAL, "KVM_CREATE_VCPU", f"id={vcpu_id}", "id >= KVM_MAX_VCPU_IDS")
-        if any(v.id == vcpu_id for v in self.vcpus):
-            raise ModelKvmError(
-                errno.EEXIST, "KVM_CREATE_VCPU", f"id={vcpu_id}", "a vCPU with this id exists"
-            )
-        vcpu = ModelVcpu(self, vcpu_id)
+        with self._ioctl("KVM_CREATE_VCPU"):
+            if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
+                raise ModelKvmError(errno.EINVAL, "KVM_CREATE_VCPU", f"id={vcpu_id}", "id >= KVM_MAX_VCPU_IDS")
+            if any(v.id == vcpu_id for v in self.vcpus):
+                raise ModelKvmError(
+                    errno.EEXIST, "KVM_CREATE_VCPU", f"id={vcpu_id}", "a vCPU with this id exists"
+                )
+            vcpu = ModelVcpu(self, vcpu_id)
         self.vcpus.append(vcpu)
         return vcpu
 

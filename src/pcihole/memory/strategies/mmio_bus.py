@@ -27,7 +27,7 @@ class MmioBusStrategy(HoleStrategy):
 
     @classmethod
     def missing(cls, hypervisor, vm) -> str | None:  # type: ignore[no-untyped-def]
-        if not getattr(hypervisor, "implements_proposed_abi", False) or not vm.check_extension(
+        if not hypervisor.implements_proposed_abi or not vm.check_extension(
             KVM_CAP_MMIO_FILL
         ):
             return (

@@ -24,7 +24,7 @@ class NativeStrategy(HoleStrategy):
 
     @classmethod
     def missing(cls, hypervisor, vm) -> str | None:  # type: ignore[no-untyped-def]
-        if not getattr(hypervisor, "implements_proposed_abi", False):
+        if not hypervisor.implements_proposed_abi:
             return (
                 f"native needs KVM_CAP_PCI_HOLE_MEM, which the {hypervisor.name} backend lacks "
                 "(KVM_MEM_PCI_HOLE was never merged; on a real kernel bit 2 is KVM_MEM_GUEST_MEMFD): "
