@@ -20,6 +20,7 @@ import pytest
 
 from access_table_guest import ENTRY, access_table_guest, pack_table, read_results
 from guestasm import assemble
+from memory_exits import answer_mmio
 from pcihole.hv import exits, kvm_available, x86_cpu_state
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram
 
@@ -109,12 +110,12 @@ class TableGuest:
             out.exits[type(exit_).__name__] += 1
             drained = self.vcpu.drain_coalesced_mmio()
             out.coalesced += drained
-            leftover = mem.handle_coalesced(drained)
+            leftover = mem.view.coalesced(drained)
             assert leftover == [], f"ring entries outside any hole zone: {leftover}"
             if isinstance(exit_, exits.Hlt):
                 break
             if isinstance(exit_, exits.MmioRead | exits.MmioWrite):
-                assert mem.handle_exit(self.vcpu, exit_), f"{exit_} is in no region"
+                assert answer_mmio(mem.view, self.vcpu, exit_), f"{exit_} is in no region"
                 continue
             raise AssertionError(f"unexpected exit {exit_} at rip={self.vcpu.get_regs().rip:#x}")
         else:

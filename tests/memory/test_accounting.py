@@ -13,6 +13,7 @@ import os
 import pytest
 from memory_guests import BACKEND_STRATEGIES, CODE, ECAM, ECAM_SIZE, PAGE_TABLES, STACK, FakeFunction
 
+from memory_exits import answer_mmio
 from pcihole.hv import exits, x86_cpu_state
 from pcihole.memory.accounting import process_mappings, resident_bytes, vm_pte_bytes
 
@@ -46,11 +47,11 @@ def run_scan(g) -> dict:
     while True:
         e = g.vcpu.run()
         counted["total"] += 1
-        mem.drain(g.vcpu)
+        mem.view.coalesced(g.vcpu.drain_coalesced_mmio())
         if isinstance(e, exits.Hlt):
             break
         counted[type(e).__name__] += 1
-        assert mem.handle_exit(g.vcpu, e), e
+        assert answer_mmio(mem.view, g.vcpu, e), e
     return counted
 
 

@@ -23,6 +23,7 @@ import pytest
 from reliability_guests import KVM_UNAVAILABLE, STRATEGIES_BY_BACKEND, pvh_kernel
 
 from guestasm import assemble
+from memory_exits import answer_mmio
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, open_backend, x86_cpu_state
 from pcihole.machine.builder import build_machine
@@ -101,10 +102,10 @@ def one_hv_vm(hv, strategy: str, code: bytes) -> None:
         x86_cpu_state.enter_protected_mode_flat(vcpu, CODE, esp=0x8000)
         for _ in range(100):
             e = vcpu.run()
-            mem.drain(vcpu)
+            mem.view.coalesced(vcpu.drain_coalesced_mmio())
             if isinstance(e, exits.Hlt):
                 break
-            assert mem.handle_exit(vcpu, e), e
+            assert answer_mmio(mem.view, vcpu, e), e
         else:
             raise AssertionError("the guest did not halt")
         mem.close()

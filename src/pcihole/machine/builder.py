@@ -22,7 +22,7 @@ from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from pcihole.machine.ecam_window import EcamWindow, FunctionPage, HotplugWiring
+from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
@@ -38,6 +38,7 @@ from pcihole.memory import (
     StrategyUnavailable,
     page_range,
 )
+from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
 log = logging.getLogger(__name__)
@@ -95,15 +96,8 @@ def build_machine(
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
         pages = host_bridge.present_pages()
         for seg in host_bridge.segments:
-            hole = Hole(
-                GuestRange.from_size(seg.window_base, seg.window_size),
-                f"ecam segment {seg.id}",
-                fill=seg.fill,
-                writes="trap" if seg.writes == "trap" else "discard",
-                on_write=host_bridge.absent_write if seg.writes == "trap" else None,
-            )
             in_window = [p for p in pages if seg.window_base <= p <= seg.window_last]
-            regions += punched_hole(hole, in_window, host_bridge)
+            regions += punched_hole(segment_hole(seg, host_bridge), in_window, host_bridge)
         try:
             memory.update(MemoryMap(regions))
         except (ValueError, RuntimeError) as e:
@@ -145,7 +139,7 @@ def build_machine(
         stats = RunStats()
         mmio, pio = Bus("mmio"), Bus("port")
         for seg in host_bridge.segments:
-            mmio.insert(EcamWindow(memory, stats), seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
+            mmio.insert(EcamWindow(memory.view, host_bridge, stats), seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
         serial = SerialConsole(serial_sink)
         pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
         pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
@@ -194,7 +188,7 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
         rng = page_range(page)
         if page > cursor:
             out.append(replace(hole, range=GuestRange.from_bounds(cursor, page)))
-        handler = FunctionPage(host_bridge, page)
+        handler = ConfigPage(host_bridge, page)
         out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, underlay=replace(hole, range=rng)))
         cursor = rng.end
     if cursor < hole.range.end:

@@ -1,35 +1,39 @@
 """Wiring between the PCI host bridge and the memory map, and the ECAM windows on the MMIO bus.
 
+- `segment_hole`: each segment's ECAM window is a hole in the memory map, with the segment's fill
+  byte and write policy. The segment (the machine file's `fill`) is the one owner of the fill: the
+  hole answers with it, so does the host bridge for an absent function's bytes.
 - Each present function's 4 KiB ECAM page is punched out of its segment's hole as an Mmio region
-  whose handler is a `FunctionPage` (the host bridge answers from the function's config space).
+  whose handler is the function's `ConfigPage` (pci/config_page.py).
 - Hot-plug: the host bridge announces pages becoming present or absent (`HotplugWiring`), and the
   memory map punches or fills them. The host bridge announces a page present before the function
-  enters its table and absent after it has left, so every read in between is answered all-ones by
-  the host bridge: the guest sees all-ones or the function's bytes, never anything else.
-- `EcamWindow` puts a segment's window on the MMIO bus: an exit anywhere in it is answered from the
-  memory map in force (GuestMemory.handle_mmio_*), i.e. the fill for hole pages and the host bridge
-  for punched pages, and counted.
+  enters its table and absent after it has left, so every read in between is answered with the
+  fill by the host bridge: the guest sees fill bytes or the function's bytes, never anything else.
+- `EcamWindow` puts a segment's window on the MMIO bus. An exit in it goes one way down: to the
+  memory map's view (the fill for hole pages, the ConfigPage and so the host bridge for punched
+  pages), counted; where the map has no region (it is being torn down), to the host bridge.
 """
 
 from __future__ import annotations
 
 from pcihole.machine.stats import RunStats
-from pcihole.memory import GuestMemory
+from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
+from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
+from pcihole.pci.topology import WRITES_TRAP, Segment
 
 
-class FunctionPage:
-    """The Mmio handler of one function's ECAM page: offsets are relative to the page."""
-
-    def __init__(self, host_bridge: HostBridge, page_gpa: int) -> None:
-        self.host_bridge = host_bridge
-        self.page_gpa = page_gpa
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.host_bridge.mmio_read(self.page_gpa + offset, size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.host_bridge.mmio_write(self.page_gpa + offset, data)
+def segment_hole(segment: Segment, host_bridge: HostBridge) -> Hole:
+    """The hole over a segment's whole ECAM window: its fill, its write policy (trapped writes are
+    logged as Unsupported Requests by the host bridge)."""
+    trap = segment.writes == WRITES_TRAP
+    return Hole(
+        GuestRange.from_size(segment.window_base, segment.window_size),
+        f"ecam segment {segment.id}",
+        fill=segment.fill,
+        writes="trap" if trap else "discard",
+        on_write=host_bridge.absent_write if trap else None,
+    )
 
 
 class HotplugWiring:
@@ -42,7 +46,7 @@ class HotplugWiring:
 
     def __call__(self, page_gpa: int, present: bool) -> None:
         if present:
-            self.memory.punch_page(page_gpa, FunctionPage(self.host_bridge, page_gpa), name=f"ecam page {page_gpa:#x}")
+            self.memory.punch_page(page_gpa, ConfigPage(self.host_bridge, page_gpa), name=f"ecam page {page_gpa:#x}")
         else:
             self.memory.fill_page(page_gpa)
         self.changes += 1
@@ -51,15 +55,17 @@ class HotplugWiring:
 class EcamWindow:
     """A bus device over one ECAM window, answering exits from the memory map in force."""
 
-    def __init__(self, memory: GuestMemory, stats: RunStats) -> None:
-        self.memory = memory
+    def __init__(self, view: MapView, host_bridge: HostBridge, stats: RunStats) -> None:
+        self.view = view
+        self.host_bridge = host_bridge
         self.stats = stats
 
     def read(self, addr: int, size: int) -> bytes:
         self.stats.ecam_exits += 1
-        data = self.memory.handle_mmio_read(addr, size)
-        return data if data is not None else b"\xff" * size
+        data = self.view.read(addr, size)
+        return data if data is not None else self.host_bridge.mmio_read(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
         self.stats.ecam_exits += 1
-        self.memory.handle_mmio_write(addr, data)
+        if not self.view.write(addr, data):
+            self.host_bridge.mmio_write(addr, data)

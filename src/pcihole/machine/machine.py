@@ -124,9 +124,10 @@ class Machine:
         )
 
     def _coalesced(self, writes) -> None:
-        before = self.memory.counters.hole_writes_coalesced
-        rest = self.memory.handle_coalesced(writes)
-        self.stats.coalesced_writes += self.memory.counters.hole_writes_coalesced - before
+        view = self.memory.view
+        before = view.counters.hole_writes_coalesced
+        rest = view.coalesced(writes)
+        self.stats.coalesced_writes += view.counters.hole_writes_coalesced - before
         for w in rest:  # no zone but the holes' is registered; deliver anything else as a write
             device = self.mmio.find(w.addr, len(w.data))
             if device is not None:

@@ -4,7 +4,8 @@ The machine layer uses:
 - `MemoryMap([Ram(...), Hole(...), ...])` to describe the guest, `GuestMemory(hv, vm, strategy)`
   and `.update(map)` to put it in force;
 - `.punch_page(gpa, handler)` / `.fill_page(gpa)` as functions come and go;
-- at every exit `.drain(vcpu)`, then `.handle_exit(vcpu, exit)` for MMIO exits;
+- its `.view` (a `MapView`) for what reaches the VMM: `.read` / `.write` for MMIO exits in the map,
+  `.coalesced(entries)` for the coalesced-ring entries drained at every exit;
 - `.stats()` for the numbers.
 This layer knows no PCI: a hole is a range with a fill and a write policy.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pcihole.memory.accounting import ExitCounters, MemoryStats
 from pcihole.memory.address import PAGE_SIZE, AddressOverflow, GuestAddress, GuestRange, gpa, page_range
 from pcihole.memory.guest_memory import GuestMemory, MemoryUpdateError
+from pcihole.memory.map_view import MapView
 from pcihole.memory.memory_map import MemoryMap, MemoryMapError, OverlapError
 from pcihole.memory.region import Hole, Mmio, MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_planner import PlanError
@@ -34,6 +36,7 @@ __all__ = [
     "GuestMemory",
     "GuestRange",
     "Hole",
+    "MapView",
     "MemoryMap",
     "MemoryMapError",
     "MemoryStats",

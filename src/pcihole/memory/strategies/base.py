@@ -3,13 +3,13 @@
 A strategy turns the holes of a map into kernel objects, and owns the host memory behind them. It
 never issues ioctls itself: `GuestMemory.update()` diffs the layout of the new map against the
 one in force and applies only the difference, so that unchanged slots stay in place while a page is
-punched (memory/guest_memory.py). Backing is allocated by `layout()` and released by `collect()`,
+punched (memory/layout_change.py). Backing is allocated by `layout()` and released by `collect()`,
 which frees whatever the layout in force no longer references (after a successful swap, or after a
 failed one, when the layout in force is still the old one).
 
 Whatever part of a hole the layout does not cover (no slot, no fill device: the `exit` strategy,
 the partial pages at the edges of a hole that is not page aligned, a transient gap while slots are
-replaced) exits to the VMM, which answers from the map in force: `GuestMemory.handle_mmio_read`.
+replaced) exits to the VMM, which answers from the map in force: `MapView.read` (map_view.py).
 """
 
 from __future__ import annotations
