@@ -17,7 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_HALT, STOP_TIMEOUT
+from pcihole.machine.dispatch import StopReason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
@@ -160,19 +160,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _failure(result, kernel_name: str, timeout: float) -> str | None:
     """None if the guest ended well (debug-exit 0, or HLT); else the one-line error, naming the kernel."""
     stop = result.stop
-    if stop.reason == STOP_DEBUG_EXIT and stop.status == 0:
+    if stop.reason == StopReason.DEBUG_EXIT and stop.status == 0:
         return None
-    if stop.reason == STOP_HALT:
+    if stop.reason == StopReason.HALT:
         return None
     where = f"{result.backend} backend, strategy {result.strategy}"
-    if stop.reason == STOP_DEBUG_EXIT:
+    if stop.reason == StopReason.DEBUG_EXIT:
         detail = f"the guest ended with status {stop.status:#x}"
         if result.report is not None:
             from pcihole.guest.report import status_names
 
             detail += f" ({', '.join(status_names(stop.status)) or 'no known bits'})"
         return f"{kernel_name}: {detail} ({where})"
-    if stop.reason == STOP_TIMEOUT:
+    if stop.reason == StopReason.TIMEOUT:
         return f"{kernel_name}: timeout: the guest was still running after --timeout {timeout:g} s ({where})"
     return f"{kernel_name}: {stop.reason}: {stop.detail} ({where})"
 

@@ -6,7 +6,7 @@ import guest_qemu
 import pytest
 from guest_qemu import Session, flatten_query_pci, needs_qemu, run
 
-from pcihole.guest.report import ST_NO_ECAM, ST_NO_MCFG, parse_serial, read_report
+from pcihole.guest.report import ScanStatus, parse_serial, read_report
 
 pytestmark = needs_qemu
 
@@ -134,8 +134,8 @@ def test_microvm_without_mcfg_needs_the_cmdline():
     s = parse_serial(out)
     if not s.done:
         pytest.skip(f"microvm did not boot the PVH image here (exit {rc}): {out[-300:]!r}")
-    assert s.status == ST_NO_MCFG | ST_NO_ECAM and s.config_reads == 0
-    assert rc == ((ST_NO_MCFG | ST_NO_ECAM) << 1) | 1
+    assert s.status == ScanStatus.NO_MCFG | ScanStatus.NO_ECAM and s.config_reads == 0
+    assert rc == ((ScanStatus.NO_MCFG | ScanStatus.NO_ECAM) << 1) | 1
 
     rc, out = run("microvm,pcie=on,acpi=on", devices, append="pcihole.ecam=0xe0000000,0-255")
     s = parse_serial(out)

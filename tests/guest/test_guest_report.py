@@ -9,11 +9,10 @@ from pcihole.guest.report import (
     HEADER,
     REGION,
     REPORT_MAGIC,
-    ST_NO_MCFG,
-    ST_TRUNCATED,
     EcamRegion,
     ReportError,
     ScannedDevice,
+    ScanStatus,
     parse_report,
     parse_serial,
     status_names,
@@ -71,7 +70,7 @@ def test_parse_report_fields():
 
 def test_parse_report_truncated_device_list():
     devs = [(0, 0, i * 8, 0x8086, i, 0, 0, 0, 0, 0) for i in range(4)]
-    r = parse_report(_report(devs, [], ndevices=9, status=ST_TRUNCATED))
+    r = parse_report(_report(devs, [], ndevices=9, status=ScanStatus.TRUNCATED))
     assert len(r.devices) == 4 and r.ndevices == 9 and r.truncated
     assert status_names(r.status) == ["truncated"]
 
@@ -102,7 +101,7 @@ pcihole-scan: done devices=2 config_reads=8187 status=0x08 scans=1
 
 def test_parse_serial():
     s = parse_serial(SERIAL)
-    assert s.done and s.ndevices == 2 and s.config_reads == 8187 and s.status == ST_NO_MCFG and s.scans == 1
+    assert s.done and s.ndevices == 2 and s.config_reads == 8187 and s.status == ScanStatus.NO_MCFG and s.scans == 1
     assert [r.source for r in s.regions] == ["mcfg", "cmdline"] and s.regions[1].skipped
     assert s.regions[1].base == 1 << 32 and s.regions[1].end_bus == 15
     assert [d.bdf for d in s.devices] == ["0000:00:00.0", "0000:00:1f.2"]

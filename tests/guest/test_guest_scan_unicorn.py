@@ -18,14 +18,7 @@ from pcihole.guest.report import (  # noqa: E402
     DEV_NOT_FOLLOWED,
     DEV_ONE_CHILD,
     DEV_PEER_SCAN,
-    ST_BAD_OPTION,
-    ST_BAD_START_INFO,
-    ST_BAD_TABLE,
-    ST_NO_ACPI,
-    ST_NO_ECAM,
-    ST_NO_MCFG,
-    ST_REGION_SKIPPED,
-    ST_TRUNCATED,
+    ScanStatus,
     parse_serial,
 )
 
@@ -212,7 +205,7 @@ def test_region_start_bus_is_the_root_bus():
 def test_mcfg_region_above_4g_is_skipped(entries):
     m = machine()
     m.mcfg_entries = entries + [(0xB0000000, 0, 0, 0)]
-    rep = check(run(m), ST_REGION_SKIPPED)
+    rep = check(run(m), ScanStatus.REGION_SKIPPED)
     assert [r.skipped for r in rep.regions] == [True, False]
     assert bdfs(rep) == ["0000:00:00.0"]
 
@@ -223,20 +216,20 @@ def test_mcfg_region_above_4g_is_skipped(entries):
         (dict(rsdp_hint=False), 0, 0xF0010),
         (dict(rsdp_revision=0), 0, 0xF0010),
         (dict(rsdp_at=0x9000), 0, 0x9000),
-        (dict(rsdp_at=0x9000, rsdp_hint=False), ST_NO_ACPI | ST_NO_ECAM, 0),
-        (dict(corrupt="xsdt"), ST_BAD_TABLE, 0xF0010),
-        (dict(corrupt="mcfg"), ST_BAD_TABLE | ST_NO_MCFG | ST_NO_ECAM, 0xF0010),
-        (dict(corrupt="rsdp"), ST_BAD_TABLE | ST_NO_ACPI | ST_NO_ECAM, 0),
-        (dict(with_mcfg=False), ST_NO_MCFG | ST_NO_ECAM, 0xF0010),
-        (dict(with_acpi=False), ST_NO_ACPI | ST_NO_ECAM, 0),
-        (dict(start_info_magic=0, cmdline="pcihole.quiet"), ST_BAD_START_INFO, 0xF0010),
+        (dict(rsdp_at=0x9000, rsdp_hint=False), ScanStatus.NO_ACPI | ScanStatus.NO_ECAM, 0),
+        (dict(corrupt="xsdt"), ScanStatus.BAD_TABLE, 0xF0010),
+        (dict(corrupt="mcfg"), ScanStatus.BAD_TABLE | ScanStatus.NO_MCFG | ScanStatus.NO_ECAM, 0xF0010),
+        (dict(corrupt="rsdp"), ScanStatus.BAD_TABLE | ScanStatus.NO_ACPI | ScanStatus.NO_ECAM, 0),
+        (dict(with_mcfg=False), ScanStatus.NO_MCFG | ScanStatus.NO_ECAM, 0xF0010),
+        (dict(with_acpi=False), ScanStatus.NO_ACPI | ScanStatus.NO_ECAM, 0),
+        (dict(start_info_magic=0, cmdline="pcihole.quiet"), ScanStatus.BAD_START_INFO, 0xF0010),
     ],
 )
 def test_acpi_discovery(kw, status, rsdp):
     m = machine(**kw)
     rep = check(run(m), status)
     assert rep.rsdp_paddr == rsdp
-    if status & ST_NO_ECAM:
+    if status & ScanStatus.NO_ECAM:
         assert rep.config_reads == 0 and rep.devices == []
     else:
         assert bdfs(rep) == ["0000:00:00.0"] and rep.regions[0].source == "mcfg"
@@ -265,7 +258,7 @@ def test_quiet_and_repeat():
     ],
 )
 def test_bad_options_are_reported_and_ignored(opt):
-    rep = check(run(machine(cmdline=f"{opt} pcihole.repeat=2")), ST_BAD_OPTION)
+    rep = check(run(machine(cmdline=f"{opt} pcihole.repeat=2")), ScanStatus.BAD_OPTION)
     assert bdfs(rep) == ["0000:00:00.0"] and rep.regions[0].source == "mcfg"
     assert rep.scans == 2
 
@@ -279,7 +272,7 @@ def test_more_devices_than_the_report_holds():
                 m.add(0, dev, fn, endpoint(multifunction=(fn == 0)))
     m.add(1, 0, 0, endpoint())  # the 257th, found by the peer scan
     res = run(m)
-    rep = check(res, ST_TRUNCATED)
+    rep = check(res, ScanStatus.TRUNCATED)
     assert rep.ndevices == 257 and len(rep.devices) == 256 and rep.truncated
     assert rep.devices[-1].bdf == "0000:00:1f.7"
     assert rep.config_reads == 256 * 3 + 1 + (32 + 2)  # the peer probe stops at the first valid vendor ID

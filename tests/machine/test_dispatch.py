@@ -8,13 +8,9 @@ from pcihole.hv import exits
 from pcihole.machine.bus import Bus, BusError
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from pcihole.machine.dispatch import (
-    STOP_DEBUG_EXIT,
-    STOP_HALT,
-    STOP_INTERNAL_ERROR,
-    STOP_TRIPLE_FAULT,
-    STOP_UNKNOWN_EXIT,
     ExitHandler,
     Stop,
+    StopReason,
 )
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
@@ -90,16 +86,16 @@ def test_unclaimed_port_reads_all_ones(machine):
 
 def test_debug_exit_stops_with_the_guest_status(machine):
     handler, *_ = machine
-    assert handler.handle(exits.IoOut(DEBUG_EXIT_PORT, 1, b"\x07")) == Stop(STOP_DEBUG_EXIT, 7)
+    assert handler.handle(exits.IoOut(DEBUG_EXIT_PORT, 1, b"\x07")) == Stop(StopReason.DEBUG_EXIT, 7)
 
 
 @pytest.mark.parametrize(
     ("exit", "reason"),
     [
-        (exits.Hlt(), STOP_HALT),
-        (exits.Shutdown(), STOP_TRIPLE_FAULT),
-        (exits.InternalError(1, (0x10,)), STOP_INTERNAL_ERROR),
-        (exits.Unknown(99), STOP_UNKNOWN_EXIT),
+        (exits.Hlt(), StopReason.HALT),
+        (exits.Shutdown(), StopReason.TRIPLE_FAULT),
+        (exits.InternalError(1, (0x10,)), StopReason.INTERNAL_ERROR),
+        (exits.Unknown(99), StopReason.UNKNOWN_EXIT),
     ],
 )
 def test_terminal_exits_stop(machine, exit, reason):

@@ -10,7 +10,7 @@ import pytest
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE, main
 from pcihole.guest.build import build as build_guest
 from pcihole.machine.builder import MachineBuildError, build_machine, default_kernel
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import MachineFile, load_default
 from pcihole.pci import synthetic
 from pcihole.pci.bdf import Bdf
@@ -55,7 +55,7 @@ def run(spec, backend, strategy, kernel=None, cmdline=EMBEDDED_GUEST_CMDLINE, be
 @pytest.mark.parametrize(("backend", "strategy"), PAIRS)
 def test_default_machine_scan_finds_the_topology(backend, strategy):
     _m, result, topology, bridge = run(load_default(), backend, strategy)
-    assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0)
+    assert (result.stop.reason, result.stop.status) == (StopReason.DEBUG_EXIT, 0)
     assert result.strategy == strategy and result.backend == backend
     assert reported_keys(result) == topology
     assert result.report.config_reads > 8000  # 256 buses brute-forced, as Linux does

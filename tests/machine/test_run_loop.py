@@ -9,7 +9,7 @@ from pcihole.host.mman import HostMapping
 from pcihole.hv import x86_cpu_state
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT, STOP_TIMEOUT, STOP_TRIPLE_FAULT, ExitHandler
+from pcihole.machine.dispatch import ExitHandler, StopReason
 from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
@@ -46,7 +46,7 @@ def test_serial_then_debug_exit(kvm_vm):
         """,
     )
     stop = run_until_stop(vcpu, handler, timeout=30)
-    assert (stop.reason, stop.status) == (STOP_DEBUG_EXIT, 3)
+    assert (stop.reason, stop.status) == (StopReason.DEBUG_EXIT, 3)
     assert serial.text() == "hi"
     assert stats.exits.io == 3
     ram.close()
@@ -55,11 +55,11 @@ def test_serial_then_debug_exit(kvm_vm):
 def test_a_runaway_guest_is_stopped_after_the_timeout(kvm_vm):
     ram, vcpu, handler, _serial, _stats = boot(kvm_vm, "1: jmp 1b")
     stop = run_until_stop(vcpu, handler, timeout=0.3)
-    assert stop.reason == STOP_TIMEOUT and "0.3 s" in stop.detail
+    assert stop.reason == StopReason.TIMEOUT and "0.3 s" in stop.detail
     ram.close()
 
 
 def test_triple_fault_is_reported(kvm_vm):
     ram, vcpu, handler, _serial, _stats = boot(kvm_vm, "ud2")
-    assert run_until_stop(vcpu, handler, timeout=30).reason == STOP_TRIPLE_FAULT
+    assert run_until_stop(vcpu, handler, timeout=30).reason == StopReason.TRIPLE_FAULT
     ram.close()

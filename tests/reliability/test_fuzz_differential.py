@@ -30,7 +30,7 @@ from reliability_guests import (
 
 from access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
 from pcihole.hv import x86_cpu_state
-from pcihole.machine.dispatch import STOP_HALT
+from pcihole.machine.dispatch import StopReason
 
 SEED = 2026
 SEQUENCES = int(os.environ.get("PCIHOLE_FUZZ_SEQUENCES", "64"))
@@ -133,7 +133,7 @@ def run_sequences(backend: str, strategy: str, writes: str, seqs: list[list[tupl
                 m.vcpu, 0x100000, page_tables_gpa=PAGE_TABLES, write_guest=mem.write_guest, rsp=STACK
             )
             result = m.run(timeout=120)
-            assert result.stop.reason == STOP_HALT, result.stop
+            assert result.stop.reason == StopReason.HALT, result.stop
             raw = mem.read_guest(TABLE + 8, len(ops) * ENTRY.size)
             out.append(read_results(raw, len(ops)))
         assert check_alias_sealed(mem) == (1 if strategy == "ro-alias" else 0)

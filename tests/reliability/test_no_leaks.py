@@ -27,7 +27,7 @@ from memory_exits import answer_mmio
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, open_backend, x86_cpu_state
 from pcihole.machine.builder import build_machine
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import load_default
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram
 
@@ -135,7 +135,7 @@ def one_machine(backend: str, strategy: str, spec, kernel: bytes) -> None:
     m = build_machine(spec, backend=backend, strategy=strategy, kernel=kernel, kernel_name="tiny")
     with m:
         result = m.run(timeout=30)
-        assert result.stop.reason == STOP_DEBUG_EXIT and result.stop.status == 0, result.stop
+        assert result.stop.reason == StopReason.DEBUG_EXIT and result.stop.status == 0, result.stop
         m.memory.close()
         assert_no_memslot_left(m.hv, m.vm, m.memory)
 

@@ -36,7 +36,7 @@ import time
 import pytest
 from reliability_guests import BACKEND_STRATEGIES, check_alias_sealed, machine, pvh_kernel_from_asm
 
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.host_bridge import HostBridge
@@ -237,7 +237,7 @@ def soak(backend: str, strategy: str) -> dict[str, int]:
             host.join()
 
         assert not errors, errors
-        assert result.stop.reason == STOP_DEBUG_EXIT and result.stop.status == 0, result.stop
+        assert result.stop.reason == StopReason.DEBUG_EXIT and result.stop.status == 0, result.stop
         assert checker.violations == [], (
             f"{len(checker.violations)} of {checker.reads} reads were neither all-ones nor the function: "
             + ", ".join(f"{a:#x}={v:#010x}" for a, v in checker.violations[:10])

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
 from pcihole.bench.summary import Summary, ratio
-from pcihole.guest.report import ST_TRUNCATED, ReportError, parse_serial, read_scan_tsc
+from pcihole.guest.report import ReportError, ScanStatus, parse_serial, read_scan_tsc
 from pcihole.host.tsc import TscClock
 from pcihole.machine.builder import MachineBuildError, build_machine
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import MachineFile
 from pcihole.memory.accounting import process_mappings, vm_pte_bytes
 
@@ -26,7 +26,7 @@ from pcihole.memory.accounting import process_mappings, vm_pte_bytes
 GUEST_CMDLINE = "pcihole.quiet pcihole.timing"
 #: Guest statuses that still mean a complete scan: `truncated` only says the report holds 256
 #: devices and the machine has more (the 1024-function scaling point); every function was probed.
-ACCEPTED_STATUS_BITS = ST_TRUNCATED
+ACCEPTED_STATUS_BITS = ScanStatus.TRUNCATED
 RUN_TIMEOUT_SECONDS = 120.0
 
 
@@ -76,7 +76,7 @@ def boot_and_scan(spec: MachineFile, config: Config, kernel: Kernel, clock: TscC
         memory_tsc = read_scan_tsc(machine.image, machine.memory.read_guest)
     stop = result.stop
     what = f"{config.label} on {spec.name or spec.path}"
-    if stop.reason != STOP_DEBUG_EXIT or (stop.status or 0) & ~ACCEPTED_STATUS_BITS:
+    if stop.reason != StopReason.DEBUG_EXIT or (stop.status or 0) & ~ACCEPTED_STATUS_BITS:
         raise BenchError(f"{what}: the guest did not finish its scan ({stop.reason}, status {stop.status})")
     try:
         serial = parse_serial(result.serial)

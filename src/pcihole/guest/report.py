@@ -21,6 +21,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntFlag
 
 from pcihole.boot.elf import ElfImage
 
@@ -41,25 +42,25 @@ STATE_NOT_STARTED = 0
 STATE_RUNNING = 1
 STATE_DONE = 2
 
-# status bits (the low byte is also the value written to port 0xf4)
-ST_NO_ECAM = 0x01
-ST_BAD_START_INFO = 0x02
-ST_NO_ACPI = 0x04
-ST_NO_MCFG = 0x08
-ST_BAD_TABLE = 0x10
-ST_REGION_SKIPPED = 0x20
-ST_BAD_OPTION = 0x40
-ST_TRUNCATED = 0x80
-STATUS_NAMES = {
-    ST_NO_ECAM: "no-ecam",
-    ST_BAD_START_INFO: "bad-start-info",
-    ST_NO_ACPI: "no-acpi",
-    ST_NO_MCFG: "no-mcfg",
-    ST_BAD_TABLE: "bad-table",
-    ST_REGION_SKIPPED: "region-skipped",
-    ST_BAD_OPTION: "bad-option",
-    ST_TRUNCATED: "truncated",
-}
+
+class ScanStatus(IntFlag):
+    """What went wrong in the scan guest: its status bits (scan.c ST_*); the low byte is also the
+    value written to port 0xf4."""
+
+    NO_ECAM = 0x01
+    BAD_START_INFO = 0x02
+    NO_ACPI = 0x04
+    NO_MCFG = 0x08
+    BAD_TABLE = 0x10
+    REGION_SKIPPED = 0x20
+    BAD_OPTION = 0x40
+    TRUNCATED = 0x80
+
+    @property
+    def label(self) -> str:
+        """As the CLI prints it: "no-ecam", "bad-start-info", ..."""
+        return (self.name or "").lower().replace("_", "-")
+
 
 SOURCE_MCFG = 1
 SOURCE_CMDLINE = 2
@@ -78,7 +79,7 @@ class ReportError(ValueError):
 
 
 def status_names(status: int) -> list[str]:
-    return [name for bit, name in STATUS_NAMES.items() if status & bit]
+    return [bit.label for bit in ScanStatus if status & bit]
 
 
 @dataclass(frozen=True)

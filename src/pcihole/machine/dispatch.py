@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from pcihole.hv.exits import (
     FailEntry,
@@ -39,24 +40,32 @@ from pcihole.machine.stats import RunStats
 
 log = logging.getLogger(__name__)
 
+#: What a read of an address or port no device claims returns, byte by byte: all-ones, as on a PC
+#: bus with nothing to answer (QEMU's unassigned_io_read). Not a hole's fill: an ECAM window is
+#: always claimed, by its EcamWindow, which answers with its segment's fill.
+OPEN_BUS = b"\xff"
+
+
+class StopReason(StrEnum):
+    """Why a run ended; the value is what the CLI prints."""
+
+    DEBUG_EXIT = "debug-exit"
+    HALT = "halt"
+    TRIPLE_FAULT = "triple-fault"
+    INTERNAL_ERROR = "internal-error"
+    FAIL_ENTRY = "fail-entry"
+    SYSTEM_EVENT = "system-event"
+    UNKNOWN_EXIT = "unknown-exit"
+    TIMEOUT = "timeout"
+
 
 @dataclass(frozen=True)
 class Stop:
-    """Why the run ended. `reason` is one of the STOP_* names below."""
+    """Why the run ended, with the guest's status (debug-exit) or what happened."""
 
-    reason: str
+    reason: StopReason
     status: int | None = None
     detail: str = ""
-
-
-STOP_DEBUG_EXIT = "debug-exit"
-STOP_HALT = "halt"
-STOP_TRIPLE_FAULT = "triple-fault"
-STOP_INTERNAL_ERROR = "internal-error"
-STOP_FAIL_ENTRY = "fail-entry"
-STOP_SYSTEM_EVENT = "system-event"
-STOP_UNKNOWN_EXIT = "unknown-exit"
-STOP_TIMEOUT = "timeout"
 
 
 class ExitHandler:
@@ -73,7 +82,7 @@ class ExitHandler:
                 device = self.mmio.find(addr, size)
                 if device is None:
                     self._unclaimed_mmio(addr, "read")
-                    return b"\xff" * size
+                    return OPEN_BUS * size
                 return device.read(addr, size)
             case MmioWrite(addr, data):
                 counts.mmio_write += 1
@@ -88,7 +97,7 @@ class ExitHandler:
                 device = self.pio.find(port, size)
                 if device is None:
                     self._unclaimed_port(port, "in")
-                    return b"\xff" * (size * count)
+                    return OPEN_BUS * (size * count)
                 return b"".join(device.read(port, size) for _ in range(count))
             case IoOut(port, size, data, count):
                 counts.io += 1
@@ -100,29 +109,29 @@ class ExitHandler:
                     for i in range(count):
                         device.write(port, data[i * size : (i + 1) * size])
                 except GuestExited as e:
-                    return Stop(STOP_DEBUG_EXIT, e.status)
+                    return Stop(StopReason.DEBUG_EXIT, e.status)
                 return None
             case Interrupted():
                 return None
             case Hlt():
                 counts.other += 1
-                return Stop(STOP_HALT, detail="the guest halted (pcihole injects no interrupts)")
+                return Stop(StopReason.HALT, detail="the guest halted (pcihole injects no interrupts)")
             case Shutdown():
                 counts.other += 1
-                return Stop(STOP_TRIPLE_FAULT, detail="the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+                return Stop(StopReason.TRIPLE_FAULT, detail="the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
             case InternalError(suberror, data):
                 counts.other += 1
                 words = ", ".join(f"{d:#x}" for d in data)
-                return Stop(STOP_INTERNAL_ERROR, detail=f"KVM internal error, suberror {suberror}, data [{words}]")
+                return Stop(StopReason.INTERNAL_ERROR, detail=f"KVM internal error, suberror {suberror}, data [{words}]")
             case FailEntry(reason, cpu):
                 counts.other += 1
-                return Stop(STOP_FAIL_ENTRY, detail=f"VM entry failed on cpu {cpu}: reason {reason:#x}")
+                return Stop(StopReason.FAIL_ENTRY, detail=f"VM entry failed on cpu {cpu}: reason {reason:#x}")
             case SystemEvent(type_, data):
                 counts.other += 1
-                return Stop(STOP_SYSTEM_EVENT, detail=f"system event {type_}, data {list(data)}")
+                return Stop(StopReason.SYSTEM_EVENT, detail=f"system event {type_}, data {list(data)}")
             case Unknown(reason):
                 counts.other += 1
-                return Stop(STOP_UNKNOWN_EXIT, detail=f"exit reason {reason}")
+                return Stop(StopReason.UNKNOWN_EXIT, detail=f"exit reason {reason}")
         raise TypeError(f"not a vCPU exit: {exit!r}")
 
     def _unclaimed_port(self, port: int, what: str) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from pcihole.hv.exits import CoalescedWrite
 from pcihole.hv.interface import Vcpu
-from pcihole.machine.dispatch import STOP_TIMEOUT, ExitHandler, Stop
+from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 
 
 def run_until_stop(
@@ -41,7 +41,7 @@ def run_until_stop(
             result = handler.handle(exit)
             if result is None:
                 if deadline is not None and time.monotonic() >= deadline:
-                    return Stop(STOP_TIMEOUT, detail=f"the guest was still running after {timeout:g} s")
+                    return Stop(StopReason.TIMEOUT, detail=f"the guest was still running after {timeout:g} s")
                 continue
             if isinstance(result, Stop):
                 return result
