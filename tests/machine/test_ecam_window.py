@@ -63,9 +63,9 @@ def test_hole_pages_and_punched_pages_answer_from_the_map_with_the_same_fill(bri
         memory.update(MemoryMap(punched_hole(segment_hole(segment, bridge), bridge.present_pages(), bridge)))
         handler, stats = exit_handler(memory.view, bridge)
         assert handler.handle(exits.MmioRead(ABSENT_GPA, 4)) == bytes([FILL]) * 4
-        assert memory.counters.hole_reads == 1
+        assert memory.view.counters.hole_reads == 1
         assert handler.handle(exits.MmioRead(PRESENT_GPA, 4)) == bytes.fromhex("f41a4110")
-        assert memory.counters.mmio_reads == 1
+        assert memory.view.counters.mmio_reads == 1
         # An absent function's page that the map still has punched (a hot-remove in progress): the
         # host bridge answers it, with the same fill.
         bridge.remove_function(PRESENT)

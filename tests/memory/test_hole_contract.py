@@ -60,7 +60,7 @@ def test_reads_of_every_size_return_the_fill(table_guest, backend, strategy):
     else:
         # exit: one exit per access, two for an access straddling pages (KVM splits it per page).
         assert out.mmio_reads >= len(READS)
-        assert g.mem.counters.hole_reads == out.mmio_reads
+        assert g.mem.view.counters.hole_reads == out.mmio_reads
 
 
 @pytest.mark.parametrize(("backend", "strategy"), [p for p in BACKEND_STRATEGIES if p.values[1] != "native"])
@@ -107,7 +107,7 @@ def test_discarded_writes_change_nothing_and_cost_no_exit(table_guest, backend, 
     out = g.run_table(ops)
     assert out.results[1::2] == [_fill_value(0xFF, s) for _, s, _ in writes]
     assert out.mmio_writes == 0, f"discard-writes exited: {out.exits}"
-    c = g.mem.counters
+    c = g.mem.view.counters
     if strategy == "mmio-bus":
         # Dropped by the in-kernel device: not even a ring entry.
         assert out.coalesced == [] and c.hole_writes_coalesced == 0
@@ -198,7 +198,7 @@ def test_unaligned_hole_edges_read_the_fill(table_guest, backend, strategy):
         # The whole pages inside the hole never exit: only ECAM+0x800 (partial page) and the two
         # straddles do. (The model's Unicorn CPU widens unaligned MMIO reads into aligned 4-byte
         # pieces, so it makes more, still correctly answered, exits.)
-        assert g.mem.counters.hole_reads == 3
+        assert g.mem.view.counters.hole_reads == 3
 
 
 @pytest.mark.parametrize(("backend", "strategy"), BACKEND_STRATEGIES)

@@ -109,12 +109,12 @@ def test_reads_see_all_ones_or_the_function_while_a_page_is_punched_and_filled(
     def hotplug() -> None:
         try:
             while not done.is_set() and toggles[0] < CYCLES:
-                seen = mem.counters.mmio_reads
+                seen = mem.view.counters.mmio_reads
                 mem.punch_page(PAGE, fn, "07:03.0")
                 # Stay punched until the guest has read the function at least once (or 2 s), so
                 # that every cycle exercises both states whatever the backend's speed.
                 give_up = time.monotonic() + 2
-                while mem.counters.mmio_reads == seen and time.monotonic() < give_up:
+                while mem.view.counters.mmio_reads == seen and time.monotonic() < give_up:
                     time.sleep(0.001)
                 time.sleep(0.002)
                 mem.fill_page(PAGE)

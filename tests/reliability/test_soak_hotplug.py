@@ -255,7 +255,7 @@ def soak(backend: str, strategy: str) -> dict[str, int]:
         assert host_writes == guest_writes, (
             f"guest wrote {guest_writes} times, the host bridge saw {host_writes}"
         )
-        c = mem.counters
+        c = mem.view.counters
         assert c.hole_writes_trapped + c.mmio_writes == guest_writes
         assert c.hole_writes_coalesced == 0 and c.hole_writes_discarded == 0
         n = len(writes)

@@ -1,6 +1,6 @@
 """`GuestMemory`: a VM's memory map, changed by diff-and-swap; its view answers the exits.
 
-Changing the map (`update`, `change`, `punch_page`, `fill_page`):
+Changing the map (`update`, `punch_page`, `fill_page`):
 1. build the new `MemoryMap` (validated: no overlaps) and its kernel objects: RAM/ROM slots over
    their host backing, and the hole strategy's `HoleLayout` (slots, coalesced zones, fill devices);
 2. apply only the difference to the kernel (layout_change.py: typed operations, journaled);
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
-from pcihole.memory.accounting import ExitCounters, MemoryStats, process_mappings, vm_pte_bytes
+from pcihole.memory.accounting import MemoryStats, process_mappings, vm_pte_bytes
 from pcihole.memory.address import GuestAddress, page_range
 from pcihole.memory.layout_change import LayoutChange
 from pcihole.memory.map_view import MapInForce, MapView
@@ -30,7 +30,7 @@ from pcihole.memory.memory_map import MemoryMap
 from pcihole.memory.region import MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_allocator import SlotAllocator
 from pcihole.memory.strategies import HoleStrategy, make_strategy
-from pcihole.memory.strategies.base import HoleLayout, SlotSpec
+from pcihole.memory.strategies.base import SlotSpec
 
 if TYPE_CHECKING:
     from pcihole.hv.interface import Hypervisor, Vm
@@ -77,35 +77,24 @@ class GuestMemory:
         """Slot id -> what the kernel has for it."""
         return {i: s for s, i in self.view.in_force.slots.items()}
 
-    @property
-    def layout(self) -> HoleLayout:
-        return self.view.in_force.layout
-
-    @property
-    def counters(self) -> ExitCounters:
-        """What the view answered, by kind."""
-        return self.view.counters
-
     def update(self, new_map: MemoryMap) -> None:
         """Make `new_map` the map in force (see the module docstring); MemoryUpdateError on failure."""
         with self._lock:
             self._apply(new_map)
 
-    def change(self, edit: Callable[[MemoryMap], MemoryMap]) -> MemoryMap:
-        """Apply edit(map in force) atomically with respect to other changes; returns the new map."""
+    def _change(self, edit: Callable[[MemoryMap], MemoryMap]) -> None:
+        """Apply edit(map in force) atomically with respect to other changes."""
         with self._lock:
-            new_map = edit(self.view.in_force.map)
-            self._apply(new_map)
-            return new_map
+            self._apply(edit(self.view.in_force.map))
 
     def punch_page(self, addr: GuestAddress | int, handler: MmioHandler, name: str = "") -> None:
         """Carve the page at addr (e.g. a present function's config page) out of its hole; the VMM
         answers it through `handler`."""
-        self.change(lambda m: m.punch(page_range(addr), handler, name))
+        self._change(lambda m: m.punch(page_range(addr), handler, name))
 
     def fill_page(self, addr: GuestAddress | int) -> None:
         """Give a punched page back to its hole."""
-        self.change(lambda m: m.fill(page_range(addr)))
+        self._change(lambda m: m.fill(page_range(addr)))
 
     # --- applying a change ---------------------------------------------------------------------------
 
