@@ -39,58 +39,69 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CreateSlot:
+    """KVM_SET_USER_MEMORY_REGION creating `spec` under the id `slot`."""
+
     spec: SlotSpec
     slot: int
-
-    def describe(self) -> str:
-        return f"create slot {self.slot} {self.spec}"
 
 
 @dataclass(frozen=True)
 class DeleteSlot:
+    """KVM_SET_USER_MEMORY_REGION with size 0: `spec`, in force under `slot`, goes."""
+
     spec: SlotSpec
     slot: int
     #: The id went back to the allocator before the commit (the change ran out of ids); undoing
     #: this deletion takes a fresh id.
     id_released: bool = False
 
-    def describe(self) -> str:
-        return f"{'delete-released' if self.id_released else 'delete'} slot {self.slot} {self.spec}"
-
 
 @dataclass(frozen=True)
 class AddZone:
-    range: GuestRange
+    """KVM_REGISTER_COALESCED_MMIO."""
 
-    def describe(self) -> str:
-        return f"zone {self.range}"
+    range: GuestRange
 
 
 @dataclass(frozen=True)
 class RemoveZone:
-    range: GuestRange
+    """KVM_UNREGISTER_COALESCED_MMIO."""
 
-    def describe(self) -> str:
-        return f"unzone {self.range}"
+    range: GuestRange
 
 
 @dataclass(frozen=True)
 class AddFill:
-    spec: FillSpec
+    """The model's KVM_REGISTER_MMIO_FILL (the proposed fill device)."""
 
-    def describe(self) -> str:
-        return f"fill {self.spec}"
+    spec: FillSpec
 
 
 @dataclass(frozen=True)
 class RemoveFill:
-    spec: FillSpec
+    """The model's KVM_UNREGISTER_MMIO_FILL."""
 
-    def describe(self) -> str:
-        return f"unfill {self.spec}"
+    spec: FillSpec
 
 
 LayoutOp = CreateSlot | DeleteSlot | AddZone | RemoveZone | AddFill | RemoveFill
+
+
+def describe(op: LayoutOp) -> str:
+    """As the error of a failed change lists what it undid: "delete slot 3 ...", "unzone [...]"."""
+    match op:
+        case CreateSlot(spec, slot):
+            return f"create slot {slot} {spec}"
+        case DeleteSlot(spec, slot, id_released):
+            return f"{'delete-released' if id_released else 'delete'} slot {slot} {spec}"
+        case AddZone(rng):
+            return f"zone {rng}"
+        case RemoveZone(rng):
+            return f"unzone {rng}"
+        case AddFill(f):
+            return f"fill {f}"
+        case RemoveFill(f):
+            return f"unfill {f}"
 
 
 class LayoutChange:
@@ -153,14 +164,14 @@ class LayoutChange:
             try:
                 restored = self._reverse(op)
             except OSError as e:
-                errors.append(f"undo {op.describe()}: {e}")
+                errors.append(f"undo {describe(op)}: {e}")
                 continue
             if restored is not None:
                 slots[restored[0]] = restored[1]
         return slots, errors
 
     def describe(self) -> str:
-        return "; ".join(op.describe() for op in self.journal) or "nothing"
+        return "; ".join(describe(op) for op in self.journal) or "nothing"
 
     # --- the operations ----------------------------------------------------------------------------
 
@@ -220,4 +231,14 @@ class LayoutChange:
                 self.journal[k] = DeleteSlot(op.spec, op.slot, id_released=True)
 
 
-__all__ = ["AddFill", "AddZone", "CreateSlot", "DeleteSlot", "LayoutChange", "LayoutOp", "RemoveFill", "RemoveZone"]
+__all__ = [
+    "AddFill",
+    "AddZone",
+    "CreateSlot",
+    "DeleteSlot",
+    "LayoutChange",
+    "LayoutOp",
+    "RemoveFill",
+    "RemoveZone",
+    "describe",
+]

@@ -83,17 +83,10 @@ class MapView:
         r = now.map.region_at(addr)
         if r is not None and addr + size - 1 <= r.range.last.value:
             return self._read(now, r, addr, size)
-        out = bytearray()
-        pos, end = addr, addr + size
-        while pos < end:
-            r = now.map.region_at(pos)
-            if r is None:
-                self.counters.unclaimed += 1
-                return None
-            n = min(end, r.range.end) - pos
-            out += self._read(now, r, pos, n)
-            pos += n
-        return bytes(out)
+        pieces = self._pieces(now, addr, size)
+        if pieces is None:
+            return None
+        return b"".join(self._read(now, r, a, n) for r, a, n in pieces)
 
     def _read(self, now: MapInForce, r: Region, addr: int, size: int) -> bytes:
         if isinstance(r, Hole):
@@ -112,19 +105,27 @@ class MapView:
     def write(self, addr: int, data: bytes) -> bool:
         """Handle a guest write that exited. False (and nothing written) if some byte is in no region."""
         now = self.in_force
+        pieces = self._pieces(now, addr, len(data))
+        if pieces is None:
+            return False
+        for r, a, n in pieces:
+            self._write(now, r, a, data[a - addr : a - addr + n])
+        return True
+
+    def _pieces(self, now: MapInForce, addr: int, size: int) -> list[tuple[Region, int, int]] | None:
+        """[addr, addr + size) cut where regions end: (region, address, length) for each piece;
+        None (and counted) if some byte is in no region."""
         pieces = []
-        pos, end = addr, addr + len(data)
+        pos, end = addr, addr + size
         while pos < end:
             r = now.map.region_at(pos)
             if r is None:
                 self.counters.unclaimed += 1
-                return False
+                return None
             n = min(end, r.range.end) - pos
-            pieces.append((r, pos, data[pos - addr : pos - addr + n]))
+            pieces.append((r, pos, n))
             pos += n
-        for r, a, d in pieces:
-            self._write(now, r, a, d)
-        return True
+        return pieces
 
     def _write(self, now: MapInForce, r: Region, addr: int, data: bytes) -> None:
         if isinstance(r, Hole):
