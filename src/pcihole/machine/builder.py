@@ -139,7 +139,8 @@ def build_machine(
         stats = RunStats()
         mmio, pio = Bus("mmio"), Bus("port")
         for seg in host_bridge.segments:
-            mmio.insert(EcamWindow(memory.view, host_bridge, stats), seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
+            window = EcamWindow(memory.view, host_bridge, stats)
+            mmio.insert(window, seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
         serial = SerialConsole(serial_sink)
         pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
         pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
