@@ -4,6 +4,8 @@ Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero
 (arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
 fails (timeout, triple fault, /dev/kvm missing or not permitted, KVM errors). Never a traceback: an
 error pcihole did not foresee is one line too (`internal error: ...`; -v logs the traceback).
+SIGINT / SIGTERM end `pcihole run` with `pcihole: interrupted` / `pcihole: terminated` and status
+130 / 143 (128 + the signal), the guest stopped and the machine closed first.
 README.md "## Errors" lists them.
 """
 
@@ -13,11 +15,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
-from pcihole.machine.dispatch import StopReason
+from pcihole.machine.dispatch import Stop, StopReason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
@@ -33,6 +36,16 @@ class UsageError(Exception):
 
 class RunFailed(Exception):
     """The run did not end well: exit status 1."""
+
+
+class Signalled(Exception):
+    """SIGINT or SIGTERM ended the run: exit status 128 + the signal (130, 143)."""
+
+    WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(self.WORDS.get(signal.Signals(signum), f"signal {signum}"))
+        self.status = 128 + signum
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -91,6 +104,28 @@ def _load_machine(path: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`pcihole run`. SIGINT and SIGTERM ask the run to stop (host/signals.py says why through a
+    thread): the vCPU is kicked, the run loop returns, the machine is closed, then Signalled."""
+    from pcihole.host.signals import signals_to_thread
+    from pcihole.machine.stop_request import StopRequest
+
+    stops = StopRequest()
+    try:
+        with signals_to_thread(lambda signum: stops.request(Stop(StopReason.SIGNAL, status=int(signum)))):
+            status = _run(args, stops)
+    except Exception:
+        _raise_if_signalled(stops.stop)  # the signal, not what it made fail, is the outcome
+        raise
+    _raise_if_signalled(stops.stop)
+    return status
+
+
+def _raise_if_signalled(stop: Stop | None) -> None:
+    if stop is not None and stop.reason == StopReason.SIGNAL and stop.status is not None:
+        raise Signalled(stop.status)
+
+
+def _run(args: argparse.Namespace, stops) -> int:
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
     if not args.timeout > 0:  # also refuses nan
@@ -131,11 +166,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     with machine:
         try:
-            result = machine.run(timeout=args.timeout)
+            result = machine.run(timeout=args.timeout, stops=stops)
         except OSError as e:
             raise RunFailed(
                 f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
             ) from None
+    if result.stop.reason == StopReason.SIGNAL:
+        return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
     # Decide the outcome first: a failed run prints its one error line, not the informational lines.
     failure = _failure(result, kernel_name, args.timeout)
     if failure is not None:
@@ -243,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"pcihole: error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Signalled as e:
+        print(f"pcihole: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print("pcihole: interrupted", file=sys.stderr)
         return 130

@@ -29,6 +29,43 @@ def test_pio_must_be_0_or_1(model_hv):
     assert e.value.errno == errno.EINVAL
 
 
+def _coalesced_errnos(vm) -> list[int]:
+    """The errno (0: success) of each register / unregister call with pio 0, 1 and invalid values."""
+    calls = [
+        (vm.register_coalesced_mmio, 0x1000, 8, 0),
+        (vm.register_coalesced_mmio, PIO_PORT, 8, 1),
+        *(
+            (op, 0x1000, 8, pio)
+            for pio in (2, 3, 0xFFFFFFFF)
+            for op in (vm.register_coalesced_mmio, vm.unregister_coalesced_mmio)
+        ),
+        (vm.unregister_coalesced_mmio, 0x5000, 4, 0),  # matches nothing: 0
+        (vm.unregister_coalesced_mmio, 0x1000, 8, 0),
+        (vm.unregister_coalesced_mmio, PIO_PORT, 8, 1),
+    ]
+    out = []
+    for op, addr, size, pio in calls:
+        try:
+            op(addr, size, pio)
+            out.append(0)
+        except OSError as e:
+            out.append(e.errno)
+    return out
+
+
+@pytest.mark.kvm
+def test_pio_other_than_0_or_1_is_einval_for_both_ioctls_as_on_the_kernel(kvm_hv, model_hv):
+    """kvm_vm_ioctl_(un)register_coalesced_mmio: `zone->pio != 1 && zone->pio != 0` -> -EINVAL."""
+    kvm_vm, model_vm = kvm_hv.create_vm(), model_hv.create_vm()
+    try:
+        kernel = _coalesced_errnos(kvm_vm)
+        assert _coalesced_errnos(model_vm) == kernel
+        assert kernel.count(errno.EINVAL) == 6  # register and unregister, for each of 3 bad values
+    finally:
+        kvm_vm.close()
+        model_vm.close()
+
+
 def test_unregister_removes_contained_zones_of_the_same_kind(model_hv):
     vm = model_hv.create_vm()
     vm.register_coalesced_mmio(0x1000, 0x100)

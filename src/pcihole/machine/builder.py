@@ -160,10 +160,11 @@ def build_machine(
             stats=stats,
         )
     except BaseException as e:
-        if memory is not None:
-            memory.close()
+        # The VM (and its vCPU) before the memory it maps: Machine.close says why.
         if vm is not None:
             vm.close()
+        if memory is not None:
+            memory.close()
         hv.close()
         if isinstance(e, OSError):
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.

@@ -57,6 +57,8 @@ class StopReason(StrEnum):
     SYSTEM_EVENT = "system-event"
     UNKNOWN_EXIT = "unknown-exit"
     TIMEOUT = "timeout"
+    #: A signal asked pcihole to stop (SIGINT, SIGTERM); the Stop's `status` is the signal number.
+    SIGNAL = "signal"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pcihole.guest.report import ReportError, ScanReport, read_report, read_scan
 from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.dispatch import ExitHandler, Stop
 from pcihole.machine.run_loop import run_until_stop
+from pcihole.machine.stop_request import StopRequest
 
 if TYPE_CHECKING:
     from pcihole.boot.elf import ElfImage
@@ -104,10 +105,13 @@ class Machine:
     serial: SerialConsole
     stats: RunStats
 
-    def run(self, timeout: float | None = None) -> RunResult:
+    def run(self, timeout: float | None = None, stops: StopRequest | None = None) -> RunResult:
+        """Run the guest until it stops, `timeout` passes or `stops` is asked (a signal, any thread)."""
         handler = ExitHandler(self.mmio, self.pio, self.stats)
         start = time.perf_counter()
-        stop = run_until_stop(self.vcpu, handler, timeout=timeout, on_coalesced=self._coalesced)
+        stop = run_until_stop(
+            self.vcpu, handler, timeout=timeout, on_coalesced=self._coalesced, stops=stops
+        )
         seconds = time.perf_counter() - start
         return RunResult(
             backend=self.hv.name,
@@ -153,9 +157,19 @@ class Machine:
             return None
 
     def close(self) -> None:
-        self.memory.close()
-        self.vm.close()
-        self.hv.close()
+        """Stop and close the vCPU, then the VM, and only then free guest memory.
+
+        The model's vCPU maps guest RAM into Unicorn zero-copy, and a vCPU paused in an exit is
+        inside emu_start: until close() has made it leave, Unicorn may still touch those host
+        pages (the rest of its translation block). On KVM the order costs nothing: closing the
+        VM drops its memslots at once, so the memory layer's slot deletions are skipped.
+        """
+        try:
+            self.vcpu.close()
+            self.vm.close()
+        finally:
+            self.memory.close()
+            self.hv.close()
 
     def __enter__(self) -> Machine:
         return self

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from pcihole.hv.exits import CoalescedWrite
 from pcihole.hv.interface import Vcpu
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
+from pcihole.machine.stop_request import StopRequest
 
 
 def run_until_stop(
@@ -17,22 +17,30 @@ def run_until_stop(
     *,
     timeout: float | None = None,
     on_coalesced: Callable[[list[CoalescedWrite]], None] | None = None,
+    stops: StopRequest | None = None,
 ) -> Stop:
-    """Run `vcpu` until the handler says stop, or `timeout` seconds pass (a guest that runs away).
+    """Run `vcpu` until the handler says stop, `timeout` seconds pass (a guest that runs away), or
+    someone asks through `stops` (a signal): that Stop is returned at the next exit.
 
     The coalesced-MMIO ring is drained at every exit, before the exit itself is handled, as QEMU
     does (kvm_cpu_exec -> kvm_flush_coalesced_mmio_buffer): the ring holds writes that happened
     before the exiting access, and a full ring makes writes exit again.
     """
+    if stops is None:
+        stops = StopRequest()
     timer = None
-    deadline = None
     if timeout is not None:
-        deadline = time.monotonic() + timeout
-        timer = threading.Timer(timeout, vcpu.kick)
+        timer = threading.Timer(
+            timeout,
+            stops.request,
+            [Stop(StopReason.TIMEOUT, detail=f"the guest was still running after {timeout:g} s")],
+        )
         timer.daemon = True
-        timer.start()
+    stops.attach(vcpu)
     try:
-        while True:
+        if timer is not None:
+            timer.start()
+        while stops.stop is None:
             exit = vcpu.run()
             if on_coalesced is not None:
                 writes = vcpu.drain_coalesced_mmio()
@@ -40,12 +48,13 @@ def run_until_stop(
                     on_coalesced(writes)
             result = handler.handle(exit)
             if result is None:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return Stop(StopReason.TIMEOUT, detail=f"the guest was still running after {timeout:g} s")
                 continue
             if isinstance(result, Stop):
                 return result
             vcpu.complete_read(result)
+        return stops.stop
     finally:
+        # No kick after this returns: the caller may close the vCPU (StopRequest's lock).
+        stops.detach()
         if timer is not None:
             timer.cancel()

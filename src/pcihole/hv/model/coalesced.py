@@ -123,11 +123,15 @@ class CoalescedZones:
     def unregister(self, addr: int, size: int, pio: int) -> None:
         """kvm_vm_ioctl_unregister_coalesced_mmio: drop every zone of this kind that contains the range.
 
-        Always returns 0, even when nothing matched.
+        EINVAL for a `pio` other than 0 or 1, checked first as register does; otherwise 0, even when
+        nothing matched.
         """
         addr &= U64
         size &= 0xFFFFFFFF
         pio &= 0xFFFFFFFF
+        if pio not in (0, 1):
+            detail = self._detail(addr, size, pio)
+            raise ModelKvmError(errno.EINVAL, "KVM_UNREGISTER_COALESCED_MMIO", detail, "pio must be 0 or 1")
         for zone in list(self.zones):
             if zone.pio == pio and zone.in_range(addr, size):
                 self.buses[pio].unregister(zone)

@@ -230,7 +230,8 @@ class ModelVcpu:
 
     def run(self) -> exits.VcpuExit:
         """KVM_RUN: emulate until the next exit to userspace."""
-        if self._closed:
+        if self._closed or self._closing:
+            self._unwind()  # close() from another thread left this thread's greenlet to end here
             raise ModelKvmError(errno.EBADF, "KVM_RUN", f"vcpu={self.id}", "the vCPU is closed")
         resume: bytes | None = None
         if self._pending_read is not None:
@@ -247,7 +248,10 @@ class ModelVcpu:
         if self._guest is None or self._guest.dead:
             self._guest = greenlet(self._guest_loop)
         self._guest.parent = getcurrent()
-        return self._guest.switch(resume)
+        exit_ = self._guest.switch(resume)
+        if exit_ is None:  # the greenlet ended: close() was called meanwhile (from another thread)
+            raise ModelKvmError(errno.EBADF, "KVM_RUN", f"vcpu={self.id}", "the vCPU was closed")
+        return exit_
 
     def kick(self) -> None:
         """Make the running (or the next) run() return Interrupted, like the kvm backend's kick.
@@ -292,6 +296,10 @@ class ModelVcpu:
 
     def _at_boundary(self, uc: Uc) -> None:
         """The boundary hook's callback: in the vCPU thread, between two instructions."""
+        if self._closing:  # leave at once, without mapping memory the VMM may be about to free
+            self._boundary_stopped = True
+            uc.emu_stop()
+            return
         if self._map_stale():
             self._map_memory(uc, in_callback=True)
         if self._kicked or self._closing or self._restart or self._uc_stale:
@@ -318,6 +326,11 @@ class ModelVcpu:
         the piece [start, end) of the mmio_map callback under way, kept mapped as it is; an exit
         from the MEM_READ / MEM_WRITE hooks (in_access, no keep) leaves it to the next boundary.
         """
+        uc = self._uc
+        assert uc is not None
+        if self._closing:  # close() from another thread: no more exits, leave the engine
+            uc.emu_stop()
+            return None
         guest = self._guest
         assert guest is not None and guest.parent is not None
         self._suspended = True
@@ -327,9 +340,14 @@ class ModelVcpu:
         finally:
             self._suspended = False
             self._set_in_engine(True)
-        uc = self._uc
-        assert uc is not None
         if value is _CLOSING:
+            # close() while paused in this exit: Unicorn must leave emu_start, and it first runs on
+            # to its next exit check (after the next load or store, or at the end of the
+            # translation block). The VMM may have freed guest RAM already, so where the access
+            # under way allows it, nothing backed by host memory stays mapped: the next access
+            # faults (_on_unmapped refuses while closing) instead of touching freed pages.
+            if not in_access or keep is not None:
+                self._unmap_for_close(uc, keep)
             uc.emu_stop()
             return None
         if self._map_stale() and (not in_access or keep is not None):
@@ -368,6 +386,11 @@ class ModelVcpu:
 
     def _emulate_in_engine(self) -> exits.VcpuExit | None:
         uc, mode = self._prepare_engine()
+        with self._engine_lock:
+            if (self._kicked or self._closing) and self._boundary is not None:
+                # A kick or close() from another thread that found no engine to arm (it was being
+                # built): stop at the first instruction boundary instead of losing it.
+                self._boundary.arm()
         try:
             self._stop_exit = None
             self._restart = False
@@ -563,6 +586,8 @@ class ModelVcpu:
 
     def _on_unmapped(self, uc: Uc, access: int, addr: int, size: int, value: int, _data: object) -> bool:
         """Map the piece of guest-physical memory `addr` falls in; False leaves the access failing."""
+        if self._closing:
+            return False  # emu_start fails: the engine is being left (close)
         i = bisect.bisect_right(self._plan_starts, addr) - 1
         if i < 0 or addr >= PHYS_LIMIT:
             return False
@@ -573,6 +598,27 @@ class ModelVcpu:
         self._map_piece(uc, region, start, end - start)
         self._pieces[start] = (self._piece_key(region, start, end), end - start)
         return True
+
+    def _unmap_for_close(self, uc: Uc, keep: tuple[int, int] | None) -> None:
+        """Unmap every piece but `keep` (the mmio_map piece of the callback under way, no host memory).
+
+        Run from an exit callback where a map change is safe (IN / OUT, write-protect, mmio_map;
+        see _exit_to_user) while close() unwinds the engine; the plan says "unbacked" everywhere so
+        that the callbacks still reachable find a region, and they exit no more (_closing).
+        """
+        for start, (_key, size) in list(self._pieces.items()):
+            if keep is not None and start == keep[0]:
+                continue
+            del self._pieces[start]
+            uc.mem_unmap(start, size)
+        for handle in [*self._access_hooks, *self._dirty_hooks.values()]:
+            self._callback_refs.append(uc._callbacks.get(handle))  # see _hook_accesses
+            uc.hook_del(handle)
+        self._access_hooks, self._dirty_hooks = [], {}
+        self._plan = [GuestRegion(0, PHYS_LIMIT, RegionKind.UNBACKED)]
+        self._plan_starts = [0]
+        self._read_span = self._write_span = None
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def _map_piece(self, uc: Uc, region: GuestRegion, start: int, size: int) -> None:
         kind = region.kind
@@ -803,21 +849,38 @@ class ModelVcpu:
     # --- teardown ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unwind a guest greenlet suspended inside emu_start, then drop the engine."""
+        """Make the engine leave emu_start for good, then drop it (before the VMM frees guest RAM).
+
+        A greenlet paused in an exit is resumed once with _CLOSING: its callback unmaps what it
+        safely can and stops the engine (_exit_to_user). A greenlet runs only in the thread that
+        started it: one running in another thread is stopped at its next instruction boundary and
+        waited for; one paused there in an exit is unwound by that thread's next run().
+        """
         if self._closed:
             return
         self._closing = True
-        guest = self._guest
-        if guest is not None and not guest.dead and guest:  # started and not finished
-            guest.parent = getcurrent()
-            guest.switch(_CLOSING)
-        self._guest = None
+        if self._thread in (None, threading.get_ident()):
+            self._unwind()
+        else:
+            self._request_boundary()
+            with self._sync:
+                while self._in_engine:
+                    self._sync.wait()
         with self._engine_lock:
             self._uc = self._boundary = None
             self._closed = True
         with self._sync:
             self._in_engine = False
             self._sync.notify_all()
+
+    def _unwind(self) -> None:
+        """End this thread's guest greenlet, if it is paused (in an exit, or between two runs)."""
+        guest = self._guest
+        if guest is not None and not guest.dead and guest and self._thread == threading.get_ident():
+            guest.parent = getcurrent()
+            guest.switch(_CLOSING)
+        if guest is None or guest.dead:
+            self._guest = None
 
     def __enter__(self) -> ModelVcpu:
         return self

@@ -1,0 +1,42 @@
+"""A stop asked for from outside the vCPU's thread: a signal, the --timeout watchdog.
+
+The vCPU thread may be deep in KVM_RUN (or in Unicorn's emu_start), where nothing it runs looks at
+a flag, so a request records the Stop and kicks the vCPU (Vcpu.kick: immediate_exit plus a signal
+on kvm, a boundary hook on the model), and the run loop returns the Stop at the exit that follows.
+The first request wins. A request made while no vCPU is attached (before the run, or after it) is
+only recorded: run_until_stop returns it at once.
+
+The lock orders kicks against detach(), so that no thread kicks a vCPU that is being closed (the
+kvm vCPU's kvm_run mapping is gone then). It is never taken from a Python signal handler, which
+may run in the middle of the vCPU thread's own code (host/signals.py hands signals to a thread).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from pcihole.hv.interface import Vcpu
+from pcihole.machine.dispatch import Stop
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vcpu: Vcpu | None = None
+        self.stop: Stop | None = None
+
+    def request(self, stop: Stop) -> None:
+        """Ask the run to end with `stop` (from any thread, not from a signal handler)."""
+        with self._lock:
+            if self.stop is None:
+                self.stop = stop
+            if self._vcpu is not None:
+                self._vcpu.kick()
+
+    def attach(self, vcpu: Vcpu) -> None:
+        with self._lock:
+            self._vcpu = vcpu
+
+    def detach(self) -> None:
+        with self._lock:
+            self._vcpu = None

@@ -1,0 +1,88 @@
+"""Ctrl-C always works: SIGINT ends `pcihole run` with one line `pcihole: interrupted` and status 130,
+SIGTERM with `pcihole: terminated` and 143, no traceback, on both backends, for a guest that never
+exits (`jmp .`: the vCPU sits in KVM_RUN or in Unicorn's emu_start) and for one that exits all the
+time (`out` in a loop: Python runs constantly, much of it inside the model's Unicorn callbacks).
+
+Through the real command line in a child process. The guest writes 'R' to the serial port first
+(streamed to stdout with --kernel), so the signal is sent once the guest runs (and half a second
+later, into its loop, which is an ordering, not a measurement); --timeout 30 is
+the generous bound: a run the signal did not end would end with a timeout error instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from reliability_guests import KERNEL_GPA, pvh_kernel
+
+from guestasm import assemble
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+ENV.pop("PCIHOLE_KVM_DEVICE", None)
+BACKENDS = [pytest.param("kvm", marks=pytest.mark.kvm), "model"]
+READY = "mov $0x3f8, %dx\nmov $'R', %al\nout %al, %dx\n"
+GUESTS = {
+    "never-exits": READY + "1: jmp 1b",
+    "exits-constantly": READY + "1: out %al, $0x80\nincl 0x200000\njmp 1b",
+}
+SIGNALS = [(signal.SIGINT, 130, "pcihole: interrupted"), (signal.SIGTERM, 143, "pcihole: terminated")]
+
+
+def run_and_signal(tmp_path: Path, backend: str, guest: str, signum: int) -> tuple[int, str]:
+    kernel = tmp_path / f"{guest}.elf"
+    kernel.write_bytes(pvh_kernel(assemble(GUESTS[guest], org=KERNEL_GPA)))
+    cmd = [sys.executable, "-m", "pcihole.cli", "run", "--backend", backend, "--kernel", str(kernel)]
+    proc = subprocess.Popen(
+        [*cmd, "--timeout", "30"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.read(1) == "R", "the guest did not start"
+        time.sleep(0.5)  # ordering only: let the guest get past its serial exit, into its loop
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("signum, status, line", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("guest", GUESTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_signal_ends_the_run_with_one_line_and_its_status(tmp_path, backend, guest, signum, status, line):
+    returncode, err = run_and_signal(tmp_path, backend, guest, signum)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.splitlines() == [line]
+    assert returncode == status
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(tmp_path):
+    """A background job of a non-interactive shell gets SIGINT ignored; pcihole keeps it so."""
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(pvh_kernel(assemble(GUESTS["never-exits"], org=KERNEL_GPA)))
+    cmd = [sys.executable, "-m", "pcihole.cli", "run", "--backend", "model", "--kernel", str(kernel)]
+    proc = subprocess.Popen(
+        [*cmd, "--timeout", "2"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None and proc.stdout.read(1) == "R"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "timeout" in err, err  # ran on to its --timeout
