@@ -79,7 +79,7 @@ def scenario(name: str, strategy: str) -> None:
 
         runner = threading.Thread(target=run)
         runner.start()
-        while not m.vcpu._in_engine:  # wait until it emulates (model internals: test only)
+        while m.vcpu._engine_thread is None:  # wait until it emulates (model internals: test only)
             threading.Event().wait(0.01)
         m.vcpu.close()
         runner.join()

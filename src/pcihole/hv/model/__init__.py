@@ -15,8 +15,11 @@ One concept per file:
   coalesced.py    coalesced MMIO/PIO zones and the ring page
   mmio_fill.py    the MMIO-bus fill device (reviewer's alternative)
   fill_window.py  a sealed memfd of 0xff bytes, mapped side by side (PCI_HOLE reads, no callback)
-  guest_memory.py the Unicorn memory map built from the slots and the gaps between them
+  guest_memory.py the regions of guest-physical space: what each slot and gap is (RAM, hole, ...)
+  mmu.py          a vCPU's Unicorn memory map built from those regions (arch/x86/kvm/mmu/mmu.c)
+  emulator_read_write.py  accesses that leave RAM, split and exited as x86.c's emulator_read_write
   cpu.py          Unicorn set up from kvm_regs / kvm_sregs
   boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
-  vcpu.py, vm.py, system.py  the Vcpu / Vm / Hypervisor objects
+  vcpu.py         KVM_RUN, kick, registers, memslot sync, close: one state enum (kvm_main.c's vCPU)
+  vm.py, system.py  the Vm / Hypervisor objects
 """

@@ -11,8 +11,9 @@ Every guest access resolves as on KVM (memslot first, then the MMIO bus, then an
   KVM_RUN; so does the model, which maps the slot as MMIO whose callbacks fail the run with EFAULT.
 - Everything else below PHYS_LIMIT: MMIO regions whose callbacks go to the MMIO bus, then exit.
 
-How an access that leaves RAM is cut into pieces and delivered (once, as KVM's emulator does) is
-vcpu.py's business: its read / write hooks take the whole access before Unicorn splits it.
+When each region is mapped into Unicorn is mmu.py's business; how an access that leaves RAM is cut
+into pieces and delivered (once, as KVM's emulator does) is emulator_read_write.py's: its read /
+write hooks take the whole access before Unicorn splits it.
 """
 
 from __future__ import annotations
