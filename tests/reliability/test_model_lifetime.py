@@ -100,6 +100,8 @@ SCENARIOS = [
     "close-paused-in-in",
     "close-paused-in-mmio",
     "machine-close-paused-in-out",
+    "machine-close-paused-in-unaligned-mmio",
+    "memory-first-close-paused-in-unaligned-mmio",
     "kick-paused-then-close",
     "kick-paused-then-run-then-close",
     "close-while-running-in-another-thread",
