@@ -19,8 +19,12 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pcihole.machine.dispatch import Stop, StopReason
+
+if TYPE_CHECKING:
+    from pcihole.machine.stop_request import StopRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
@@ -125,7 +129,7 @@ def _raise_if_signalled(stop: Stop | None) -> None:
         raise Signalled(stop.status)
 
 
-def _run(args: argparse.Namespace, stops) -> int:
+def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
     if not args.timeout > 0:  # also refuses nan

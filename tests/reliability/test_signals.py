@@ -86,3 +86,27 @@ def test_a_signal_ignored_by_the_parent_stays_ignored(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "timeout" in err, err  # ran on to its --timeout
+
+
+def test_signals_to_thread_calls_back_off_the_main_thread_and_restores_the_handlers():
+    """The mechanism under the CLI: the C handler's wakeup byte reaches a helper thread, which
+    calls back (the main thread may be in KVM_RUN or emu_start); leaving restores the handlers."""
+    import threading
+
+    from pcihole.host.signals import signals_to_thread
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[tuple[int, bool]] = []
+    done = threading.Event()
+
+    def callback(signum: int) -> None:
+        seen.append((signum, threading.current_thread() is threading.main_thread()))
+        if len(seen) == 2:
+            done.set()
+
+    with signals_to_thread(callback):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert done.wait(10), seen
+    assert seen == [(signal.SIGINT, False), (signal.SIGTERM, False)]
+    assert {s: signal.getsignal(s) for s in before} == before
