@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
+import threading
 import traceback
-from pathlib import Path
 
 from pcihole.machine.dispatch import StopReason
 
@@ -25,6 +27,8 @@ STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
 #: The embedded guest prints only its summary line: one port exit per character would otherwise
 #: outnumber the ECAM exits being measured. pcihole prints the device list from the guest's report.
 EMBEDDED_GUEST_CMDLINE = "pcihole.quiet"
+#: A Debian vmlinux is about 51 MiB; anything ten times larger is not a kernel pcihole can boot.
+KERNEL_FILE_MAX = 512 << 20
 
 
 class UsageError(Exception):
@@ -60,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
     run.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop a runaway guest after this many seconds (default 60; 'inf' for no limit)",
     )
 
     acpi = sub.add_parser(
@@ -79,11 +87,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_empty(value: str | None, option: str) -> None:
+    """An empty name is a mistake (an unset shell variable), not "the default" or "here"."""
+    if value == "":
+        raise UsageError(f"{option}: an empty file name names no file")
+
+
+def _output_dir(path: str, option: str) -> str:
+    """Make the directory and check that a file can be created in it, before any work is done."""
+    _not_empty(path, option)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pcihole-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there: {e.strerror}") from None
+    return path
+
+
+def _read_input(path: str, *, limit: int, what: str) -> bytes:
+    """A bounded read of a user's file (host/input_file.py); every problem is a UsageError."""
+    from pcihole.host.input_file import InputFileError, read_input_file
+
+    try:
+        return read_input_file(path, limit=limit, what=what)
+    except InputFileError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+
+
+def _timeout(seconds: float) -> float | None:
+    """--timeout in seconds, or None for no limit (inf, or too long for the host's timer to wait)."""
+    if not seconds > 0:  # also refuses nan
+        raise UsageError(f"--timeout must be a positive number of seconds, not {seconds}")
+    if math.isinf(seconds) or seconds >= threading.TIMEOUT_MAX:
+        return None
+    return seconds
+
+
 def _load_machine(path: str | None):
     from pcihole.machine.machinefile import MachineFileError, load, load_default
 
+    _not_empty(path, "--machine")
     try:
-        return load(path) if path else load_default()
+        return load(path) if path is not None else load_default()
     except MachineFileError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
@@ -93,14 +142,18 @@ def _load_machine(path: str | None):
 def cmd_run(args: argparse.Namespace) -> int:
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
-    if not args.timeout > 0:  # also refuses nan
-        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
-    spec = _load_machine(args.machine)
-    if args.kernel:
+    timeout = _timeout(args.timeout)
+    _not_empty(args.kernel, "--kernel")
+    if args.append is not None:
         try:
-            kernel, kernel_name = Path(args.kernel).read_bytes(), args.kernel
-        except OSError as e:
-            raise UsageError(f"{args.kernel}: {e.strerror}") from None
+            args.append.encode()
+        except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogates
+            bad = os.fsencode(args.append[e.start : e.end])
+            raise UsageError(f"--append: the command line is not UTF-8 text (byte {bad[0]:#04x})") from None
+    spec = _load_machine(args.machine)
+    if args.kernel is not None:
+        kernel = _read_input(args.kernel, limit=KERNEL_FILE_MAX, what="a kernel")
+        kernel_name = args.kernel
         cmdline = args.append or ""
     else:
         kernel, kernel_name = default_kernel()
@@ -108,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The guest's serial output streams to stdout for --kernel (as QEMU's -serial stdio); the
     # embedded guest's is summarised by pcihole instead.
     sink = None
-    if args.kernel and not args.json:
+    if args.kernel is not None and not args.json:
         out = sys.stdout.buffer
 
         def sink(b: bytes) -> None:
@@ -131,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     with machine:
         try:
-            result = machine.run(timeout=args.timeout)
+            result = machine.run(timeout=timeout)
         except OSError as e:
             raise RunFailed(
                 f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
@@ -149,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
-    elif args.kernel:
+    elif args.kernel is not None:
         _print_stats(result, file=sys.stderr)
     else:
         _print_devices(result)
@@ -208,11 +261,16 @@ def _print_stats(result, file) -> None:
 
 
 def cmd_acpi(args: argparse.Namespace) -> int:
-    from pcihole.acpi import build_tables, write_tables
-    from pcihole.machine import layout
+    from pcihole.acpi import write_tables
+    from pcihole.machine.builder import MachineBuildError, acpi_tables
 
+    _not_empty(args.out, "--out")
     spec = _load_machine(args.machine)
-    tables = build_tables(spec.segments, layout.ACPI_GPA)
+    try:
+        tables = acpi_tables(spec)  # refuses what `pcihole run` could not load
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+    _output_dir(args.out, "--out")
     try:
         paths = write_tables(tables, args.out)
     except OSError as e:
@@ -225,7 +283,7 @@ def cmd_acpi(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pcihole.bench.runner import run_bench
 
-    return run_bench(out_dir=args.out, quick=args.quick, backends=args.backend)
+    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend)
 
 
 def main(argv: list[str] | None = None) -> int:

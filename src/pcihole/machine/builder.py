@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import replace
 
-from pcihole.acpi import build_tables
+from pcihole.acpi import AcpiTables, build_tables
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
 from pcihole.hv import BackendUnavailable, open_backend
@@ -36,6 +36,7 @@ from pcihole.memory import (
     Ram,
     Region,
     StrategyUnavailable,
+    make_strategy,
     page_range,
 )
 from pcihole.pci.config_page import ConfigPage
@@ -84,20 +85,22 @@ def build_machine(
     try:
         vm = hv.create_vm()
         step = "set up guest memory"
-        try:
-            memory = GuestMemory(hv, vm, strategy)
-        except StrategyUnavailable as e:
-            raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
-
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
             raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
+        holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
+        try:
+            # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+        except StrategyUnavailable as e:
+            raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
+
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
         pages = host_bridge.present_pages()
-        for seg in host_bridge.segments:
-            in_window = [p for p in pages if seg.window_base <= p <= seg.window_last]
-            regions += punched_hole(segment_hole(seg, host_bridge), in_window, host_bridge)
+        for hole in holes:
+            in_window = [p for p in pages if hole.range.start.value <= p <= hole.range.last.value]
+            regions += punched_hole(hole, in_window, host_bridge)
         try:
             memory.update(MemoryMap(regions))
         except (ValueError, RuntimeError) as e:
@@ -106,14 +109,13 @@ def build_machine(
         host_bridge.add_listener(hotplug)
 
         step = "load the ACPI tables and the kernel"
-        acpi = build_tables(host_bridge.segments, layout.ACPI_GPA)
-        if len(acpi.blob) > layout.ACPI_MAX:
-            raise MachineBuildError(f"ACPI tables take {len(acpi.blob)} bytes, more than {layout.ACPI_MAX}")
+        acpi = acpi_tables(spec)
         memory.write_guest(layout.ACPI_GPA, acpi.blob)
 
         try:
             image = ElfImage(kernel, kernel_name)
-            entry = load_elf(image, memory.write_guest, ram_size)
+            entry = load_elf(image, memory.write_guest, ram_size, layout.LOW_MEMORY)
+            image.symbols()  # a broken symbol table is found now, not when the report is read
         except (ElfError, PvhError) as e:
             raise MachineBuildError(str(e)) from e
         cmdline_bytes = cmdline.encode() + b"\0"
@@ -121,6 +123,11 @@ def build_machine(
             raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
         memory.write_guest(layout.CMDLINE_GPA, cmdline_bytes)
         memmap = e820_map(ram_size, host_bridge)
+        if len(memmap) > layout.MEMMAP_MAX_ENTRIES:
+            raise MachineBuildError(
+                f"{spec.path}: the PVH memory map needs {len(memmap)} entries, more than the "
+                f"{layout.MEMMAP_MAX_ENTRIES} its area holds (one per ECAM segment, plus 4): use fewer segments"
+            )
         info, table = start_info(
             cmdline_paddr=layout.CMDLINE_GPA,
             rsdp_paddr=acpi.rsdp_gpa,
@@ -169,6 +176,22 @@ def build_machine(
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
             raise HostUnavailable(f"cannot {step} on the {hv.name} backend: {e}") from e
         raise
+
+
+def acpi_tables(spec: MachineFile) -> AcpiTables:
+    """The machine's ACPI tables; MachineBuildError, naming the machine file, where they do not fit
+    in the area the guest finds them in (ACPI_MAX bytes from ACPI_GPA: about 1,500 segments)."""
+    try:
+        acpi = build_tables(spec.segments, layout.ACPI_GPA)
+    except ValueError as e:
+        raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e
+    if len(acpi.blob) > layout.ACPI_MAX:
+        raise MachineBuildError(
+            f"{spec.path}: the ACPI tables take {len(acpi.blob)} bytes, more than the {layout.ACPI_MAX} "
+            f"of the BIOS area [{layout.ACPI_GPA:#x}, {layout.ACPI_GPA + layout.ACPI_MAX - 1:#x}] "
+            f"({len(spec.segments)} ECAM segments): use fewer segments"
+        )
+    return acpi
 
 
 def _without_prefix(message: str, backend: str) -> str:
