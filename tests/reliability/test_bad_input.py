@@ -287,3 +287,37 @@ def test_acpi_tables_too_large_name_the_machine_file(tmp_path):
     assert_one_error(pcihole("run", "--machine", str(f), "--backend", "model"), 2, str(f), "ACPI")
     assert_one_error(pcihole("acpi", "--machine", str(f), "--out", str(tmp_path / "t")), 2, str(f), "ACPI")
 
+
+
+# --- 4: what the run needs from the ELF is checked before the guest runs ----------------------------
+
+EXIT_0 = b"\xb0\x00\xe6\xf4\xf4"  # mov $0, %al; out %al, $0xf4; hlt
+
+
+def kernel_with_symbols(symbols) -> bytes:
+    from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
+
+    load = Part(PT_LOAD, 0x100000, EXIT_0, memsz=0x1000, flags=PF_R | PF_W | PF_X, align=0x1000)
+    return build([load, phys32_note(0x100000)], elf_class=ELFCLASS32, entry=0x100000, symbols=symbols).data
+
+
+def test_a_broken_symbol_table_is_found_before_the_run(tmp_path):
+    import struct
+
+    from boot.elfimages import Sym
+
+    data = bytearray(kernel_with_symbols([Sym("pcihole_report", 0x100100, 0x30)]))
+    (shoff,) = struct.unpack_from("<I", data, 32)
+    struct.pack_into("<I", data, shoff + 40 + 20, 0x100000)  # .symtab's sh_size: past the end of the file
+    k = tmp_path / "badsyms.elf"
+    k.write_bytes(bytes(data))
+    assert_one_error(pcihole("run", "--kernel", str(k), "--backend", "model"), 2, str(k), "symbol table")
+
+
+@pytest.mark.parametrize("name", ["pcihole_report", "pcihole_timing"])
+def test_a_report_symbol_outside_ram_is_found_before_the_run(tmp_path, name):
+    from boot.elfimages import Sym
+
+    k = tmp_path / "farsym.elf"
+    k.write_bytes(kernel_with_symbols([Sym(name, 0x7FFF0000, 0x2000, info=0x11)]))
+    assert_one_error(pcihole("run", "--kernel", str(k), "--backend", "model"), 2, str(k), name, "RAM")

@@ -15,6 +15,9 @@ from dataclasses import replace
 from pcihole.acpi import AcpiTables, build_tables
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
+from pcihole.guest import REPORT_SYMBOL
+from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, check_symbols
+from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor
 from pcihole.hv.uapi import KvmCap
@@ -28,6 +31,7 @@ from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
@@ -43,6 +47,7 @@ from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
 log = logging.getLogger(__name__)
+DEVICE_SIZE = DEVICE_STRUCT.size
 
 
 class MachineBuildError(RuntimeError):
@@ -115,9 +120,14 @@ def build_machine(
         try:
             image = ElfImage(kernel, kernel_name)
             entry = load_elf(image, memory.write_guest, ram_size, layout.LOW_MEMORY)
-            image.symbols()  # a broken symbol table is found now, not when the report is read
-        except (ElfError, PvhError) as e:
+            # A broken symbol table, or a report outside RAM, is found now, not after the run.
+            check_symbols(image, ram_size)
+        except (ElfError, PvhError, ReportError) as e:
             raise MachineBuildError(str(e)) from e
+        device_area = None
+        if REPORT_SYMBOL in image.symbols():
+            device_area = scan_device_area(spec, image, len(host_bridge.devices()))
+            cmdline = f"{cmdline} {device_area.option()}".strip()
         cmdline_bytes = cmdline.encode() + b"\0"
         if len(cmdline_bytes) > layout.CMDLINE_MAX:
             raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
@@ -165,6 +175,7 @@ def build_machine(
             pio=pio,
             serial=serial,
             stats=stats,
+            device_area=device_area,
         )
     except BaseException as e:
         if memory is not None:
@@ -176,6 +187,22 @@ def build_machine(
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
             raise HostUnavailable(f"cannot {step} on the {hv.name} backend: {e}") from e
         raise
+
+
+def scan_device_area(spec: MachineFile, image: ElfImage, functions: int) -> DeviceArea:
+    """Where the scan guest puts its device list (pcihole.devices=ADDR,MAX): at the top of RAM, room
+    for every function of the machine plus DEFAULT_MAX_DEVICES (functions hot-added while it runs),
+    so any machine is reported in full. MachineBuildError if it would not fit above the kernel."""
+    max_devices = functions + DEFAULT_MAX_DEVICES
+    size = max_devices * DEVICE_SIZE
+    paddr = (spec.ram_bytes - size) & ~(PAGE_SIZE - 1)
+    kernel_end = max((s.paddr + s.memsz for s in image.loadable()), default=layout.KERNEL_MIN_GPA)
+    if paddr < max(kernel_end, layout.KERNEL_MIN_GPA):
+        raise MachineBuildError(
+            f"{spec.path}: {spec.ram_mib} MiB of RAM leaves no room above the kernel for the scan guest's "
+            f"device list ({max_devices} entries, {size} bytes): give the machine more RAM"
+        )
+    return DeviceArea(paddr, max_devices)
 
 
 def acpi_tables(spec: MachineFile) -> AcpiTables:
