@@ -498,6 +498,27 @@ static void parse_cmdline(const char *p)
 /* The scan (drivers/pci/probe.c and arch/x86/pci/legacy.c, in small)  */
 
 static u32 known[MAX_REGIONS][8];	/* buses already scanned, per region */
+/*
+ * The regions of each segment, as chains of index + 1 (0 ends a chain), so
+ * that finding the regions of a bus costs the regions of its segment, not all
+ * of them: with a thousand one-bus segments, a scan over every region for
+ * every bus made the scan quadratic (seconds under a software KVM).
+ */
+static u16 segment_first[65536];
+static u16 segment_next[MAX_REGIONS];
+
+static void link_segments(void)
+{
+	struct report *r = &pcihole_report;
+	u32 i;
+
+	for (i = r->nregions; i-- > 0;) {
+		u16 seg = r->regions[i].segment;
+
+		segment_next[i] = segment_first[seg];
+		segment_first[seg] = (u16)(i + 1);
+	}
+}
 
 static int id_absent(u32 id)
 {
@@ -515,12 +536,11 @@ static int region_of(u16 seg, u32 bus)
 	struct report *r = &pcihole_report;
 	u32 i;
 
-	for (i = 0; i < r->nregions; i++) {
-		struct region *g = &r->regions[i];
+	for (i = segment_first[seg]; i; i = segment_next[i - 1]) {
+		struct region *g = &r->regions[i - 1];
 
-		if (!(g->flags & REGION_SKIPPED) && g->segment == seg && g->start_bus <= bus &&
-		    bus <= g->end_bus)
-			return (int)i;
+		if (!(g->flags & REGION_SKIPPED) && g->start_bus <= bus && bus <= g->end_bus)
+			return (int)(i - 1);
 	}
 	return -1;
 }
@@ -530,11 +550,11 @@ static void mark_known(u16 seg, u32 bus)
 	struct report *r = &pcihole_report;
 	u32 i;
 
-	for (i = 0; i < r->nregions; i++) {
-		struct region *g = &r->regions[i];
+	for (i = segment_first[seg]; i; i = segment_next[i - 1]) {
+		struct region *g = &r->regions[i - 1];
 
-		if (g->segment == seg && g->start_bus <= bus && bus <= g->end_bus)
-			known[i][bus >> 5] |= 1u << (bus & 31);
+		if (g->start_bus <= bus && bus <= g->end_bus)
+			known[i - 1][bus >> 5] |= 1u << (bus & 31);
 	}
 }
 
@@ -784,6 +804,7 @@ u32 pcihole_main(u32 start_info)
 			break;
 	if (n == r->nregions)
 		status |= ST_NO_ECAM;
+	link_segments();
 
 	tsc_start = rdtsc();
 	for (n = 0; n < opt_repeat; n++) {

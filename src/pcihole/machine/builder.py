@@ -8,6 +8,7 @@ Each step wraps what goes wrong in one `MachineBuildError` saying which step and
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import replace
@@ -102,10 +103,12 @@ def build_machine(
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
 
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
-        pages = host_bridge.present_pages()
+        pages = host_bridge.present_pages()  # sorted
         for hole in holes:
-            in_window = [p for p in pages if hole.range.start.value <= p <= hole.range.last.value]
-            regions += punched_hole(hole, in_window, host_bridge)
+            # bisect: a scan of every page for every hole is quadratic with a thousand segments
+            lo = bisect.bisect_left(pages, hole.range.start.value)
+            hi = bisect.bisect_right(pages, hole.range.last.value)
+            regions += punched_hole(hole, pages[lo:hi], host_bridge)
         try:
             memory.update(MemoryMap(regions))
         except (ValueError, RuntimeError) as e:
