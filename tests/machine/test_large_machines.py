@@ -4,9 +4,9 @@ map too long for its page. Each runs a real guest on both backends and checks wh
 from __future__ import annotations
 
 import pytest
+
 from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
 from guestasm import assemble
-
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.machine.builder import build_machine, default_kernel, e820_map
 from pcihole.machine.dispatch import STOP_DEBUG_EXIT

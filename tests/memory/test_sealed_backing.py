@@ -10,9 +10,9 @@ import ctypes
 import errno
 
 import pytest
+
 from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
 from guestasm import assemble
-
 from pcihole.host.mman import PAGE_SIZE, PROT_READ, PROT_WRITE, mprotect_raw
 from pcihole.hv import kvm_available
 from pcihole.machine.builder import build_machine
@@ -82,7 +82,9 @@ def test_the_hole_backing_cannot_be_modified(backend, strategy):
     if backend == "kvm" and (reason := kvm_available()) is not None:
         pytest.skip(f"needs /dev/kvm: {reason}")
     spec = loads(MACHINE, "<sealed.toml>")
-    with build_machine(spec, backend=backend, strategy=strategy, kernel=reader_kernel(), kernel_name="k") as m:
+    with build_machine(
+        spec, backend=backend, strategy=strategy, kernel=reader_kernel(), kernel_name="k"
+    ) as m:
         hva = backing_hva(m.memory, ABSENT)
         assert (hva is not None) == (strategy in BACKED), hva
         succeeded = attack(hva) if hva is not None else []

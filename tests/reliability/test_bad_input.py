@@ -48,7 +48,10 @@ def test_a_machine_file_that_is_a_device(device):
 
 def test_a_kernel_that_is_a_device():
     assert_one_error(
-        pcihole_capped("run", "--kernel", "/dev/zero", "--backend", "model"), 2, "/dev/zero", "not a regular file"
+        pcihole_capped("run", "--kernel", "/dev/zero", "--backend", "model"),
+        2,
+        "/dev/zero",
+        "not a regular file",
     )
 
 
@@ -65,7 +68,9 @@ def test_an_input_file_that_is_a_fifo(tmp_path, option):
 
 def test_an_input_file_that_is_a_directory(tmp_path):
     assert_one_error(pcihole("run", "--machine", str(tmp_path)), 2, str(tmp_path), "directory")
-    assert_one_error(pcihole("run", "--kernel", str(tmp_path), "--backend", "model"), 2, str(tmp_path), "directory")
+    assert_one_error(
+        pcihole("run", "--kernel", str(tmp_path), "--backend", "model"), 2, str(tmp_path), "directory"
+    )
 
 
 def test_a_machine_file_larger_than_the_cap(tmp_path):
@@ -267,7 +272,9 @@ def test_buses_take_ascii_digits_only(tmp_path, buses):
 def test_a_bdf_with_a_trailing_newline_is_refused(tmp_path):
     f = tmp_path / "bdf.toml"
     f.write_text(
-        MACHINE_HEAD + ONE_SEGMENT + '[[endpoint]]\nbdf = "0000:00:01.0\\n"\nvendor = 1\ndevice = 2\nclass = 3\n'
+        MACHINE_HEAD
+        + ONE_SEGMENT
+        + '[[endpoint]]\nbdf = "0000:00:01.0\\n"\nvendor = 1\ndevice = 2\nclass = 3\n'
     )
     assert_one_error(pcihole("run", "--machine", str(f)), 2, str(f), "bdf")
 
@@ -286,7 +293,6 @@ def test_acpi_tables_too_large_name_the_machine_file(tmp_path):
     f.write_text(many_segments(1500))
     assert_one_error(pcihole("run", "--machine", str(f), "--backend", "model"), 2, str(f), "ACPI")
     assert_one_error(pcihole("acpi", "--machine", str(f), "--out", str(tmp_path / "t")), 2, str(f), "ACPI")
-
 
 
 # --- 4: what the run needs from the ELF is checked before the guest runs ----------------------------

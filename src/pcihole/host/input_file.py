@@ -56,9 +56,7 @@ def read_input_file(path: str | PathLike[str], *, limit: int, what: str) -> byte
         if not stat.S_ISREG(st.st_mode):
             raise InputFileError(f"{name}: not a regular file ({_kind(st.st_mode)}), so it cannot be {what}")
         if st.st_size > limit:
-            raise InputFileError(
-                f"{name}: {what} of {st.st_size} bytes is larger than {size_text(limit)}"
-            )
+            raise InputFileError(f"{name}: {what} of {st.st_size} bytes is larger than {size_text(limit)}")
         chunks = []
         left = limit + 1
         while left > 0:
