@@ -1,4 +1,4 @@
-"""`ro-filled`: KVM_MEM_READONLY slots over private buffers as large as the holes, filled with the fill.
+"""`ro-filled`: KVM_MEM_READONLY slots over sealed buffers as large as the holes, filled with the fill.
 
 The status quo the seed wants to replace: no exits for reads, but every byte of hole costs a byte of
 host memory once the buffer is touched (we touch it all when filling, so it is all resident: 256 MiB
