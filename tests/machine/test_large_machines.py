@@ -9,7 +9,7 @@ from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, p
 from guestasm import assemble
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.machine.builder import build_machine, default_kernel, e820_map
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
 
 KERNEL_GPA = 0x100000
@@ -51,7 +51,7 @@ def scan(toml: str, backend: str):
 
 def check_full_report(result, expected) -> None:
     assert result.report is not None
-    assert (result.stop.reason, result.stop.status, result.report.status) == (STOP_DEBUG_EXIT, 0, 0)
+    assert (result.stop.reason, result.stop.status, result.report.status) == (StopReason.DEBUG_EXIT, 0, 0)
     assert result.report.ndevices == len(expected)
     assert sorted((d.bdf, d.vendor, d.device) for d in result.report.devices) == expected
 
@@ -85,7 +85,7 @@ def test_a_non_ff_fill_gets_the_best_strategy_that_can_do_it(backend):
     spec = loads(toml, "<fill.toml>")
     with build_machine(spec, backend=backend, strategy="auto", kernel=code, kernel_name="k") as m:
         result = m.run(timeout=60)
-    assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0)
+    assert (result.stop.reason, result.stop.status) == (StopReason.DEBUG_EXIT, 0)
     assert result.strategy == "ro-alias"
     # With the fill every strategy does, auto still takes the best.
     spec = loads(toml.replace("0x5a", "0xff"), "<fill.toml>")
@@ -109,7 +109,7 @@ def test_a_long_memory_map_is_not_overwritten_by_the_boot_stack(backend):
         memmap_paddr, entries = info[7], info[8]
         table = m.memory.read_guest(memmap_paddr, entries * HVM_MEMMAP_ENTRY.size)
         expected = e820_map(spec.ram_bytes, m.host_bridge)
-    assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0)
+    assert (result.stop.reason, result.stop.status) == (StopReason.DEBUG_EXIT, 0)
     assert entries == len(expected) == 404
     got = [HVM_MEMMAP_ENTRY.unpack_from(table, i * HVM_MEMMAP_ENTRY.size)[:3] for i in range(entries)]
     assert got == [(e.addr, e.size, e.type) for e in expected]

@@ -16,7 +16,7 @@ from guestasm import assemble
 from pcihole.host.mman import PAGE_SIZE, PROT_READ, PROT_WRITE, mprotect_raw
 from pcihole.hv import kvm_available
 from pcihole.machine.builder import build_machine
-from pcihole.machine.dispatch import STOP_DEBUG_EXIT
+from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
 
 KERNEL_GPA = 0x100000
@@ -92,4 +92,4 @@ def test_the_hole_backing_cannot_be_modified(backend, strategy):
         if hva is not None:
             assert ctypes.string_at(hva, 4) == b"\xff" * 4
     assert succeeded == [], f"{strategy}: the hole's backing could be changed by {', '.join(succeeded)}"
-    assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0), "the guest read no fill"
+    assert (result.stop.reason, result.stop.status) == (StopReason.DEBUG_EXIT, 0), "the guest read no fill"
