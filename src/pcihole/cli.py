@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import tempfile
+import threading
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pcihole.machine.dispatch import Stop, StopReason
@@ -32,6 +34,8 @@ STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
 #: The embedded guest prints only its summary line: one port exit per character would otherwise
 #: outnumber the ECAM exits being measured. pcihole prints the device list from the guest's report.
 EMBEDDED_GUEST_CMDLINE = "pcihole.quiet"
+#: A Debian vmlinux is about 51 MiB; anything ten times larger is not a kernel pcihole can boot.
+KERNEL_FILE_MAX = 512 << 20
 
 
 class UsageError(Exception):
@@ -77,7 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
     run.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="stop a runaway guest (default 60)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop a runaway guest after this many seconds (default 60; 'inf' for no limit)",
     )
 
     acpi = sub.add_parser(
@@ -96,11 +104,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_empty(value: str | None, option: str) -> None:
+    """An empty name is a mistake (an unset shell variable), not "the default" or "here"."""
+    if value == "":
+        raise UsageError(f"{option}: an empty file name names no file")
+
+
+def _output_dir(path: str, option: str) -> str:
+    """Make the directory and check that a file can be created in it, before any work is done."""
+    _not_empty(path, option)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pcihole-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there: {e.strerror}") from None
+    return path
+
+
+def _read_input(path: str, *, limit: int, what: str) -> bytes:
+    """A bounded read of a user's file (host/input_file.py); every problem is a UsageError."""
+    from pcihole.host.input_file import InputFileError, read_input_file
+
+    try:
+        return read_input_file(path, limit=limit, what=what)
+    except InputFileError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+
+
+def _timeout(seconds: float) -> float | None:
+    """--timeout in seconds, or None for no limit (inf, or too long for the host's timer to wait)."""
+    if not seconds > 0:  # also refuses nan
+        raise UsageError(f"--timeout must be a positive number of seconds, not {seconds}")
+    if math.isinf(seconds) or seconds >= threading.TIMEOUT_MAX:
+        return None
+    return seconds
+
+
 def _load_machine(path: str | None):
     from pcihole.machine.machinefile import MachineFileError, load, load_default
 
+    _not_empty(path, "--machine")
     try:
-        return load(path) if path else load_default()
+        return load(path) if path is not None else load_default()
     except MachineFileError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
@@ -132,14 +181,18 @@ def _raise_if_signalled(stop: Stop | None) -> None:
 def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
-    if not args.timeout > 0:  # also refuses nan
-        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
-    spec = _load_machine(args.machine)
-    if args.kernel:
+    timeout = _timeout(args.timeout)
+    _not_empty(args.kernel, "--kernel")
+    if args.append is not None:
         try:
-            kernel, kernel_name = Path(args.kernel).read_bytes(), args.kernel
-        except OSError as e:
-            raise UsageError(f"{args.kernel}: {e.strerror}") from None
+            args.append.encode()
+        except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogates
+            bad = os.fsencode(args.append[e.start : e.end])
+            raise UsageError(f"--append: the command line is not UTF-8 text (byte {bad[0]:#04x})") from None
+    spec = _load_machine(args.machine)
+    if args.kernel is not None:
+        kernel = _read_input(args.kernel, limit=KERNEL_FILE_MAX, what="a kernel")
+        kernel_name = args.kernel
         cmdline = args.append or ""
     else:
         kernel, kernel_name = default_kernel()
@@ -147,7 +200,7 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     # The guest's serial output streams to stdout for --kernel (as QEMU's -serial stdio); the
     # embedded guest's is summarised by pcihole instead.
     sink = None
-    if args.kernel and not args.json:
+    if args.kernel is not None and not args.json:
         out = sys.stdout.buffer
 
         def sink(b: bytes) -> None:
@@ -170,7 +223,7 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         raise UsageError(str(e)) from None
     with machine:
         try:
-            result = machine.run(timeout=args.timeout, stops=stops)
+            result = machine.run(timeout=timeout, stops=stops)
         except OSError as e:
             raise RunFailed(
                 f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
@@ -190,7 +243,7 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
-    elif args.kernel:
+    elif args.kernel is not None:
         _print_stats(result, file=sys.stderr)
     else:
         _print_devices(result)
@@ -249,11 +302,16 @@ def _print_stats(result, file) -> None:
 
 
 def cmd_acpi(args: argparse.Namespace) -> int:
-    from pcihole.acpi import build_tables, write_tables
-    from pcihole.machine import layout
+    from pcihole.acpi import write_tables
+    from pcihole.machine.builder import MachineBuildError, acpi_tables
 
+    _not_empty(args.out, "--out")
     spec = _load_machine(args.machine)
-    tables = build_tables(spec.segments, layout.ACPI_GPA)
+    try:
+        tables = acpi_tables(spec)  # refuses what `pcihole run` could not load
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+    _output_dir(args.out, "--out")
     try:
         paths = write_tables(tables, args.out)
     except OSError as e:
@@ -266,7 +324,7 @@ def cmd_acpi(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pcihole.bench.runner import run_bench
 
-    return run_bench(out_dir=args.out, quick=args.quick, backends=args.backend)
+    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend)
 
 
 def main(argv: list[str] | None = None) -> int:

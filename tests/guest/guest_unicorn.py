@@ -212,5 +212,5 @@ def run(m: Machine, image: bytes | None = None, max_insns: int = 50_000_000) -> 
     uc.emu_start(entry, 0xFFFFFFFF, count=max_insns)
 
     addr, size = report_symbol(elf)
-    rep = parse_report(bytes(uc.mem_read(addr, size)))
+    rep = parse_report(bytes(uc.mem_read(addr, size)), lambda gpa, n: bytes(uc.mem_read(gpa, n)))
     return Result(serial.decode("ascii"), state["exit"], reads, writes, rep, read_log)

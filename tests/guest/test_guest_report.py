@@ -9,6 +9,7 @@ from pcihole.guest.report import (
     HEADER,
     REGION,
     REPORT_MAGIC,
+    DeviceArea,
     EcamRegion,
     ReportError,
     ScannedDevice,
@@ -18,12 +19,18 @@ from pcihole.guest.report import (
     status_names,
 )
 
+DEVICES_GPA = 0x8000
+MEMORY_SIZE = 0x10000
 
-def _report(devices, regions, *, ndevices=None, magic=REPORT_MAGIC, max_devices=4, state=2, status=0):
+
+def _report(
+    devices, regions, *, ndevices=None, magic=REPORT_MAGIC, max_devices=4, state=2, status=0, devices_paddr=DEVICES_GPA
+):
+    """(the report's bytes, read_phys over a small guest memory holding its device list)."""
     hdr = HEADER.pack(
         magic,
-        1,
-        0x30,
+        2,
+        0x38,
         2,
         max_devices,
         state,
@@ -35,25 +42,34 @@ def _report(devices, regions, *, ndevices=None, magic=REPORT_MAGIC, max_devices=
         len(regions),
         0xF0000,
         0x7FE0000,
+        devices_paddr,
     )
     regs = b"".join(REGION.pack(*r, 0) for r in regions).ljust(2 * REGION.size, b"\0")
+    memory = bytearray(MEMORY_SIZE)
     devs = b"".join(DEVICE.pack(*d) for d in devices).ljust(max_devices * DEVICE.size, b"\0")
-    return hdr + regs + devs
+    memory[DEVICES_GPA : DEVICES_GPA + len(devs)] = devs
+
+    def read_phys(gpa: int, size: int) -> bytes:
+        if gpa + size > MEMORY_SIZE:
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) is not inside one RAM/ROM region")
+        return bytes(memory[gpa : gpa + size])
+
+    return hdr + regs, read_phys
 
 
 def test_layout_sizes():
-    assert (HEADER.size, REGION.size, DEVICE.size) == (0x30, 16, 16)
+    assert (HEADER.size, REGION.size, DEVICE.size) == (0x38, 16, 16)
 
 
 def test_parse_report_fields():
-    data = _report(
+    data, read_phys = _report(
         [
             (0, 1, 0x0A, 0x1AF4, 0x1041, 0x02000001, 0x80, 0x01, 0, 0),
             (0, 0, 0x08, 0x1B36, 0x000C, 0x06040000, 0x01, 2, 1, 3),
         ],
         [(0xB0000000, 0, 0, 255, 1, 0), (0x1_0000_0000, 1, 0, 15, 2, 1)],
     )
-    r = parse_report(data)
+    r = parse_report(data, read_phys)
     assert r.done and r.scans == 3 and r.config_reads == 100 and r.total_config_reads == 300
     assert (r.rsdp_paddr, r.mcfg_paddr) == (0xF0000, 0x7FE0000)
     assert r.regions == [
@@ -70,23 +86,40 @@ def test_parse_report_fields():
 
 def test_parse_report_truncated_device_list():
     devs = [(0, 0, i * 8, 0x8086, i, 0, 0, 0, 0, 0) for i in range(4)]
-    r = parse_report(_report(devs, [], ndevices=9, status=ScanStatus.TRUNCATED))
+    r = parse_report(*_report(devs, [], ndevices=9, status=ScanStatus.TRUNCATED))
     assert len(r.devices) == 4 and r.ndevices == 9 and r.truncated
     assert status_names(r.status) == ["truncated"]
 
 
+def _with_data(report, cut):
+    data, read_phys = report
+    return data[:cut], read_phys
+
+
 @pytest.mark.parametrize(
-    "data, msg",
+    "report, msg",
     [
-        (bytes(0x30 + 32 + 64), "not started"),
+        ((bytes(0x38 + 32), _report([], [])[1]), "not started"),
         (_report([], [], magic=0x12345678), "magic"),
-        (_report([], [])[:20], "too short"),
-        (_report([(0, 0, 0, 1, 2, 0, 0, 0, 0, 0)], [])[: 0x30 + 32 + 8], "truncated"),
+        (_with_data(_report([], []), 20), "too short"),
+        (_with_data(_report([], [(0xB0000000, 0, 0, 255, 1, 0)]), 0x38 + 8), "truncated"),
+        (_report([(0, 0, 0, 1, 2, 0, 0, 0, 0, 0)], [], devices_paddr=MEMORY_SIZE - 8), "cannot read the device list"),
     ],
 )
-def test_parse_report_errors(data, msg):
+def test_parse_report_errors(report, msg):
     with pytest.raises(ReportError, match=msg):
-        parse_report(data)
+        parse_report(*report)
+
+
+def test_a_guest_cannot_move_its_device_list_out_of_the_area_it_was_given():
+    """Everything in the report is the guest's: with the area the VMM gave, the reader refuses a list
+    elsewhere or longer, instead of reading what the guest points at."""
+    devs = [(0, 0, 8, 0x8086, 1, 0, 0, 0, 0, 0)]
+    assert len(parse_report(*_report(devs, []), DeviceArea(DEVICES_GPA, 4)).devices) == 1
+    with pytest.raises(ReportError, match="not in the area"):
+        parse_report(*_report(devs, [], devices_paddr=0x100), DeviceArea(DEVICES_GPA, 4))
+    with pytest.raises(ReportError, match="not in the area"):
+        parse_report(*_report(devs, [], max_devices=5), DeviceArea(DEVICES_GPA, 4))
 
 
 SERIAL = """\

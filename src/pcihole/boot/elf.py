@@ -66,8 +66,10 @@ class ElfImage:
     def __init__(self, data: bytes, name: str = "<image>") -> None:
         self.data = bytes(data)
         self.name = name
-        if len(data) < 52 or data[:4] != ELF_MAGIC:
+        if data[:4] != ELF_MAGIC:
             raise ElfError(f"{name}: not an ELF file (no \\x7fELF magic)")
+        if len(data) < 52:
+            raise ElfError(f"{name}: truncated ELF file: {len(data)} bytes, shorter than an ELF header")
         self.elf_class = data[4]
         if self.elf_class not in _SIZES or data[5] != ELFDATA2LSB:
             raise ElfError(f"{name}: only little-endian ELF32/ELF64 images are supported")
@@ -84,6 +86,7 @@ class ElfImage:
             raise ElfError(f"{name}: e_shentsize {shentsize} is smaller than a section header ({shsize})")
         self.segments = [self._phdr(phoff + i * phentsize) for i in range(phnum)]
         self._sections = [self._shdr(shoff + i * shentsize) for i in range(shnum)] if shoff else []
+        self._symbols: dict[str, Symbol] | None = None
 
     def _need(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > len(self.data):
@@ -161,7 +164,15 @@ class ElfImage:
 
     def symbols(self) -> dict[str, Symbol]:
         """Names to symbols from .symtab (empty for a stripped image). Where a name repeats, the last
-        entry wins: locals come first in a symbol table, so a global beats a local of the same name."""
+        entry wins: locals come first in a symbol table, so a global beats a local of the same name.
+
+        Parsed once: a loader calls it before the guest runs, so a broken symbol or string table is
+        an ElfError then, not after the run when the report is read."""
+        if self._symbols is None:
+            self._symbols = self._parse_symbols()
+        return self._symbols
+
+    def _parse_symbols(self) -> dict[str, Symbol]:
         out: dict[str, Symbol] = {}
         for t, offset, size, link, entsize, _addr in self._sections:
             if t != SHT_SYMTAB or not entsize:

@@ -57,15 +57,32 @@ def pvh_entry(image: ElfImage) -> int | None:
         return None
 
 
-def load_elf(image: ElfImage, write: Callable[[int, bytes], None], ram_size: int) -> int:
-    """Copy every PT_LOAD segment to its physical address (zero-filling the bss); returns the PVH entry."""
+def load_elf(
+    image: ElfImage,
+    write: Callable[[int, bytes], None],
+    ram_size: int,
+    reserved: Sequence[tuple[int, int, str]] = (),
+) -> int:
+    """Copy every PT_LOAD segment to its physical address (zero-filling the bss); returns the PVH entry.
+
+    `reserved` is what the VMM itself puts in guest memory, (first, last, what): a segment over any
+    of it is refused before anything is copied (it would overwrite the ACPI tables or the start
+    info, or they would overwrite it)."""
     entry = phys32_entry(image)
-    for paddr, data, memsz in image.load_segments():
+    segments = image.load_segments()
+    for paddr, _data, memsz in segments:
+        last = paddr + memsz - 1
         if paddr + memsz > ram_size:
             raise PvhError(
-                f"{image.name}: segment [{paddr:#x}, {paddr + memsz - 1:#x}] does not fit in "
-                f"{ram_size >> 20} MiB of RAM"
+                f"{image.name}: segment [{paddr:#x}, {last:#x}] does not fit in {ram_size >> 20} MiB of RAM"
             )
+        for first, end, what in reserved:
+            if paddr <= end and first <= last:
+                raise PvhError(
+                    f"{image.name}: segment [{paddr:#x}, {last:#x}] overlaps {what} [{first:#x}, {end:#x}] "
+                    "(a PVH kernel loads at or above 1 MiB)"
+                )
+    for paddr, data, memsz in segments:
         write(paddr, data + bytes(memsz - len(data)))
     if image.segment_at(entry) is None:
         raise PvhError(f"{image.name}: the PVH entry {entry:#x} is in no loadable segment")

@@ -1,18 +1,24 @@
 """Parsers for what the scan guest reports: the ``pcihole_report`` struct in guest memory and its serial lines.
 
-Layout (little-endian, version 1; README.md in this folder is the reference)::
+Layout (little-endian, version 2; README.md in this folder is the reference)::
 
-    0x00 u32 magic "PHSR" (0x52534850)   0x04 u16 version (1)     0x06 u16 header_size (0x30)
-    0x08 u16 max_regions (8)              0x0a u16 max_devices (256)
-    0x0c u32 state (0 not started, 1 running, 2 done)             0x10 u32 status (bits below)
-    0x14 u32 scans                        0x18 u32 config_reads (last scan)
-    0x1c u32 total_config_reads           0x20 u32 ndevices (last scan; may exceed max_devices)
-    0x24 u32 nregions                     0x28 u32 rsdp_paddr      0x2c u32 mcfg_paddr
-    header_size:  regions[max_regions], 16 bytes: u64 base, u16 segment, u8 start_bus, u8 end_bus,
-                                                  u8 source (1 mcfg, 2 cmdline), u8 flags (1 skipped), u16 0
-    then:         devices[max_devices], 16 bytes: u16 segment, u8 bus, u8 devfn, u16 vendor, u16 device,
-                                                  u32 class_rev, u8 header_type (raw), u8 flags,
-                                                  u8 secondary, u8 subordinate
+    0x00 u32 magic "PHSR" (0x52534850)   0x04 u16 version (2)     0x06 u16 header_size (0x38)
+    0x08 u32 max_regions (4096)           0x0c u32 max_devices (256, or pcihole.devices=ADDR,MAX)
+    0x10 u32 state (0 not started, 1 running, 2 done)             0x14 u32 status (bits below)
+    0x18 u32 scans                        0x1c u32 config_reads (last scan)
+    0x20 u32 total_config_reads           0x24 u32 ndevices (last scan; may exceed max_devices)
+    0x28 u32 nregions                     0x2c u32 rsdp_paddr      0x30 u32 mcfg_paddr
+    0x34 u32 devices_paddr
+    header_size:    regions[max_regions], 16 bytes: u64 base, u16 segment, u8 start_bus, u8 end_bus,
+                                                    u8 source (1 mcfg, 2 cmdline), u8 flags (1 skipped), u16 0
+    devices_paddr:  devices[max_devices], 16 bytes: u16 segment, u8 bus, u8 devfn, u16 vendor, u16 device,
+                                                    u32 class_rev, u8 header_type (raw), u8 flags,
+                                                    u8 secondary, u8 subordinate
+
+The device list is wherever the guest says (its own .bss, or the area the VMM gave it with
+``pcihole.devices=ADDR,MAX``, sized from the machine): everything in the report is written by the
+guest, so a reader that knows the area it gave passes it (`DeviceArea`) and anything else is a
+ReportError, never a read outside it.
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ from pcihole.boot.elf import ElfImage
 from . import REPORT_SYMBOL
 
 REPORT_MAGIC = 0x52534850  # b"PHSR"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+#: The option that places the device list (scan.c parse_devices).
+DEVICES_OPTION = "pcihole.devices"
+#: Entries of the device list in the guest's own .bss, when no DEVICES_OPTION is given.
+DEFAULT_MAX_DEVICES = 256
 TIMING_SYMBOL = "pcihole_timing"
 TIMING_MAGIC = 0x4D544850  # b"PHTM"
 TIMING_VERSION = 1
 #: struct timing: u32 magic, u32 version, u64 scan_tsc (beside the report, which keeps its layout)
 TIMING = struct.Struct("<IIQ")
-HEADER = struct.Struct("<IHHHHIIIIIIIII")
+HEADER = struct.Struct("<IHHIIIIIIIIIIII")
 REGION = struct.Struct("<QHBBBBH")
 DEVICE = struct.Struct("<HBBHHIBBBB")
 
@@ -76,6 +86,21 @@ LINE_PREFIX = "pcihole-scan: "
 
 class ReportError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class DeviceArea:
+    """Where a VMM told the guest to put its device list, and how many entries it holds."""
+
+    paddr: int
+    max_devices: int
+
+    @property
+    def size(self) -> int:
+        return self.max_devices * DEVICE.size
+
+    def option(self) -> str:
+        return f"{DEVICES_OPTION}={self.paddr:#x},{self.max_devices}"
 
 
 def status_names(status: int) -> list[str]:
@@ -186,8 +211,28 @@ def report_symbol(image: bytes | ElfImage) -> tuple[int, int]:
     return sym.value, sym.size
 
 
-def parse_report(data: bytes) -> ScanReport:
-    """Parse the bytes of ``pcihole_report`` (at least the header; all of it for the device list)."""
+def check_symbols(image: ElfImage, ram_size: int) -> None:
+    """ReportError, naming the image, if ``pcihole_report`` or ``pcihole_timing`` (where the image
+    has them) is not inside the guest's RAM: found when the kernel is loaded, not after the run."""
+    symbols = image.symbols()
+    for name, least in ((REPORT_SYMBOL, HEADER.size), (TIMING_SYMBOL, TIMING.size)):
+        sym = symbols.get(name)
+        if sym is None:
+            continue
+        size = max(sym.size, least)
+        if sym.value + size > ram_size:
+            raise ReportError(
+                f"{image.name}: symbol {name} [{sym.value:#x}, {sym.value + size - 1:#x}] is outside the "
+                f"guest's RAM (the first {ram_size >> 20} MiB)"
+            )
+
+
+def parse_report(
+    data: bytes, read_phys: Callable[[int, int], bytes], area: DeviceArea | None = None
+) -> ScanReport:
+    """Parse the bytes of ``pcihole_report`` (at least the header and the regions in use); the device
+    list is read with ``read_phys(gpa, size)`` from where the report says. With `area`, the list
+    must be inside it (a guest cannot make the reader read elsewhere or more)."""
     if len(data) < HEADER.size:
         raise ReportError(f"report too short ({len(data)} bytes)")
     (
@@ -205,6 +250,7 @@ def parse_report(data: bytes) -> ScanReport:
         nregions,
         rsdp,
         mcfg,
+        devices_paddr,
     ) = HEADER.unpack_from(data, 0)
     if magic != REPORT_MAGIC:
         if magic == 0 and state == 0:
@@ -214,10 +260,20 @@ def parse_report(data: bytes) -> ScanReport:
         raise ReportError(f"unsupported report version {version}")
     if nregions > max_regions:
         raise ReportError(f"nregions {nregions} > max_regions {max_regions}")
-    dev_off = header_size + max_regions * REGION.size
+    if len(data) < header_size + nregions * REGION.size:
+        raise ReportError(f"report truncated: {len(data)} bytes, need {header_size + nregions * REGION.size}")
     nstored = min(ndevices, max_devices)
-    if len(data) < dev_off + nstored * DEVICE.size:
-        raise ReportError(f"report truncated: {len(data)} bytes, need {dev_off + nstored * DEVICE.size}")
+    if area is not None and (devices_paddr != area.paddr or max_devices > area.max_devices):
+        raise ReportError(
+            f"the device list is at {devices_paddr:#x} with {max_devices} entries, not in the area given "
+            f"to the guest ({area.paddr:#x}, {area.max_devices} entries)"
+        )
+    try:
+        device_bytes = read_phys(devices_paddr, nstored * DEVICE.size) if nstored else b""
+    except (ValueError, OSError) as e:
+        raise ReportError(f"cannot read the device list at {devices_paddr:#x}: {e}") from None
+    if len(device_bytes) < nstored * DEVICE.size:
+        raise ReportError(f"device list truncated: {len(device_bytes)} bytes, need {nstored * DEVICE.size}")
     regions = []
     for i in range(nregions):
         base, seg, start, end, source, flags, _ = REGION.unpack_from(data, header_size + i * REGION.size)
@@ -229,7 +285,7 @@ def parse_report(data: bytes) -> ScanReport:
     devices = []
     for i in range(nstored):
         seg, bus, devfn, ven, dev, class_rev, hdr, flags, sec, sub = DEVICE.unpack_from(
-            data, dev_off + i * DEVICE.size
+            device_bytes, i * DEVICE.size
         )
         devices.append(
             ScannedDevice(
@@ -252,10 +308,17 @@ def parse_report(data: bytes) -> ScanReport:
     )
 
 
-def read_report(image: bytes | ElfImage, read_phys: Callable[[int, int], bytes]) -> ScanReport:
-    """Find ``pcihole_report`` in the image and parse it from guest memory (``read_phys(gpa, size)``)."""
+def read_report(
+    image: bytes | ElfImage, read_phys: Callable[[int, int], bytes], area: DeviceArea | None = None
+) -> ScanReport:
+    """Find ``pcihole_report`` in the image and parse it from guest memory (``read_phys(gpa, size)``);
+    `area` as in parse_report."""
     addr, size = report_symbol(image)
-    return parse_report(read_phys(addr, size))
+    try:
+        data = read_phys(addr, size)
+    except (ValueError, OSError) as e:
+        raise ReportError(f"cannot read the report at {addr:#x}: {e}") from None
+    return parse_report(data, read_phys, area)
 
 
 def read_scan_tsc(image: bytes | ElfImage, read_phys: Callable[[int, int], bytes]) -> int | None:

@@ -17,9 +17,18 @@ typedef unsigned long long u64;
 /* Report (read by the VMM from guest memory; layout is ABI, see README) */
 
 #define REPORT_MAGIC 0x52534850u /* "PHSR" */
-#define REPORT_VERSION 1
-#define MAX_REGIONS 8
-#define MAX_DEVICES 256
+#define REPORT_VERSION 2
+/*
+ * Every ECAM window lies below 4 GiB (paging is off) and is at least 1 MiB
+ * (one bus), so no valid machine has more than 4096 regions: the report
+ * holds that many, and a machine never needs more.
+ */
+#define MAX_REGIONS 4096
+/*
+ * The device list is where pcihole.devices=ADDR,MAX says (the VMM sizes it
+ * from the machine), else this many entries in .bss.
+ */
+#define DEFAULT_MAX_DEVICES 256
 
 #define STATE_RUNNING 1
 #define STATE_DONE 2
@@ -31,7 +40,7 @@ typedef unsigned long long u64;
 #define ST_BAD_TABLE 0x10	/* some ACPI structure failed its checks */
 #define ST_REGION_SKIPPED 0x20	/* an ECAM region was above 4 GiB or invalid */
 #define ST_BAD_OPTION 0x40	/* a pcihole.* option could not be parsed */
-#define ST_TRUNCATED 0x80	/* more devices than MAX_DEVICES */
+#define ST_TRUNCATED 0x80	/* more devices than max_devices */
 
 #define SRC_MCFG 1
 #define SRC_CMDLINE 2
@@ -68,26 +77,28 @@ struct report {
 	u32 magic;		/* 0x00 */
 	u16 version;		/* 0x04 */
 	u16 header_size;	/* 0x06 */
-	u16 max_regions;	/* 0x08 */
-	u16 max_devices;	/* 0x0a */
-	u32 state;		/* 0x0c */
-	u32 status;		/* 0x10 */
-	u32 scans;		/* 0x14 */
-	u32 config_reads;	/* 0x18: ECAM reads of the last scan */
-	u32 total_config_reads;	/* 0x1c: all scans */
-	u32 ndevices;		/* 0x20: found in the last scan (may exceed max_devices) */
-	u32 nregions;		/* 0x24 */
-	u32 rsdp_paddr;		/* 0x28 */
-	u32 mcfg_paddr;		/* 0x2c */
-	struct region regions[MAX_REGIONS];	/* 0x30 */
-	struct device devices[MAX_DEVICES];	/* 0xb0 */
+	u32 max_regions;	/* 0x08 */
+	u32 max_devices;	/* 0x0c */
+	u32 state;		/* 0x10 */
+	u32 status;		/* 0x14 */
+	u32 scans;		/* 0x18 */
+	u32 config_reads;	/* 0x1c: ECAM reads of the last scan */
+	u32 total_config_reads;	/* 0x20: all scans */
+	u32 ndevices;		/* 0x24: found in the last scan (may exceed max_devices) */
+	u32 nregions;		/* 0x28 */
+	u32 rsdp_paddr;		/* 0x2c */
+	u32 mcfg_paddr;		/* 0x30 */
+	u32 devices_paddr;	/* 0x34: where devices[max_devices] is */
+	struct region regions[MAX_REGIONS];	/* 0x38 */
 };
 
 typedef char assert_region_size[sizeof(struct region) == 16 ? 1 : -1];
 typedef char assert_device_size[sizeof(struct device) == 16 ? 1 : -1];
-typedef char assert_report_size[sizeof(struct report) == 0xb0 + 16 * MAX_DEVICES ? 1 : -1];
+typedef char assert_report_size[sizeof(struct report) == 0x38 + 16 * MAX_REGIONS ? 1 : -1];
 
 struct report pcihole_report;
+static struct device default_devices[DEFAULT_MAX_DEVICES];
+static struct device *devices = default_devices;
 
 /*
  * How long the scan took, in TSC ticks, beside the report (not inside it: the
@@ -366,6 +377,7 @@ static void acpi_find_ecam(u64 rsdp_hint)
 /* Command line                                                        */
 
 static u32 opt_repeat = 1;
+static u64 opt_devices_paddr, opt_max_devices;
 static int opt_quiet;
 static int opt_timing;
 
@@ -419,6 +431,20 @@ static int at_end(const char *p)
 	return *p == 0 || is_space(*p);
 }
 
+/* pcihole.devices=ADDR,MAX: the device list goes at ADDR, MAX entries of 16 bytes, below 4 GiB. */
+static int parse_devices(const char *p)
+{
+	u64 addr, max;
+
+	if (!parse_num(&p, &addr) || *p++ != ',' || !parse_num(&p, &max) || !at_end(p))
+		return 0;
+	if (!addr || !max || max > 0x10000000ull || addr + max * sizeof(struct device) > 0x100000000ull)
+		return 0;
+	opt_devices_paddr = addr;
+	opt_max_devices = max;
+	return 1;
+}
+
 /* pcihole.ecam=BASE,START-END[,SEGMENT] */
 static int parse_ecam(const char *p)
 {
@@ -445,6 +471,9 @@ static void parse_cmdline(const char *p)
 		if (starts_with(p, "pcihole.ecam=")) {
 			if (!parse_ecam(p + 13))
 				status |= ST_BAD_OPTION;
+		} else if (starts_with(p, "pcihole.devices=")) {
+			if (!parse_devices(p + 16))
+				status |= ST_BAD_OPTION;
 		} else if (starts_with(p, "pcihole.repeat=")) {
 			const char *q = p + 15;
 			u64 n;
@@ -469,6 +498,27 @@ static void parse_cmdline(const char *p)
 /* The scan (drivers/pci/probe.c and arch/x86/pci/legacy.c, in small)  */
 
 static u32 known[MAX_REGIONS][8];	/* buses already scanned, per region */
+/*
+ * The regions of each segment, as chains of index + 1 (0 ends a chain), so
+ * that finding the regions of a bus costs the regions of its segment, not all
+ * of them: with a thousand one-bus segments, a scan over every region for
+ * every bus made the scan quadratic (seconds under a software KVM).
+ */
+static u16 segment_first[65536];
+static u16 segment_next[MAX_REGIONS];
+
+static void link_segments(void)
+{
+	struct report *r = &pcihole_report;
+	u32 i;
+
+	for (i = r->nregions; i-- > 0;) {
+		u16 seg = r->regions[i].segment;
+
+		segment_next[i] = segment_first[seg];
+		segment_first[seg] = (u16)(i + 1);
+	}
+}
 
 static int id_absent(u32 id)
 {
@@ -486,12 +536,11 @@ static int region_of(u16 seg, u32 bus)
 	struct report *r = &pcihole_report;
 	u32 i;
 
-	for (i = 0; i < r->nregions; i++) {
-		struct region *g = &r->regions[i];
+	for (i = segment_first[seg]; i; i = segment_next[i - 1]) {
+		struct region *g = &r->regions[i - 1];
 
-		if (!(g->flags & REGION_SKIPPED) && g->segment == seg && g->start_bus <= bus &&
-		    bus <= g->end_bus)
-			return (int)i;
+		if (!(g->flags & REGION_SKIPPED) && g->start_bus <= bus && bus <= g->end_bus)
+			return (int)(i - 1);
 	}
 	return -1;
 }
@@ -501,11 +550,11 @@ static void mark_known(u16 seg, u32 bus)
 	struct report *r = &pcihole_report;
 	u32 i;
 
-	for (i = 0; i < r->nregions; i++) {
-		struct region *g = &r->regions[i];
+	for (i = segment_first[seg]; i; i = segment_next[i - 1]) {
+		struct region *g = &r->regions[i - 1];
 
-		if (g->segment == seg && g->start_bus <= bus && bus <= g->end_bus)
-			known[i][bus >> 5] |= 1u << (bus & 31);
+		if (g->start_bus <= bus && bus <= g->end_bus)
+			known[i - 1][bus >> 5] |= 1u << (bus & 31);
 	}
 }
 
@@ -563,8 +612,8 @@ static void scan_bus(int ri, u32 bus, int one_child, u8 dflags)
 			}
 			hdr = cfg_read8(cfg + 0x0e);
 			cr = cfg_read32(cfg + 0x08);
-			if (r->ndevices < MAX_DEVICES) {
-				struct device *d = &r->devices[r->ndevices];
+			if (r->ndevices < r->max_devices) {
+				struct device *d = &devices[r->ndevices];
 
 				d->segment = seg;
 				d->bus = (u8)bus;
@@ -586,9 +635,9 @@ static void scan_bus(int ri, u32 bus, int one_child, u8 dflags)
 	}
 
 	/* Then the bridges of this bus, as pci_scan_child_bus_extend does. */
-	last = r->ndevices < MAX_DEVICES ? r->ndevices : MAX_DEVICES;
+	last = r->ndevices < r->max_devices ? r->ndevices : r->max_devices;
 	for (i = first; i < last; i++) {
-		struct device *d = &r->devices[i];
+		struct device *d = &devices[i];
 		u32 cfg, buses, sec;
 		int one, rj;
 
@@ -634,8 +683,9 @@ static void scan_all(void)
 
 	nreads = 0;
 	r->ndevices = 0;
-	memzero(known, sizeof(known));
-	memzero(r->devices, sizeof(r->devices));
+	/* Only the regions in use: 128 KiB for all 4096 would cost every scan. Device entries need no
+	 * zeroing: scan_bus writes every field of each one it records. */
+	memzero(known, r->nregions * sizeof(known[0]));
 	/* Root buses first (one per region: its start bus), then peer buses. */
 	for (i = 0; i < r->nregions; i++)
 		if (!(r->regions[i].flags & REGION_SKIPPED) && !is_known((int)i, r->regions[i].start_bus))
@@ -672,9 +722,9 @@ static void print_report(void)
 			puts(g->source == SRC_MCFG ? " source=mcfg" : " source=cmdline");
 			puts(g->flags & REGION_SKIPPED ? " skipped\n" : "\n");
 		}
-		n = r->ndevices < MAX_DEVICES ? r->ndevices : MAX_DEVICES;
+		n = r->ndevices < r->max_devices ? r->ndevices : r->max_devices;
 		for (i = 0; i < n; i++) {
-			struct device *d = &r->devices[i];
+			struct device *d = &devices[i];
 
 			puts("pcihole-scan: ");
 			puthex(d->segment, 4);
@@ -724,9 +774,10 @@ u32 pcihole_main(u32 start_info)
 
 	r->magic = REPORT_MAGIC;
 	r->version = REPORT_VERSION;
-	r->header_size = 0x30;
+	r->header_size = (u16)__builtin_offsetof(struct report, regions);
 	r->max_regions = MAX_REGIONS;
-	r->max_devices = MAX_DEVICES;
+	r->max_devices = DEFAULT_MAX_DEVICES;
+	r->devices_paddr = (u32)default_devices;
 	r->state = STATE_RUNNING;
 
 	if (start_info && rd32(start_info) == HVM_START_MAGIC) {
@@ -739,6 +790,12 @@ u32 pcihole_main(u32 start_info)
 		status |= ST_BAD_START_INFO;
 	}
 
+	if (opt_max_devices) {
+		devices = (struct device *)(u32)opt_devices_paddr;
+		r->devices_paddr = (u32)opt_devices_paddr;
+		r->max_devices = (u32)opt_max_devices;
+	}
+
 	/* pcihole.ecam= replaces the firmware's description; ACPI is not read then. */
 	if (!r->nregions)
 		acpi_find_ecam(rsdp_hint);
@@ -747,6 +804,7 @@ u32 pcihole_main(u32 start_info)
 			break;
 	if (n == r->nregions)
 		status |= ST_NO_ECAM;
+	link_segments();
 
 	tsc_start = rdtsc();
 	for (n = 0; n < opt_repeat; n++) {

@@ -8,13 +8,17 @@ Each step wraps what goes wrong in one `MachineBuildError` saying which step and
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import replace
 
-from pcihole.acpi import build_tables
+from pcihole.acpi import AcpiTables, build_tables
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
+from pcihole.guest import REPORT_SYMBOL
+from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, check_symbols
+from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor
 from pcihole.hv.uapi import KvmCap
@@ -28,6 +32,7 @@ from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
@@ -36,12 +41,14 @@ from pcihole.memory import (
     Ram,
     Region,
     StrategyUnavailable,
+    make_strategy,
     page_range,
 )
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
 log = logging.getLogger(__name__)
+DEVICE_SIZE = DEVICE_STRUCT.size
 
 
 class MachineBuildError(RuntimeError):
@@ -84,20 +91,24 @@ def build_machine(
     try:
         vm = hv.create_vm()
         step = "set up guest memory"
-        try:
-            memory = GuestMemory(hv, vm, strategy)
-        except StrategyUnavailable as e:
-            raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
-
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
             raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
+        holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
+        try:
+            # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+        except StrategyUnavailable as e:
+            raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
+
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
-        pages = host_bridge.present_pages()
-        for seg in host_bridge.segments:
-            in_window = [p for p in pages if seg.window_base <= p <= seg.window_last]
-            regions += punched_hole(segment_hole(seg, host_bridge), in_window, host_bridge)
+        pages = host_bridge.present_pages()  # sorted
+        for hole in holes:
+            # bisect: a scan of every page for every hole is quadratic with a thousand segments
+            lo = bisect.bisect_left(pages, hole.range.start.value)
+            hi = bisect.bisect_right(pages, hole.range.last.value)
+            regions += punched_hole(hole, pages[lo:hi], host_bridge)
         try:
             memory.update(MemoryMap(regions))
         except (ValueError, RuntimeError) as e:
@@ -106,21 +117,30 @@ def build_machine(
         host_bridge.add_listener(hotplug)
 
         step = "load the ACPI tables and the kernel"
-        acpi = build_tables(host_bridge.segments, layout.ACPI_GPA)
-        if len(acpi.blob) > layout.ACPI_MAX:
-            raise MachineBuildError(f"ACPI tables take {len(acpi.blob)} bytes, more than {layout.ACPI_MAX}")
+        acpi = acpi_tables(spec)
         memory.write_guest(layout.ACPI_GPA, acpi.blob)
 
         try:
             image = ElfImage(kernel, kernel_name)
-            entry = load_elf(image, memory.write_guest, ram_size)
-        except (ElfError, PvhError) as e:
+            entry = load_elf(image, memory.write_guest, ram_size, layout.LOW_MEMORY)
+            # A broken symbol table, or a report outside RAM, is found now, not after the run.
+            check_symbols(image, ram_size)
+        except (ElfError, PvhError, ReportError) as e:
             raise MachineBuildError(str(e)) from e
+        device_area = None
+        if REPORT_SYMBOL in image.symbols():
+            device_area = scan_device_area(spec, image, len(host_bridge.devices()))
+            cmdline = f"{cmdline} {device_area.option()}".strip()
         cmdline_bytes = cmdline.encode() + b"\0"
         if len(cmdline_bytes) > layout.CMDLINE_MAX:
             raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
         memory.write_guest(layout.CMDLINE_GPA, cmdline_bytes)
         memmap = e820_map(ram_size, host_bridge)
+        if len(memmap) > layout.MEMMAP_MAX_ENTRIES:
+            raise MachineBuildError(
+                f"{spec.path}: the PVH memory map needs {len(memmap)} entries, more than the "
+                f"{layout.MEMMAP_MAX_ENTRIES} its area holds (one per ECAM segment, plus 4): use fewer segments"
+            )
         info, table = start_info(
             cmdline_paddr=layout.CMDLINE_GPA,
             rsdp_paddr=acpi.rsdp_gpa,
@@ -158,6 +178,7 @@ def build_machine(
             pio=pio,
             serial=serial,
             stats=stats,
+            device_area=device_area,
         )
     except BaseException as e:
         # The VM (and its vCPU) before the memory it maps: Machine.close says why.
@@ -170,6 +191,38 @@ def build_machine(
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
             raise HostUnavailable(f"cannot {step} on the {hv.name} backend: {e}") from e
         raise
+
+
+def scan_device_area(spec: MachineFile, image: ElfImage, functions: int) -> DeviceArea:
+    """Where the scan guest puts its device list (pcihole.devices=ADDR,MAX): at the top of RAM, room
+    for every function of the machine plus DEFAULT_MAX_DEVICES (functions hot-added while it runs),
+    so any machine is reported in full. MachineBuildError if it would not fit above the kernel."""
+    max_devices = functions + DEFAULT_MAX_DEVICES
+    size = max_devices * DEVICE_SIZE
+    paddr = (spec.ram_bytes - size) & ~(PAGE_SIZE - 1)
+    kernel_end = max((s.paddr + s.memsz for s in image.loadable()), default=layout.KERNEL_MIN_GPA)
+    if paddr < max(kernel_end, layout.KERNEL_MIN_GPA):
+        raise MachineBuildError(
+            f"{spec.path}: {spec.ram_mib} MiB of RAM leaves no room above the kernel for the scan guest's "
+            f"device list ({max_devices} entries, {size} bytes): give the machine more RAM"
+        )
+    return DeviceArea(paddr, max_devices)
+
+
+def acpi_tables(spec: MachineFile) -> AcpiTables:
+    """The machine's ACPI tables; MachineBuildError, naming the machine file, where they do not fit
+    in the area the guest finds them in (ACPI_MAX bytes from ACPI_GPA: about 1,500 segments)."""
+    try:
+        acpi = build_tables(spec.segments, layout.ACPI_GPA)
+    except ValueError as e:
+        raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e
+    if len(acpi.blob) > layout.ACPI_MAX:
+        raise MachineBuildError(
+            f"{spec.path}: the ACPI tables take {len(acpi.blob)} bytes, more than the {layout.ACPI_MAX} "
+            f"of the BIOS area [{layout.ACPI_GPA:#x}, {layout.ACPI_GPA + layout.ACPI_MAX - 1:#x}] "
+            f"({len(spec.segments)} ECAM segments): use fewer segments"
+        )
+    return acpi
 
 
 def _without_prefix(message: str, backend: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pcihole.guest import REPORT_SYMBOL
-from pcihole.guest.report import ReportError, ScanReport, read_report, read_scan_tsc
+from pcihole.guest.report import DeviceArea, ReportError, ScanReport, read_report, read_scan_tsc
 from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.dispatch import ExitHandler, Stop
 from pcihole.machine.run_loop import run_until_stop
@@ -104,6 +104,8 @@ class Machine:
     pio: Bus
     serial: SerialConsole
     stats: RunStats
+    #: Where the scan guest was told to put its device list (None: not the scan guest).
+    device_area: DeviceArea | None = None
 
     def run(self, timeout: float | None = None, stops: StopRequest | None = None) -> RunResult:
         """Run the guest until it stops, `timeout` passes or `stops` is asked (a signal, any thread)."""
@@ -141,7 +143,7 @@ class Machine:
         if REPORT_SYMBOL not in self.image.symbols():
             return None
         try:
-            return read_report(self.image, self.memory.read_guest)
+            return read_report(self.image, self.memory.read_guest, self.device_area)
         except ReportError:
             return None
 

@@ -3,14 +3,15 @@
 Schema (every key is checked: an unknown key, a wrong type or an invalid value is an error)::
 
     [machine]                       # required
-    ram_mib = 64                    # required, integer >= 1: guest RAM in MiB
+    ram_mib = 64                    # required, integer 1..4096: guest RAM in MiB (RAM starts at 0 and
+                                    #   must end below the ECAM windows, which lie below 4 GiB)
     name = "default"                # optional string
 
     [[segment]]                     # one or more; each is an ECAM window and its hole
     id = 0                          # required, PCI segment group 0..65535
     ecam_base = 0xe0000000          # required: guest-physical address of bus 0 (MCFG Base Address),
                                     #   aligned to 2^(n+20) for n bus-number bits, window below 4 GiB
-    buses = "0-255"                 # optional, "first-last" (decimal), default "0-255"
+    buses = "0-255"                 # optional, "first-last" (ASCII decimal), default "0-255"
     fill = 0xff                     # optional, the byte absent functions read as, default 0xff
     writes = "discard"              # optional, "discard" | "trap" (log Unsupported Requests), default "discard"
 
@@ -43,20 +44,23 @@ Every segment has an implicit host bridge at <first bus>:00.0. Several endpoints
 device form a multi-function device (function 0 required; it gets the multi-function bit). The rules
 the hierarchy must follow, and why, are in `pcihole.pci.topology`.
 
-Errors are `MachineFileError` (a ValueError) with a one-line message naming the file and the problem,
-e.g. ``machine.toml: endpoint 0000:05:00.0: bus 5 is reached by no bridge``.
+A machine file is a regular file of at most 16 MiB (`MACHINE_FILE_MAX`) of UTF-8 text; every integer in
+it must fit in 64 bits. Errors are `MachineFileError` (a ValueError) with a one-line message naming the
+file and the problem, e.g. ``machine.toml: endpoint 0000:05:00.0: bus 5 is reached by no bridge``; values
+quoted in messages are shortened (`quote`), so a 5 KB value cannot make a 5 KB line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
+from pcihole.host.input_file import InputFileError, MiB, read_input_file
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.topology import (
     QEMU_SUBSYSTEM,
@@ -73,7 +77,16 @@ from pcihole.pci.topology import (
 )
 
 DEFAULT_MACHINE = "default.toml"
-_BUSES_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+#: A machine with 33,000 functions (more than KVM's memslots can hole-punch) is 2.5 MB of TOML.
+MACHINE_FILE_MAX = 16 * MiB
+#: RAM is one range from address 0, and every ECAM window lies below 4 GiB and must not overlap it.
+RAM_MIB_MAX = 4096
+#: Integers wider than this are no address, size or ID a machine can use (u64 at most).
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+#: ASCII only: \d and int() also take other scripts' digits ("\u0660-\u0665").
+_BUSES_RE = re.compile(r"[ \t]*([0-9]+)[ \t]*-[ \t]*([0-9]+)[ \t]*")
+_QUOTE_MAX = 40
+_MESSAGE_MAX = 300
 _TOML_TYPE_NAMES = {
     bool: "boolean",
     int: "integer",
@@ -104,6 +117,12 @@ class MachineFile:
     @property
     def segments(self) -> tuple[Segment, ...]:
         return self.topology.segments
+
+
+def quote(value: object) -> str:
+    """repr(value), shortened to about 40 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE_MAX else f"{text[: _QUOTE_MAX - 12]}...({len(text)} chars)"
 
 
 def _type_name(value: object) -> str:
@@ -167,12 +186,12 @@ def _array_of_tables(document: dict[str, Any], key: str) -> list[Any]:
 
 def _parse_buses(table: _Table) -> tuple[int, int]:
     text = table.get_str("buses", default="0-255")
-    match = _BUSES_RE.match(text)
+    match = _BUSES_RE.fullmatch(text)
     if match is None:
-        raise _Problem(f'{table.where}: buses {text!r} must be "first-last", e.g. "0-255"')
+        raise _Problem(f'{table.where}: buses {quote(text)} must be "first-last", e.g. "0-255"')
     first, last = int(match.group(1)), int(match.group(2))
     if not first <= last <= 255:
-        raise _Problem(f"{table.where}: buses {text!r} must have 0 <= first <= last <= 255")
+        raise _Problem(f"{table.where}: buses {quote(text)} must have 0 <= first <= last <= 255")
     return first, last
 
 
@@ -184,6 +203,11 @@ def _parse_machine(document: dict[str, Any]) -> tuple[str, int]:
     ram_mib = table.get_int("ram_mib", required=True)
     if ram_mib < 1:
         raise _Problem(f"[machine]: ram_mib {ram_mib} must be at least 1")
+    if ram_mib > RAM_MIB_MAX:
+        raise _Problem(
+            f"[machine]: ram_mib {ram_mib} must be at most {RAM_MIB_MAX} (RAM starts at 0 and must end "
+            "below the ECAM windows, which lie below 4 GiB)"
+        )
     return table.get_str("name", default=""), ram_mib
 
 
@@ -256,7 +280,21 @@ def _parse_endpoint(index: int, data: object) -> EndpointSpec:
     )
 
 
+def _check_integers(document: dict[str, Any]) -> None:
+    """Every integer fits in 64 bits (iteratively: the document may be nested deep)."""
+    stack: list[tuple[str, object]] = [("", document)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+            raise _Problem(f"{where}: an integer of {value.bit_length()} bits is out of range (64 bits at most)")
+
+
 def _parse(document: dict[str, Any], path: str) -> MachineFile:
+    _check_integers(document)
     for key in document:
         if key not in ("endpoint", "machine", "root_port", "segment"):
             raise _Problem(f"unknown top-level key {key!r} (known: endpoint, machine, root_port, segment)")
@@ -277,17 +315,36 @@ def loads(text: str, path: str = "<string>") -> MachineFile:
     """Parse a machine file's text; `path` is the name errors start with."""
     try:
         document = tomllib.loads(text)
-        return _parse(document, path)
     except tomllib.TOMLDecodeError as e:
-        raise MachineFileError(f"{path}: invalid TOML: {e}") from None
+        raise MachineFileError(f"{path}: invalid TOML: {_shorten(str(e))}") from None
+    except RecursionError:
+        raise MachineFileError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError as e:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise MachineFileError(f"{path}: invalid TOML: {_shorten(str(e).split(';')[0])}") from None
+    try:
+        return _parse(document, path)
     except _Problem as e:
-        raise MachineFileError(f"{path}: {e}") from None
+        raise MachineFileError(f"{path}: {_shorten(str(e))}") from None
+
+
+def _shorten(message: str) -> str:
+    return message if len(message) <= _MESSAGE_MAX else message[: _MESSAGE_MAX - 3] + "..."
 
 
 def load(path: str | PathLike[str]) -> MachineFile:
-    """Read and validate a machine file (OSError if it cannot be read, MachineFileError if it is wrong)."""
-    text = Path(path).read_text(encoding="utf-8")
-    return loads(text, str(path))
+    """Read and validate a machine file (OSError if it cannot be opened, MachineFileError if it is
+    not a regular file of at most MACHINE_FILE_MAX bytes of UTF-8 TOML, or is wrong)."""
+    try:
+        data = read_input_file(path, limit=MACHINE_FILE_MAX, what="a machine file")
+    except InputFileError as e:
+        raise MachineFileError(str(e)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MachineFileError(
+            f"{os.fspath(path)}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+        ) from None
+    return loads(text, os.fspath(path))
 
 
 def load_default() -> MachineFile:

@@ -9,7 +9,8 @@ from . import ecam
 
 MAX_SEGMENT = 0xFFFF  # MCFG's PCI Segment Group Number is a u16
 
-_BDF_RE = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+# fullmatch, not "$": "$" also matches before a trailing newline.
+_BDF_RE = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -34,9 +35,10 @@ class Bdf:
     @classmethod
     def parse(cls, text: str) -> Bdf:
         """Parse "SSSS:BB:DD.F" (all hexadecimal, as lspci -D prints); the segment part is required."""
-        match = _BDF_RE.match(text)
+        match = _BDF_RE.fullmatch(text)
         if match is None:
-            raise ValueError(f"{text!r} is not a BDF of the form SSSS:BB:DD.F (hexadecimal)")
+            shown = repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
+            raise ValueError(f"{shown} is not a BDF of the form SSSS:BB:DD.F (hexadecimal)")
         segment, bus, device, function = (int(part, 16) for part in match.groups())
         return cls(segment, bus, device, function)
 

@@ -1,12 +1,14 @@
 """Hole strategies: how a hole is made to read as fill bytes (DESIGN.md "Strategies").
 
 `make_strategy(name, hypervisor, vm)` builds one by name; "auto" picks native > ro-alias > exit,
-the first the backend can express. Asking for one the backend cannot do raises
+the first the backend can express and that can implement the holes it is given (native cannot
+fill with anything but 0xff). Asking for one the backend cannot do raises
 `StrategyUnavailable` naming what is missing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, StrategyUnavailable
@@ -18,6 +20,7 @@ from pcihole.memory.strategies.ro_filled import RoFilledStrategy
 
 if TYPE_CHECKING:
     from pcihole.hv.interface import Hypervisor, Vm
+    from pcihole.memory.region import Hole
 
 STRATEGIES: dict[str, type[HoleStrategy]] = {
     s.name: s for s in (ExitStrategy, RoFilledStrategy, RoAliasStrategy, NativeStrategy, MmioBusStrategy)
@@ -26,13 +29,20 @@ STRATEGY_NAMES = ("auto", *STRATEGIES)
 AUTO_ORDER = ("native", "ro-alias", "exit")
 
 
-def resolve_strategy(name: str, hypervisor: Hypervisor, vm: Vm) -> type[HoleStrategy]:
-    """The strategy class for `name` on this backend, or StrategyUnavailable saying what is missing."""
+def resolve_strategy(
+    name: str, hypervisor: Hypervisor, vm: Vm, holes: Sequence[Hole] = ()
+) -> type[HoleStrategy]:
+    """The strategy class for `name` on this backend, or StrategyUnavailable saying what is missing.
+    "auto" skips any strategy that cannot implement `holes` (the holes the machine will have)."""
     if name == "auto":
+        reasons = []
         for candidate in AUTO_ORDER:
-            if STRATEGIES[candidate].missing(hypervisor, vm) is None:
-                return STRATEGIES[candidate]
-        raise StrategyUnavailable("no strategy available (not even exit?)")
+            cls = STRATEGIES[candidate]
+            reason = cls.missing(hypervisor, vm) or cls.cannot_do(holes)
+            if reason is None:
+                return cls
+            reasons.append(reason)
+        raise StrategyUnavailable(f"no strategy can do this machine: {'; '.join(reasons)}")
     try:
         cls = STRATEGIES[name]
     except KeyError:
@@ -48,9 +58,9 @@ def available_strategies(hypervisor: Hypervisor, vm: Vm) -> list[str]:
 
 
 def make_strategy(
-    name: str, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None
+    name: str, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None, holes: Sequence[Hole] = ()
 ) -> HoleStrategy:
-    return resolve_strategy(name, hypervisor, vm)(hypervisor, vm, map_budget=map_budget)
+    return resolve_strategy(name, hypervisor, vm, holes)(hypervisor, vm, map_budget=map_budget)
 
 
 __all__ = [

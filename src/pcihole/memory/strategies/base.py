@@ -92,6 +92,11 @@ class HoleStrategy(ABC):
         """None if the backend can do this strategy, else a sentence naming what is missing."""
         return None
 
+    @classmethod
+    def cannot_do(cls, holes: Sequence[Hole]) -> str | None:
+        """None if this strategy can implement these holes (once `missing()` is None), else why not."""
+        return None
+
     @abstractmethod
     def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
         """The kernel objects for these holes; allocates any backing they need."""

@@ -34,13 +34,19 @@ class NativeStrategy(HoleStrategy):
             return f"native needs KVM_CAP_PCI_HOLE_MEM, which this {hypervisor.name} hypervisor does not advertise"
         return None
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    @classmethod
+    def cannot_do(cls, holes: Sequence[Hole]) -> str | None:
         for h in holes:
             if h.fill != PCI_HOLE_FILL:
-                raise StrategyUnavailable(
+                return (
                     f"native cannot fill {h.describe()} with {h.fill:#04x}: KVM_MEM_PCI_HOLE reads always "
                     f"return {PCI_HOLE_FILL:#04x}"
                 )
+        return None
+
+    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+        if (reason := self.cannot_do(holes)) is not None:
+            raise StrategyUnavailable(reason)
         slots = tuple(
             SlotSpec(p.range, KVM_MEM_PCI_HOLE, 0)
             for p in plan_plain_slots(fill_runs(holes), free_slots=free_slots)
