@@ -24,7 +24,7 @@ from .registers import (
     PCI_SUBSYSTEM_ID,
     PCI_SUBSYSTEM_VENDOR_ID,
 )
-from .topology import BAR_IO, BAR_MEM64, BarSpec, EndpointSpec, HostBridgeSpec
+from .topology import BAR_IO, BAR_MEM64, BarSpec, EndpointSpec, ExpanderSpec, HostBridgeSpec
 
 BAR_REGISTER_SIZE = 4
 
@@ -44,7 +44,7 @@ def bar_flags(bar: BarSpec) -> int:
 class Endpoint(PciFunction):
     kind = "endpoint"
 
-    def __init__(self, spec: EndpointSpec, *, root_complex_integrated: bool) -> None:
+    def __init__(self, spec: EndpointSpec, *, root_complex_integrated: bool, conventional: bool = False) -> None:
         super().__init__(spec.bdf, spec.name)
         self.init_common_header(
             vendor=spec.vendor,
@@ -59,10 +59,14 @@ class Endpoint(PciFunction):
         for bar in spec.bars:
             self._init_bar(bar)
         # On the root bus a function is integrated in the Root Complex (type 9); below a port it is
-        # an ordinary PCI Express Endpoint (type 0), §7.5.3.2.
-        self.pcie_cap = add_pcie_capability(
-            self.config, PCI_EXP_TYPE_RC_END if root_complex_integrated else PCI_EXP_TYPE_ENDPOINT
-        )
+        # an ordinary PCI Express Endpoint (type 0), §7.5.3.2. Below a conventional PCI-PCI bridge it
+        # is a conventional function, as QEMU's virtio devices drop their PCIe capability on a
+        # conventional bus (virtio_pci_realize: pci_bus_is_express()).
+        self.pcie_cap: int | None = None
+        if not conventional:
+            self.pcie_cap = add_pcie_capability(
+                self.config, PCI_EXP_TYPE_RC_END if root_complex_integrated else PCI_EXP_TYPE_ENDPOINT
+            )
 
     def _init_bar(self, bar: BarSpec) -> None:
         address_mask = ~(bar.size - 1) & (
@@ -86,6 +90,32 @@ class HostBridgeFunction(PciFunction):
 
     def __init__(self, spec: HostBridgeSpec) -> None:
         super().__init__(spec.bdf, spec.name)
+        self.init_common_header(
+            vendor=spec.vendor,
+            device=spec.device,
+            class_code=spec.class_code,
+            revision=0,
+            layout=PCI_HEADER_TYPE_NORMAL,
+            interrupt_pin=0,
+        )
+        self.pcie_cap = add_pcie_capability(self.config, PCI_EXP_TYPE_RC_END)
+
+
+class ExpanderFunction(PciFunction):
+    """A PCIe expander bridge's function on the main root bus (QEMU pxb-pcie, 1b36:000b, class 0x060000).
+
+    It is only a marker, as in QEMU (pxb_dev_realize: a host bridge class function with no BARs):
+    the root bus it opens is found by Linux through the expander's PNP0A08 in the DSDT (_BBN), and by
+    the scan guest through the peer-bus scan. Like the main host bridge function it carries a Root
+    Complex Integrated Endpoint PCIe capability.
+    """
+
+    kind = "expander bridge"
+
+    def __init__(self, spec: ExpanderSpec) -> None:
+        super().__init__(spec.bdf, spec.name)
+        self.bus = spec.bus
+        self.last_bus = spec.last_bus
         self.init_common_header(
             vendor=spec.vendor,
             device=spec.device,

@@ -36,19 +36,29 @@ from dataclasses import dataclass
 from . import ecam
 from .access import split_access
 from .bdf import Bdf
-from .endpoint import Endpoint, HostBridgeFunction
+from .endpoint import Endpoint, ExpanderFunction, HostBridgeFunction
 from .function import DeviceInfo, PciFunction
+from .pci_bridge import PciBridge
+from .pcie_port import PciePort
 from .root_port import RootPort
+from .switch_port import DownstreamPort, UpstreamPort
 from .topology import (
+    BUS_CONVENTIONAL,
+    BUS_ROOT,
     WRITES_TRAP,
-    EndpointSpec,
+    AddableSpec,
+    DownstreamPortSpec,
+    ExpanderSpec,
     FunctionSpec,
     HostBridgeSpec,
+    PciBridgeSpec,
     RootPortSpec,
     Segment,
     Topology,
     TopologyError,
+    UpstreamPortSpec,
 )
+from .type1_header import Type1Function
 
 PAGE_SIZE = ecam.CONFIG_SPACE_SIZE
 PAGE_MASK = ~(PAGE_SIZE - 1)
@@ -99,7 +109,7 @@ class HostBridge:
         for fn in self._functions.values():
             if fn.bdf.function == 0:
                 fn.set_multifunction(functions_per_device[(fn.bdf.segment, fn.bdf.bus, fn.bdf.device)] > 1)
-            if isinstance(fn, RootPort):
+            if isinstance(fn, PciePort) and fn.has_slot:
                 fn.set_slot_occupied((fn.bdf.segment, fn.secondary) in occupied_buses, hotplug=False)
 
     # --- topology ---------------------------------------------------------------------------------------
@@ -127,8 +137,18 @@ class HostBridge:
             return HostBridgeFunction(spec)
         if isinstance(spec, RootPortSpec):
             return RootPort(spec)
-        root_bus = topology.segment(spec.bdf.segment).root_bus
-        return Endpoint(spec, root_complex_integrated=spec.bdf.bus == root_bus)
+        if isinstance(spec, UpstreamPortSpec):
+            return UpstreamPort(spec)
+        if isinstance(spec, DownstreamPortSpec):
+            return DownstreamPort(spec)
+        if isinstance(spec, PciBridgeSpec):
+            return PciBridge(spec)
+        if isinstance(spec, ExpanderSpec):
+            return ExpanderFunction(spec)
+        bus_kind = topology.bus_kind(spec.bdf.segment, spec.bdf.bus)
+        return Endpoint(
+            spec, root_complex_integrated=bus_kind == BUS_ROOT, conventional=bus_kind == BUS_CONVENTIONAL
+        )
 
     def function(self, bdf: Bdf) -> PciFunction | None:
         """The present function at bdf, if any (its config space is guarded by this bridge's lock)."""
@@ -226,14 +246,14 @@ class HostBridge:
             for address, length, segment in pieces:
                 self._unsupported_request(segment, address, length)
 
-    def _unsupported_request(self, segment: Segment, address: int, length: int) -> RootPort | None:
+    def _unsupported_request(self, segment: Segment, address: int, length: int) -> Type1Function | None:
         target = ecam.decode(address - segment.ecam_base)
         self.stats.unsupported_requests += 1
         spec = self._topology.bridge_for_bus(segment.id, target.bus)
         if spec is None:
             return None  # completed by the Root Complex: nothing guest-visible to set
         port = self._functions.get(segment.page_gpa(spec.bdf))
-        if not isinstance(port, RootPort):
+        if not isinstance(port, Type1Function):
             return None
         bdf = Bdf(segment.id, target.bus, target.device, target.function)
         port.record_unsupported_request(bdf, target.register, _byte_enables(address, length))
@@ -258,7 +278,7 @@ class HostBridge:
                 listener(page, not present)
             raise
 
-    def add_function(self, spec: EndpointSpec | RootPortSpec) -> PciFunction:
+    def add_function(self, spec: AddableSpec) -> PciFunction:
         """Hot-add a function; raises TopologyError (and changes nothing) if the result would be invalid."""
         with self._hotplug_lock:
             topology = self._topology.with_function(spec).validate()
@@ -273,7 +293,7 @@ class HostBridge:
             return fn
 
     def remove_function(self, bdf: Bdf) -> None:
-        """Hot-remove a root port or endpoint (function 0 last; a port only when nothing is below it)."""
+        """Hot-remove a bridge, port or endpoint (function 0 last; a bridge only when nothing is below it)."""
         with self._hotplug_lock:
             topology = self._topology.without_function(bdf).validate()
             page = self._page_of(bdf)
@@ -291,14 +311,16 @@ class HostBridge:
             fn0.set_multifunction(self._topology.is_multifunction(fn0.bdf))
 
     def _update_slot(self, bdf: Bdf, *, hotplug: bool) -> None:
-        """Presence Detect / link state of the root port whose secondary bus is bdf's bus."""
-        spec = self._topology.bridge_for_bus(bdf.segment, bdf.bus)
-        if spec is None or spec.secondary != bdf.bus:
+        """Presence Detect / link state of the root or downstream port whose secondary bus is bdf's bus."""
+        spec = self._topology.parent_bridge(bdf.segment, bdf.bus)
+        if spec is None:
             return
         port = self._functions.get(self._page_of(spec.bdf))
-        if isinstance(port, RootPort):
+        if isinstance(port, PciePort) and port.has_slot:
             occupied = any(
-                f.bdf.segment == bdf.segment and f.bdf.bus == bdf.bus for f in self._topology.endpoints
+                f.bdf.segment == bdf.segment and f.bdf.bus == bdf.bus
+                for f in self._topology.functions()
+                if not isinstance(f, HostBridgeSpec)
             )
             port.set_slot_occupied(occupied, hotplug=hotplug)
 

@@ -109,8 +109,16 @@ PCI_BRIDGE_CTL_WRITABLE = 0x007F  # parity, SERR, ISA, VGA, VGA16, master-abort 
 # --- Capability list (§7.5.1.1.11 and §7.6) ------------------------------------------------------------------
 PCI_CAP_LIST_ID = 0  # u8 capability ID
 PCI_CAP_LIST_NEXT = 1  # u8 offset of the next one, 0 ends the list
+PCI_CAP_ID_SLOTID = 0x04  # Slot Identification (PCI-to-PCI Bridge Architecture 1.2 §13.2)
 PCI_CAP_ID_EXP = 0x10  # PCI Express capability
 PCI_CAP_START = 0x40  # first byte after the standard header
+
+# Slot Identification capability, offsets from its start
+PCI_SID_ESR = 2  # u8 Expansion Slot Register
+PCI_SID_ESR_NSLOTS = 0x1F  # number of expansion slots
+PCI_SID_ESR_FIC = 0x20  # first in chassis
+PCI_SID_CHASSIS_NR = 3  # u8 chassis number, read-write
+PCI_SID_SIZEOF = 4
 
 PCI_EXT_CAP_START = 0x100  # the extended capability list starts here (§7.6.1)
 PCI_EXT_CAP_ID_ERR = 0x0001  # Advanced Error Reporting

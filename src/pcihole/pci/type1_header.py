@@ -1,0 +1,93 @@
+"""Type 1 functions (PCIe 6.0 §7.5.1.3): what every bridge has, whatever kind of bridge it is.
+
+Root ports, switch ports and PCI-PCI bridges share it (QEMU: pci_bridge_initfn() and the wmask set up
+by pci_init_wmask_bridge() in hw/pci/pci.c). Bus numbers are programmed at power-on as firmware would
+(Primary = the bridge's bus, Secondary, Subordinate) and stay read-write; Linux on x86 keeps firmware
+bus numbers (pcibios_assign_all_busses() is false unless pci=assign-busses). Routing in `HostBridge`
+follows the topology, not these registers: a guest that renumbers buses would see stale routing.
+The windows (I/O 16-bit, memory, 64-bit prefetchable) reset to 0, as QEMU's do; Linux sizes and
+programs them (pci_read_bridge_windows(), pci_setup_bridge()); nothing decodes them.
+"""
+
+from __future__ import annotations
+
+from .bdf import Bdf
+from .function import INTERRUPT_PIN_INTA, PciFunction
+from .registers import (
+    PCI_BRIDGE_CONTROL,
+    PCI_BRIDGE_CTL_WRITABLE,
+    PCI_HEADER_TYPE_BRIDGE,
+    PCI_IO_BASE,
+    PCI_IO_LIMIT,
+    PCI_IO_RANGE_TYPE_16,
+    PCI_MEMORY_BASE,
+    PCI_MEMORY_LIMIT,
+    PCI_PREF_BASE_UPPER32,
+    PCI_PREF_LIMIT_UPPER32,
+    PCI_PREF_MEMORY_BASE,
+    PCI_PREF_MEMORY_LIMIT,
+    PCI_PREF_RANGE_TYPE_64,
+    PCI_PRIMARY_BUS,
+    PCI_SEC_STATUS,
+    PCI_SECONDARY_BUS,
+    PCI_STATUS_ERROR_BITS,
+    PCI_STATUS_REC_MASTER_ABORT,
+    PCI_SUBORDINATE_BUS,
+)
+
+# Window registers (§7.5.1.3.6-9): only the address bits are writable; the low nibble says the type.
+IO_WINDOW_WRITABLE = 0xF0
+MEMORY_WINDOW_WRITABLE = 0xFFF0
+
+
+class Type1Function(PciFunction):
+    """A bridge: the type 1 header with bus numbers, windows, Secondary Status and Bridge Control."""
+
+    kind = "bridge"
+
+    def __init__(
+        self, bdf: Bdf, name: str, *, vendor: int, device: int, class_code: int, revision: int,
+        secondary: int, subordinate: int,
+    ) -> None:  # fmt: skip
+        super().__init__(bdf, name)
+        self.secondary = secondary
+        self.subordinate = subordinate
+        self.init_common_header(
+            vendor=vendor,
+            device=device,
+            class_code=class_code,
+            revision=revision,
+            layout=PCI_HEADER_TYPE_BRIDGE,
+            interrupt_pin=INTERRUPT_PIN_INTA,
+        )
+        c = self.config
+        for offset, value in (
+            (PCI_PRIMARY_BUS, bdf.bus),
+            (PCI_SECONDARY_BUS, secondary),
+            (PCI_SUBORDINATE_BUS, subordinate),
+        ):
+            c.init_int(offset, 1, value)
+            c.init_writable(offset, 1, 0xFF)
+        c.init_write_1_to_clear(PCI_SEC_STATUS, 2, PCI_STATUS_ERROR_BITS)
+        c.init_int(PCI_IO_BASE, 1, PCI_IO_RANGE_TYPE_16)
+        c.init_int(PCI_IO_LIMIT, 1, PCI_IO_RANGE_TYPE_16)
+        c.init_writable(PCI_IO_BASE, 1, IO_WINDOW_WRITABLE)
+        c.init_writable(PCI_IO_LIMIT, 1, IO_WINDOW_WRITABLE)
+        c.init_writable(PCI_MEMORY_BASE, 2, MEMORY_WINDOW_WRITABLE)
+        c.init_writable(PCI_MEMORY_LIMIT, 2, MEMORY_WINDOW_WRITABLE)
+        c.init_int(PCI_PREF_MEMORY_BASE, 2, PCI_PREF_RANGE_TYPE_64)
+        c.init_int(PCI_PREF_MEMORY_LIMIT, 2, PCI_PREF_RANGE_TYPE_64)
+        c.init_writable(PCI_PREF_MEMORY_BASE, 2, MEMORY_WINDOW_WRITABLE)
+        c.init_writable(PCI_PREF_MEMORY_LIMIT, 2, MEMORY_WINDOW_WRITABLE)
+        c.init_writable(PCI_PREF_BASE_UPPER32, 4, 0xFFFFFFFF)
+        c.init_writable(PCI_PREF_LIMIT_UPPER32, 4, 0xFFFFFFFF)
+        c.init_writable(PCI_BRIDGE_CONTROL, 2, PCI_BRIDGE_CTL_WRITABLE)
+
+    def record_unsupported_request(self, target: Bdf, register: int, byte_enables: int) -> None:
+        """A configuration write to `target` below this bridge found no function.
+
+        Secondary Status "Received Master Abort" (PCIe 6.0 §7.5.1.3.7: set "when the Secondary side
+        ... receives a Completion with Unsupported Request Completion Status"); PCIe ports also log it
+        in AER (pcie_port.py).
+        """
+        self.config.set_bits(PCI_SEC_STATUS, 2, PCI_STATUS_REC_MASTER_ABORT)
