@@ -24,8 +24,30 @@ Schema (every key is checked: an unknown key, a wrong type or an invalid value i
     slot = 1                        # optional physical slot number, default = secondary
     name = "rp1"                    # optional string
 
+    [[upstream_port]]               # a PCIe switch's upstream port (QEMU x3130-upstream 104c:8232),
+    bdf = "0000:01:00.0"            #   device 0 of a root or downstream port's secondary bus
+    secondary = 2                   # required: the switch's internal bus
+    subordinate = 6                 # optional, default = secondary: the switch's last bus
+    vendor = 0x104c                 # optional (and device = 0x8232), class is always 0x060400
+    name = "switch0"                # optional string
+
+    [[downstream_port]]             # a switch's downstream port (QEMU xio3130-downstream 104c:8233),
+    bdf = "0000:02:00.0"            #   on an upstream port's secondary bus, with a hot-plug slot
+    secondary = 3                   # required; subordinate, vendor, device, name: as for root_port
+    slot = 3                        # optional physical slot number, default = secondary
+
+    [[pci_bridge]]                  # a conventional PCI-PCI bridge (QEMU pci-bridge 1b36:0001): on a
+    bdf = "0000:00:05.0"            #   root bus or below another pci_bridge; its bus has 32 slots
+    secondary = 7                   # required; subordinate, vendor, device, name: as for root_port
+    chassis = 1                     # optional Slot Identification chassis number, default = secondary
+
+    [[expander]]                    # a PCIe expander bus (QEMU pxb-pcie 1b36:000b) on the segment's
+    bdf = "0000:00:10.0"            #   root bus: a host bridge function opening another root bus
+    buses = "128-191"               # required: its root bus and last bus, above the main hierarchy
+    name = "numa1"                  # optional string
+
     [[endpoint]]                    # zero or more type 0 functions
-    bdf = "0000:01:00.0"            # required; on the root bus or device 0 of a port's secondary bus
+    bdf = "0000:01:00.0"            # required; on a root bus, device 0 below a port, or below a pci_bridge
     vendor = 0x1af4                 # required
     device = 0x1041                 # required
     class = 0x020000                # required, 24-bit class code (base class, subclass, prog-if)
@@ -63,17 +85,28 @@ from typing import Any
 from pcihole.host.input_file import InputFileError, MiB, read_input_file
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.topology import (
+    DOWNSTREAM_PORT_DEVICE,
+    EXPANDER_DEVICE,
+    EXPANDER_VENDOR,
+    PCI_BRIDGE_DEVICE,
+    PCI_BRIDGE_VENDOR,
     QEMU_SUBSYSTEM,
     QEMU_SUBSYSTEM_VENDOR,
     ROOT_PORT_DEVICE,
     ROOT_PORT_VENDOR,
+    SWITCH_VENDOR,
+    UPSTREAM_PORT_DEVICE,
     WRITES_DISCARD,
     BarSpec,
+    DownstreamPortSpec,
     EndpointSpec,
+    ExpanderSpec,
+    PciBridgeSpec,
     RootPortSpec,
     Segment,
     Topology,
     TopologyError,
+    UpstreamPortSpec,
 )
 
 DEFAULT_MACHINE = "default.toml"
@@ -87,6 +120,16 @@ _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _BUSES_RE = re.compile(r"[ \t]*([0-9]+)[ \t]*-[ \t]*([0-9]+)[ \t]*")
 _QUOTE_MAX = 40
 _MESSAGE_MAX = 300
+TOP_LEVEL_KEYS = (
+    "downstream_port",
+    "endpoint",
+    "expander",
+    "machine",
+    "pci_bridge",
+    "root_port",
+    "segment",
+    "upstream_port",
+)
 _TOML_TYPE_NAMES = {
     bool: "boolean",
     int: "integer",
@@ -244,6 +287,48 @@ def _parse_root_port(index: int, data: object) -> RootPortSpec:
     )
 
 
+def _parse_bridge(key: str, index: int, data: object) -> UpstreamPortSpec | DownstreamPortSpec | PciBridgeSpec:
+    """One [[upstream_port]], [[downstream_port]] or [[pci_bridge]] table."""
+    words = key.replace("_", " ")
+    table = _Table(f"{words} #{index + 1}", data)
+    bdf = table.bdf()
+    table.where = f"{words} {bdf}"
+    extra = {"upstream_port": (), "downstream_port": ("slot",), "pci_bridge": ("chassis",)}[key]
+    table.check_keys(("bdf", "device", "name", "secondary", "subordinate", "vendor", *extra))
+    secondary = table.get_int("secondary", required=True)
+    subordinate = table.get_int("subordinate", default=secondary)
+    name = table.get_str("name", default="")
+    if key == "upstream_port":
+        return UpstreamPortSpec(
+            bdf, secondary, subordinate, vendor=table.get_int("vendor", default=SWITCH_VENDOR),
+            device=table.get_int("device", default=UPSTREAM_PORT_DEVICE), name=name,
+        )  # fmt: skip
+    if key == "downstream_port":
+        return DownstreamPortSpec(
+            bdf, secondary, subordinate, vendor=table.get_int("vendor", default=SWITCH_VENDOR),
+            device=table.get_int("device", default=DOWNSTREAM_PORT_DEVICE),
+            physical_slot=table.get_int("slot"), name=name,
+        )  # fmt: skip
+    return PciBridgeSpec(
+        bdf, secondary, subordinate, vendor=table.get_int("vendor", default=PCI_BRIDGE_VENDOR),
+        device=table.get_int("device", default=PCI_BRIDGE_DEVICE), chassis=table.get_int("chassis"), name=name,
+    )  # fmt: skip
+
+
+def _parse_expander(index: int, data: object) -> ExpanderSpec:
+    table = _Table(f"expander #{index + 1}", data)
+    bdf = table.bdf()
+    table.where = f"expander bridge {bdf}"
+    table.check_keys(("bdf", "buses", "device", "name", "vendor"))
+    if "buses" not in table.data:
+        raise _Problem(f"{table.where}: missing key 'buses'")
+    first, last = _parse_buses(table)
+    return ExpanderSpec(
+        bdf, first, last, vendor=table.get_int("vendor", default=EXPANDER_VENDOR),
+        device=table.get_int("device", default=EXPANDER_DEVICE), name=table.get_str("name", default=""),
+    )  # fmt: skip
+
+
 def _parse_bar(where: str, index: int, data: object) -> BarSpec:
     table = _Table(f"{where}: bar #{index + 1}", data)
     table.check_keys(("index", "prefetchable", "size", "type"))
@@ -296,16 +381,24 @@ def _check_integers(document: dict[str, Any]) -> None:
 def _parse(document: dict[str, Any], path: str) -> MachineFile:
     _check_integers(document)
     for key in document:
-        if key not in ("endpoint", "machine", "root_port", "segment"):
-            raise _Problem(f"unknown top-level key {key!r} (known: endpoint, machine, root_port, segment)")
+        if key not in TOP_LEVEL_KEYS:
+            raise _Problem(f"unknown top-level key {key!r} (known: {', '.join(TOP_LEVEL_KEYS)})")
     name, ram_mib = _parse_machine(document)
     segments = [_parse_segment(i, t) for i, t in enumerate(_array_of_tables(document, "segment"))]
     if not segments:
         raise _Problem("no [[segment]]: a machine needs at least one ECAM segment")
     root_ports = [_parse_root_port(i, t) for i, t in enumerate(_array_of_tables(document, "root_port"))]
     endpoints = [_parse_endpoint(i, t) for i, t in enumerate(_array_of_tables(document, "endpoint"))]
+    bridges = [
+        _parse_bridge(key, i, t)
+        for key in ("upstream_port", "downstream_port", "pci_bridge")
+        for i, t in enumerate(_array_of_tables(document, key))
+    ]
+    expanders = [_parse_expander(i, t) for i, t in enumerate(_array_of_tables(document, "expander"))]
     try:
-        topology = Topology(tuple(segments), tuple(root_ports), tuple(endpoints)).validate()
+        topology = Topology(
+            tuple(segments), tuple(root_ports), tuple(endpoints), tuple(bridges), tuple(expanders)
+        ).validate()
     except TopologyError as e:
         raise _Problem(str(e)) from None
     return MachineFile(path=path, name=name, ram_mib=ram_mib, topology=topology)
