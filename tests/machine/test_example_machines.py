@@ -32,7 +32,12 @@ def test_the_scan_guest_finds_the_files_fabric(path, backend, strategy):
     spec = load(path)
     image, name = default_kernel()
     with build_machine(
-        spec, backend=backend, strategy=strategy, kernel=image, kernel_name=name, cmdline=EMBEDDED_GUEST_CMDLINE
+        spec,
+        backend=backend,
+        strategy=strategy,
+        kernel=image,
+        kernel_name=name,
+        cmdline=EMBEDDED_GUEST_CMDLINE,
     ) as m:
         result = m.run(timeout=120)
     assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0)

@@ -8,14 +8,22 @@ fadt.py         Fixed ACPI Description Table ("FACP"), hardware-reduced, pointin
 aml.py          a tiny AML encoder (names, integers, PkgLength, Name/Scope/Device/Package/Buffer)
 resources.py    _CRS resource descriptors (bus number, memory windows, fixed memory, end tag)
 pci_windows.py  the 32-bit MMIO window each host bridge offers for BARs
+expander_bridge.py  a PNP0A08 for each PCIe expander bus (QEMU pxb-pcie)
 dsdt.py         Differentiated System Description Table: host bridges, ECAM reservation, \\_S5
 madt.py         Multiple APIC Description Table ("APIC"): local APICs and the I/O APIC
 mcfg.py         PCI Express memory-mapped configuration (ECAM) allocations
 tables.py       build_tables(segments, base_gpa) -> AcpiTables; write_tables(tables, out_dir)
 """
 
+from .expander_bridge import ExpanderBus
 from .mcfg import EcamSegment, McfgAllocation
 from .pci_windows import MmioWindow
 from .tables import AcpiTables, build_tables, write_tables
 
-__all__ = ["AcpiTables", "EcamSegment", "McfgAllocation", "MmioWindow", "build_tables", "write_tables"]
+__all__ = [
+    "AcpiTables",
+    "EcamSegment",
+    "ExpanderBus", "McfgAllocation", "MmioWindow",
+    "build_tables",
+    "write_tables",
+]

@@ -56,6 +56,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import aml
+from .expander_bridge import ExpanderBus, expander_bridge, main_root_last_bus
 from .mcfg import EcamSegment, decoded_window
 from .pci_windows import MmioWindow
 from .resources import dword_memory, memory32_fixed, qword_memory, resource_template, word_bus_number
@@ -89,8 +90,11 @@ def host_bridge_name(segment_id: int, position: int) -> str:
     )
 
 
-def host_bridge(segment: EcamSegment, position: int, window: MmioWindow | None) -> bytes:
-    descriptors = [word_bus_number(segment.start_bus, segment.end_bus)]
+def host_bridge(
+    segment: EcamSegment, position: int, window: MmioWindow | None, last_bus: int | None = None
+) -> bytes:
+    """`last_bus`: where the bridge's bus range ends when expander buses take the top of the segment."""
+    descriptors = [word_bus_number(segment.start_bus, segment.end_bus if last_bus is None else last_bus)]
     if window is not None:
         descriptors.append(dword_memory(window.base, window.last))
     return aml.device(
@@ -130,8 +134,13 @@ def soft_off() -> bytes:
     return aml.name(SOFT_OFF, aml.package([aml.integer(SLP_TYP_S5), *[aml.integer(0)] * 3]))
 
 
-def build_dsdt(segments: Sequence[EcamSegment], windows: Sequence[MmioWindow | None]) -> bytes:
-    """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window)."""
+def build_dsdt(
+    segments: Sequence[EcamSegment],
+    windows: Sequence[MmioWindow | None],
+    expanders: Sequence[ExpanderBus] = (),
+) -> bytes:
+    """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window).
+    Each expander bus gets its own PNP0A08 (expander_bridge.py)."""
     if len(windows) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(windows)} MMIO windows")
     ids = [s.id for s in segments]
@@ -140,6 +149,10 @@ def build_dsdt(segments: Sequence[EcamSegment], windows: Sequence[MmioWindow | N
         raise ValueError(f"segment ids {sorted(ids)} are not unique")
     for s in segments:
         decoded_window(s)  # checks the bus range
-    bridges = [host_bridge(s, i, w) for i, (s, w) in enumerate(zip(segments, windows, strict=True))]
+    bridges = [
+        host_bridge(s, i, w, main_root_last_bus(s, expanders))
+        for i, (s, w) in enumerate(zip(segments, windows, strict=True))
+    ]
+    bridges += [expander_bridge(x, i) for i, x in enumerate(expanders)]
     body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments)]) + soft_off()
     return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)

@@ -23,6 +23,7 @@ from os import PathLike
 from pathlib import Path
 
 from .dsdt import DSDT_SIGNATURE, build_dsdt
+from .expander_bridge import ExpanderBus
 from .fadt import FADT_LENGTH, FADT_SIGNATURE, build_fadt
 from .madt import MADT_SIGNATURE, build_madt
 from .mcfg import MCFG_SIGNATURE, EcamSegment, build_mcfg
@@ -60,15 +61,16 @@ def build_tables(
     *,
     cpus: int = 1,
     mmio_aperture: MmioWindow | None = None,
+    expanders: Iterable[ExpanderBus] = (),
 ) -> AcpiTables:
     """RSDP, XSDT, FADT, DSDT, MADT and MCFG for these segments and `cpus` vCPUs, placed at base_gpa
     (16-byte aligned). The host bridges' BAR windows are carved out of `mmio_aperture` (default
-    [0xC0000000, 0xFEC00000), see pci_windows.py)."""
+    [0xC0000000, 0xFEC00000), see pci_windows.py). Each expander bus gets its own PNP0A08."""
     if base_gpa < 0 or base_gpa % RSDP_ALIGNMENT:
         raise ValueError(f"ACPI base {base_gpa:#x} must be a {RSDP_ALIGNMENT}-byte aligned address")
     segments = list(segments)
     windows = allocate_windows(segments, mmio_aperture)
-    dsdt = build_dsdt(segments, windows)
+    dsdt = build_dsdt(segments, windows, tuple(expanders))
     madt = build_madt(cpus)
     mcfg = build_mcfg(segments)
     xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only

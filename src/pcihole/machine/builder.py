@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import replace
 
-from pcihole.acpi import AcpiTables, build_tables
+from pcihole.acpi import AcpiTables, ExpanderBus, build_tables
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
 from pcihole.guest import REPORT_SYMBOL
@@ -213,7 +213,7 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
     """The machine's ACPI tables; MachineBuildError, naming the machine file, where they do not fit
     in the area the guest finds them in (ACPI_MAX bytes from ACPI_GPA: about 1,500 segments)."""
     try:
-        acpi = build_tables(spec.segments, layout.ACPI_GPA)
+        acpi = build_tables(spec.segments, layout.ACPI_GPA, expanders=expander_buses(spec))
     except ValueError as e:
         raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e
     if len(acpi.blob) > layout.ACPI_MAX:
@@ -249,6 +249,11 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
     if cursor < hole.range.end:
         out.append(replace(hole, range=GuestRange.from_bounds(cursor, hole.range.end)))
     return out
+
+
+def expander_buses(spec: MachineFile) -> list[ExpanderBus]:
+    """The machine's expander root buses, as the DSDT describes them (acpi/expander_bridge.py)."""
+    return [ExpanderBus(x.bdf.segment, x.bus, x.last_bus) for x in spec.topology.expanders]
 
 
 def e820_map(ram_size: int, host_bridge: HostBridge) -> list[MemmapEntry]:
