@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=BACKENDS, default="auto", help="kvm where /dev/kvm opens, else model"
     )
     run.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how ECAM holes are implemented")
-    run.add_argument("--json", action="store_true", help="print one JSON object")
+    output = run.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument(
+        "--tree", action="store_true", help="print the devices as a tree, as lspci -t does"
+    )
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
     run.add_argument(
@@ -228,6 +232,7 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
             raise RunFailed(
                 f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
             ) from None
+        tree = _tree(result, machine) if args.tree else None
     if result.stop.reason == StopReason.SIGNAL:
         return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
     # Decide the outcome first: a failed run prints its one error line, not the informational lines.
@@ -244,11 +249,28 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     elif args.kernel is not None:
+        if tree is not None:
+            print(tree, end="")
         _print_stats(result, file=sys.stderr)
     else:
-        _print_devices(result)
+        if tree is not None:
+            print(tree, end="")
+        else:
+            _print_devices(result)
         _print_stats(result, file=sys.stdout)
     return EXIT_OK
+
+
+def _tree(result, machine) -> str:
+    """lspci -t of what the scan guest found, or, for another kernel, of the machine's functions."""
+    from pcihole.pci.lspci_tree import TreeDevice, lspci_tree, tree_devices
+
+    if result.report is None:
+        return lspci_tree(tree_devices(machine.host_bridge))
+    return lspci_tree(
+        TreeDevice(d.segment, d.bus, d.slot, d.function, d.class_code, d.header_type, d.secondary, d.subordinate)
+        for d in result.report.devices
+    )
 
 
 def _failure(result, kernel_name: str, timeout: float) -> str | None:

@@ -61,3 +61,16 @@ def test_the_scan_guest_finds_the_files_fabric(path, backend, strategy):
     }
     for d in result.report.devices:
         assert bool(d.flags & DEV_PEER_SCAN) == ((d.segment, d.bus) in expander_buses), d.bdf
+
+
+@pytest.mark.parametrize("path", MACHINES, ids=lambda p: p.stem)
+def test_run_tree_prints_what_the_guest_found_as_lspci_t(path, capsys):
+    from pcihole.cli import main
+    from pcihole.pci.host_bridge import HostBridge
+    from pcihole.pci.lspci_tree import lspci_tree, tree_devices
+
+    assert main(["run", "--machine", str(path), "--backend", "model", "--strategy", "native", "--tree"]) == 0
+    out = capsys.readouterr().out
+    expected = lspci_tree(tree_devices(HostBridge(load(path).topology)))
+    assert out.startswith(expected) and out[len(expected) :].startswith("\nbackend / strategy")
+    assert "----00.0-[" in expected  # a switch below a port: the tree is nested
