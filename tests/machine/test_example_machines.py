@@ -74,3 +74,49 @@ def test_run_tree_prints_what_the_guest_found_as_lspci_t(path, capsys):
     expected = lspci_tree(tree_devices(HostBridge(load(path).topology)))
     assert out.startswith(expected) and out[len(expected) :].startswith("\nbackend / strategy")
     assert "----00.0-[" in expected  # a switch below a port: the tree is nested
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (
+            '[[downstream_port]]\nbdf = "0000:00:03.0"\nsecondary = 0x20\n',
+            [
+                "downstream port 0000:00:03.0: a downstream port must be on a switch's internal bus",
+                "root bus 0",
+            ],
+        ),
+        (
+            '[[upstream_port]]\nbdf = "0000:0e:00.0"\nsecondary = 0x20\n',
+            ["upstream port 0000:0e:00.0: buses 32-32 are not inside root port 0000:00:02.1's buses 14-14"],
+        ),
+        (
+            '[[pci_bridge]]\nbdf = "0000:00:05.0"\nsecondary = 3\n',
+            ["pci bridge 0000:00:05.0: buses 3-3 overlap"],
+        ),
+        (
+            '[[expander]]\nbdf = "0000:00:10.0"\nbuses = "4-8"\n',
+            ["root port 0000:00:01.0: buses 1-6 are not inside"],
+        ),
+        ('[[downstream_port]]\nbdf = "0000:02:04.0"\nsecondary = 9\ncolour = 1\n', ["unknown key 'colour'"]),
+    ],
+)
+def test_a_wrong_fabric_is_one_line_and_exit_2(tmp_path, extra, words):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text((EXAMPLES / "gpu-server.toml").read_text() + "\n" + extra)
+    src = Path(__file__).resolve().parents[2] / "src"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcihole.cli", "run", "--machine", str(bad), "--backend", "model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"pcihole: error: {bad}: "), line
+    for w in words:
+        assert w in line, line

@@ -40,6 +40,7 @@ from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.host_bridge import HostBridge
+from pcihole.pci.registers import PCI_EXP_SLTSTA, PCI_EXP_SLTSTA_PDS
 from pcihole.pci.topology import EndpointSpec
 
 SOAK_SECONDS = float(os.environ.get("PCIHOLE_SOAK_SECONDS", "4"))
@@ -55,10 +56,13 @@ LOG_PORT = 0x90
 WRITE_EVERY = 7
 ALL_ONES = 0xFFFFFFFF
 
-# Functions that come and go: eight Root Complex integrated endpoints on bus 0, and one endpoint
-# below each of two root ports (hot-plug into a port's slot). Distinct device ids, so a value from
-# the wrong function is caught.
+# Functions that come and go: eight Root Complex integrated endpoints on bus 0, one endpoint below
+# each of two root ports (hot-plug into a port's slot), and one below each of a switch's two
+# downstream ports (the same, one switch further down). Distinct device ids, so a value from the
+# wrong function is caught.
 CANDIDATES = [Bdf(0, 0, d, 0) for d in range(8, 16)] + [Bdf(0, 1, 0, 0), Bdf(0, 2, 0, 0)]
+BELOW_SWITCH = [Bdf(0, 0x12, 0, 0), Bdf(0, 0x13, 0, 0)]
+CANDIDATES += BELOW_SWITCH
 NEVER_PRESENT = [Bdf(0, 0x40, 5, 3), Bdf(0, 0, 20, 1), Bdf(0, 3, 0, 0)]
 HOST_BRIDGE = Bdf(0, 0, 0, 0)
 READ_OFFSETS = (0x0, 0x8, 0x2C, 0xFFC)
@@ -80,6 +84,24 @@ secondary = 1
 [[root_port]]
 bdf = "0000:00:02.1"
 secondary = 2
+
+[[root_port]]
+bdf = "0000:00:02.2"
+secondary = 0x10
+subordinate = 0x13
+
+[[upstream_port]]
+bdf = "0000:10:00.0"
+secondary = 0x11
+subordinate = 0x13
+
+[[downstream_port]]
+bdf = "0000:11:00.0"
+secondary = 0x12
+
+[[downstream_port]]
+bdf = "0000:11:01.0"
+secondary = 0x13
 """
 
 
@@ -267,6 +289,11 @@ def soak(backend: str, strategy: str) -> dict[str, int]:
         assert hb.stats.absent_writes >= to_never_present > 0
         assert hb.stats.unsupported_requests == hb.stats.absent_writes
         assert check_alias_sealed(mem) == (1 if strategy == "ro-alias" else 0)
+        # Each downstream port's slot says whether its device is there now (Presence Detect State).
+        for bdf in BELOW_SWITCH:
+            port = hb.function(Bdf(0, 0x11, bdf.bus - 0x12, 0))
+            sltsta = hb.mmio_read_int(page(port.bdf) + port.pcie_cap + PCI_EXP_SLTSTA, 2)
+            assert bool(sltsta & PCI_EXP_SLTSTA_PDS) == (bdf in present), (bdf, hex(sltsta))
         return {
             "reads_checked": checker.reads,
             "violations": len(checker.violations),
