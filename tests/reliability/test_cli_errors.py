@@ -65,6 +65,16 @@ def test_a_machine_file_with_an_impossible_topology(tmp_path):
     assert_one_error(pcihole("run", "--machine", str(f)), 2, str(f), "0000:05:00.0")
 
 
+def test_a_machine_file_with_a_port_where_it_cannot_be(tmp_path):
+    f = tmp_path / "port.toml"
+    f.write_text(
+        "[machine]\nram_mib = 64\n[[segment]]\nid = 0\necam_base = 0xe0000000\n"
+        '[[downstream_port]]\nbdf = "0000:00:03.0"\nsecondary = 1\n'
+    )
+    line = assert_one_error(pcihole("run", "--machine", str(f)), 2, str(f), "downstream port 0000:00:03.0")
+    assert "must be on a switch's internal bus" in line and "not on root bus 0" in line
+
+
 def test_a_machine_file_whose_ecam_overlaps_ram(tmp_path):
     f = tmp_path / "overlap.toml"
     f.write_text('[machine]\nram_mib = 64\n[[segment]]\nid = 0\necam_base = 0x0\nbuses = "0-0"\n')

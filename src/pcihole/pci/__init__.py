@@ -14,7 +14,12 @@ it which 4 KiB pages hold present functions (everything else in a segment's wind
     pcie_capability.py the PCI Express capability (device/port type, link, slot)
     aer.py             Advanced Error Reporting and Unsupported Request logging
     function.py        what every function has; DeviceInfo for listings
-    endpoint.py        type 0 functions: endpoints and the host bridge function
-    root_port.py       type 1 root ports
+    endpoint.py        type 0 functions: endpoints, the host bridge and expander bridge functions
+    type1_header.py    what every bridge has: bus numbers, windows, secondary status
+    pcie_port.py       PCIe ports: the PCIe capability, AER, the hot-plug slot
+    root_port.py       root ports (QEMU pcie-root-port)
+    switch_port.py     a switch's upstream and downstream ports (QEMU x3130 / xio3130)
+    pci_bridge.py      conventional PCI-PCI bridges (QEMU pci-bridge)
+    lspci_tree.py      the tree as lspci -t prints it
     host_bridge.py     ECAM routing, the hole's read/write policy, hot-plug and page listeners
 """

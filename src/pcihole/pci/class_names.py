@@ -13,6 +13,7 @@ SUBCLASS_NAMES = {
     0x0200: "Ethernet controller",
     0x0280: "Network controller",
     0x0300: "VGA compatible controller",
+    0x0302: "3D controller",
     0x0380: "Display controller",
     0x0401: "Multimedia audio controller",
     0x0403: "Audio device",
@@ -26,7 +27,6 @@ SUBCLASS_NAMES = {
     0x0880: "System peripheral",
     0x0C03: "USB controller",
     0x0C05: "SMBus",
-    0x00FF: "Unassigned class",
     0xFF00: "Unassigned class",
 }
 BASE_CLASS_NAMES = {

@@ -40,7 +40,7 @@ class DeviceInfo:
     class_code: int
     header_type: int  # the layout, 0 (endpoint) or 1 (bridge), without the multi-function bit
     multifunction: bool
-    kind: str  # "host bridge", "root port" or "endpoint"
+    kind: str  # "host bridge", "expander bridge", "root port", "upstream port", "downstream port", ...
     name: str = ""
 
     def as_json(self) -> dict[str, object]:
