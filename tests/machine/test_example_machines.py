@@ -120,3 +120,36 @@ def test_a_wrong_fabric_is_one_line_and_exit_2(tmp_path, extra, words):
     assert line.startswith(f"pcihole: error: {bad}: "), line
     for w in words:
         assert w in line, line
+
+
+@pytest.mark.parametrize(("backend", "strategy"), BACKENDS)
+def test_hotplug_below_a_switch_punches_and_fills_holes_as_below_a_root_port(backend, strategy):
+    from pcihole.pci.bdf import Bdf
+    from pcihole.pci.topology import EndpointSpec
+
+    spec = load(EXAMPLES / "gpu-server.toml")
+    gone = Bdf(0, 4, 0, 0)  # GPU 1 behind switch 0's downstream port 02:01.0
+    audio = EndpointSpec(Bdf(0, 0x0A, 0, 1), 0x10DE, 0x22BA, 0x040300)  # GPU 5's audio function
+    image, name = default_kernel()
+    with build_machine(
+        spec,
+        backend=backend,
+        strategy=strategy,
+        kernel=image,
+        kernel_name=name,
+        cmdline=EMBEDDED_GUEST_CMDLINE,
+    ) as m:
+        slots = m.memory.stats().memslots
+        m.host_bridge.remove_function(gone)  # its page is filled back: the hole runs around it merge
+        assert m.memory.stats().memslots == slots - 1
+        m.host_bridge.add_function(audio)  # punched next to function 0's page: the next run shrinks
+        assert m.memory.stats().memslots == slots - 1
+        result = m.run(timeout=120)
+        stats = m.host_bridge.stats
+    assert (result.stop.reason, result.stop.status) == (STOP_DEBUG_EXIT, 0)
+    found = {d.bdf for d in result.report.devices}
+    assert str(gone) not in found and str(audio.bdf) in found
+    assert found == {str(d.bdf) for d in result.machine_devices}
+    assert [d for d in result.report.devices if d.bdf == "0000:0a:00.0"][0].multifunction
+    # The GPU's old page read all-ones from the hole itself: no read reached the host bridge there.
+    assert stats.absent_reads == 0 and result.memory.exits.hole_reads == 0
