@@ -100,4 +100,4 @@ def test_pci_bridge_and_expander_registers_as_lspci_decodes_them(tmp_path):
     expander = lspci_vv(bridge, tmp_path, "00:10.0")
     assert re.search(r"Host bridge: Red Hat, Inc\. QEMU PCIe Expander bridge", expander), expander
     port = lspci_vv(bridge, tmp_path, "80:01.0")
-    assert "Bus: primary=80, secondary=82, subordinate=87" in port
+    assert "Bus: primary=80, secondary=82, subordinate=84" in port

@@ -172,7 +172,7 @@ def test_each_function_has_the_pcie_port_type_a_kernel_expects():
     assert port_type(b, "0000:03:00.0") == r.PCI_EXP_TYPE_ENDPOINT
     assert port_type(b, "0000:00:05.0") is None  # a conventional PCI-PCI bridge
     assert port_type(b, "0000:05:07.0") is None  # and a conventional device below it
-    assert port_type(b, "0000:00:10.0") == r.PCI_EXP_TYPE_RC_END  # the expander's function
+    assert port_type(b, "0000:00:10.0") is None  # the expander's function: no capability, as QEMU's
     assert port_type(b, "0000:40:00.0") == r.PCI_EXP_TYPE_ROOT_PORT  # on the expander's root bus
     assert port_type(b, "0000:41:00.0") == r.PCI_EXP_TYPE_ENDPOINT
     # Slots (hot-plug) on root and downstream ports only; AER on every PCIe port.
@@ -188,6 +188,8 @@ def test_each_function_has_the_pcie_port_type_a_kernel_expects():
     assert b.mmio_read_int(gpa("0000:00:05.0"), 4) == 0x00011B36
     assert b.mmio_read_int(gpa("0000:00:10.0"), 4) == 0x000B1B36
     assert b.mmio_read_int(gpa("0000:00:10.0", r.PCI_CLASS_PROG), 4) >> 8 == 0x0600
+    for text, pin in (("0000:00:01.0", 1), ("0000:01:00.0", 0), ("0000:02:00.0", 0), ("0000:00:05.0", 0)):
+        assert b.mmio_read_int(gpa(text, r.PCI_INTERRUPT_PIN), 1) == pin, text  # QEMU's: MSI-only ports
     assert b.mmio_read_int(gpa("0000:01:00.0", r.PCI_PRIMARY_BUS), 4) & 0xFFFFFF == 0x040201
     # The downstream port with a device has its link up; the empty one not.
     for text, up_ in (("0000:02:00.0", True), ("0000:02:01.0", False)):

@@ -104,10 +104,9 @@ class HostBridgeFunction(PciFunction):
 class ExpanderFunction(PciFunction):
     """A PCIe expander bridge's function on the main root bus (QEMU pxb-pcie, 1b36:000b, class 0x060000).
 
-    It is only a marker, as in QEMU (pxb_dev_realize: a host bridge class function with no BARs):
-    the root bus it opens is found by Linux through the expander's PNP0A08 in the DSDT (_BBN), and by
-    the scan guest through the peer-bus scan. Like the main host bridge function it carries a Root
-    Complex Integrated Endpoint PCIe capability.
+    It is only a marker, as in QEMU (pxb_dev_realize: a host bridge class function with no BARs and,
+    as QEMU 7.2 shows it, no capability at all): the root bus it opens is found by Linux through the
+    expander's PNP0A08 in the DSDT (_BBN), and by the scan guest through the peer-bus scan.
     """
 
     kind = "expander bridge"
@@ -124,4 +123,3 @@ class ExpanderFunction(PciFunction):
             layout=PCI_HEADER_TYPE_NORMAL,
             interrupt_pin=0,
         )
-        self.pcie_cap = add_pcie_capability(self.config, PCI_EXP_TYPE_RC_END)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from .capabilities import add_capability
 from .registers import (
     PCI_CAP_ID_SLOTID,
-    PCI_INTERRUPT_PIN,
     PCI_SID_CHASSIS_NR,
     PCI_SID_ESR,
     PCI_SID_ESR_FIC,
@@ -37,8 +36,8 @@ class PciBridge(Type1Function):
             revision=spec.revision,
             secondary=spec.secondary,
             subordinate=spec.subordinate,
+            interrupt_pin=0,
         )
-        self.config.init_int(PCI_INTERRUPT_PIN, 1, 0)
         self.slotid_cap = add_capability(self.config, PCI_CAP_ID_SLOTID, PCI_SID_SIZEOF)
         self.config.init_int(self.slotid_cap + PCI_SID_ESR, 1, PCI_SID_ESR_FIC)  # 0 slots, first in chassis
         self.config.init_int(self.slotid_cap + PCI_SID_CHASSIS_NR, 1, spec.chassis_number)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .aer import add_aer_capability, config_write_tlp_header, record_unsupported_request
 from .bdf import Bdf
+from .function import INTERRUPT_PIN_INTA
 from .pcie_capability import add_pcie_capability, set_link_up
 from .registers import PCI_EXP_TYPE_DOWNSTREAM, PCI_EXP_TYPE_ROOT_PORT
 from .type1_header import Type1Function
@@ -23,10 +24,11 @@ class PciePort(Type1Function):
     def __init__(
         self, bdf: Bdf, name: str, *, vendor: int, device: int, class_code: int, revision: int,
         secondary: int, subordinate: int, port_type: int, port_number: int, physical_slot: int | None,
+        interrupt_pin: int = INTERRUPT_PIN_INTA,
     ) -> None:  # fmt: skip
         super().__init__(
             bdf, name, vendor=vendor, device=device, class_code=class_code, revision=revision,
-            secondary=secondary, subordinate=subordinate,
+            secondary=secondary, subordinate=subordinate, interrupt_pin=interrupt_pin,
         )  # fmt: skip
         self.pcie_cap = add_pcie_capability(
             self.config, port_type, port_number=port_number, physical_slot=physical_slot

@@ -6,7 +6,7 @@ Device/Port Type Upstream (5) or Downstream (6), AER at 0x100. A downstream port
 as pcie_cap_slot_init() gives it, so it behaves like a root port for hot-plug (pciehp binds to
 both). Linux's set_pcie_port_type() reads the port types, and only_one_child() then scans only
 device 0 below a downstream port; the upstream port's secondary bus (the internal bus) is scanned
-in full.
+in full. Like QEMU's, they signal with MSI only: Interrupt Pin 0.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class UpstreamPort(PciePort):
             port_type=PCI_EXP_TYPE_UPSTREAM,
             port_number=0,
             physical_slot=None,
+            interrupt_pin=0,
         )
 
 
@@ -52,4 +53,5 @@ class DownstreamPort(PciePort):
             # QEMU's xio3130-downstream numbers its port by its device (pcie_port_init_reg: "port").
             port_number=spec.bdf.device,
             physical_slot=spec.slot_number,
+            interrupt_pin=0,
         )

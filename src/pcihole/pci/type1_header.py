@@ -47,7 +47,7 @@ class Type1Function(PciFunction):
 
     def __init__(
         self, bdf: Bdf, name: str, *, vendor: int, device: int, class_code: int, revision: int,
-        secondary: int, subordinate: int,
+        secondary: int, subordinate: int, interrupt_pin: int = INTERRUPT_PIN_INTA,
     ) -> None:  # fmt: skip
         super().__init__(bdf, name)
         self.secondary = secondary
@@ -58,7 +58,7 @@ class Type1Function(PciFunction):
             class_code=class_code,
             revision=revision,
             layout=PCI_HEADER_TYPE_BRIDGE,
-            interrupt_pin=INTERRUPT_PIN_INTA,
+            interrupt_pin=interrupt_pin,
         )
         c = self.config
         for offset, value in (
