@@ -79,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how ECAM holes are implemented")
     output = run.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object")
-    output.add_argument(
-        "--tree", action="store_true", help="print the devices as a tree, as lspci -t does"
-    )
+    output.add_argument("--tree", action="store_true", help="print the devices as a tree, as lspci -t does")
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
     run.add_argument(
@@ -268,7 +266,9 @@ def _tree(result, machine) -> str:
     if result.report is None:
         return lspci_tree(tree_devices(machine.host_bridge))
     return lspci_tree(
-        TreeDevice(d.segment, d.bus, d.slot, d.function, d.class_code, d.header_type, d.secondary, d.subordinate)
+        TreeDevice(
+            d.segment, d.bus, d.slot, d.function, d.class_code, d.header_type, d.secondary, d.subordinate
+        )
         for d in result.report.devices
     )
 

@@ -13,8 +13,12 @@ from pcihole.acpi.expander_bridge import EXPANDER_UID_BASE, expander_name, main_
 BASE = 0x000E0000
 DEVICE = re.compile(r"^        Device \((\w{4})\)$", re.M)
 NAME_INTEGER = re.compile(r"Name \((_SEG|_BBN|_UID), (Zero|One|0x[0-9A-F]+)\)")
-BUS_RANGE = re.compile(r"WordBusNumber \(.*?\n\s+0x([0-9A-F]+),\s+// Granularity\n\s+0x([0-9A-F]+),\s+// Range Minimum\n"
-                       r"\s+0x([0-9A-F]+),\s+// Range Maximum", re.S)  # fmt: skip
+BUS_RANGE = re.compile(
+    r"WordBusNumber \(.*?\n\s+0x([0-9A-F]+),\s+// Granularity\n"
+    r"\s+0x([0-9A-F]+),\s+// Range Minimum\n"
+    r"\s+0x([0-9A-F]+),\s+// Range Maximum",
+    re.S,
+)
 
 
 def asl_int(text: str) -> int:

@@ -96,7 +96,12 @@ def test_qemu_builds_the_same_fabric_and_the_guest_sees_the_same_shape(path):
     assert on_qemu.done and on_qemu.status == 0
     image, name = default_kernel()
     with build_machine(
-        spec, backend="model", strategy="native", kernel=image, kernel_name=name, cmdline=EMBEDDED_GUEST_CMDLINE
+        spec,
+        backend="model",
+        strategy="native",
+        kernel=image,
+        kernel_name=name,
+        cmdline=EMBEDDED_GUEST_CMDLINE,
     ) as m:
         on_pcihole = m.run(timeout=120).report
     assert on_pcihole is not None and on_pcihole.status == 0

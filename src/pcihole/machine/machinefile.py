@@ -287,7 +287,9 @@ def _parse_root_port(index: int, data: object) -> RootPortSpec:
     )
 
 
-def _parse_bridge(key: str, index: int, data: object) -> UpstreamPortSpec | DownstreamPortSpec | PciBridgeSpec:
+def _parse_bridge(
+    key: str, index: int, data: object
+) -> UpstreamPortSpec | DownstreamPortSpec | PciBridgeSpec:
     """One [[upstream_port]], [[downstream_port]] or [[pci_bridge]] table."""
     words = key.replace("_", " ")
     table = _Table(f"{words} #{index + 1}", data)
@@ -298,21 +300,21 @@ def _parse_bridge(key: str, index: int, data: object) -> UpstreamPortSpec | Down
     secondary = table.get_int("secondary", required=True)
     subordinate = table.get_int("subordinate", default=secondary)
     name = table.get_str("name", default="")
+    vendor = table.get_int("vendor", default=PCI_BRIDGE_VENDOR if key == "pci_bridge" else SWITCH_VENDOR)
     if key == "upstream_port":
-        return UpstreamPortSpec(
-            bdf, secondary, subordinate, vendor=table.get_int("vendor", default=SWITCH_VENDOR),
-            device=table.get_int("device", default=UPSTREAM_PORT_DEVICE), name=name,
-        )  # fmt: skip
+        device = table.get_int("device", default=UPSTREAM_PORT_DEVICE)
+        return UpstreamPortSpec(bdf, secondary, subordinate, vendor=vendor, device=device, name=name)
     if key == "downstream_port":
+        device = table.get_int("device", default=DOWNSTREAM_PORT_DEVICE)
+        slot = table.get_int("slot")
         return DownstreamPortSpec(
-            bdf, secondary, subordinate, vendor=table.get_int("vendor", default=SWITCH_VENDOR),
-            device=table.get_int("device", default=DOWNSTREAM_PORT_DEVICE),
-            physical_slot=table.get_int("slot"), name=name,
-        )  # fmt: skip
+            bdf, secondary, subordinate, vendor=vendor, device=device, physical_slot=slot, name=name
+        )
+    device = table.get_int("device", default=PCI_BRIDGE_DEVICE)
+    chassis = table.get_int("chassis")
     return PciBridgeSpec(
-        bdf, secondary, subordinate, vendor=table.get_int("vendor", default=PCI_BRIDGE_VENDOR),
-        device=table.get_int("device", default=PCI_BRIDGE_DEVICE), chassis=table.get_int("chassis"), name=name,
-    )  # fmt: skip
+        bdf, secondary, subordinate, vendor=vendor, device=device, chassis=chassis, name=name
+    )
 
 
 def _parse_expander(index: int, data: object) -> ExpanderSpec:
@@ -324,9 +326,13 @@ def _parse_expander(index: int, data: object) -> ExpanderSpec:
         raise _Problem(f"{table.where}: missing key 'buses'")
     first, last = _parse_buses(table)
     return ExpanderSpec(
-        bdf, first, last, vendor=table.get_int("vendor", default=EXPANDER_VENDOR),
-        device=table.get_int("device", default=EXPANDER_DEVICE), name=table.get_str("name", default=""),
-    )  # fmt: skip
+        bdf,
+        first,
+        last,
+        vendor=table.get_int("vendor", default=EXPANDER_VENDOR),
+        device=table.get_int("device", default=EXPANDER_DEVICE),
+        name=table.get_str("name", default=""),
+    )
 
 
 def _parse_bar(where: str, index: int, data: object) -> BarSpec:

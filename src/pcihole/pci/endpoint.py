@@ -44,7 +44,9 @@ def bar_flags(bar: BarSpec) -> int:
 class Endpoint(PciFunction):
     kind = "endpoint"
 
-    def __init__(self, spec: EndpointSpec, *, root_complex_integrated: bool, conventional: bool = False) -> None:
+    def __init__(
+        self, spec: EndpointSpec, *, root_complex_integrated: bool, conventional: bool = False
+    ) -> None:
         super().__init__(spec.bdf, spec.name)
         self.init_common_header(
             vendor=spec.vendor,

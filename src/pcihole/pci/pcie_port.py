@@ -22,14 +22,32 @@ class PciePort(Type1Function):
     """A type 1 function with the PCIe capability (`port_type`) and AER at 0x100."""
 
     def __init__(
-        self, bdf: Bdf, name: str, *, vendor: int, device: int, class_code: int, revision: int,
-        secondary: int, subordinate: int, port_type: int, port_number: int, physical_slot: int | None,
+        self,
+        bdf: Bdf,
+        name: str,
+        *,
+        vendor: int,
+        device: int,
+        class_code: int,
+        revision: int,
+        secondary: int,
+        subordinate: int,
+        port_type: int,
+        port_number: int,
+        physical_slot: int | None,
         interrupt_pin: int = INTERRUPT_PIN_INTA,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(
-            bdf, name, vendor=vendor, device=device, class_code=class_code, revision=revision,
-            secondary=secondary, subordinate=subordinate, interrupt_pin=interrupt_pin,
-        )  # fmt: skip
+            bdf,
+            name,
+            vendor=vendor,
+            device=device,
+            class_code=class_code,
+            revision=revision,
+            secondary=secondary,
+            subordinate=subordinate,
+            interrupt_pin=interrupt_pin,
+        )
         self.pcie_cap = add_pcie_capability(
             self.config, port_type, port_number=port_number, physical_slot=physical_slot
         )

@@ -46,9 +46,18 @@ class Type1Function(PciFunction):
     kind = "bridge"
 
     def __init__(
-        self, bdf: Bdf, name: str, *, vendor: int, device: int, class_code: int, revision: int,
-        secondary: int, subordinate: int, interrupt_pin: int = INTERRUPT_PIN_INTA,
-    ) -> None:  # fmt: skip
+        self,
+        bdf: Bdf,
+        name: str,
+        *,
+        vendor: int,
+        device: int,
+        class_code: int,
+        revision: int,
+        secondary: int,
+        subordinate: int,
+        interrupt_pin: int = INTERRUPT_PIN_INTA,
+    ) -> None:
         super().__init__(bdf, name)
         self.secondary = secondary
         self.subordinate = subordinate
