@@ -147,6 +147,13 @@ def test_the_fabric_is_valid():
             Topology((SEG,), endpoints=(ep("0000:40:00.0"),)),
             "endpoint 0000:40:00.0: bus 64 is reached by no bridge",
         ),
+        (
+            with_(
+                endpoints=[EndpointSpec(bdf("0000:00:06.0"), 0x8086, 0x244E, 0x060401), ep("0000:06:00.0")]
+            ),
+            "endpoint 0000:00:06.0: class 0x060401 is a bridge's, but an endpoint has a type 0 header and "
+            "nothing below it",
+        ),
     ],
 )
 def test_each_fabric_problem_has_its_own_one_line_error(topology, message):

@@ -71,6 +71,7 @@ EXPANDER_DEVICE = 0x000B  # QEMU pxb-pcie (hw/pci-bridge/pci_expander_bridge.c, 
 QEMU_SUBSYSTEM_VENDOR = 0x1AF4  # QEMU gives every device subsystem 1af4:1100 (pci_default_sub_vendor_id)
 QEMU_SUBSYSTEM = 0x1100
 
+BRIDGE_SUBCLASSES = (0x0604, 0x0607)  # PCI-to-PCI bridge and CardBus bridge: type 1 and 2 headers only
 BAR_MEM32 = "mem32"
 BAR_MEM64 = "mem64"
 BAR_IO = "io"
@@ -510,6 +511,14 @@ def _check_function_fields(spec: FunctionSpec) -> None:
     _check_int(what, "device", spec.device, 0, 0xFFFF)
     _check_int(what, "class", spec.class_code, 0, 0xFFFFFF)
     if isinstance(spec, EndpointSpec):
+        if spec.class_code >> 8 in BRIDGE_SUBCLASSES:
+            # pci_setup_device(): a type 0 header with a PCI-to-PCI or CardBus bridge class is
+            # "ignoring class ... (doesn't match header type 00)": Linux would follow no bus below it.
+            raise TopologyError(
+                f"{what}: class {spec.class_code:#08x} is a bridge's, but an endpoint has a type 0 header "
+                "and nothing below it (Linux ignores that class); describe the bridge as a root_port, "
+                "upstream_port, downstream_port or pci_bridge"
+            )
         _check_int(what, "revision", spec.revision, 0, 0xFF)
         _check_int(what, "subsystem_vendor", spec.subsystem_vendor, 0, 0xFFFF)
         _check_int(what, "subsystem", spec.subsystem, 0, 0xFFFF)
