@@ -99,6 +99,11 @@ def test_run_tree_prints_what_the_guest_found_as_lspci_t(path, capsys):
             ["root port 0000:00:01.0: buses 1-6 are not inside"],
         ),
         ('[[downstream_port]]\nbdf = "0000:02:04.0"\nsecondary = 9\ncolour = 1\n', ["unknown key 'colour'"]),
+        ('[[expander]]\nbdf = "0000:00:10.0"\n', ["expander bridge 0000:00:10.0: missing key 'buses'"]),
+        (
+            '[[pci_bridge]]\nbdf = "0000:00:05.0"\nsecondary = 0x20\nchassis = 300\n',
+            ["chassis 0x12c is outside"],
+        ),
     ],
 )
 def test_a_wrong_fabric_is_one_line_and_exit_2(tmp_path, extra, words):
