@@ -313,6 +313,9 @@ class Topology:
     bridges: tuple[UpstreamPortSpec | DownstreamPortSpec | PciBridgeSpec, ...] = ()
     expanders: tuple[ExpanderSpec, ...] = ()
     _by_id: dict[int, Segment] = field(init=False, repr=False, compare=False)
+    # Indexes for the queries below (a Topology is never modified, only replaced).
+    _by_secondary: dict[tuple[int, int], BridgeSpec] = field(init=False, repr=False, compare=False)
+    _expanders_of: dict[int, list[ExpanderSpec]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "segments", tuple(self.segments))
@@ -321,6 +324,15 @@ class Topology:
         object.__setattr__(self, "bridges", tuple(self.bridges))
         object.__setattr__(self, "expanders", tuple(self.expanders))
         object.__setattr__(self, "_by_id", {s.id: s for s in self.segments})
+        # With two bridges opening one bus (refused by validate()), the first one wins, as a scan would.
+        by_secondary: dict[tuple[int, int], BridgeSpec] = {}
+        for bridge in self.all_bridges():
+            by_secondary.setdefault((bridge.bdf.segment, bridge.secondary), bridge)
+        object.__setattr__(self, "_by_secondary", by_secondary)
+        expanders_of: dict[int, list[ExpanderSpec]] = {}
+        for x in self.expanders:
+            expanders_of.setdefault(x.bdf.segment, []).append(x)
+        object.__setattr__(self, "_expanders_of", expanders_of)
 
     # --- queries ----------------------------------------------------------------------------------
     def segment(self, segment_id: int) -> Segment:
@@ -348,7 +360,7 @@ class Topology:
         the buses up to root_bus_limit = (lowest pxb bus) - 1.
         """
         segment = self._by_id[segment_id]
-        expanders = [x for x in self.expanders if x.bdf.segment == segment_id]
+        expanders = self._expanders_of.get(segment_id, [])
         for x in expanders:
             if x.bus == bus:
                 return x.bus, x.last_bus
@@ -359,10 +371,7 @@ class Topology:
 
     def parent_bridge(self, segment_id: int, bus: int) -> BridgeSpec | None:
         """The bridge whose secondary bus is `bus` (None for a root bus or a bus no bridge opens)."""
-        for bridge in self.all_bridges():
-            if bridge.bdf.segment == segment_id and bridge.secondary == bus:
-                return bridge
-        return None
+        return self._by_secondary.get((segment_id, bus))
 
     def bus_kind(self, segment_id: int, bus: int) -> str | None:
         """BUS_ROOT, BUS_LINK, BUS_SWITCH or BUS_CONVENTIONAL; None where no bridge reaches `bus`."""
