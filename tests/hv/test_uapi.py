@@ -43,6 +43,7 @@ LAYOUTS = {
     uapi.kvm_cpuid2: (8, {"nent": 0, "padding": 4}),
     uapi.kvm_msr_entry: (16, {"index": 0, "reserved": 4, "data": 8}),
     uapi.kvm_msrs: (8, {"nmsrs": 0, "pad": 4}),
+    uapi.kvm_interrupt: (4, {"irq": 0}),
     uapi.kvm_enable_cap: (104, {"cap": 0, "flags": 4, "args": 8, "pad": 40}),
     uapi.kvm_run: (
         2352,
@@ -99,6 +100,7 @@ IOCTLS = {
     "KVM_SET_SREGS": 0x4138AE84,
     "KVM_GET_MSRS": 0xC008AE88,
     "KVM_SET_MSRS": 0x4008AE89,
+    "KVM_INTERRUPT": 0x4004AE86,  # <linux/kvm.h>: _IOW(KVMIO, 0x86, struct kvm_interrupt)
     "KVM_SET_CPUID2": 0x4008AE90,
 }
 

@@ -66,6 +66,7 @@ class KvmIoctl(IntEnum):
     KVM_SET_REGS = _IOW(KVMIO, 0x82, uapi.kvm_regs)
     KVM_GET_SREGS = _IOR(KVMIO, 0x83, uapi.kvm_sregs)
     KVM_SET_SREGS = _IOW(KVMIO, 0x84, uapi.kvm_sregs)
+    KVM_INTERRUPT = _IOW(KVMIO, 0x86, uapi.kvm_interrupt)
     KVM_GET_MSRS = _IOWR(KVMIO, 0x88, uapi.kvm_msrs)
     KVM_SET_MSRS = _IOW(KVMIO, 0x89, uapi.kvm_msrs)
     KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, uapi.kvm_cpuid2)

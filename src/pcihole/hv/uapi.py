@@ -100,6 +100,12 @@ class kvm_userspace_memory_region(ctypes.Structure):
     ]
 
 
+class kvm_interrupt(ctypes.Structure):
+    """KVM_INTERRUPT's argument: the vector to inject (userspace irqchip only)."""
+
+    _fields_ = [("irq", c_uint32)]
+
+
 class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, c_uint64)

@@ -98,6 +98,11 @@ class Vcpu:
             bad = list(msrs)[done]
             raise KvmError(errno.EINVAL, KvmIoctl.KVM_SET_MSRS, f"vcpu={self.id}: MSR {bad:#x} refused")
 
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: queue an external interrupt (no in-kernel irqchip); KVM injects it at the
+        next entry where the guest has IF set and no STI / MOV SS shadow."""
+        kvm_ioctl(self.fd, KvmIoctl.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector), f"vcpu={self.id}, irq={vector}")
+
     # --- running -----------------------------------------------------------------------------------
 
     def run(self) -> exits.VcpuExit:

@@ -67,17 +67,21 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
+from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_IDTR, UC_X86_REG_RIP
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.emulator_read_write import AccessEmulator
+from pcihole.hv.model.engine_state import EngineState
+from pcihole.hv.model.interrupts import UD, Delivery, Event, EventKind, TripleFault, interrupt_window_open, syscall
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 
 _HLT_OPCODE = 0xF4
+_SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
+KVM_NR_INTERRUPTS = 256
 
 
 class VcpuState(Enum):
@@ -136,6 +140,13 @@ class ModelVcpu:
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
         self._read_data: bytes | None = None
+        # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
+        # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
+        # then a Shutdown, as for a guest with no IDT.
+        self._delivery: Delivery | None = None
+        self._engine_state: EngineState | None = None
+        # The external interrupt KVM_INTERRUPT queued (pending_external_vector), None if none.
+        self._pending_irq: int | None = None
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -229,6 +240,20 @@ class ModelVcpu:
         self._requests.add(Request.KICK)
         self._request_boundary()
 
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt): queue `vector`.
+
+        It is delivered through the IDT at the first instruction boundary where RFLAGS.IF is set
+        and no STI / MOV SS shadow is in force; an HLT with it pending and IF set does not exit.
+        As the kernel: EINVAL for a vector >= 256, EEXIST while one is still queued.
+        """
+        if not 0 <= vector < KVM_NR_INTERRUPTS:
+            raise ModelKvmError(errno.EINVAL, "KVM_INTERRUPT", f"vcpu={self.id}, irq={vector}")
+        if self._pending_irq is not None:
+            raise ModelKvmError(errno.EEXIST, "KVM_INTERRUPT", f"vcpu={self.id}, irq={vector}")
+        self._pending_irq = vector
+        self._request_boundary()
+
     def _set_state(self, state: VcpuState) -> None:
         """Move to `state` (the caller holds _sync) and wake whoever waits on a state change."""
         self._state = state
@@ -270,7 +295,7 @@ class ModelVcpu:
     def _emulate_in_engine(self) -> exits.VcpuExit | None:
         uc, mode = self._prepare_engine()
         with self._engine_lock:
-            if Request.KICK in self._requests or self._state in _LEFT:
+            if Request.KICK in self._requests or self._state in _LEFT or self._pending_irq is not None:
                 # A kick or close() from another thread that found no engine to arm (it was being
                 # built): stop at the first instruction boundary instead of losing it.
                 assert self._boundary is not None
@@ -308,6 +333,8 @@ class ModelVcpu:
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
         pc = cpu.program_counter(uc, mode)
         if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
+            if self._inject_pending(uc):
+                return None  # an interrupt was pending: HLT does not stop (kvm_vcpu_has_events)
             return exits.Hlt()
         return exits.InternalError(KVM_INTERNAL_ERROR_EMULATION)
 
@@ -325,6 +352,33 @@ class ModelVcpu:
             uc.emu_stop()
         elif Request.NEW_ENGINE in self._requests:
             uc.emu_stop()
+        elif self._pending_irq is not None and not self._inject_pending(uc):
+            self._request_boundary()  # the interrupt window is closed: look again at the next block
+
+    def _inject_pending(self, uc: Uc) -> bool:
+        """Deliver the queued external interrupt if the window is open; True if it was."""
+        vector, delivery, state = self._pending_irq, self._delivery, self._engine_state
+        if vector is None or delivery is None or state is None or not interrupt_window_open(uc, state):
+            return False
+        self._pending_irq = None
+        self._deliver(uc, Event(vector, EventKind.EXTERNAL))
+        return True
+
+    def _deliver(self, uc: Uc, event: Event) -> bool:
+        """Deliver `event` through the IDT; on a triple fault stop with Shutdown (False)."""
+        delivery = self._delivery
+        if delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
+            # No IDT: #GP, #DF, triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
+            self._stop_exit = exits.Shutdown()
+            uc.emu_stop()
+            return False
+        try:
+            delivery.deliver(event)
+        except TripleFault:
+            self._stop_exit = exits.Shutdown()
+            uc.emu_stop()
+            return False
+        return True
 
     # --- exits from inside Unicorn's callbacks -----------------------------------------------------
 
@@ -399,12 +453,31 @@ class ModelVcpu:
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
-        """An exception or INT n. The model delivers none: with no IDT, KVM's guest triple-faults."""
-        self._stop_exit = exits.Shutdown()
-        uc.emu_stop()
+        """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
+        state = self._engine_state
+        if state is None:
+            self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
+            return
+        state.load()
+        kind = EventKind.SOFTWARE if state.exception_is_int else EventKind.EXCEPTION
+        self._deliver(uc, Event(intno, kind, state.error_code))
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
-        return False  # emu_start fails with UC_ERR_INSN_INVALID -> Shutdown
+        """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
+        if self._delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
+            return False
+        return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
+
+    def _on_syscall(self, uc: Uc, _data: object) -> None:
+        """SYSCALL, which Unicorn's helper_syscall hands here instead of doing it (interrupts.py)."""
+        state = self._engine_state
+        if state is None:
+            self._deliver(uc, Event(UD, EventKind.EXCEPTION))  # Shutdown
+            return
+        fault = syscall(uc, state, _SYSCALL_BYTES)
+        if fault is not None and self._deliver(uc, fault):
+            # helper_syscall adds the instruction length to RIP after this hook.
+            uc.reg_write(UC_X86_REG_RIP, uc.reg_read(UC_X86_REG_RIP) - _SYSCALL_BYTES)
 
     # --- the engine, and memslot sync --------------------------------------------------------------
 
@@ -426,6 +499,14 @@ class ModelVcpu:
                 uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
                 uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
                 uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+                self._delivery = self._engine_state = None
+                if mode is cpu.CpuMode.LONG_64:
+                    uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
+                if mode is not cpu.CpuMode.REAL:
+                    state = EngineState(uc)
+                    if state.layout_ok():
+                        self._engine_state = state
+                        self._delivery = Delivery(uc, state)
         if mmu.stale():
             mmu.sync()
         else:
