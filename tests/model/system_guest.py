@@ -195,3 +195,11 @@ def run_system_guest(
     finally:
         vm.close()
         ram.close()
+
+
+def address_of(body: str, instruction: str) -> int:
+    """The guest-physical address of `instruction` (its only occurrence) in the guest built from `body`."""
+    image = assemble(guest_source(body, []), bits=64, org=CODE)
+    encoded = assemble(instruction, bits=64)
+    assert image.count(encoded) == 1, f"{instruction!r} is not once in the guest"
+    return CODE + image.index(encoded)

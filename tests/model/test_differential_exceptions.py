@@ -11,16 +11,14 @@ import struct
 
 import pytest
 
-from guestasm import assemble
 
 from pcihole.hv import exits
 
 from .system_guest import (
     ABSENT_PAGE,
-    CODE,
     RSP0,
     STACK,
-    guest_source,
+    address_of,
     IST1,
     READONLY_PAGE,
     RESULTS,
@@ -173,6 +171,5 @@ def test_ring3_int_to_dpl0_gate_is_gp_sdm(model_hv):
 
 
 def run_int_address(body: str, vector: int) -> int:
-    """Where the guest's `int $vector` is: found in the assembled guest (bytes cd <vector>)."""
-    image = assemble(guest_source(body, []), bits=64, org=CODE)
-    return CODE + image.index(bytes([_INT_N, vector]))
+    """Where the guest's `int $vector` is."""
+    return address_of(body, f"int ${vector:#x}")

@@ -54,6 +54,12 @@ class Hlt:
 
 
 @dataclass(frozen=True, slots=True)
+class IrqWindowOpen:
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the VMM asked for it (request_interrupt_window) and the guest can now
+    take an external interrupt (RFLAGS.IF set, no STI / MOV SS shadow)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or asked for a shutdown cycle)."""
 
@@ -100,6 +106,7 @@ VcpuExit = (
     | IoIn
     | IoOut
     | Hlt
+    | IrqWindowOpen
     | Shutdown
     | Interrupted
     | InternalError

@@ -37,6 +37,7 @@ _ENTRY = ctypes.sizeof(uapi.kvm_coalesced_mmio)
 _RING_HEADER = ctypes.sizeof(uapi.kvm_coalesced_mmio_ring)
 _RING_ENTRY = struct.Struct("<QII8s")
 _OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
+_OFF_REQUEST_INTERRUPT_WINDOW = uapi.kvm_run.request_interrupt_window.offset
 
 # The signal kick() sends to a vCPU thread sitting in KVM_RUN, so that KVM_RUN returns EINTR (QEMU's
 # SIG_IPI). Its handler does nothing; it only has to exist, or the signal would kill the process.
@@ -98,9 +99,15 @@ class Vcpu:
             bad = list(msrs)[done]
             raise KvmError(errno.EINVAL, KvmIoctl.KVM_SET_MSRS, f"vcpu={self.id}: MSR {bad:#x} refused")
 
+    def request_interrupt_window(self, on: bool) -> None:
+        """kvm_run.request_interrupt_window: KVM_RUN returns IrqWindowOpen once the guest can take
+        an external interrupt (what QEMU sets while its userspace PIC has one pending)."""
+        self._run[_OFF_REQUEST_INTERRUPT_WINDOW] = int(on)
+
     def interrupt(self, vector: int) -> None:
-        """KVM_INTERRUPT: queue an external interrupt (no in-kernel irqchip); KVM injects it at the
-        next entry where the guest has IF set and no STI / MOV SS shadow."""
+        """KVM_INTERRUPT without an in-kernel irqchip: KVM injects `vector` at the next entry,
+        whatever RFLAGS.IF says (kvm_queue_interrupt): the VMM waits for the interrupt window
+        (request_interrupt_window, IrqWindowOpen) first, as QEMU does."""
         kvm_ioctl(self.fd, KvmIoctl.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector), f"vcpu={self.id}, irq={vector}")
 
     # --- running -----------------------------------------------------------------------------------
@@ -147,6 +154,8 @@ class Vcpu:
             return exits.IoIn(port, size, count)
         if reason == R.KVM_EXIT_HLT:
             return exits.Hlt()
+        if reason == R.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return exits.IrqWindowOpen()
         if reason == R.KVM_EXIT_SHUTDOWN:
             return exits.Shutdown()
         if reason == R.KVM_EXIT_INTR:

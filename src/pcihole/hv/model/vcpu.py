@@ -145,8 +145,10 @@ class ModelVcpu:
         # then a Shutdown, as for a guest with no IDT.
         self._delivery: Delivery | None = None
         self._engine_state: EngineState | None = None
-        # The external interrupt KVM_INTERRUPT queued (pending_external_vector), None if none.
-        self._pending_irq: int | None = None
+        # The external interrupt KVM_INTERRUPT queued, delivered at the next entry (None: none),
+        # and kvm_run.request_interrupt_window.
+        self._injection: int | None = None
+        self._window_requested = False
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -241,18 +243,26 @@ class ModelVcpu:
         self._request_boundary()
 
     def interrupt(self, vector: int) -> None:
-        """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt): queue `vector`.
+        """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt, kvm_queue_interrupt).
 
-        It is delivered through the IDT at the first instruction boundary where RFLAGS.IF is set
-        and no STI / MOV SS shadow is in force; an HLT with it pending and IF set does not exit.
-        As the kernel: EINVAL for a vector >= 256, EEXIST while one is still queued.
+        `vector` is delivered through the IDT at the next entry, whatever RFLAGS.IF says (the VMM
+        waits for the interrupt window first: request_interrupt_window). A second call before
+        that entry replaces the first, as in the kernel; EINVAL for a vector >= 256. Called
+        while paused in an exit from the middle of a translation block (an MMIO access, IN /
+        OUT), the model delivers it at the next block start, a few instructions later than KVM,
+        which delivers it right after the exiting instruction (Unicorn cannot stop in between).
         """
         if not 0 <= vector < KVM_NR_INTERRUPTS:
             raise ModelKvmError(errno.EINVAL, "KVM_INTERRUPT", f"vcpu={self.id}, irq={vector}")
-        if self._pending_irq is not None:
-            raise ModelKvmError(errno.EEXIST, "KVM_INTERRUPT", f"vcpu={self.id}, irq={vector}")
-        self._pending_irq = vector
+        self._injection = vector
         self._request_boundary()
+
+    def request_interrupt_window(self, on: bool) -> None:
+        """kvm_run.request_interrupt_window: run() returns IrqWindowOpen once the guest can take an
+        external interrupt (RFLAGS.IF set, no STI / MOV SS shadow), at an instruction boundary."""
+        self._window_requested = on
+        if on:
+            self._request_boundary()
 
     def _set_state(self, state: VcpuState) -> None:
         """Move to `state` (the caller holds _sync) and wake whoever waits on a state change."""
@@ -295,13 +305,17 @@ class ModelVcpu:
     def _emulate_in_engine(self) -> exits.VcpuExit | None:
         uc, mode = self._prepare_engine()
         with self._engine_lock:
-            if Request.KICK in self._requests or self._state in _LEFT or self._pending_irq is not None:
+            if Request.KICK in self._requests or self._state in _LEFT or self._events_wanted():
                 # A kick or close() from another thread that found no engine to arm (it was being
                 # built): stop at the first instruction boundary instead of losing it.
                 assert self._boundary is not None
                 self._boundary.arm()
+        self._stop_exit = None
+        if self._injection is not None and not self._inject(uc):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
+        if self._window_open(uc):
+            return exits.IrqWindowOpen()
         try:
-            self._stop_exit = None
             uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
         except UcError as e:
             if self._state in _LEFT:
@@ -333,8 +347,6 @@ class ModelVcpu:
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
         pc = cpu.program_counter(uc, mode)
         if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
-            if self._inject_pending(uc):
-                return None  # an interrupt was pending: HLT does not stop (kvm_vcpu_has_events)
             return exits.Hlt()
         return exits.InternalError(KVM_INTERNAL_ERROR_EMULATION)
 
@@ -352,17 +364,27 @@ class ModelVcpu:
             uc.emu_stop()
         elif Request.NEW_ENGINE in self._requests:
             uc.emu_stop()
-        elif self._pending_irq is not None and not self._inject_pending(uc):
-            self._request_boundary()  # the interrupt window is closed: look again at the next block
+        elif self._injection is not None:
+            self._inject(uc)
+        elif self._window_open(uc):
+            self._stop_exit = exits.IrqWindowOpen()
+            uc.emu_stop()
+        elif self._window_requested:
+            self._request_boundary()  # the window is closed: look again at the next block
 
-    def _inject_pending(self, uc: Uc) -> bool:
-        """Deliver the queued external interrupt if the window is open; True if it was."""
-        vector, delivery, state = self._pending_irq, self._delivery, self._engine_state
-        if vector is None or delivery is None or state is None or not interrupt_window_open(uc, state):
-            return False
-        self._pending_irq = None
-        self._deliver(uc, Event(vector, EventKind.EXTERNAL))
-        return True
+    def _events_wanted(self) -> bool:
+        return self._injection is not None or self._window_requested
+
+    def _inject(self, uc: Uc) -> bool:
+        """Deliver the interrupt KVM_INTERRUPT queued; False if that triple-faulted (Shutdown)."""
+        vector, self._injection = self._injection, None
+        assert vector is not None
+        return self._deliver(uc, Event(vector, EventKind.EXTERNAL))
+
+    def _window_open(self, uc: Uc) -> bool:
+        """An IrqWindowOpen exit is due: requested, and the guest can take an interrupt now."""
+        state = self._engine_state
+        return self._window_requested and state is not None and interrupt_window_open(uc, state)
 
     def _deliver(self, uc: Uc, event: Event) -> bool:
         """Deliver `event` through the IDT; on a triple fault stop with Shutdown (False)."""

@@ -1,0 +1,227 @@
+"""External interrupts (KVM_INTERRUPT, no in-kernel irqchip), HLT, IF and the STI shadow, and
+SYSCALL / SYSRET: the same guest on the model and on /dev/kvm, the same result.
+
+The guests are system_guest.py's; the VMM injects with vcpu.interrupt() at a chosen exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from pcihole.hv import exits
+
+from .system_guest import RESULTS, USER_CS, USER_DS, USER_STACK, Handler, address_of, run_system_guest
+
+VECTOR = 0x30
+
+
+def record(offset: int) -> str:
+    """Handler: store RSP, the 5-quadword frame and RESULTS+0x40..0x58 (what the body stored) at RESULTS+offset."""
+    lines = [f"    mov %rsp, {RESULTS + offset}"]
+    for i in range(5):
+        lines += [f"    mov {8 * i}(%rsp), %rax", f"    mov %rax, {RESULTS + offset + 8 + 8 * i}"]
+    for i in range(3):
+        lines += [f"    mov {RESULTS + 0x40 + 8 * i}, %rax", f"    mov %rax, {RESULTS + offset + 0x30 + 8 * i}"]
+    return "\n".join(lines) + "\n    hlt"
+
+
+def inject_at_hlt(vectors=(VECTOR,)):
+    """An on_exit that, at the first HLT exit, calls KVM_INTERRUPT with each of `vectors` and runs on."""
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, exits.Hlt) and not on_exit.done:
+            on_exit.done = True
+            for vector in vectors:
+                vcpu.interrupt(vector)
+            return True
+        return False
+
+    on_exit.done = False
+    return on_exit
+
+
+def inject_in_window(kind: type):
+    """An on_exit that asks for the interrupt window at the first exit of `kind`, then injects
+    VECTOR when the window opens (what QEMU does for its userspace PIC)."""
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, kind) and not on_exit.asked:
+            on_exit.asked = True
+            vcpu.request_interrupt_window(True)
+        elif isinstance(exit_, exits.IrqWindowOpen):
+            vcpu.request_interrupt_window(False)
+            vcpu.interrupt(VECTOR)
+            return True
+        return False
+
+    on_exit.asked = False
+    return on_exit
+
+
+GUESTS = {
+    # HLT with IF set exits to the VMM; the interrupt injected then is taken after the HLT.
+    "hlt_then_interrupt": ("mov $1, %ebx\n hlt\n mov $2, %ebx", lambda: inject_at_hlt()),
+    # The second KVM_INTERRUPT before the entry replaces the first (kvm_queue_interrupt).
+    "second_interrupt_replaces_first": ("hlt", lambda: inject_at_hlt((VECTOR + 1, VECTOR))),
+}
+
+# The interrupt window (request_interrupt_window -> IrqWindowOpen). This host's KVM (PVM) never
+# exits for it, so the model is checked against the SDM (6.8.3: STI's shadow covers one more
+# instruction; POPF has none), and against kvm where kvm reports the window at all.
+WINDOW_GUESTS = {
+    # With IF clear, the window opens after STI and one more instruction (the STI shadow).
+    "window_opens_after_sti_shadow": (
+        f"""
+        cli
+        out %al, $0x80
+        movq $1, {RESULTS + 0x40}
+        sti
+        movq $2, {RESULTS + 0x48}
+        movq $3, {RESULTS + 0x50}
+        """,
+        lambda: inject_in_window(exits.IoOut),
+    ),
+    # POPFQ setting IF opens the window right after it (no shadow).
+    "window_opens_after_popf": (
+        f"""
+        cli
+        out %al, $0x80
+        pushq $0x202
+        popfq
+        movq $2, {RESULTS + 0x48}
+        """,
+        lambda: inject_in_window(exits.IoOut),
+    ),
+}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name", sorted(GUESTS))
+def test_external_interrupt_matches_kvm(name, kvm_hv, model_hv):
+    body, on_exit = GUESTS[name]
+    handlers = [Handler(VECTOR, record(0)), Handler(VECTOR + 1, "hlt")]
+    kvm = run_system_guest(kvm_hv, body, handlers, on_exit=on_exit(), rflags=0x202)
+    model = run_system_guest(model_hv, body, handlers, on_exit=on_exit(), rflags=0x202)
+    assert model.exits == kvm.exits
+    assert model.regs == kvm.regs
+    assert model.results == kvm.results
+    assert struct.unpack_from("<Q", model.results, 8)[0] != 0  # the handler ran
+
+
+PVM_NO_WINDOW = "this host's KVM (PVM) never exits with KVM_EXIT_IRQ_WINDOW_OPEN"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name", sorted(WINDOW_GUESTS))
+def test_interrupt_window_matches_kvm(name, kvm_hv, model_hv):
+    body, on_exit = WINDOW_GUESTS[name]
+    handlers = [Handler(VECTOR, record(0))]
+    kvm = run_system_guest(kvm_hv, body, handlers, on_exit=on_exit(), rflags=0x202)
+    if exits.IrqWindowOpen() not in kvm.exits:
+        pytest.skip(PVM_NO_WINDOW)
+    model = run_system_guest(model_hv, body, handlers, on_exit=on_exit(), rflags=0x202)
+    assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)
+
+
+def frame_and_seen(run) -> tuple[int, tuple[int, ...]]:
+    """The RIP the interrupt frame holds, and RESULTS+0x40..0x50 as the handler saw them."""
+    q = struct.unpack("<32Q", run.results)
+    return q[1], q[6:9]
+
+
+def test_interrupt_window_after_sti_shadow_sdm(model_hv):
+    """SDM 6.8.3: after STI, interrupts stay blocked for one more instruction."""
+    body, on_exit = WINDOW_GUESTS["window_opens_after_sti_shadow"]
+    run = run_system_guest(model_hv, body, [Handler(VECTOR, record(0))], on_exit=on_exit(), rflags=0x202)
+    assert run.exits[1:] == [exits.IrqWindowOpen(), exits.Hlt()]
+    assert frame_and_seen(run) == (address_of(body, f"movq $3, {RESULTS + 0x50}"), (1, 2, 0))
+
+
+def test_interrupt_window_after_popf_sdm(model_hv):
+    """POPF that sets IF opens the window at the next instruction (no shadow)."""
+    body, on_exit = WINDOW_GUESTS["window_opens_after_popf"]
+    run = run_system_guest(model_hv, body, [Handler(VECTOR, record(0))], on_exit=on_exit(), rflags=0x202)
+    assert run.exits[1:] == [exits.IrqWindowOpen(), exits.Hlt()]
+    assert frame_and_seen(run) == (address_of(body, f"movq $2, {RESULTS + 0x48}"), (0, 0, 0))
+
+
+def test_kvm_interrupt_vector_out_of_range(model_hv):
+    """kvm_vcpu_ioctl_interrupt: EINVAL for irq >= KVM_NR_INTERRUPTS (256)."""
+    vm = model_hv.create_vm()
+    try:
+        with pytest.raises(OSError) as bad:
+            vm.create_vcpu(0).interrupt(256)
+        assert bad.value.errno == errno.EINVAL
+    finally:
+        vm.close()
+
+
+SYSCALL_SETUP = f"""
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $1, %eax
+    wrmsr
+    mov $0xc0000081, %ecx
+    mov $0x00100008, %edx
+    xor %eax, %eax
+    wrmsr
+    mov $0xc0000082, %ecx
+    lea entry(%rip), %rax
+    xor %edx, %edx
+    wrmsr
+    mov $0xc0000084, %ecx
+    mov $0x200, %eax
+    wrmsr
+    lea user(%rip), %rcx
+    mov $0x202, %r11d
+    mov ${USER_STACK}, %rsp
+    sysretq
+entry:
+    mov %rcx, {RESULTS}
+    mov %r11, {RESULTS + 8}
+    pushfq
+    popq {RESULTS + 0x10}
+    mov %cs, {RESULTS + 0x18}
+    mov %ss, {RESULTS + 0x20}
+    mov %rsp, {RESULTS + 0x28}
+    hlt
+user:
+    mov %cs, %rbx
+    mov %ss, %rdx
+    syscall
+"""
+
+
+def test_syscall_sysret_sdm(model_hv):
+    """SDM Vol. 2B SYSRET then SYSCALL: CS/SS from STAR, RCX/R11 saved, RFLAGS masked by FMASK."""
+    run = run_system_guest(model_hv, SYSCALL_SETUP, [], rflags=0x202)
+    rcx, r11, rflags, cs, ss, rsp = struct.unpack_from("<6Q", run.results)
+    assert run.exits == [exits.Hlt()]
+    assert (run.regs["rbx"], run.regs["rdx"]) == (USER_CS | 3, USER_DS | 3)  # after SYSRET
+    assert (cs & 0xFFFF, ss & 0xFFFF) == (0x08, 0x10)
+    assert r11 == 0x202 and rflags == 0x002  # IF masked by FMASK
+    assert rsp == USER_STACK  # SYSCALL does not switch stacks
+    assert rcx == run_syscall_return_address()  # the instruction after SYSCALL
+
+
+PVM_SYSCALL = (
+    "this host's KVM (PVM) cannot run it: WRMSR of EFER in kernel mode shuts the guest down, and "
+    "a SYSCALL from user mode stays in user mode (PVM expects a PVM-aware guest)"
+)
+
+
+@pytest.mark.kvm
+def test_syscall_sysret_matches_kvm(kvm_hv, model_hv):
+    kvm = run_system_guest(kvm_hv, SYSCALL_SETUP, [], rflags=0x202)
+    if kvm.exits[-1] == exits.Shutdown() and kvm.code_at_rip in (b"\x0f\x30", b"\x0f\x05"):
+        pytest.skip(PVM_SYSCALL)
+    model = run_system_guest(model_hv, SYSCALL_SETUP, [], rflags=0x202)
+    assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)
+
+
+def run_syscall_return_address() -> int:
+    """Where the guest's SYSCALL ends."""
+    return address_of(SYSCALL_SETUP, "syscall") + 2
