@@ -150,7 +150,22 @@ idtr: .word {256 * 16 - 1}
     return "".join(parts)
 
 
-REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "rip", "rflags")
+REG_NAMES = (
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "rip",
+    "rflags",
+)
 
 
 def run_system_guest(

@@ -11,26 +11,25 @@ import struct
 
 import pytest
 
-
 from pcihole.hv import exits
 
 from .system_guest import (
     ABSENT_PAGE,
-    RSP0,
-    STACK,
-    address_of,
-    IST1,
     READONLY_PAGE,
     RESULTS,
+    RSP0,
+    STACK,
     TRAP_GATE,
     USER_CS,
     USER_DS,
     USER_STACK,
     Handler,
+    address_of,
     run_system_guest,
 )
 
 IF_FLAG, RF_FLAG = 1 << 9, 1 << 16
+
 
 # A handler that stores the 5-quadword frame (and the error code when `error` is set), the stack
 # pointer it started with and CR2 at RESULTS + offset, then halts.
@@ -74,7 +73,10 @@ GUESTS = {
         """,
         [
             Handler(0x40, f"pushfq\n popq {RESULTS}\n mov %rsp, {RESULTS + 8}\n iretq", gate=TRAP_GATE),
-            Handler(0x41, f"pushfq\n popq {RESULTS + 0x10}\n mov 16(%rsp), %rax\n mov %rax, {RESULTS + 0x18}\n iretq"),
+            Handler(
+                0x41,
+                f"pushfq\n popq {RESULTS + 0x10}\n mov 16(%rsp), %rax\n mov %rax, {RESULTS + 0x18}\n iretq",
+            ),
         ],
     ),
     # Ring 3 -> ring 0 through the TSS's RSP0 (INT 0x80, a DPL 3 gate) and its IST1 (a #PF).
@@ -83,7 +85,10 @@ GUESTS = {
         TO_RING3 + f"movl $1, {READONLY_PAGE}",
         [Handler(14, record(0, error=True), ist=1)],
     ),
-    "ring3_int_to_dpl0_gate_is_gp": (TO_RING3 + "int $0x81", [Handler(0x81, "hlt"), Handler(13, record(0, error=True))]),
+    "ring3_int_to_dpl0_gate_is_gp": (
+        TO_RING3 + "int $0x81",
+        [Handler(0x81, "hlt"), Handler(13, record(0, error=True))],
+    ),
     # A #GP whose gate is not present: #NP while delivering it, two contributory faults make #DF.
     "double_fault": (
         "mov $0x1234, %ax\n mov %ax, %ds",

@@ -24,7 +24,10 @@ def record(offset: int) -> str:
     for i in range(5):
         lines += [f"    mov {8 * i}(%rsp), %rax", f"    mov %rax, {RESULTS + offset + 8 + 8 * i}"]
     for i in range(3):
-        lines += [f"    mov {RESULTS + 0x40 + 8 * i}, %rax", f"    mov %rax, {RESULTS + offset + 0x30 + 8 * i}"]
+        lines += [
+            f"    mov {RESULTS + 0x40 + 8 * i}, %rax",
+            f"    mov %rax, {RESULTS + offset + 0x30 + 8 * i}",
+        ]
     return "\n".join(lines) + "\n    hlt"
 
 

@@ -31,6 +31,7 @@ from pcihole.hv.model.engine_state import (
     DESC_B_MASK,
     DESC_DPL_SHIFT,
     DESC_L_MASK,
+    HF_INHIBIT_IRQ_MASK,
     HF_LMA_MASK,
     R_CS,
     R_SS,
@@ -219,7 +220,11 @@ class Delivery:
         gate = mem.read(idt_base + vector * gate_bytes, gate_bytes)
         e1, e2 = struct.unpack_from("<II", gate)
         gate_type = (e2 >> 8) & 0x1F
-        allowed = (_GATE_INT64, _GATE_TRAP64) if long_mode else (_GATE_INT64, _GATE_TRAP64, _GATE_INT16, _GATE_TRAP16)
+        allowed = (
+            (_GATE_INT64, _GATE_TRAP64)
+            if long_mode
+            else (_GATE_INT64, _GATE_TRAP64, _GATE_INT16, _GATE_TRAP16)
+        )
         if gate_type not in allowed:
             raise Fault(GP, gate_error)  # task gates are not modelled (#GP, as a bad type)
         cpl = state.cpl
@@ -334,8 +339,6 @@ def _cache(selector: int, e1: int, e2: int) -> SegmentCache:
 
 def interrupt_window_open(uc: Uc, state: EngineState) -> bool:
     """An external interrupt can be delivered now: IF set and no STI / MOV SS shadow."""
-    from pcihole.hv.model.engine_state import HF_INHIBIT_IRQ_MASK
-
     state.load()
     return bool(uc.reg_read(x86.UC_X86_REG_RFLAGS) & IF) and not state.hflags & HF_INHIBIT_IRQ_MASK
 

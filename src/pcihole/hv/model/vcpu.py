@@ -67,15 +67,29 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_INS_SYSCALL, UC_X86_REG_IDTR, UC_X86_REG_RIP
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_INS_SYSCALL,
+    UC_X86_REG_IDTR,
+    UC_X86_REG_RIP,
+)
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState
-from pcihole.hv.model.interrupts import UD, Delivery, Event, EventKind, TripleFault, interrupt_window_open, syscall
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.interrupts import (
+    UD,
+    Delivery,
+    Event,
+    EventKind,
+    TripleFault,
+    interrupt_window_open,
+    syscall,
+)
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 
