@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
-from pcihole.hv.x86_cpu_state import enter_long_mode
+from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
 
 RAM_BYTES = 0x100000
 CODE = 0x1000
@@ -216,5 +216,104 @@ def address_of(body: str, instruction: str) -> int:
     """The guest-physical address of `instruction` (its only occurrence) in the guest built from `body`."""
     image = assemble(guest_source(body, []), bits=64, org=CODE)
     encoded = assemble(instruction, bits=64)
+    assert image.count(encoded) == 1, f"{instruction!r} is not once in the guest"
+    return CODE + image.index(encoded)
+
+
+# --- the same in 32-bit protected mode (paging off, as the model runs it) -----------------------
+
+PROTECTED_PROLOGUE = f"""
+    lgdt gdtr
+    lidt idtr
+    mov ${TSS_SEL}, %ax
+    ltr %ax
+    mov ${KERNEL_DS}, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov %ax, %fs
+    mov %ax, %gs
+    ljmp ${KERNEL_CS}, $1f
+1:
+"""
+
+
+def gdt32() -> bytes:
+    return b"".join(
+        [
+            bytes(8),
+            _descriptor(0, 0xFFFFF, 0x9A, 0xC),  # kernel code: 32-bit (D), G
+            _descriptor(0, 0xFFFFF, 0x92, 0xC),  # kernel data
+            _descriptor(0, 0xFFFFF, 0xF2, 0xC),  # user data, DPL 3
+            _descriptor(0, 0xFFFFF, 0xFA, 0xC),  # user code, DPL 3
+            _descriptor(TSS, 0x67, 0x89, 0),  # available 32-bit TSS
+        ]
+    )
+
+
+def tss32() -> bytes:
+    out = bytearray(0x68)
+    struct.pack_into("<IH", out, 4, RSP0, KERNEL_DS)  # ESP0, SS0
+    struct.pack_into("<H", out, 0x66, 0x68)
+    return bytes(out)
+
+
+def idt32(handlers: list[Handler]) -> bytes:
+    out = bytearray(256 * 8)
+    for i, h in enumerate(handlers):
+        addr = HANDLERS + i * HANDLER_BYTES
+        low = (addr & 0xFFFF) | KERNEL_CS << 16
+        high = (addr & 0xFFFF0000) | h.present << 15 | h.dpl << 13 | h.gate << 8
+        struct.pack_into("<II", out, h.vector * 8, low, high)
+    return bytes(out)
+
+
+def protected_guest_source(body: str, handlers: list[Handler]) -> str:
+    parts = [PROTECTED_PROLOGUE, body, "\n    hlt\n"]
+    for i, h in enumerate(handlers):
+        parts.append(f"\n.org {HANDLERS - CODE + i * HANDLER_BYTES:#x}\n{h.source}\n")
+    parts.append(f"""
+.org {HANDLERS - CODE + len(handlers) * HANDLER_BYTES:#x}
+gdtr: .word {len(gdt32()) - 1}
+      .long {GDT}
+idtr: .word {256 * 8 - 1}
+      .long {IDT}
+""")
+    return "".join(parts)
+
+
+def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: int = 20) -> SystemRun:
+    """The 32-bit guest, from the PVH entry state, to its first HLT or Shutdown."""
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE, assemble(protected_guest_source(body, handlers), bits=32, org=CODE))
+        ram.write(GDT, gdt32())
+        ram.write(TSS, tss32())
+        ram.write(IDT, idt32(handlers))
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
+        enter_protected_mode_flat(vcpu, CODE, esp=STACK)
+        run = SystemRun()
+        for _ in range(max_exits):
+            exit_ = vcpu.run()
+            run.exits.append(exit_)
+            if isinstance(exit_, exits.Hlt | exits.Shutdown | exits.InternalError):
+                break
+        regs = vcpu.get_regs()
+        run.regs = {name: getattr(regs, name) for name in REG_NAMES}
+        run.results = ram.read(RESULTS, 0x100)
+        if regs.rip < RAM_BYTES - 2:
+            run.code_at_rip = ram.read(regs.rip, 2)
+        vcpu.close()
+        return run
+    finally:
+        vm.close()
+        ram.close()
+
+
+def protected_address_of(body: str, instruction: str) -> int:
+    image = assemble(protected_guest_source(body, []), bits=32, org=CODE)
+    encoded = assemble(instruction, bits=32)
     assert image.count(encoded) == 1, f"{instruction!r} is not once in the guest"
     return CODE + image.index(encoded)

@@ -58,6 +58,18 @@ DESC_B_MASK = 1 << 22
 DESC_L_MASK = 1 << 21
 
 
+@dataclass(frozen=True)
+class RegisterIds:
+    ax: int
+    sp: int
+    ip: int
+    flags: int
+
+
+REGS_64 = RegisterIds(x86.UC_X86_REG_RAX, x86.UC_X86_REG_RSP, x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS)
+REGS_32 = RegisterIds(x86.UC_X86_REG_EAX, x86.UC_X86_REG_ESP, x86.UC_X86_REG_EIP, x86.UC_X86_REG_EFLAGS)
+
+
 @dataclass
 class SegmentCache:
     selector: int
@@ -73,8 +85,10 @@ class SegmentCache:
 class EngineState:
     """Read, change and write back the hidden CPU state of one engine (see the module docstring)."""
 
-    def __init__(self, uc: Uc) -> None:
+    def __init__(self, uc: Uc, long_mode: bool) -> None:
         self._uc = uc
+        #: The register ids of this engine's mode (a 32-bit engine ignores the 64-bit ones).
+        self.regs = REGS_64 if long_mode else REGS_32
         self._context = uc.context_save()  # one buffer, reused for every save / restore
         self._size = self._context._size  # type: ignore[attr-defined]
         self._data = bytearray()
@@ -87,9 +101,9 @@ class EngineState:
         uc = self._uc
         gdt = uc.reg_read(x86.UC_X86_REG_GDTR)
         return (
-            self._u64(0) == uc.reg_read(x86.UC_X86_REG_RAX)
-            and self._u64(8 * 4) == uc.reg_read(x86.UC_X86_REG_RSP)
-            and self._u64(_EIP) == uc.reg_read(x86.UC_X86_REG_RIP)
+            self._u64(0) == uc.reg_read(self.regs.ax)
+            and self._u64(8 * 4) == uc.reg_read(self.regs.sp)
+            and self._u64(_EIP) == uc.reg_read(self.regs.ip)
             and self._u64(_CR) == uc.reg_read(x86.UC_X86_REG_CR0)
             and self._u64(_CR + 8 * 3) == uc.reg_read(x86.UC_X86_REG_CR3)
             and self.segment(R_CS).selector == uc.reg_read(x86.UC_X86_REG_CS)

@@ -185,8 +185,8 @@ class Delivery:
                 if event.kind is EventKind.SOFTWARE:
                     # The fault is the INT instruction's (SDM 6.12.1.1: #GP for a gate of lower
                     # DPL): RIP back on it (Unicorn had moved it to exception_next_eip).
-                    rip = uc.reg_read(x86.UC_X86_REG_RIP)
-                    uc.reg_write(x86.UC_X86_REG_RIP, rip - self._int_length(event.vector, rip))
+                    rip = uc.reg_read(state.regs.ip)
+                    uc.reg_write(state.regs.ip, rip - self._int_length(event.vector, rip))
                 first = event.vector if event.kind is EventKind.EXCEPTION else -1
                 vector = combine(first, fault.vector)
                 if fault.cr2 is not None and vector == PF:
@@ -251,12 +251,12 @@ class Delivery:
         if c2 & _DESC_C:
             dpl = cpl
         has_error = event.kind is EventKind.EXCEPTION and vector in _HAS_ERROR_CODE
-        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        rflags = uc.reg_read(state.regs.flags)
         pushed_rflags = rflags | RF if event.kind is EventKind.EXCEPTION and vector in _FAULTS else rflags
         old_ss = state.segment(R_SS)
         old_cs = state.segment(R_CS)
-        rip = uc.reg_read(x86.UC_X86_REG_RIP)
-        rsp = uc.reg_read(x86.UC_X86_REG_RSP)
+        rip = uc.reg_read(state.regs.ip)
+        rsp = uc.reg_read(state.regs.sp)
         if long_mode:
             new_stack = dpl < cpl or ist != 0
             sp = self._tss_rsp(mem, ist + 3 if ist else dpl) if new_stack else rsp
@@ -287,12 +287,12 @@ class Delivery:
                 sp = (sp - width) & 0xFFFFFFFF
                 mem.write(base + sp, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"))
         # Nothing faults from here on: the new state is committed.
-        uc.reg_write(x86.UC_X86_REG_RSP, sp)
+        uc.reg_write(state.regs.sp, sp)
         rflags &= ~(TF | VM | RF | NT)
         if gate_type in (_GATE_INT64, _GATE_INT16):
             rflags &= ~IF
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags)
-        uc.reg_write(x86.UC_X86_REG_RIP, offset)
+        uc.reg_write(state.regs.flags, rflags)
+        uc.reg_write(state.regs.ip, offset)
         state.load()
         if new_ss is not None:
             state.load_segment_cache(R_SS, new_ss)
@@ -340,7 +340,7 @@ def _cache(selector: int, e1: int, e2: int) -> SegmentCache:
 def interrupt_window_open(uc: Uc, state: EngineState) -> bool:
     """An external interrupt can be delivered now: IF set and no STI / MOV SS shadow."""
     state.load()
-    return bool(uc.reg_read(x86.UC_X86_REG_RFLAGS) & IF) and not state.hflags & HF_INHIBIT_IRQ_MASK
+    return bool(uc.reg_read(state.regs.flags) & IF) and not state.hflags & HF_INHIBIT_IRQ_MASK
 
 
 def syscall(uc: Uc, state: EngineState, insn_length: int) -> Event | None:
@@ -356,12 +356,12 @@ def syscall(uc: Uc, state: EngineState, insn_length: int) -> Event | None:
     star = uc.msr_read(0xC0000081)
     lstar = uc.msr_read(0xC0000082)
     fmask = uc.msr_read(0xC0000084)
-    rip = uc.reg_read(x86.UC_X86_REG_RIP)
-    rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+    rip = uc.reg_read(state.regs.ip)
+    rflags = uc.reg_read(state.regs.flags)
     uc.reg_write(x86.UC_X86_REG_RCX, rip + insn_length)
     uc.reg_write(x86.UC_X86_REG_R11, rflags & ~RF)
-    uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RF)
-    uc.reg_write(x86.UC_X86_REG_RIP, (lstar - insn_length) & 0xFFFFFFFFFFFFFFFF)
+    uc.reg_write(state.regs.flags, rflags & ~fmask & ~RF)
+    uc.reg_write(state.regs.ip, (lstar - insn_length) & 0xFFFFFFFFFFFFFFFF)
     selector = (star >> 32) & 0xFFFC
     # CS: flat 64-bit code, DPL 0 (type 0xB, S, P, L); SS: flat data, DPL 0 (type 3, S, P, B).
     flat = 0xFFFFFFFF

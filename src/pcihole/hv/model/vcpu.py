@@ -72,7 +72,6 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_IDTR,
-    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
@@ -513,7 +512,7 @@ class ModelVcpu:
         fault = syscall(uc, state, _SYSCALL_BYTES)
         if fault is not None and self._deliver(uc, fault):
             # helper_syscall adds the instruction length to RIP after this hook.
-            uc.reg_write(UC_X86_REG_RIP, uc.reg_read(UC_X86_REG_RIP) - _SYSCALL_BYTES)
+            uc.reg_write(state.regs.ip, uc.reg_read(state.regs.ip) - _SYSCALL_BYTES)
 
     # --- the engine, and memslot sync --------------------------------------------------------------
 
@@ -539,7 +538,7 @@ class ModelVcpu:
                 if mode is cpu.CpuMode.LONG_64:
                     uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
                 if mode is not cpu.CpuMode.REAL:
-                    state = EngineState(uc)
+                    state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
                     if state.layout_ok():
                         self._engine_state = state
                         self._delivery = Delivery(uc, state)
