@@ -21,6 +21,7 @@ as supervisor accesses ("implicit supervisor-mode accesses", SDM 4.6.1).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -109,15 +110,24 @@ class Event:
 class LinearMemory:
     """Guest memory by linear address, as the CPU reaches it while delivering (supervisor accesses)."""
 
-    def __init__(self, uc: Uc, long_mode: bool) -> None:
+    def __init__(self, uc: Uc, long_mode: bool, read_ram: Callable[[int, int], bytes | None]) -> None:
         self._uc = uc
         self._long_mode = long_mode
+        self._read_ram = read_ram
+        self._walked: dict[tuple[int, bool], int] = {}  # (page, write) -> frame, for one delivery
         self._cr3 = uc.reg_read(x86.UC_X86_REG_CR3) & 0x000FFFFFFFFFF000
         self._wp = bool(uc.reg_read(x86.UC_X86_REG_CR0) & _CR0_WP)
 
     def _translate(self, linear: int, write: bool) -> int:
         if not self._long_mode:
             return linear & 0xFFFFFFFF
+        frame = self._walked.get((linear >> 12, write))
+        if frame is None:
+            frame = self._walk(linear, write) & ~0xFFF
+            self._walked[linear >> 12, write] = frame
+        return frame | (linear & 0xFFF)
+
+    def _walk(self, linear: int, write: bool) -> int:
         table = self._cr3
         for shift in (39, 30, 21, 12):
             entry = self._read_phys_u64(table + ((linear >> shift) & 0x1FF) * 8)
@@ -138,7 +148,8 @@ class LinearMemory:
     def _phys(self, phys: int, size: int, data: bytes | None = None) -> bytes:
         try:
             if data is None:
-                return bytes(self._uc.mem_read(phys, size))
+                fast = self._read_ram(phys, size)
+                return fast if fast is not None else bytes(self._uc.mem_read(phys, size))
             self._uc.mem_write(phys, data)
             return data
         except UcError:
@@ -170,9 +181,10 @@ class LinearMemory:
 class Delivery:
     """Deliver events into one engine's guest through its IDT (x86_cpu_do_interrupt)."""
 
-    def __init__(self, uc: Uc, state: EngineState) -> None:
+    def __init__(self, uc: Uc, state: EngineState, read_ram: Callable[[int, int], bytes | None]) -> None:
         self._uc = uc
         self._state = state
+        self._read_ram = read_ram
 
     def deliver(self, event: Event) -> None:
         """Deliver `event`, escalating faults met on the way; TripleFault if it cannot be."""
@@ -198,7 +210,7 @@ class Delivery:
     def _int_length(self, vector: int, next_rip: int) -> int:
         """The length of the INT n / INT3 / INTO / INT1 that ends at `next_rip` (no prefixes)."""
         state = self._state
-        mem = LinearMemory(self._uc, bool(state.hflags & HF_LMA_MASK))
+        mem = LinearMemory(self._uc, bool(state.hflags & HF_LMA_MASK), self._read_ram)
         try:
             before = mem.read(next_rip - 2, 2)
         except Fault:
@@ -210,7 +222,7 @@ class Delivery:
     def _deliver_once(self, event: Event) -> None:
         uc, state = self._uc, self._state
         long_mode = bool(state.hflags & HF_LMA_MASK)
-        mem = LinearMemory(uc, long_mode)
+        mem = LinearMemory(uc, long_mode, self._read_ram)
         vector = event.vector
         idt_base, idt_limit = uc.reg_read(x86.UC_X86_REG_IDTR)[1:3]
         gate_bytes = 16 if long_mode else 8

@@ -26,6 +26,7 @@ points) are part of the map too: they move with it.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -127,6 +128,15 @@ class Mmu:
 
     def region_at(self, addr: int) -> GuestRegion:
         return self._plan[bisect.bisect_right(self._plan_starts, addr) - 1]
+
+    def read_ram(self, gpa: int, size: int) -> bytes | None:
+        """`size` bytes of guest RAM at `gpa` straight from the slot's host pages (as the CPU's page
+        walker reads them), or None where [gpa, gpa + size) is not all in one RAM / READONLY slot."""
+        region = self.region_at(gpa)
+        if region.kind not in _EAGER or gpa + size > region.end:
+            return None
+        slot = region.memslot
+        return ctypes.string_at(slot.userspace_addr + gpa - slot.gpa, size)
 
     def mmio_piece(self, base: int) -> tuple[int, int] | None:
         """[start, end) of the mapped mmio_map piece that starts at `base` (None: not known)."""

@@ -541,7 +541,7 @@ class ModelVcpu:
                     state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
                     if state.layout_ok():
                         self._engine_state = state
-                        self._delivery = Delivery(uc, state)
+                        self._delivery = Delivery(uc, state, mmu.read_ram)
         if mmu.stale():
             mmu.sync()
         else:
