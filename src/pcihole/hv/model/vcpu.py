@@ -80,6 +80,7 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     UD,
     Delivery,
@@ -162,6 +163,10 @@ class ModelVcpu:
         # and kvm_run.request_interrupt_window.
         self._injection: int | None = None
         self._window_requested = False
+        # The in-kernel interrupt controller (a future local APIC); with one, HLT sleeps in run()
+        # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
+        self._source: InterruptSource | None = None
+        self._halted = False
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -254,6 +259,21 @@ class ModelVcpu:
         """
         self._requests.add(Request.KICK)
         self._request_boundary()
+        with self._sync:
+            self._sync.notify_all()  # a vCPU sleeping in HLT wakes
+
+    def attach_interrupt_source(self, source: InterruptSource) -> None:
+        """An in-kernel interrupt controller (interrupt_source.py): from now on HLT sleeps in run()
+        until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
+        self._source = source
+
+    def interrupt_pending(self) -> None:
+        """The source has a new interrupt (any thread): kvm_vcpu_kick after the LAPIC set IRR. The
+        vCPU delivers it at its next instruction boundary where IF is set and no STI / MOV SS
+        shadow is in force, or wakes from HLT to do so."""
+        self._request_boundary()
+        with self._sync:
+            self._sync.notify_all()
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt, kvm_queue_interrupt).
@@ -324,6 +344,10 @@ class ModelVcpu:
                 assert self._boundary is not None
                 self._boundary.arm()
         self._stop_exit = None
+        if self._halted:
+            exit_ = self._halt(uc)  # still halted (a kick woke the last run()): sleep on
+            if exit_ is not None or self._halted:
+                return exit_
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
@@ -360,7 +384,10 @@ class ModelVcpu:
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
         pc = cpu.program_counter(uc, mode)
         if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
-            return exits.Hlt()
+            if self._source is None:
+                return exits.Hlt()
+            self._halted = True
+            return self._halt(uc)
         return exits.InternalError(KVM_INTERNAL_ERROR_EMULATION)
 
     def _at_boundary(self, uc: Uc) -> None:
@@ -382,11 +409,58 @@ class ModelVcpu:
         elif self._window_open(uc):
             self._stop_exit = exits.IrqWindowOpen()
             uc.emu_stop()
+        elif self._source is not None and self._source.has_interrupt():
+            if not self._deliver_from_source(uc):
+                self._request_boundary()  # the window is closed: look again at the next block
         elif self._window_requested:
             self._request_boundary()  # the window is closed: look again at the next block
 
+    def _deliver_from_source(self, uc: Uc) -> bool:
+        """Deliver the source's interrupt if the guest can take it now; True if it was delivered."""
+        state, source = self._engine_state, self._source
+        if source is None or state is None or not interrupt_window_open(uc, state):
+            return False
+        self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
+        return True
+
+    def _halt(self, uc: Uc) -> exits.VcpuExit | None:
+        """HLT with an in-kernel source (kvm_vcpu_halt): sleep until it has an interrupt the guest
+        can take (then deliver it and go on: None), a KVM_INTERRUPT, a kick (Interrupted; the vCPU
+        stays halted) or close (None)."""
+        source = self._source
+        assert source is not None
+        while True:
+            mmu = self._mmu
+            if mmu is not None and mmu.stale():
+                # A memslot change waits for this vCPU (sync_memslots): apply it while asleep.
+                mmu.sync()
+            with self._sync:
+                if self._state in _LEFT:
+                    return None
+                if Request.KICK in self._requests:
+                    self._requests.discard(Request.KICK)
+                    return exits.Interrupted()
+                if self._injection is not None:
+                    break
+                state = self._engine_state
+                if source.has_interrupt() and state is not None and interrupt_window_open(uc, state):
+                    break
+                if mmu is None or not mmu.stale():
+                    self._sync.wait()
+        self._halted = False
+        if self._injection is not None:
+            self._inject(uc)
+        else:
+            self._deliver_from_source(uc)
+        return None
+
     def _events_wanted(self) -> bool:
-        return self._injection is not None or self._window_requested
+        source = self._source
+        return (
+            self._injection is not None
+            or self._window_requested
+            or (source is not None and source.has_interrupt())
+        )
 
     def _inject(self, uc: Uc) -> bool:
         """Deliver the interrupt KVM_INTERRUPT queued; False if that triple-faulted (Shutdown)."""
@@ -553,6 +627,8 @@ class ModelVcpu:
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
         self._request_boundary()
+        with self._sync:
+            self._sync.notify_all()  # a vCPU sleeping in HLT applies them
 
     def sync_memslots(self, generation: int) -> None:
         """Return once this vCPU no longer uses memslots older than `generation` (synchronize_srcu).
