@@ -35,6 +35,7 @@ _EFLAGS = 136
 _HFLAGS = 176
 _SEGS = 184
 _SEGMENT_BYTES = 24  # SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags
+_LDT, _TR, _GDT, _IDT = 328, 352, 376, 400  # SegmentCache ldt, tr, gdt, idt
 _CR = 424
 _ERROR_CODE = 5384
 _EXCEPTION_IS_INT = 5388
@@ -107,7 +108,9 @@ class EngineState:
             and self._u64(_CR) == uc.reg_read(x86.UC_X86_REG_CR0)
             and self._u64(_CR + 8 * 3) == uc.reg_read(x86.UC_X86_REG_CR3)
             and self.segment(R_CS).selector == uc.reg_read(x86.UC_X86_REG_CS)
-            and self._u64(_SEGS + 8 * _SEGMENT_BYTES + 8) == gdt[1]
+            and self.table("gdt").base == gdt[1]
+            and self.table("idt").limit == uc.reg_read(x86.UC_X86_REG_IDTR)[2]
+            and self.table("tr").limit == uc.reg_read(x86.UC_X86_REG_TR)[2]
             and self._i32(_OLD_EXCEPTION) == -1
         )
 
@@ -163,6 +166,23 @@ class EngineState:
     @property
     def eflags_raw(self) -> int:
         return self._u64(_EFLAGS)
+
+    @property
+    def ip(self) -> int:
+        return self._u64(_EIP)
+
+    @property
+    def sp(self) -> int:
+        return self._u64(8 * 4)  # regs[R_ESP]
+
+    def cr(self, n: int) -> int:
+        return self._u64(_CR + 8 * n)
+
+    def table(self, which: str) -> SegmentCache:
+        """The "tr", "gdt" or "idt" register (SegmentCache: only base and limit for the tables)."""
+        offset = {"tr": _TR, "gdt": _GDT, "idt": _IDT}[which]
+        selector, base, limit, flags = struct.unpack_from("<I4xQII", self._data, offset)
+        return SegmentCache(selector, base, limit, flags)
 
     def clear_old_exception(self) -> None:
         """x86_cpu_do_interrupt's "successfully delivered": no exception in flight."""

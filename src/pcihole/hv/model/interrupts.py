@@ -110,13 +110,14 @@ class Event:
 class LinearMemory:
     """Guest memory by linear address, as the CPU reaches it while delivering (supervisor accesses)."""
 
-    def __init__(self, uc: Uc, long_mode: bool, read_ram: Callable[[int, int], bytes | None]) -> None:
+    def __init__(self, uc: Uc, state: EngineState, read_ram: Callable[[int, int], bytes | None]) -> None:
+        """`state` loaded: CR0, CR3 and the mode are read from it."""
         self._uc = uc
-        self._long_mode = long_mode
+        self._long_mode = bool(state.hflags & HF_LMA_MASK)
         self._read_ram = read_ram
         self._walked: dict[tuple[int, bool], int] = {}  # (page, write) -> frame, for one delivery
-        self._cr3 = uc.reg_read(x86.UC_X86_REG_CR3) & 0x000FFFFFFFFFF000
-        self._wp = bool(uc.reg_read(x86.UC_X86_REG_CR0) & _CR0_WP)
+        self._cr3 = state.cr(3) & 0x000FFFFFFFFFF000
+        self._wp = bool(state.cr(0) & _CR0_WP)
 
     def _translate(self, linear: int, write: bool) -> int:
         if not self._long_mode:
@@ -210,7 +211,7 @@ class Delivery:
     def _int_length(self, vector: int, next_rip: int) -> int:
         """The length of the INT n / INT3 / INTO / INT1 that ends at `next_rip` (no prefixes)."""
         state = self._state
-        mem = LinearMemory(self._uc, bool(state.hflags & HF_LMA_MASK), self._read_ram)
+        mem = LinearMemory(self._uc, state, self._read_ram)
         try:
             before = mem.read(next_rip - 2, 2)
         except Fault:
@@ -222,9 +223,10 @@ class Delivery:
     def _deliver_once(self, event: Event) -> None:
         uc, state = self._uc, self._state
         long_mode = bool(state.hflags & HF_LMA_MASK)
-        mem = LinearMemory(uc, long_mode, self._read_ram)
+        mem = LinearMemory(uc, state, self._read_ram)
         vector = event.vector
-        idt_base, idt_limit = uc.reg_read(x86.UC_X86_REG_IDTR)[1:3]
+        idt = state.table("idt")
+        idt_base, idt_limit = idt.base, idt.limit
         gate_bytes = 16 if long_mode else 8
         gate_error = vector * 8 + 2  # IDT flag (bit 1) + EXT=0
         if vector * gate_bytes + gate_bytes - 1 > idt_limit:
@@ -267,8 +269,8 @@ class Delivery:
         pushed_rflags = rflags | RF if event.kind is EventKind.EXCEPTION and vector in _FAULTS else rflags
         old_ss = state.segment(R_SS)
         old_cs = state.segment(R_CS)
-        rip = uc.reg_read(state.regs.ip)
-        rsp = uc.reg_read(state.regs.sp)
+        rip = state.ip
+        rsp = state.sp
         if long_mode:
             new_stack = dpl < cpl or ist != 0
             sp = self._tss_rsp(mem, ist + 3 if ist else dpl) if new_stack else rsp
@@ -314,7 +316,8 @@ class Delivery:
 
     def _descriptor(self, mem: LinearMemory, selector: int) -> tuple[int, int]:
         """The (low, high) dwords of the GDT descriptor `selector` names (LDTs are not modelled)."""
-        gdt_base, gdt_limit = self._uc.reg_read(x86.UC_X86_REG_GDTR)[1:3]
+        gdt = self._state.table("gdt")
+        gdt_base, gdt_limit = gdt.base, gdt.limit
         index = selector & ~7
         if selector & 4 or index + 7 > gdt_limit:
             raise Fault(GP, selector & 0xFFFC)
@@ -323,20 +326,20 @@ class Delivery:
 
     def _tss_rsp(self, mem: LinearMemory, level: int) -> int:
         """get_rsp_from_tss: RSP0-2 (level 0-2) or IST1-7 (level 4-10) of the 64-bit TSS."""
-        _sel, base, limit, _flags = self._uc.reg_read(x86.UC_X86_REG_TR)
+        tr = self._state.table("tr")
         index = 8 * level + 4
-        if index + 7 > limit:
-            raise Fault(TS, self._uc.reg_read(x86.UC_X86_REG_TR)[0] & 0xFFFC)
-        return mem.u64(base + index)
+        if index + 7 > tr.limit:
+            raise Fault(TS, tr.selector & 0xFFFC)
+        return mem.u64(tr.base + index)
 
     def _tss_stack32(self, mem: LinearMemory, dpl: int) -> tuple[int, int]:
         """get_ss_esp_from_tss: SSn:ESPn of the 32-bit TSS."""
-        sel, base, limit, _flags = self._uc.reg_read(x86.UC_X86_REG_TR)
+        tr = self._state.table("tr")
         index = dpl * 8 + 4
-        if index + 7 > limit:
-            raise Fault(TS, sel & 0xFFFC)
-        esp = mem.u32(base + index)
-        ss = mem.u32(base + index + 4) & 0xFFFF
+        if index + 7 > tr.limit:
+            raise Fault(TS, tr.selector & 0xFFFC)
+        esp = mem.u32(tr.base + index)
+        ss = mem.u32(tr.base + index + 4) & 0xFFFF
         return ss, esp
 
 

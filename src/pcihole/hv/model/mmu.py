@@ -109,6 +109,8 @@ class Mmu:
         #: is not provisional); the next instruction boundary maps it anew.
         self.kept: tuple[int, int] | None = None
         self._plan: list[GuestRegion] = []
+        # (start, end, host - guest offset) of the RAM region read_ram read last.
+        self._ram_hint: tuple[int, int, int] | None = None
         self._plan_starts: list[int] = []
         self._pieces: dict[int, tuple[tuple, int]] = {}  # Unicorn region start -> (piece key, size)
         self._dirty_hooks: dict[tuple, int] = {}
@@ -132,10 +134,14 @@ class Mmu:
     def read_ram(self, gpa: int, size: int) -> bytes | None:
         """`size` bytes of guest RAM at `gpa` straight from the slot's host pages (as the CPU's page
         walker reads them), or None where [gpa, gpa + size) is not all in one RAM / READONLY slot."""
+        hint = self._ram_hint  # the last RAM region read: page tables and descriptor tables
+        if hint is not None and hint[0] <= gpa and gpa + size <= hint[1]:
+            return ctypes.string_at(hint[2] + gpa, size)
         region = self.region_at(gpa)
         if region.kind not in _EAGER or gpa + size > region.end:
             return None
         slot = region.memslot
+        self._ram_hint = (region.start, region.end, slot.userspace_addr - slot.gpa)
         return ctypes.string_at(slot.userspace_addr + gpa - slot.gpa, size)
 
     def mmio_piece(self, base: int) -> tuple[int, int] | None:
@@ -161,6 +167,7 @@ class Mmu:
             generation = self.vm.memslots.generation
             plan = plan_regions(self.vm.memslots, kinds=self._slot_kinds)
         self._plan = plan if keep is None else _carve(plan, *keep)
+        self._ram_hint = None
         self._plan_starts = [r.start for r in self._plan]
         for start, (key, size) in list(self._pieces.items()):
             if self._piece_key(*self._piece_of(self.region_at(start), start)) != key:
@@ -228,6 +235,7 @@ class Mmu:
             uc.hook_del(handle)
         self._access_hooks, self._dirty_hooks = [], {}
         self._plan = [GuestRegion(0, PHYS_LIMIT, RegionKind.UNBACKED)]
+        self._ram_hint = None
         self._plan_starts = [0]
         self._emulator.forget_spans()
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
