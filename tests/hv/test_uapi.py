@@ -100,6 +100,7 @@ IOCTLS = {
     "KVM_SET_SREGS": 0x4138AE84,
     "KVM_GET_MSRS": 0xC008AE88,
     "KVM_SET_MSRS": 0x4008AE89,
+    "KVM_NMI": 0xAE9A,
     "KVM_INTERRUPT": 0x4004AE86,  # <linux/kvm.h>: _IOW(KVMIO, 0x86, struct kvm_interrupt)
     "KVM_SET_CPUID2": 0x4008AE90,
 }

@@ -228,3 +228,41 @@ def test_syscall_sysret_matches_kvm(kvm_hv, model_hv):
 def run_syscall_return_address() -> int:
     """Where the guest's SYSCALL ends."""
     return address_of(SYSCALL_SETUP, "syscall") + 2
+
+
+NMI_HANDLER = Handler(2, f"incq {RESULTS + 8}\n mov (%rsp), %rax\n mov %rax, {RESULTS}\n hlt\n iretq")
+
+
+def nmi_at_each_hlt(count: int):
+    """An on_exit that calls KVM_NMI at each of the first `count` HLT exits and runs on."""
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, exits.Hlt) and on_exit.left:
+            on_exit.left -= 1
+            vcpu.nmi()
+            return True
+        return False
+
+    on_exit.left = count
+    return on_exit
+
+
+@pytest.mark.kvm
+def test_nmi_matches_kvm(kvm_hv, model_hv):
+    """KVM_NMI at an HLT exit: delivered through vector 2 although IF is clear."""
+    body = "cli\n hlt\n out %al, $0x80"
+    kvm, model = (
+        run_system_guest(hv, body, [NMI_HANDLER], on_exit=nmi_at_each_hlt(1)) for hv in (kvm_hv, model_hv)
+    )
+    assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)
+    assert struct.unpack_from("<QQ", model.results) == (address_of(body, "out %al, $0x80"), 1)
+
+
+def test_nmi_blocked_until_iret_sdm(model_hv):
+    """SDM 6.7.1: a second NMI while the handler of the first runs waits for its IRETQ and is
+    taken at the next instruction boundary, the IRETQ's return address. (This host's KVM (PVM)
+    takes it only at the next entry, after the guest's next exit.)"""
+    body = "cli\n hlt\n out %al, $0x80"
+    run = run_system_guest(model_hv, body, [NMI_HANDLER], on_exit=nmi_at_each_hlt(2))
+    assert run.exits == [exits.Hlt(), exits.Hlt(), exits.Hlt()]  # no IoOut before the second NMI
+    assert struct.unpack_from("<QQ", run.results) == (address_of(body, "out %al, $0x80"), 2)

@@ -70,3 +70,4 @@ class KvmIoctl(IntEnum):
     KVM_GET_MSRS = _IOWR(KVMIO, 0x88, uapi.kvm_msrs)
     KVM_SET_MSRS = _IOW(KVMIO, 0x89, uapi.kvm_msrs)
     KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, uapi.kvm_cpuid2)
+    KVM_NMI = _IO(KVMIO, 0x9A)

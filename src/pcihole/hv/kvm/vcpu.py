@@ -104,6 +104,11 @@ class Vcpu:
         an external interrupt (what QEMU sets while its userspace PIC has one pending)."""
         self._run[_OFF_REQUEST_INTERRUPT_WINDOW] = int(on)
 
+    def nmi(self) -> None:
+        """KVM_NMI (no in-kernel irqchip): KVM delivers an NMI at the next entry where NMIs are
+        not blocked (after the IRET that ends the handler of the last one)."""
+        kvm_ioctl(self.fd, KvmIoctl.KVM_NMI)
+
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT without an in-kernel irqchip: KVM injects `vector` at the next entry,
         whatever RFLAGS.IF says (kvm_queue_interrupt): the VMM waits for the interrupt window

@@ -52,6 +52,8 @@ HF_SS32_MASK = 1 << 5
 HF_ADDSEG_MASK = 1 << 6
 HF_LMA_MASK = 1 << 14
 HF_CS64_MASK = 1 << 15
+# hflags2: HF2_NMI_MASK, "CPU serving NMI": set by delivery, cleared by IRET (helper_iret_*).
+HF2_NMI_MASK = 1 << 2
 
 # Descriptor flag bits as QEMU keeps them in SegmentCache.flags (the descriptor's high dword).
 DESC_DPL_SHIFT = 13
@@ -150,6 +152,14 @@ class EngineState:
     @hflags.setter
     def hflags(self, value: int) -> None:
         struct.pack_into("<I", self._data, _HFLAGS, value)
+
+    @property
+    def hflags2(self) -> int:
+        return self._u32(_HFLAGS + 4)
+
+    @hflags2.setter
+    def hflags2(self, value: int) -> None:
+        struct.pack_into("<I", self._data, _HFLAGS + 4, value)
 
     @property
     def cpl(self) -> int:

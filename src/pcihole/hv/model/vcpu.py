@@ -78,10 +78,11 @@ from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
+    NMI,
     UD,
     Delivery,
     Event,
@@ -163,6 +164,7 @@ class ModelVcpu:
         # and kvm_run.request_interrupt_window.
         self._injection: int | None = None
         self._window_requested = False
+        self._nmi_pending = False  # KVM_NMI (nmi_queued)
         # The in-kernel interrupt controller (a future local APIC); with one, HLT sleeps in run()
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
@@ -290,6 +292,15 @@ class ModelVcpu:
         self._injection = vector
         self._request_boundary()
 
+    def nmi(self) -> None:
+        """KVM_NMI (no in-kernel irqchip): an NMI (vector 2, whatever IF says) at the next entry or
+        instruction boundary where NMIs are not blocked: delivering one blocks them until the
+        next IRET (SDM 6.7.1; QEMU's HF2_NMI_MASK, which its IRET clears). Wakes a halted vCPU."""
+        self._nmi_pending = True
+        self._request_boundary()
+        with self._sync:
+            self._sync.notify_all()
+
     def request_interrupt_window(self, on: bool) -> None:
         """kvm_run.request_interrupt_window: run() returns IrqWindowOpen once the guest can take an
         external interrupt (RFLAGS.IF set, no STI / MOV SS shadow), at an instruction boundary."""
@@ -344,10 +355,14 @@ class ModelVcpu:
                 assert self._boundary is not None
                 self._boundary.arm()
         self._stop_exit = None
+        if self._halted and self._nmi_pending and self._nmi_allowed(uc):
+            self._halted = False
         if self._halted:
             exit_ = self._halt(uc)  # still halted (a kick woke the last run()): sleep on
             if exit_ is not None or self._halted:
                 return exit_
+        if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
@@ -404,6 +419,11 @@ class ModelVcpu:
             uc.emu_stop()
         elif Request.NEW_ENGINE in self._requests:
             uc.emu_stop()
+        elif self._nmi_pending:
+            if self._nmi_allowed(uc):
+                self._deliver_nmi(uc)
+            else:
+                self._request_boundary()  # blocked until the handler's IRET: look again
         elif self._injection is not None:
             self._inject(uc)
         elif self._window_open(uc):
@@ -440,7 +460,7 @@ class ModelVcpu:
                 if Request.KICK in self._requests:
                     self._requests.discard(Request.KICK)
                     return exits.Interrupted()
-                if self._injection is not None:
+                if self._injection is not None or (self._nmi_pending and self._nmi_allowed(uc)):
                     break
                 state = self._engine_state
                 if source.has_interrupt() and state is not None and interrupt_window_open(uc, state):
@@ -448,16 +468,38 @@ class ModelVcpu:
                 if mmu is None or not mmu.stale():
                     self._sync.wait()
         self._halted = False
-        if self._injection is not None:
+        if self._nmi_pending and self._nmi_allowed(uc):
+            self._deliver_nmi(uc)
+        elif self._injection is not None:
             self._inject(uc)
         else:
             self._deliver_from_source(uc)
         return None
 
+    def _nmi_allowed(self, uc: Uc) -> bool:
+        state = self._engine_state
+        if state is None:
+            return True  # no delivery: _deliver reports the Shutdown
+        state.load()
+        return not state.hflags2 & HF2_NMI_MASK
+
+    def _deliver_nmi(self, uc: Uc) -> bool:
+        """Deliver the pending NMI and block NMIs until the next IRET; False on a triple fault."""
+        self._nmi_pending = False
+        if not self._deliver(uc, Event(NMI, EventKind.EXTERNAL)):
+            return False
+        state = self._engine_state
+        assert state is not None
+        state.load()
+        state.hflags2 |= HF2_NMI_MASK
+        state.store()
+        return True
+
     def _events_wanted(self) -> bool:
         source = self._source
         return (
-            self._injection is not None
+            self._nmi_pending
+            or self._injection is not None
             or self._window_requested
             or (source is not None and source.has_interrupt())
         )
