@@ -43,6 +43,12 @@ the next boundary. Only an exit from the MEM_READ / MEM_WRITE hooks (an unaligne
 touching MMIO) leaves the rest of its translation block on the old map; such a guest must not have
 a slot deleted under that block.
 
+Exceptions, INT n, SYSCALL and the interrupts the VMM injects (KVM_INTERRUPT, KVM_NMI) or an
+in-kernel source raises are delivered through the guest's IDT by interrupts.py, from Unicorn's
+INTR / INSN_INVALID / SYSCALL hooks, from the boundary hook (at a block start) or between runs;
+docs/model-system-cpu.md says how and what is left out. Where delivery is not possible (real mode,
+no IDT, an engine whose hidden state engine_state.py cannot reach) an exception is a Shutdown.
+
 Closing is the same rule at its strongest: the VMM frees guest RAM after closing the vCPU, and a
 vCPU IN_EXIT is still inside emu_start with its translation block unfinished. close() therefore
 makes the engine leave without running guest code over host pages: the paused callback, resumed
