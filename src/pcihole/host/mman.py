@@ -24,7 +24,11 @@ _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 MAP_FAILED = ctypes.c_void_p(-1).value
-PAGE_SIZE = mmap.PAGESIZE
+#: The one page size of the project: x86-64's 4 KiB base page (arch/x86/include/asm/page_types.h
+#: PAGE_SHIFT). Host mappings, memslots (KVM counts them in these pages), dirty bitmaps and guest page
+#: frames all use it; pcihole runs on x86-64 only, where mmap.PAGESIZE is the same.
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
 PROT_NONE = 0  # <asm-generic/mman-common.h>; Python's mmap module does not export it
 PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = mmap.MAP_SHARED, mmap.MAP_PRIVATE, mmap.MAP_ANONYMOUS
@@ -138,6 +142,7 @@ __all__ = [
     "MAP_NORESERVE",
     "MAP_PRIVATE",
     "MAP_SHARED",
+    "PAGE_SHIFT",
     "PAGE_SIZE",
     "PROT_NONE",
     "PROT_READ",

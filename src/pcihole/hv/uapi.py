@@ -16,8 +16,9 @@ import ctypes
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 from enum import IntEnum, IntFlag
 
+from pcihole.host.mman import PAGE_SIZE
+
 KVM_API_VERSION = 12
-PAGE_SIZE = 4096
 
 # --- memslot flags (include/uapi/linux/kvm.h) ------------------------------------------------------
 

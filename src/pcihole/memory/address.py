@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import total_ordering
 
+from pcihole.host.mman import PAGE_SIZE
+
 ADDRESS_BITS = 64
 ADDRESS_LIMIT = 1 << ADDRESS_BITS  # one past the last guest-physical byte
 LAST_ADDRESS = ADDRESS_LIMIT - 1
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 
 
 class AddressOverflow(ArithmeticError):

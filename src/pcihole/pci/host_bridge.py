@@ -60,8 +60,8 @@ from .topology import (
 )
 from .type1_header import Type1Function
 
-PAGE_SIZE = ecam.CONFIG_SPACE_SIZE
-PAGE_MASK = ~(PAGE_SIZE - 1)
+#: Clears the register offset of an ECAM address, leaving its function's 4 KiB config page.
+FUNCTION_PAGE_MASK = ~(ecam.CONFIG_SPACE_SIZE - 1)
 MAX_ACCESS = 8  # the largest KVM_EXIT_MMIO (kvm_run.mmio.data is 8 bytes)
 
 PageListener = Callable[[int, bool], None]
@@ -191,9 +191,9 @@ class HostBridge:
             if segment is not None:
                 with self._lock:
                     self.stats.config_reads += 1
-                    fn = self._functions.get(gpa & PAGE_MASK)
+                    fn = self._functions.get(gpa & FUNCTION_PAGE_MASK)
                     if fn is not None:
-                        return fn.config.read(gpa & ~PAGE_MASK, size)
+                        return fn.config.read(gpa & ~FUNCTION_PAGE_MASK, size)
                     self.stats.absent_reads += 1
                     return bytes((segment.fill,)) * size
         out = bytearray()
@@ -201,12 +201,12 @@ class HostBridge:
             self.stats.config_reads += 1
             absent = False
             for address, length, segment in self._pieces(gpa, size):
-                fn = self._functions.get(address & PAGE_MASK)
+                fn = self._functions.get(address & FUNCTION_PAGE_MASK)
                 if fn is None:
                     out += bytes((segment.fill,)) * length
                     absent = True
                 else:
-                    out += fn.config.read(address & ~PAGE_MASK, length)
+                    out += fn.config.read(address & ~FUNCTION_PAGE_MASK, length)
             if absent:
                 self.stats.absent_reads += 1
         return bytes(out)
@@ -223,9 +223,9 @@ class HostBridge:
             absent = False
             for address, length, segment in pieces:
                 chunk = data[address - gpa : address - gpa + length]
-                fn = self._functions.get(address & PAGE_MASK)
+                fn = self._functions.get(address & FUNCTION_PAGE_MASK)
                 if fn is not None:
-                    fn.config.write(address & ~PAGE_MASK, chunk)
+                    fn.config.write(address & ~FUNCTION_PAGE_MASK, chunk)
                     continue
                 absent = True
                 if segment.writes == WRITES_TRAP:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import struct
 
+from pcihole.host.mman import PAGE_SIZE
 from pcihole.hv.exits import CoalescedWrite
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.io_bus import U64, IoBus
-from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, PAGE_SIZE
+from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX
 
 # struct kvm_coalesced_mmio_ring {u32 first, last; struct kvm_coalesced_mmio coalesced_mmio[]}
 # struct kvm_coalesced_mmio {u64 phys_addr; u32 len; u32 pio; u8 data[8]}

@@ -14,12 +14,12 @@ import mmap
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pcihole.host.mman import PAGE_SHIFT, PAGE_SIZE
 from pcihole.hv.model.capabilities import KVM_ADDRESS_SPACE_NUM, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.proposed import KVM_MEM_PCI_HOLE
-from pcihole.hv.uapi import KVM_DIRTY_LOG_INITIALLY_SET, PAGE_SIZE, KvmMemFlag
+from pcihole.hv.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KvmMemFlag
 
-PAGE_SHIFT = 12
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 
