@@ -90,20 +90,20 @@ def _series(points: list[ScalingPoint], sweep: str):
     series: dict[tuple[str, int], list[ScalingPoint]] = {}
     for p in points:
         if p.sweep == sweep:
-            series.setdefault((p.strategy, p.segments), []).append(p)
+            series.setdefault((p.row.strategy, p.shape.segments), []).append(p)
     for key in series:
-        series[key].sort(key=lambda p: p.ecam_bytes if sweep == SWEEP_ECAM else p.functions)
+        series[key].sort(key=lambda p: p.shape.ecam_bytes if sweep == SWEEP_ECAM else p.shape.functions)
     return series
 
 
 PANELS: tuple[tuple[str, Callable[[ScalingPoint], float], str, float], ...] = (
     # (title, value, y scale, linear range of a symlog axis)
-    ("scan time (ms, guest TSC)", lambda p: p.scan_seconds.median * 1e3, "log", 0),
-    ("ECAM exits", lambda p: p.ecam_exits, "symlog", 1),
-    ("hole backing memory (KiB, distinct host pages)", lambda p: p.hole_backing_bytes / 1024, "symlog", 1),
+    ("scan time (ms, guest TSC)", lambda p: p.row.scan_seconds.median * 1e3, "log", 0),
+    ("ECAM exits", lambda p: p.row.ecam_exits or 0, "symlog", 1),
+    ("hole backing memory (KiB, distinct host pages)", lambda p: (p.row.hole_backing_bytes or 0) / 1024, "symlog", 1),
     # VmPTE moves by a few pages of page tables either way with Python's own allocations: linear up to
     # 64 KiB keeps that noise flat near 0, and a "negative growth" is drawn as 0.
-    ("host page tables: VmPTE growth (KiB)", lambda p: max(p.vm_pte_growth_bytes, 0) / 1024, "symlog", 64),
+    ("host page tables: VmPTE growth (KiB)", lambda p: max(p.row.vm_pte_growth_bytes or 0, 0) / 1024, "symlog", 64),
 )
 
 
@@ -112,7 +112,7 @@ def scaling_plot(results: BenchResults, backend: str, sweep: str, path: Path) ->
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-    series = _series([p for p in results.scaling if p.backend == backend], sweep)
+    series = _series([p for p in results.scaling if p.row.backend == backend], sweep)
     strategies = list(dict.fromkeys(strategy for strategy, _ in series))
     segment_counts = sorted({segments for _, segments in series})
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
@@ -120,7 +120,7 @@ def scaling_plot(results: BenchResults, backend: str, sweep: str, path: Path) ->
     for ax, (title, value, scale, linthresh) in zip(axes.flat, PANELS, strict=True):
         top = 0.0
         for (strategy, segments), points in series.items():
-            xs = [p.ecam_bytes / (1 << 20) if sweep == SWEEP_ECAM else p.functions for p in points]
+            xs = [p.shape.ecam_bytes / (1 << 20) if sweep == SWEEP_ECAM else p.shape.functions for p in points]
             ys = [value(p) for p in points]
             all_xs.update(xs)
             top = max(top, *ys)

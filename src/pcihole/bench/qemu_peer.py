@@ -179,5 +179,6 @@ def scan_on_qemu(
         memslots=None,
         hole_mappings=None,
         vm_pte_growth_bytes=None,
+        process_mappings_growth=None,
         note="ECAM exits = config reads (q35 MMCONFIG is MMIO, no memslot); run time is QEMU's process wall time",
     )

@@ -142,11 +142,12 @@ def scaling_table(results: BenchResults, sweep: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in (p for p in results.scaling if p.sweep == sweep):
+        shape, r = p.shape, p.row
         lines.append(
-            f"| {p.backend} / {p.strategy} | {p.functions} | {p.segments} x {p.buses} | {units.size(p.ecam_bytes)} "
-            f"| {units.ms(p.scan_seconds.median)} | {units.count(p.config_reads)} | {units.count(p.ecam_exits)} "
-            f"| {units.count(p.absent_exits)} | {units.size(p.hole_backing_bytes)} | {units.size(p.vm_pte_growth_bytes)} "
-            f"| {units.count(p.hole_mappings)} | {units.count(p.memslots)} |"
+            f"| {r.label} | {shape.functions} | {shape.segments} x {shape.buses} | {units.size(shape.ecam_bytes)} "
+            f"| {units.ms(r.scan_seconds.median)} | {units.count(r.config_reads)} | {units.count(r.ecam_exits)} "
+            f"| {units.count(r.absent_exits)} | {units.size(r.hole_backing_bytes)} | {units.size(r.vm_pte_growth_bytes)} "
+            f"| {units.count(r.hole_mappings)} | {units.count(r.memslots)} |"
         )
     return lines
 

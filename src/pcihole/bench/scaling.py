@@ -1,7 +1,7 @@
 """How scan cost and hole memory grow, per strategy: with the ECAM (buses per segment x segments, one
 host bridge per segment and nothing else present) and with the number of present functions (on one
 256-bus segment). Machines come from `pcihole.pci.synthetic.generate`; each point is booted a few
-times and the median scan time kept (counts and memory do not vary between boots).
+times into the same `ScanRow` the scan table has (median scan time; counts do not vary between boots).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from pcihole.bench.configs import Config
 from pcihole.bench.plan import BenchPlan
-from pcihole.bench.scan import Kernel, ScanSample, boot_and_scan
-from pcihole.bench.summary import Summary
+from pcihole.bench.scan import Kernel, ScanRow, boot_and_scan, row_from_samples
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
 from pcihole.pci import ecam
@@ -43,29 +42,20 @@ class Shape:
 
 @dataclass
 class ScalingPoint:
-    backend: str
-    strategy: str
+    """One point of a sweep: the machine's shape and what booting it cost (a scan-table row)."""
+
     sweep: str
-    buses: int
-    segments: int
-    functions: int
-    ecam_bytes: int
-    scan_seconds: Summary
-    config_reads: int
-    devices: int
-    exits_total: int
-    ecam_exits: int
-    absent_exits: int
-    hole_backing_bytes: int
-    vm_pte_growth_bytes: int
-    hole_mappings: int
-    process_mappings_growth: int
-    memslots: int
+    shape: Shape
+    row: ScanRow
 
     def as_dict(self) -> dict[str, object]:
-        d = dict(self.__dict__)
-        d["scan_seconds"] = self.scan_seconds.as_dict()
-        return d
+        shape = {
+            "buses": self.shape.buses,
+            "segments": self.shape.segments,
+            "functions": self.shape.functions,
+            "ecam_bytes": self.shape.ecam_bytes,
+        }
+        return {"sweep": self.sweep, **shape, **self.row.as_dict()}
 
 
 def shapes(plan: BenchPlan) -> Iterator[tuple[str, Shape]]:
@@ -80,30 +70,6 @@ def point_count(plan: BenchPlan) -> int:
     return sum(1 for _ in shapes(plan))
 
 
-def _point(config: Config, sweep: str, shape: Shape, samples: list[ScanSample]) -> ScalingPoint:
-    last = samples[-1]
-    return ScalingPoint(
-        backend=config.backend,
-        strategy=config.strategy,
-        sweep=sweep,
-        buses=shape.buses,
-        segments=shape.segments,
-        functions=shape.functions,
-        ecam_bytes=shape.ecam_bytes,
-        scan_seconds=Summary.of([s.scan_seconds for s in samples]),
-        config_reads=last.config_reads,
-        devices=last.devices,
-        exits_total=last.exits["total"],
-        ecam_exits=last.ecam_exits,
-        absent_exits=last.absent_exits,
-        hole_backing_bytes=last.hole_backing_bytes,
-        vm_pte_growth_bytes=last.vm_pte_growth_bytes,
-        hole_mappings=last.hole_mappings,
-        process_mappings_growth=last.process_mappings_growth,
-        memslots=last.memslots,
-    )
-
-
 def measure_scaling(
     config: Config,
     plan: BenchPlan,
@@ -115,6 +81,6 @@ def measure_scaling(
     for sweep, shape in shapes(plan):
         spec = shape.machine()
         samples = [boot_and_scan(spec, config, kernel, clock) for _ in range(plan.scaling_runs)]
-        points.append(_point(config, sweep, shape, samples))
+        points.append(ScalingPoint(sweep, shape, row_from_samples(config, samples)))
         on_point(f"{config.label}: {shape.functions} functions, {shape.segments} x {shape.buses} buses")
     return points

@@ -4,7 +4,8 @@ One boot gives a `ScanSample`: the scan's time (the guest's own TSC ticks around
 done line, so that QEMU rows are timed the same way), the exits by kind, the config reads, and what the
 holes cost the host (measured by GuestMemory.stats(): distinct backing pages, memslots, mappings,
 and the growth of VmPTE and of the process's mappings since before the machine was built).
-`scan_default_machine` boots the default machine several times into a `ScanRow`.
+`row_from_samples` sums several boots of one machine up into a `ScanRow`: the one row type of the scan
+table and of the scaling sweeps (scaling.py pairs each row with the machine shape it measured).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def boot_and_scan(spec: MachineFile, config: Config, kernel: Kernel, clock: TscC
 
 @dataclass
 class ScanRow:
-    """One backend x strategy (or the QEMU peer) on the default machine, over several boots."""
+    """One backend x strategy (or the QEMU peer) on one machine, over several boots."""
 
     backend: str
     strategy: str
@@ -126,6 +127,7 @@ class ScanRow:
     memslots: int | None
     hole_mappings: int | None
     vm_pte_growth_bytes: int | None
+    process_mappings_growth: int | None
     #: figure -> value / the best (smallest) value of that figure on the same KVM
     ratios: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
@@ -165,6 +167,7 @@ def row_from_samples(config: Config, samples: list[ScanSample]) -> ScanRow:
         memslots=last.memslots,
         hole_mappings=last.hole_mappings,
         vm_pte_growth_bytes=last.vm_pte_growth_bytes,
+        process_mappings_growth=last.process_mappings_growth,
     )
 
 
