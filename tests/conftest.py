@@ -1,20 +1,19 @@
-"""Shared fixtures. Tests come in three tiers (STYLE.md): pure, KVM, and guest runs.
+"""Fixtures for every test folder, and the one place tests are skipped for want of /dev/kvm.
 
-KVM tests skip only where /dev/kvm cannot be opened, and say why.
+Tests come in three tiers (docs/design.md, "Tests"): pure, KVM, and guest runs. A KVM test is marked
+`kvm` (tests/backends.py) or asks for a fixture below that opens /dev/kvm; where /dev/kvm cannot be
+opened, each is skipped at collection with the reason.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/guestasm.py and friends
+from pcihole.hv import open_backend
+from tests.backends import KVM_UNAVAILABLE
 
-from pcihole.hv import kvm_available  # noqa: E402
-
-KVM_UNAVAILABLE = kvm_available()
+#: Fixtures that open /dev/kvm: asking for one is the same as carrying the kvm mark.
+KVM_FIXTURES = frozenset({"kvm", "kvm_vm", "kvm_hv"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,16 +21,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason=f"needs /dev/kvm: {KVM_UNAVAILABLE}")
     for item in items:
-        if "kvm" in item.keywords:
+        if "kvm" in item.keywords or KVM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
 
 
 @pytest.fixture
 def kvm():
-    from pcihole.hv import open_backend
-
-    if KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
+    """The kvm backend, opened for one test."""
     hv = open_backend("kvm")
     yield hv
     hv.close()
@@ -42,3 +38,27 @@ def kvm_vm(kvm):
     vm = kvm.create_vm()
     yield vm
     vm.close()
+
+
+@pytest.fixture(scope="module")
+def kvm_hv():
+    """The kvm backend, shared by a module's tests."""
+    hv = open_backend("kvm")
+    yield hv
+    hv.close()
+
+
+@pytest.fixture(scope="module")
+def model_hv():
+    """The model backend, shared by a module's tests."""
+    hv = open_backend("model")
+    yield hv
+    hv.close()
+
+
+@pytest.fixture
+def hypervisor(request):
+    """The backend named by the test's parameter (parametrize with tests.backends.BACKENDS, indirect=True)."""
+    hv = open_backend(request.param)
+    yield hv
+    hv.close()

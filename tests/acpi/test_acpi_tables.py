@@ -10,11 +10,11 @@ import struct
 import subprocess
 
 import pytest
-from acpi_helpers import IASL, Seg, byte_sum, disassemble, header_fields, needs_iasl
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pcihole.acpi import build_tables, write_tables
+from tests.acpi.acpi_helpers import IASL, Seg, byte_sum, disassemble, header_fields, needs_iasl
 
 SEGMENTS = [Seg(0, 0xE0000000, 0, 255), Seg(1, 0xD0000000, 0, 63), Seg(3, 0xC0000000, 16, 31)]
 BASE = 0x000E0000

@@ -8,9 +8,9 @@ import shutil
 import subprocess
 
 import pytest
-from acpi_helpers import Seg
 
 from pcihole.acpi import build_tables, write_tables
+from tests.acpi.acpi_helpers import Seg
 
 ACPIEXEC = shutil.which("acpiexec")
 needs_acpiexec = pytest.mark.skipif(ACPIEXEC is None, reason="acpiexec (acpica-tools) is not installed")

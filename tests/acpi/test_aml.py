@@ -2,14 +2,6 @@
 acpi_helpers, and byte-for-byte comparison with what the real iasl compiles from the same ASL."""
 
 import pytest
-from acpi_helpers import (
-    byte_sum,
-    decode_eisa_id,
-    decode_integer,
-    decode_pkg_length,
-    needs_iasl,
-    run_iasl,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +12,14 @@ from pcihole.acpi.resources import (
     qword_memory,
     resource_template,
     word_bus_number,
+)
+from tests.acpi.acpi_helpers import (
+    byte_sum,
+    decode_eisa_id,
+    decode_integer,
+    decode_pkg_length,
+    needs_iasl,
+    run_iasl,
 )
 
 U64 = st.integers(0, (1 << 64) - 1)

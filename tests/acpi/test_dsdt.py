@@ -5,7 +5,10 @@ import re
 import struct
 
 import pytest
-from acpi_helpers import (
+
+from pcihole.acpi import MmioWindow, build_tables
+from pcihole.acpi.dsdt import build_dsdt, host_bridge_name
+from tests.acpi.acpi_helpers import (
     Seg,
     buffers_after,
     byte_sum,
@@ -13,9 +16,6 @@ from acpi_helpers import (
     needs_iasl,
     run_iasl,
 )
-
-from pcihole.acpi import MmioWindow, build_tables
-from pcihole.acpi.dsdt import build_dsdt, host_bridge_name
 
 BASE = 0x000E0000
 SEGMENTS = [Seg(0, 0xE0000000, 0, 255), Seg(1, 0xD0000000, 0, 63), Seg(3, 0xC0000000, 16, 31)]

@@ -3,11 +3,19 @@
 import struct
 
 import pytest
-from acpi_helpers import Seg, byte_sum, decoded_bits, disassemble, disassemble_text, header_fields, needs_iasl
 
 from pcihole.acpi import build_tables
 from pcihole.acpi.fadt import build_fadt
 from pcihole.acpi.madt import build_madt
+from tests.acpi.acpi_helpers import (
+    Seg,
+    byte_sum,
+    decoded_bits,
+    disassemble,
+    disassemble_text,
+    header_fields,
+    needs_iasl,
+)
 
 SEGMENTS = [Seg(0, 0xE0000000, 0, 255)]
 BASE = 0x000E0000

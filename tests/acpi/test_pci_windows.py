@@ -1,12 +1,12 @@
 """Host bridge BAR windows: inside the aperture, clear of every ECAM window and of each other."""
 
 import pytest
-from acpi_helpers import Seg
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pcihole.acpi import MmioWindow
 from pcihole.acpi.pci_windows import DEFAULT_APERTURE_BASE, DEFAULT_APERTURE_END, allocate_windows
+from tests.acpi.acpi_helpers import Seg
 
 MiB = 1 << 20
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pcihole.cli import main
-from pcihole.hv import kvm_available
+from tests.backends import KVM_UNAVAILABLE
 
 MODEL_STRATEGIES = {"exit", "ro-filled", "ro-alias", "native", "mmio-bus"}
 STOCK_KVM_STRATEGIES = {"exit", "ro-filled", "ro-alias"}
@@ -50,7 +50,7 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
     assert data.keys() >= TOP_LEVEL_KEYS
     rows = {(r["backend"], r["strategy"]): r for r in data["scan"]["rows"]}
     expected = {("model", s) for s in MODEL_STRATEGIES}
-    if kvm_available() is None:
+    if KVM_UNAVAILABLE is None:
         expected |= {("kvm", s) for s in STOCK_KVM_STRATEGIES}
         if shutil.which("qemu-system-x86_64"):
             expected.add(("qemu", "exit"))

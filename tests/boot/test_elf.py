@@ -6,18 +6,6 @@ import re
 import struct
 
 import pytest
-from elfimages import (
-    DATA,
-    LINKED_SOURCE,
-    TEXT,
-    Part,
-    Sym,
-    binutils_missing,
-    build,
-    link_x86_64,
-    note,
-    phys32_note,
-)
 
 from pcihole.boot.elf import (
     ELFCLASS32,
@@ -34,6 +22,18 @@ from pcihole.boot.elf import (
     ElfImage,
     Note,
     Symbol,
+)
+from tests.boot.elfimages import (
+    DATA,
+    LINKED_SOURCE,
+    TEXT,
+    Part,
+    Sym,
+    binutils_missing,
+    build,
+    link_x86_64,
+    note,
+    phys32_note,
 )
 
 BOTH = pytest.mark.parametrize("elf_class", [ELFCLASS32, ELFCLASS64], ids=["elf32", "elf64"])

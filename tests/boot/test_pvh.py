@@ -5,10 +5,20 @@ from __future__ import annotations
 import re
 
 import pytest
-from elfimages import DATA, LINKED_SOURCE, TEXT, Part, binutils_missing, build, link_x86_64, note, phys32_note
 
 from pcihole.boot.elf import ELFCLASS32, ELFCLASS64, PT_NOTE, ElfImage
 from pcihole.boot.pvh import MemmapEntry, PvhError, load_elf, phys32_entry, pvh_entry, start_info
+from tests.boot.elfimages import (
+    DATA,
+    LINKED_SOURCE,
+    TEXT,
+    Part,
+    binutils_missing,
+    build,
+    link_x86_64,
+    note,
+    phys32_note,
+)
 
 
 def _raises(what: str):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import guest_qemu
 import pytest
-from guest_qemu import Session, flatten_query_pci, needs_qemu, run
 
 from pcihole.guest.report import ScanStatus, parse_serial, read_report
+from tests.guest import guest_qemu
+from tests.guest.guest_qemu import Session, flatten_query_pci, needs_qemu, run
 
 pytestmark = needs_qemu
 

@@ -12,8 +12,6 @@ import pytest
 
 pytest.importorskip("unicorn")
 
-from guest_unicorn import Function, Machine, bridge, endpoint, run  # noqa: E402
-
 from pcihole.guest.report import (  # noqa: E402
     DEV_NOT_FOLLOWED,
     DEV_ONE_CHILD,
@@ -21,6 +19,7 @@ from pcihole.guest.report import (  # noqa: E402
     ScanStatus,
     parse_serial,
 )
+from tests.guest.guest_unicorn import Function, Machine, bridge, endpoint, run  # noqa: E402
 
 HOST = dict(vendor=0x8086, device=0x29C0, class_code=0x060000, revision=0)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, x86_cpu_state
 from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
+from tests.guestasm import assemble
 
 pytestmark = pytest.mark.kvm
 

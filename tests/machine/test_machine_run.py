@@ -15,8 +15,7 @@ from pcihole.machine.machinefile import MachineFile, load_default
 from pcihole.pci import synthetic
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.topology import EndpointSpec
-
-KVM = pytest.param("kvm", marks=pytest.mark.kvm, id="kvm")
+from tests.backends import BACKEND_STRATEGIES, BACKENDS
 
 
 def pair(backend: str, strategy: str):
@@ -24,9 +23,6 @@ def pair(backend: str, strategy: str):
     return pytest.param(backend, strategy, marks=marks, id=f"{backend}-{strategy}")
 
 
-PAIRS = [pair("kvm", s) for s in ("exit", "ro-filled", "ro-alias")] + [
-    pair("model", s) for s in ("exit", "ro-filled", "ro-alias", "native", "mmio-bus")
-]
 #: Strategies that promise no exit for a read of an absent function.
 NO_EXIT_FOR_ABSENT = {"ro-filled", "ro-alias", "native", "mmio-bus"}
 
@@ -52,7 +48,7 @@ def run(spec, backend, strategy, kernel=None, cmdline=EMBEDDED_GUEST_CMDLINE, be
         return m, result, topology_keys(m), m.host_bridge.stats
 
 
-@pytest.mark.parametrize(("backend", "strategy"), PAIRS)
+@pytest.mark.parametrize(("backend", "strategy"), BACKEND_STRATEGIES)
 def test_default_machine_scan_finds_the_topology(backend, strategy):
     _m, result, topology, bridge = run(load_default(), backend, strategy)
     assert (result.stop.reason, result.stop.status) == (StopReason.DEBUG_EXIT, 0)
@@ -100,7 +96,7 @@ def test_a_strategy_the_backend_lacks_names_what_is_missing():
         build_machine(load_default(), backend="kvm", strategy="native", kernel=image, kernel_name=name)
 
 
-@pytest.mark.parametrize("backend", [KVM, "model"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rebuilt_guest_runs(tmp_path, backend):
     """The image built from source now (not the committed one) boots and finds the topology."""
     image = build_guest(tmp_path / "scan.elf")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import x86_cpu_state
 from pcihole.machine.bus import Bus
@@ -13,6 +12,7 @@ from pcihole.machine.dispatch import ExitHandler, StopReason
 from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
+from tests.guestasm import assemble
 
 pytestmark = pytest.mark.kvm
 

@@ -1,9 +1,11 @@
-"""Fixtures for the memory tests (helpers live in memory_guests.py)."""
+"""Fixtures for the memory tests: `table_guest` makes TableGuests (tests/guest_runner.py) and closes them."""
 
 from __future__ import annotations
 
 import pytest
-from memory_guests import TableGuest, open_hv
+
+from pcihole.hv import open_backend
+from tests.guest_runner import TableGuest
 
 
 @pytest.fixture
@@ -12,7 +14,7 @@ def table_guest():
     hvs = []
 
     def make(backend: str, strategy: str, **kw) -> TableGuest:
-        hv = open_hv(backend)
+        hv = open_backend(backend)
         hvs.append(hv)
         made.append(TableGuest(hv, strategy, **kw))
         return made[-1]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from memory_guests import BACKEND_STRATEGIES, CODE, ECAM, ECAM_SIZE, PAGE_TABLES, STACK, FakeFunction
 
-from memory_exits import answer_mmio
-from pcihole.hv import exits, x86_cpu_state
+from pcihole.hv import exits
 from pcihole.memory.accounting import process_mappings, resident_bytes, vm_pte_bytes
+from tests.backends import BACKEND_STRATEGIES
+from tests.guest_runner import ECAM, ECAM_SIZE, answer_mmio
+from tests.memory.fake_function import FakeFunction
 
 MiB = 1 << 20
 FOUND = 0x9000  # the guest counts the slots whose vendor ID is not 0xffff
@@ -39,10 +40,7 @@ SCAN = f"""
 
 def run_scan(g) -> dict:
     mem = g.mem
-    mem.write_guest(CODE, g.code)
-    x86_cpu_state.enter_long_mode(
-        g.vcpu, CODE, page_tables_gpa=PAGE_TABLES, write_guest=mem.write_guest, rsp=STACK
-    )
+    g.start()
     counted = {"MmioRead": 0, "MmioWrite": 0, "total": 0}
     while True:
         e = g.vcpu.run()

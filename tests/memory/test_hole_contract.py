@@ -1,4 +1,4 @@
-"""The hole contract (DESIGN.md points 1-4), checked by guest code, for every strategy on every backend.
+"""The hole contract (docs/design.md, points 1-4), checked by guest code, for every strategy on every backend.
 
 Point 5 (hot-add/remove while the guest reads) is tests/memory/test_punch_fill.py.
 """
@@ -6,20 +6,13 @@ Point 5 (hot-add/remove while the guest reads) is tests/memory/test_punch_fill.p
 from __future__ import annotations
 
 import pytest
-from memory_guests import (
-    BACKEND_STRATEGIES,
-    BACKENDS,
-    ECAM,
-    ECAM_SIZE,
-    FakeFunction,
-    MiB,
-    bytes_written,
-    expected_bytes,
-    open_hv,
-)
 
-from access_table_guest import WRITE
+from pcihole.hv import open_backend
 from pcihole.memory import GuestMemory, GuestRange, Hole, StrategyUnavailable
+from tests.access_table_guest import WRITE
+from tests.backends import BACKEND_STRATEGIES, BACKENDS
+from tests.guest_runner import ECAM, ECAM_SIZE, MiB
+from tests.memory.fake_function import FakeFunction, bytes_written, expected_bytes
 
 # Strategies under which a read of an absent byte never exits to userspace.
 NO_READ_EXITS = {"ro-filled", "ro-alias", "native", "mmio-bus"}
@@ -73,7 +66,7 @@ def test_fill_value_is_configurable(table_guest, backend, strategy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_native_refuses_a_fill_other_than_0xff(backend):
-    hv = open_hv(backend)
+    hv = open_backend(backend)
     vm = hv.create_vm()
     try:
         if backend == "kvm":

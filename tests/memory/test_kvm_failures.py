@@ -5,10 +5,13 @@ from __future__ import annotations
 import errno
 
 import pytest
-from memory_guests import BACKENDS, ECAM, FakeFunction, MiB, open_hv
 
 from pcihole.host.mman import HostMapping
+from pcihole.hv import open_backend
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, MemoryUpdateError, PlanError, Ram
+from tests.backends import BACKENDS
+from tests.guest_runner import ECAM, MiB
+from tests.memory.fake_function import FakeFunction
 
 
 def _kernel_slot_ids(vm, candidates) -> set[int]:
@@ -34,7 +37,7 @@ def _kernel_slot_ids(vm, candidates) -> set[int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_real_eexist_midway_leaves_the_old_map_and_no_slot(backend):
-    hv = open_hv(backend)
+    hv = open_backend(backend)
     vm = hv.create_vm()
     squatter = HostMapping.anonymous(4096)
     try:
@@ -77,7 +80,7 @@ def test_a_real_eexist_midway_leaves_the_old_map_and_no_slot(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_more_holes_than_memslots_is_refused_before_touching_the_vm(backend):
-    hv = open_hv(backend)
+    hv = open_backend(backend)
     vm = hv.create_vm()
     try:
         mem = GuestMemory(hv, vm, "ro-alias", nr_memslots=7)

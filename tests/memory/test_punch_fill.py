@@ -12,10 +12,11 @@ import threading
 import time
 
 import pytest
-from memory_guests import BACKEND_STRATEGIES, ECAM, FakeFunction, MiB
 
-from memory_exits import answer_mmio
 from pcihole.hv import exits
+from tests.backends import BACKEND_STRATEGIES
+from tests.guest_runner import ECAM, MiB, answer_mmio
+from tests.memory.fake_function import FakeFunction
 
 PAGE = ECAM + 7 * MiB + 0x18000  # bus 7, device 3, function 0
 NEIGHBOUR_BELOW = PAGE - 0x1000
@@ -93,14 +94,7 @@ def test_reads_see_all_ones_or_the_function_while_a_page_is_punched_and_filled(
     g = table_guest(backend, strategy, source=READER.replace("$FN", f"${fn_value:#x}"))
     mem = g.mem
     slots_before = mem.stats().memslots
-    from memory_guests import CODE, PAGE_TABLES, STACK
-
-    from pcihole.hv import x86_cpu_state
-
-    mem.write_guest(CODE, g.code)
-    x86_cpu_state.enter_long_mode(
-        g.vcpu, CODE, page_tables_gpa=PAGE_TABLES, write_guest=mem.write_guest, rsp=STACK
-    )
+    g.start()
 
     done = threading.Event()
     toggles = [0]

@@ -8,8 +8,7 @@ import pytest
 from pcihole.host.mman import HostMapping
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL
 from pcihole.hv.uapi import KvmCap, kvm_userspace_memory_region
-
-from .conftest import BACKENDS
+from tests.backends import BACKENDS
 
 GPA = 0x10_0000
 SIZE = 0x2_0000

@@ -8,9 +8,8 @@ import pytest
 
 from pcihole.hv import exits
 from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmCap
-
-from .conftest import BACKENDS
-from .guest_runner import close_run, run_guest
+from tests.backends import BACKENDS
+from tests.guest_runner import close_run, run_guest
 
 MMIO_GPA = 1 << 32  # coalesced_io_test: 4 GiB, length 8, no memslot
 PIO_PORT = 0x80

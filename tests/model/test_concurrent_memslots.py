@@ -16,9 +16,8 @@ import pytest
 
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
-
-from .conftest import BACKENDS
-from .guest_runner import RAM_BYTES, close_run, run_guest
+from tests.backends import BACKENDS
+from tests.guest_runner import RAM_BYTES, close_run, run_guest
 
 SLOT_GPA = 0x200000
 SEEN = 0x2000  # the guest stores the last value it read here

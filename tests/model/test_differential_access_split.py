@@ -16,9 +16,7 @@ import pytest
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
 from pcihole.hv.uapi import KvmMemFlag
-
-from .conftest import kvm_only
-from .guest_runner import RAM_BYTES, close_run, run_guest
+from tests.guest_runner import RAM_BYTES, close_run, run_guest
 
 RO_GPA = 0x200000
 RO_BYTES = 0x2000
@@ -158,8 +156,7 @@ def _run_both(kvm_hv, model_hv, source, setup):
     return runs
 
 
-@kvm_only[0]
-@kvm_only[1]
+@pytest.mark.kvm
 @pytest.mark.parametrize("name", sorted(GUESTS))
 def test_access_becomes_the_same_exits_as_on_kvm(name, kvm_hv, model_hv):
     source, setup, expected = GUESTS[name]
@@ -193,8 +190,7 @@ ZONE_GUEST = (
 )
 
 
-@kvm_only[0]
-@kvm_only[1]
+@pytest.mark.kvm
 def test_writes_into_a_coalesced_zone_make_the_same_ring_entries_as_on_kvm(kvm_hv, model_hv):
     """Unaligned and 8-byte writes over a RO slot and an unbacked page: one ring entry per piece; the
     piece of a straddling write that leaves the zone exits."""

@@ -12,11 +12,9 @@ import pytest
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
 from pcihole.hv.uapi import KVM_COALESCED_MMIO_MAX, KvmMemFlag
+from tests.guest_runner import RAM_BYTES, close_run, run_guest
 
-from .conftest import kvm_only
-from .guest_runner import RAM_BYTES, close_run, run_guest
-
-pytestmark = kvm_only
+pytestmark = pytest.mark.kvm
 
 RO_GPA = 0x200000
 RO_BYTES = 0x4000

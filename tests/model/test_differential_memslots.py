@@ -17,9 +17,7 @@ from hypothesis import strategies as st
 from pcihole.host.mman import HostMapping
 from pcihole.hv.model.memslots import TASK_SIZE_MAX
 
-from .conftest import kvm_only
-
-pytestmark = kvm_only
+pytestmark = pytest.mark.kvm
 
 P = 0x1000
 MAX_PAGES = (1 << 31) - 1

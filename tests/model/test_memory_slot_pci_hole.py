@@ -16,9 +16,8 @@ import pytest
 from pcihole.hv import exits
 from pcihole.hv.proposed import KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
 from pcihole.hv.uapi import KvmMemFlag
-
-from .conftest import BACKENDS
-from .guest_runner import run_guest
+from tests.backends import BACKENDS
+from tests.guest_runner import run_guest
 
 MEM_REGION_GPA = 0xC0000000
 MEM_REGION_SIZE = 0x4000

@@ -20,8 +20,7 @@ import pytest
 from pcihole.host.mman import PROT_READ, HostMapping, mprotect_raw
 from pcihole.hv import exits
 from pcihole.hv.uapi import KvmMemFlag
-
-from .guest_runner import RAM_BYTES, close_run, run_guest
+from tests.guest_runner import RAM_BYTES, close_run, run_guest
 
 SLOT_SIZE = 0x200000
 PLACES = (0x400000, 0x800000)  # where the slot alternates

@@ -10,8 +10,7 @@ import pytest
 from pcihole.host.mman import HostMapping
 from pcihole.hv.model.memslots import KVM_MEM_MAX_NR_PAGES, TASK_SIZE_MAX, MemslotChange
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
-
-from .conftest import BACKENDS
+from tests.backends import BACKENDS
 
 P = 0x1000
 GPA = 0xC0000000

@@ -11,8 +11,7 @@ from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
 from pcihole.hv.model.io_bus import NR_IOBUS_DEVS
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_MMIO_FILL_WRITES_EXIT
-
-from .guest_runner import close_run, run_guest
+from tests.guest_runner import close_run, run_guest
 
 FILL_GPA = 0xE0000000
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from guestasm import assemble
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv import exits
 from pcihole.hv.model.capabilities import MODEL_CAPABILITIES
@@ -16,9 +15,9 @@ from pcihole.hv.model.cpu import UnsupportedCpuState
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
-
-from .conftest import BACKENDS
-from .guest_runner import close_run, read_answer, run_guest
+from tests.backends import BACKENDS
+from tests.guest_runner import close_run, read_answer, run_guest
+from tests.guestasm import assemble
 
 SLOT_GPA = 0x300000
 

@@ -1,9 +1,9 @@
 """Fixtures for the PCI tests."""
 
 import pytest
-from pci_test_machines import small_topology
 
 from pcihole.pci.host_bridge import HostBridge
+from tests.pci.pci_test_machines import small_topology
 
 
 @pytest.fixture

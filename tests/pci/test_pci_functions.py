@@ -1,11 +1,11 @@
 """What the guest reads in each kind of function: header fields, BAR sizing, capability lists."""
 
 import pytest
-from pci_test_machines import bdf, gpa, small_topology
 
 from pcihole.pci import registers as r
 from pcihole.pci.capabilities import find_capability, find_extended_capability
 from pcihole.pci.host_bridge import HostBridge
+from tests.pci.pci_test_machines import bdf, gpa, small_topology
 
 
 def read(bridge: HostBridge, where: str, register: int, size: int) -> int:

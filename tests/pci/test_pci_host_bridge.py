@@ -3,11 +3,11 @@
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from pci_test_machines import ECAM_BASE, gpa, small_topology
 
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.host_bridge import EcamAccessError, HostBridge
 from pcihole.pci.topology import EndpointSpec, Segment, Topology
+from tests.pci.pci_test_machines import ECAM_BASE, gpa, small_topology
 
 
 def expected_bytes(bridge: HostBridge, address: int, size: int) -> bytes:

@@ -3,11 +3,11 @@
 import threading
 
 import pytest
-from pci_test_machines import bdf, gpa, small_topology
 
 from pcihole.pci import registers as r
 from pcihole.pci.host_bridge import HostBridge
 from pcihole.pci.topology import EndpointSpec, RootPortSpec, TopologyError
+from tests.pci.pci_test_machines import bdf, gpa, small_topology
 
 NVME = EndpointSpec(bdf("0000:02:00.0"), 0x1B36, 0x0010, 0x010802)
 

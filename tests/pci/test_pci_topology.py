@@ -3,11 +3,11 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pci_test_machines import bdf
 
 from pcihole.pci import synthetic
 from pcihole.pci.host_bridge import HostBridge
 from pcihole.pci.topology import BarSpec, EndpointSpec, RootPortSpec, Segment, Topology, TopologyError
+from tests.pci.pci_test_machines import bdf
 
 SEG0 = Segment(0, 0xE0000000)
 

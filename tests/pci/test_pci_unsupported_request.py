@@ -1,8 +1,7 @@
 """writes = "trap": a write to an absent function is logged as a root port logs an Unsupported Request."""
 
-from pci_test_machines import bdf, gpa
-
 from pcihole.pci import registers as r
+from tests.pci.pci_test_machines import bdf, gpa
 
 PORT = "0000:00:01.0"  # secondary bus 1
 WIDE_PORT = "0000:00:01.1"  # buses 2-3

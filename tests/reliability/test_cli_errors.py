@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_guests import KVM_UNAVAILABLE, pvh_kernel
+
+from tests.backends import BACKENDS, KVM_UNAVAILABLE
+from tests.guest_runner import pvh_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
-BACKENDS = [pytest.param("kvm", marks=pytest.mark.kvm), "model"]
 
 
 def pcihole(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
@@ -193,7 +194,7 @@ def test_a_kernel_that_is_not_an_elf(tmp_path):
 
 
 def test_a_kernel_that_is_not_pvh(tmp_path):
-    from boot.elfimages import ELFCLASS32, PF_R, PF_X, PT_LOAD, Part, build
+    from tests.boot.elfimages import ELFCLASS32, PF_R, PF_X, PT_LOAD, Part, build
 
     k = tmp_path / "plain.elf"
     k.write_bytes(build([Part(PT_LOAD, 0x100000, b"\xf4", flags=PF_R | PF_X)], elf_class=ELFCLASS32).data)

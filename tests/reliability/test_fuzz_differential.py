@@ -20,17 +20,13 @@ import os
 import random
 
 import pytest
-from reliability_guests import (
-    ALL_COMBINATIONS,
-    KVM_UNAVAILABLE,
-    check_alias_sealed,
-    machine,
-    pvh_kernel_from_asm,
-)
 
-from access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
 from pcihole.hv import x86_cpu_state
 from pcihole.machine.dispatch import StopReason
+from tests.access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
+from tests.backends import AVAILABLE_COMBINATIONS
+from tests.guest_runner import machine, pvh_kernel_from_asm
+from tests.reliability.alias_seal import check_alias_sealed
 
 SEED = 2026
 SEQUENCES = int(os.environ.get("PCIHOLE_FUZZ_SEQUENCES", "64"))
@@ -141,8 +137,7 @@ def run_sequences(backend: str, strategy: str, writes: str, seqs: list[list[tupl
 
 
 def combinations():
-    combos = [c for c in ALL_COMBINATIONS if c[0] == "model" or KVM_UNAVAILABLE is None]
-    return combos
+    return AVAILABLE_COMBINATIONS
 
 
 @pytest.mark.slow

@@ -20,16 +20,16 @@ import gc
 import os
 
 import pytest
-from reliability_guests import KVM_UNAVAILABLE, STRATEGIES_BY_BACKEND, pvh_kernel
 
-from guestasm import assemble
-from memory_exits import answer_mmio
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, open_backend, x86_cpu_state
 from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import load_default
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram
+from tests.backends import STRATEGIES_BY_BACKEND
+from tests.guest_runner import answer_mmio, pvh_kernel
+from tests.guestasm import assemble
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -115,8 +115,6 @@ def one_hv_vm(hv, strategy: str, code: bytes) -> None:
 
 
 def run_hv_vms(backend: str, count: int) -> None:
-    if backend == "kvm" and KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
     code = assemble(HV_GUEST, bits=32, org=CODE)
     strategies = STRATEGIES_BY_BACKEND[backend]
     hv = open_backend(backend)
@@ -141,8 +139,6 @@ def one_machine(backend: str, strategy: str, spec, kernel: bytes) -> None:
 
 
 def run_machines(backend: str, count: int) -> None:
-    if backend == "kvm" and KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
     spec, kernel = load_default(), pvh_kernel(PVH_GUEST)
     strategies = STRATEGIES_BY_BACKEND[backend]
     for s in strategies:

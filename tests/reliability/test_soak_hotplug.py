@@ -1,6 +1,6 @@
 """Soak: a guest reads ECAM in a loop while a host thread hot-adds and removes functions at random.
 
-Hole contract 5 (DESIGN.md): every read returns the function's current config bytes or all-ones,
+Hole contract 5 (docs/design.md): every read returns the function's current config bytes or all-ones,
 never zeros or stale data; no write is lost or applied twice. On every strategy of both backends.
 
 Threads: the vCPU runs on the test's main thread through `Machine.run` (the real run loop; on kvm
@@ -34,7 +34,6 @@ import threading
 import time
 
 import pytest
-from reliability_guests import BACKEND_STRATEGIES, check_alias_sealed, machine, pvh_kernel_from_asm
 
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
@@ -42,6 +41,9 @@ from pcihole.pci.bdf import Bdf
 from pcihole.pci.host_bridge import HostBridge
 from pcihole.pci.registers import PCI_EXP_SLTSTA, PCI_EXP_SLTSTA_PDS
 from pcihole.pci.topology import EndpointSpec
+from tests.backends import BACKEND_STRATEGIES
+from tests.guest_runner import machine, pvh_kernel_from_asm
+from tests.reliability.alias_seal import check_alias_sealed
 
 SOAK_SECONDS = float(os.environ.get("PCIHOLE_SOAK_SECONDS", "4"))
 SEED = int(os.environ.get("PCIHOLE_SOAK_SEED", "8"))
@@ -315,13 +317,14 @@ def test_reads_are_all_ones_or_the_function_and_trapped_writes_arrive_once_while
         # In a child process, so that a crash of the model (a SIGSEGV in Unicorn, as when a deleted
         # slot's host buffer was freed while the vCPU still mapped it) costs one test, not the
         # session. Same code, same assertions (a failed one exits 1); a signal fails the test.
-        here = os.path.dirname(os.path.abspath(__file__))
-        tests = os.path.dirname(here)
-        src = os.path.join(os.path.dirname(tests), "src")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, tests, here])}
-        code = f"import json, test_soak_hotplug as t; print(json.dumps(t.soak({backend!r}, {strategy!r})))"
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src")])}
+        code = (
+            "import json, tests.reliability.test_soak_hotplug as t; "
+            f"print(json.dumps(t.soak({backend!r}, {strategy!r})))"
+        )
         cmd = [sys.executable, "-X", "faulthandler", "-c", code]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
         if proc.returncode < 0:
             pytest.fail(
                 f"the soak process died of signal {-proc.returncode} "
