@@ -1,7 +1,7 @@
 """The scan algorithm, checked exactly on Unicorn with synthetic ACPI tables and config spaces.
 
 Every expected number of config reads below is counted by hand from Linux's probe order
-(research/linux-ecam-boot.md section 2): 32 function-0 dword reads per scanned bus, 7 more per
+(docs/linux-ecam.md section 4): 32 function-0 dword reads per scanned bus, 7 more per
 multi-function slot, a header-type byte and a class dword per present function, a bus-number dword and a
 capability walk per bridge, 16-bit vendor reads for the peer-bus brute force.
 """

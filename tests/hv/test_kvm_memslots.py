@@ -1,6 +1,6 @@
 """KVM_SET_USER_MEMORY_REGION on the real /dev/kvm: the pure checks of set_memory_region_test.c.
 
-Each case names the kernel check (kvm_set_memory_region, research/kvm-memslot-rules.md §1) that
+Each case names the kernel check (kvm_set_memory_region, docs/kvm-memslot-rules.md) that
 decides its errno.
 """
 

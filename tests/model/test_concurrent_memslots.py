@@ -3,7 +3,7 @@
 KVM installs new memslots at once (kvm_set_memslot swaps them and zaps the old mappings): a vCPU in
 guest mode sees a change at its next access, without any exit. The guest below spins reading one
 page and never exits by itself; a host thread switches the page between two backings, through a
-deleted state in which a read exits as MMIO (research/kvm-memslot-rules.md §1.20), and times how
+deleted state in which a read exits as MMIO (docs/kvm-memslot-rules.md), and times how
 long the guest takes to see each backing.
 """
 

@@ -1,4 +1,4 @@
-"""Port of the PCI_HOLE series' selftest x86_64/memory_slot_pci_hole.c (kvm-selftests.md §6).
+"""Port of the PCI_HOLE series' selftest x86_64/memory_slot_pci_hole.c (posted with v2, never merged).
 
 Slot 10 at 0xc0000000, 4 pages, no backing (hva 0), KVM_MEM_PCI_HOLE. The guest reads a byte at
 the start and at +5000 (0xff each, no exit), then writes a u64 at +1024 and at +8000: each write

@@ -25,7 +25,7 @@ In ASL, for one segment 0 with buses 0-255 at 0xE0000000 (the default machine)::
         Name (\\_S5, Package (0x04) { 0x05, Zero, Zero, Zero })
     }
 
-Why each piece (research/linux-ecam-boot.md §1.2-1.3):
+Why each piece (docs/linux-ecam.md §2-3):
 
 - _HID PNP0A08 *and* _CID PNP0A03: the pci_root scan handler matches only "PNP0A03" (root_device_ids
   in drivers/acpi/pci_root.c); PNP0A08 makes acpi_pci_root_add() treat the bridge as PCI Express.

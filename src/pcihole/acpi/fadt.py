@@ -24,7 +24,7 @@ is zero. What Linux reads, and why each value:
   KVM_EXIT_SHUTDOWN, which the run loop reports);
   bit 2 VGA Not Present: x86_platform.legacy.no_vga = 1, nothing probes 0x3C0/0xA0000;
   bit 5 CMOS RTC Not Present: x86_platform.legacy.rtc = 0, add_rtc_cmos() registers no rtc_cmos (time
-  comes from kvmclock; research/linux-ecam-boot.md §4);
+  comes from kvmclock, arch/x86/kernel/kvmclock.c);
   bit 3 MSI Not Supported clear: nothing stops MSI but the missing irqchip (madt.py), and setting it
   would make pci_no_msi() permanent for the boot; bit 4 PCIe ASPM Controls clear.
 - RESET_REG (116), SLEEP_CONTROL_REG (244), SLEEP_STATUS_REG (256): all zero. Each Generic Address

@@ -8,7 +8,8 @@ is dropped ("ignoring host bridge window ... (conflicts with ...)", pci_acpi_roo
 
 - the windows share an aperture, by default [3 GiB, 0xFEC00000): the traditional PC "PCI hole" below
   the IOAPIC (0xFEC00000), the local APIC (0xFEE00000) and KVM's TSS / identity map pages
-  (0xFFFBC000-0xFFFBFFFF, research/linux-ecam-boot.md §3); QEMU microvm's MMIO32 window starts at
+  (0xFFFBC000-0xFFFBFFFF: the default KVM_SET_IDENTITY_MAP_ADDR page, Documentation/virt/kvm/api.rst,
+  and the KVM_SET_TSS_ADDR pages VMMs put after it); QEMU microvm's MMIO32 window starts at
   0xC0000000 too. pcihole's RAM is one range from address 0, so the default is right for machines
   with at most 3 GiB of RAM (the default machine has 64 MiB); nothing here knows the RAM size, so a
   caller with more RAM passes an `aperture` that starts above it (machine/builder.py knows ram_end).

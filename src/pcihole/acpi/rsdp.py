@@ -4,7 +4,7 @@
     20 Length = 36  24 XsdtAddress u64  32 Extended Checksum (all 36 bytes)  33 Reserved[3]
 
 Linux uses the XSDT when Revision > 1 and XsdtAddress != 0 (acpi_tb_parse_root_table(), see
-research/linux-ecam-boot.md §1.3), so RsdtAddress is 0: there is no RSDT (Firecracker does the same).
+docs/linux-ecam.md §3), so RsdtAddress is 0: there is no RSDT (Firecracker does the same).
 The legacy scan of 0xE0000-0xFFFFF looks at 16-byte boundaries only, hence RSDP_ALIGNMENT.
 """
 

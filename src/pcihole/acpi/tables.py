@@ -9,7 +9,7 @@ Layout (each table 16-byte aligned; pointers inside are absolute guest-physical 
     next             APIC (MADT): one local APIC per vCPU, one I/O APIC
     next             MCFG, one allocation per segment
 
-That is research/linux-ecam-boot.md §1.3's checklist: with no conf1, Linux accepts the MCFG only in
+That is what docs/linux-ecam.md §2-3 says Linux reads: with no conf1, Linux accepts the MCFG only in
 pci_mmcfg_late_init() and only because MBRD's _CRS covers every ECAM window, and scans each root bus
 through the DSDT's PNP0A08/PNP0A03 bridge (acpi_pci_root_add). The embedded scan guest reads only the
 MCFG. Four segments take about 1.1 KiB, far below layout.ACPI_MAX (128 KiB).

@@ -7,7 +7,8 @@ docs/misc/pvh.pandoc): CR0.PE set, paging off, CS a flat 32-bit code segment and
 the segment registers are loaded directly through KVM_SET_SREGS.
 
 The 64-bit state identity-maps the low 4 GiB with 2 MiB pages (1 GiB pages need pdpe1gb in the guest
-CPUID, see research/kvm-host-notes.md), so ECAM windows below 4 GiB are reachable.
+CPUID: without it the guest triple-faults, measured on the development hosts' KVM), so ECAM
+windows below 4 GiB are reachable.
 """
 
 from __future__ import annotations

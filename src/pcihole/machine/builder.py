@@ -265,7 +265,7 @@ def e820_map(ram_size: int, host_bridge: HostBridge) -> list[MemmapEntry]:
         MemmapEntry(layout.KERNEL_MIN_GPA, ram_size - layout.KERNEL_MIN_GPA, E820_RAM),
     ]
     # ECAM is reserved, as Firecracker and cloud-hypervisor report it (Linux needs E820 or a PNP0C02
-    # _CRS before it trusts MCFG; research/linux-ecam-boot.md §1.2).
+    # _CRS before it trusts MCFG; docs/linux-ecam.md §2).
     entries += [MemmapEntry(s.window_base, s.window_size, E820_RESERVED) for s in host_bridge.segments]
     return entries
 

@@ -9,7 +9,7 @@ Policy, as on a PC with nothing else attached (QEMU's unassigned_io_read returns
   and drops writes, logged once per page.
 - Port I/O to a device on the port bus (COM1, debug-exit) goes to it; any other port reads all-ones
   and drops writes, logged once per port. All-ones at 0xCF8-0xCFF also makes a guest's conf1 probe
-  fail, so a Linux guest uses ECAM for everything (research/linux-ecam-boot.md §1.1).
+  fail, so a Linux guest uses ECAM for everything (docs/linux-ecam.md §1).
 - HLT ends the run: pcihole injects no interrupts, so a halted vCPU never wakes.
 - A triple fault (KVM_EXIT_SHUTDOWN) ends the run and is reported as such.
 """

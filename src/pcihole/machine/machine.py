@@ -61,7 +61,7 @@ class RunResult:
         return self.report.config_reads if self.report is not None else None
 
     def to_json(self) -> dict[str, object]:
-        """The object DESIGN.md specifies for `pcihole run --json`."""
+        """The object `pcihole run --json` prints (docs/design.md, "Interfaces that are checked")."""
         return {
             "backend": self.backend,
             "strategy": self.strategy,
@@ -77,7 +77,7 @@ class RunResult:
 
 
 def device_json(d) -> dict[str, object]:
-    """One device in the JSON schema of DESIGN.md; `d` is a ScannedDevice or a DeviceInfo."""
+    """One device of `pcihole run --json` (docs/design.md); `d` is a ScannedDevice or a DeviceInfo."""
     if hasattr(d, "as_json"):
         return d.as_json()
     return {

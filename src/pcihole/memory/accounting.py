@@ -1,7 +1,7 @@
 """What the holes cost the host, measured rather than summed.
 
-`hole_backing_bytes` counts the *distinct* host pages behind the holes (DESIGN.md "Interfaces that
-are checked"): for a memfd its allocated blocks (fstat st_blocks * 512), for a private buffer its
+`hole_backing_bytes` counts the *distinct* host pages behind the holes (docs/design.md, "Interfaces
+that are checked"): for a memfd its allocated blocks (fstat st_blocks * 512), for a private buffer its
 resident pages (mincore(2) over that mapping). Summing Rss over mappings would be wrong: 4096
 mappings of one 64 KiB memfd show 256 MiB of Rss, and per-mapping Pss rounds to 0 kB.
 Beside it: the memslots in use, the host mappings the holes own and the process's VMA count, and

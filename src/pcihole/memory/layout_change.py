@@ -11,8 +11,10 @@ Operation order, and why no guest read in a hole can see anything but fill bytes
 bytes while it runs. KVM slots cannot overlap (a CREATE over an existing slot fails with EEXIST,
 kvm_check_memslot_overlap), and a slot cannot shrink (changing npages is EINVAL), so replacing the
 256 MiB slot over a hole by the two slots around a punched page needs a DELETE first: for the few
-microseconds until the new slots exist, the rest of the hole has no slot. (During a DELETE KVM even
-installs an INVALID copy first, so accesses see MMIO then too.) A guest read there simply exits, and
+microseconds until the new slots exist, the rest of the hole has no slot. (During the DELETE itself
+x86 KVM makes a vCPU that touches the old slot retry until the delete is done, after which the access
+exits as MMIO: docs/kvm-memslot-rules.md, "Memslot changes while a vCPU runs".) A guest read there
+simply exits, and
 every exit is answered from the map in force (map_view.py): a transient slot gap is invisible to
 the guest; it only costs exits. To keep the gap short the operations go:
 - zones and fill devices that go away first (so a page about to become a function never has its

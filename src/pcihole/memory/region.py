@@ -2,8 +2,8 @@
 
 - `Ram`: read-write memory (a read-write memslot over anonymous host memory).
 - `Rom`: read-only memory with fixed contents (a KVM_MEM_READONLY memslot; guest writes are dropped).
-- `Hole`: an absent range: reads return the fill byte, writes change nothing (DESIGN.md "The hole
-  contract"). How that is done is the strategy's business (memory/strategies/).
+- `Hole`: an absent range: reads return the fill byte, writes change nothing (docs/design.md, "The
+  hole contract"). How that is done is the strategy's business (memory/strategies/).
 - `Mmio`: answered by the VMM in Python through a handler; no memslot, so every access exits.
 
 Regions are frozen values: a `MemoryMap` is changed by building a new one, and two maps are diffed

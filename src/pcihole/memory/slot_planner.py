@@ -4,7 +4,7 @@ The ro-alias strategy backs every hole slot with one *arena* per fill value: a P
 reservation tiled with side-by-side MAP_SHARED|MAP_FIXED, PROT_READ mappings of one small sealed
 memfd of fill bytes (the *alias*). A memslot only needs `userspace_addr .. + memory_size` to be
 readable memory; it does not care that the pages repeat. So one slot covers a whole run of hole,
-however long, with only `alias size` bytes of host memory behind it (research/kvm-host-notes.md:
+however long, with only `alias size` bytes of host memory behind it (measured on a real KVM:
 4096 mappings of a 64 KiB memfd = one 256 MiB slot, no exits). And since every byte of an arena is
 the same, all hole slots of a fill share the *same* arena at the same address (KVM allows any
 number of slots over one host range): the arena is as large as the largest run, not their sum.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pcihole.memory.address import PAGE_SIZE, GuestRange
 
 # Include/linux/kvm_host.h: KVM_MEM_MAX_NR_PAGES ((1UL << 31) - 1), checked for user slots in
-# kvm_set_memory_region (research/kvm-memslot-rules.md §1, step 11).
+# kvm_set_memory_region (docs/kvm-memslot-rules.md, "KVM_SET_USER_MEMORY_REGION").
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 MAX_SLOT_BYTES = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE
 # The alias sizes: start small (64 KiB of backing per fill value), grow by doubling up to 2 MiB.

@@ -44,7 +44,7 @@ class DeviceInfo:
     name: str = ""
 
     def as_json(self) -> dict[str, object]:
-        """The object DESIGN.md specifies for `pcihole run --json`'s "devices" list."""
+        """One entry of `pcihole run --json`'s "devices" list (docs/design.md)."""
         return {
             "bdf": str(self.bdf),
             "vendor": f"{self.vendor:#06x}",

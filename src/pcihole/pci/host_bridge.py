@@ -22,7 +22,7 @@ Locking: one lock guards the function table, the configuration bytes and the cou
 whole access, so a vCPU thread sees each access entirely before or entirely after a hot-plug step. Hot-plug
 steps are serialized by a second lock and call listeners without holding the first, so a listener may
 wait for a vCPU (e.g. to change memslots) without deadlock. The order keeps the transitional state safe
-(DESIGN.md hole contract 5, "either the function's bytes or all-ones"): a page is announced present
+(docs/design.md, hole contract 5, "either the function's bytes or all-ones"): a page is announced present
 *before* its function enters the table and announced absent *after* it has left; in between, accesses
 exit to the VMM and read all-ones.
 """

@@ -12,7 +12,7 @@ Rules (each checked, with the reason):
   It is aligned to 2^(n+20) bytes where n is the number of bus-number bits (PCIe 6.0 §7.2.2: "the base
   address of the range must be aligned to a 2^(n+20)-byte memory address boundary"), and the window lies
   below 4 GiB (Linux's acpi_mcfg_check_entry() refuses a base at or above 4 GiB without a DMI year
-  >= 2010, and we provide no SMBIOS; see research/linux-ecam-boot.md §1.2).
+  >= 2010, and we provide no SMBIOS; see docs/linux-ecam.md §2).
 - A segment's hierarchy has root buses: the segment's first bus (the main root bus, with the host
   bridge) and the bus of each expander bridge (QEMU's pxb-pcie, 1b36:000b, a host bridge function on
   the main root bus whose own root bus [bus, last_bus] lies above every bus of the main hierarchy, as

@@ -1,7 +1,7 @@
 """The `model` backend: an executable reference model of KVM's memory-slot subsystem.
 
 It implements the interface of hv/interface.py with the kernel's checks, in the kernel's order,
-with the kernel's errno (research/kvm-memslot-rules.md), plus the seed's KVM_MEM_PCI_HOLE (v2
+with the kernel's errno (docs/kvm-memslot-rules.md), plus the seed's KVM_MEM_PCI_HOLE (v2
 rules) and the reviewer's MMIO-bus fill device (hv/proposed.py). Guest code runs on Unicorn; every
 guest memory access resolves through the model's memslots and MMIO bus, as on a KVM vCPU.
 

@@ -3,7 +3,7 @@
 The seed's PCI_HOLE reads return 0xff with no exit. The model answers them without a Python
 callback by giving Unicorn real memory to read: a WINDOW_BYTES host range made of side-by-side
 read-only mmaps of one CHUNK_BYTES memfd of 0xff (sealed, so nothing can change it), and as many
-Unicorn regions pointing at that same window as a slot needs (unicorn-notes: aliasing works).
+Unicorn regions pointing at that same window as a slot needs (aliasing works: docs/unicorn.md).
 Host memory: CHUNK_BYTES, however large the holes.
 """
 

@@ -24,7 +24,7 @@ from enum import Enum
 
 from pcihole.hv.model.memslots import Memslot, MemslotTable
 
-# Unicorn's x86 CPU has 40 physical address bits (unicorn-notes, and tested: a 2**40 MMIO map works).
+# Unicorn's x86 CPU has 40 physical address bits (tested: a 2**40 MMIO map works).
 PHYS_LIMIT = 1 << 40
 
 

@@ -1,7 +1,7 @@
 """KVM_SET_USER_MEMORY_REGION, modelled check by check (virt/kvm/kvm_main.c, Linux 6.x).
 
 Every check is evaluated in the kernel's order, because the first failing one decides the errno
-(research/kvm-memslot-rules.md §1). The seed's KVM_MEM_PCI_HOLE (v2, research §4) is folded in
+(docs/kvm-memslot-rules.md, with the kernel sources). The seed's KVM_MEM_PCI_HOLE (v2) is folded in
 where the patch put it. `userspace_addr` is never dereferenced here: the kernel only checks it
 against the user address limit, and a bad HVA surfaces later, as a fault in KVM_RUN.
 """

@@ -1,4 +1,4 @@
-"""Hole strategies: how a hole is made to read as fill bytes (DESIGN.md "Strategies").
+"""Hole strategies: how a hole is made to read as fill bytes (docs/design.md, "Strategies").
 
 `make_strategy(name, hypervisor, vm)` builds one by name; "auto" picks native > ro-alias > exit,
 the first the backend can express and that can implement the holes it is given (native cannot

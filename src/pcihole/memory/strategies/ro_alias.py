@@ -11,7 +11,8 @@ EFAULT), so arenas are replaced only by `collect()`, after the slots using them 
 Reads: served from the alias, no exit. Writes: the slot is read-only, so a write takes the RO-fault
 path into the in-kernel MMIO bus: with writes="discard" a coalesced zone over the hole swallows it
 into the ring (no exit while the ring has room, drained at every exit); with writes="trap" there is
-no zone and each write exits as MmioWrite for the trap handler (research/kvm-memslot-rules.md §3).
+no zone and each write exits as MmioWrite for the trap handler (docs/kvm-memslot-rules.md, "Read-only
+slots and coalesced MMIO").
 """
 
 from __future__ import annotations
