@@ -1,5 +1,6 @@
-"""The memslot rules of kvm_set_memory_region on the model, as the selftests check them (docs/kvm-memslot-rules.md), run on
-both backends where the kernel can take the request (never flag bit 2 on kvm)."""
+"""The memslot rules of kvm_set_memory_region on the model, as the selftests check them
+(docs/kvm-memslot-rules.md), run on both backends where the kernel can take the request (never flag
+bit 2 on kvm)."""
 
 from __future__ import annotations
 
