@@ -7,6 +7,8 @@ opened, each is skipped at collection with the reason.
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import pytest
 
 from pcihole.hv import open_backend
@@ -28,37 +30,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def kvm():
     """The kvm backend, opened for one test."""
-    hv = open_backend("kvm")
-    yield hv
-    hv.close()
+    with closing(open_backend("kvm")) as hv:
+        yield hv
 
 
 @pytest.fixture
 def kvm_vm(kvm):
-    vm = kvm.create_vm()
-    yield vm
-    vm.close()
+    with closing(kvm.create_vm()) as vm:
+        yield vm
 
 
 @pytest.fixture(scope="module")
 def kvm_hv():
     """The kvm backend, shared by a module's tests."""
-    hv = open_backend("kvm")
-    yield hv
-    hv.close()
+    with closing(open_backend("kvm")) as hv:
+        yield hv
 
 
 @pytest.fixture(scope="module")
 def model_hv():
     """The model backend, shared by a module's tests."""
-    hv = open_backend("model")
-    yield hv
-    hv.close()
+    with closing(open_backend("model")) as hv:
+        yield hv
 
 
 @pytest.fixture
 def hypervisor(request):
     """The backend named by the test's parameter (parametrize with tests.backends.BACKENDS, indirect=True)."""
-    hv = open_backend(request.param)
-    yield hv
-    hv.close()
+    with closing(open_backend(request.param)) as hv:
+        yield hv
