@@ -14,9 +14,8 @@ kvm_check_memslot_overlap), and a slot cannot shrink (changing npages is EINVAL)
 microseconds until the new slots exist, the rest of the hole has no slot. (During the DELETE itself
 x86 KVM makes a vCPU that touches the old slot retry until the delete is done, after which the access
 exits as MMIO: docs/kvm-memslot-rules.md, "Memslot changes while a vCPU runs".) A guest read there
-simply exits, and
-every exit is answered from the map in force (map_view.py): a transient slot gap is invisible to
-the guest; it only costs exits. To keep the gap short the operations go:
+simply exits, and every exit is answered from the map in force (map_view.py): a transient slot gap
+is invisible to the guest; it only costs exits. To keep the gap short the operations go:
 - zones and fill devices that go away first (so a page about to become a function never has its
   writes swallowed by a hole's zone; a write that exits meanwhile is judged by the old map, where
   the page is still hole);
