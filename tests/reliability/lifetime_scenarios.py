@@ -1,5 +1,5 @@
 """Ways a model vCPU can be stopped and closed, each run in a child process by test_model_lifetime.py
-(`python lifetime_scenarios.py SCENARIO STRATEGY`): if Unicorn touched guest RAM after it was
+(`python -m tests.reliability.lifetime_scenarios SCENARIO STRATEGY` from the repository root): if Unicorn touched guest RAM after it was
 freed, the child dies with SIGSEGV, which the test sees as return code -11.
 
 Each scenario pauses the vCPU inside a Unicorn callback (an IN / OUT or MMIO exit, Unicorn's
@@ -13,11 +13,10 @@ from __future__ import annotations
 import sys
 import threading
 
-from reliability_guests import pvh_kernel_from_asm
-
 from pcihole.hv import exits
 from pcihole.machine.builder import build_machine
 from pcihole.machine.machinefile import load_default
+from tests.guest_runner import pvh_kernel_from_asm
 
 RAM_WORD = 0x200000  # in the default machine's 64 MiB of RAM
 ABSENT_MMIO = 0xD0000000  # no slot, no device: every read exits

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_guests import KERNEL_GPA, STRATEGIES_BY_BACKEND, pvh_kernel
 
-from guestasm import assemble
+from tests.backends import STRATEGIES_BY_BACKEND
+from tests.guest_runner import KERNEL_GPA, pvh_kernel
+from tests.guestasm import assemble
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT / "src", ROOT / "tests", HERE)))}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "src")))}
 MODEL_STRATEGIES = STRATEGIES_BY_BACKEND["model"]
 SIGSEGV = -signal.SIGSEGV
 
@@ -113,7 +114,7 @@ SCENARIOS = [
 def test_close_and_kick_in_any_order(scenario, strategy):
     """lifetime_scenarios.py: pause the vCPU in an exit (or keep it running), then close it in
     an order, with or without a kick; several free guest RAM before closing the VM."""
-    cmd = [sys.executable, str(HERE / "lifetime_scenarios.py"), scenario, strategy]
+    cmd = [sys.executable, "-m", "tests.reliability.lifetime_scenarios", scenario, strategy]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != SIGSEGV, f"{scenario}: Unicorn touched freed guest RAM"
     assert (proc.returncode, proc.stdout.strip()) == (0, "survived"), proc.stderr

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_guests import KERNEL_GPA, pvh_kernel
 
-from guestasm import assemble
+from tests.backends import BACKENDS
+from tests.guest_runner import KERNEL_GPA, pvh_kernel
+from tests.guestasm import assemble
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 ENV.pop("PCIHOLE_KVM_DEVICE", None)
-BACKENDS = [pytest.param("kvm", marks=pytest.mark.kvm), "model"]
 READY = "mov $0x3f8, %dx\nmov $'R', %al\nout %al, %dx\n"
 GUESTS = {
     "never-exits": READY + "1: jmp 1b",
