@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
-from guestasm import assemble
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.machine.builder import build_machine, default_kernel, e820_map
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
+from tests.backends import BACKENDS
+from tests.guest_runner import pvh_kernel_from_asm
 
-KERNEL_GPA = 0x100000
-BACKENDS = [pytest.param("kvm", marks=pytest.mark.kvm), "model"]
 EXIT_0 = "mov $0, %al\nout %al, $0xf4\nhlt\n"
-
-
-def pvh_kernel(source: str) -> bytes:
-    """A PVH ELF of this 32-bit assembly at 1 MiB, entered at its start."""
-    load = Part(PT_LOAD, KERNEL_GPA, assemble(source, bits=32, org=KERNEL_GPA), flags=PF_R | PF_W | PF_X)
-    return build([load, phys32_note(KERNEL_GPA)], elf_class=ELFCLASS32, entry=KERNEL_GPA).data
 
 
 def one_bus_segments(n: int, *, endpoints_per_segment: int = 0, multifunction: bool = False) -> str:
@@ -78,7 +70,7 @@ def test_a_non_ff_fill_gets_the_best_strategy_that_can_do_it(backend):
     """auto picked native on the model, which reads only 0xff, and the machine failed to build."""
     toml = "[machine]\nram_mib = 64\n[[segment]]\nid = 0\necam_base = 0xe0000000\nfill = 0x5a\n"
     # Read the hole at bus 1 (absent): status 0 if it reads as the fill, 1 if not.
-    code = pvh_kernel(
+    code = pvh_kernel_from_asm(
         "mov $0xe0100000, %esi\nmov (%esi), %eax\ncmp $0x5a5a5a5a, %eax\njne 1f\nmov $0, %al\nout %al, $0xf4\n"
         "hlt\n1: mov $1, %al\nout %al, $0xf4\nhlt\n"
     )
@@ -101,7 +93,7 @@ def test_a_long_memory_map_is_not_overwritten_by_the_boot_stack(backend):
     from pcihole.boot.pvh import HVM_MEMMAP_ENTRY, HVM_START_INFO
     from pcihole.machine import layout
 
-    code = pvh_kernel("mov $64, %ecx\n1: push $0xdeadbeef\nloop 1b\n" + EXIT_0)
+    code = pvh_kernel_from_asm("mov $64, %ecx\n1: push $0xdeadbeef\nloop 1b\n" + EXIT_0)
     spec = loads(one_bus_segments(400), "<memmap.toml>")
     with build_machine(spec, backend=backend, strategy="exit", kernel=code, kernel_name="k") as m:
         result = m.run(timeout=60)

@@ -11,40 +11,26 @@ import errno
 
 import pytest
 
-from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
-from guestasm import assemble
 from pcihole.host.mman import PAGE_SIZE, PROT_READ, PROT_WRITE, mprotect_raw
-from pcihole.hv import kvm_available
 from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import loads
+from tests.backends import BACKEND_STRATEGIES
+from tests.guest_runner import pvh_kernel_from_asm
 
-KERNEL_GPA = 0x100000
 ECAM_BASE = 0xE0000000
 ABSENT = ECAM_BASE + (1 << 20)  # bus 1, device 0: no function there
 MACHINE = f'[machine]\nram_mib = 64\n[[segment]]\nid = 0\necam_base = {ECAM_BASE:#x}\nbuses = "0-15"\n'
-PAIRS = [
-    pytest.param(b, s, id=f"{b}-{s}", marks=[pytest.mark.kvm] if b == "kvm" else [])
-    for b, strategies in (
-        ("kvm", ("exit", "ro-filled", "ro-alias")),
-        ("model", ("exit", "ro-filled", "ro-alias", "native", "mmio-bus")),
-    )
-    for s in strategies
-]
 #: Strategies whose holes are backed by host memory (the others have none to seal).
 BACKED = {"ro-filled", "ro-alias"}
 
 
 def reader_kernel() -> bytes:
     """Reads the absent function's vendor/device dword; debug-exit status 0 if all-ones, else 1."""
-    code = assemble(
+    return pvh_kernel_from_asm(
         f"mov ${ABSENT:#x}, %esi\nmov (%esi), %eax\ncmp $0xffffffff, %eax\njne 1f\n"
-        "mov $0, %al\nout %al, $0xf4\nhlt\n1: mov $1, %al\nout %al, $0xf4\nhlt\n",
-        bits=32,
-        org=KERNEL_GPA,
+        "mov $0, %al\nout %al, $0xf4\nhlt\n1: mov $1, %al\nout %al, $0xf4\nhlt\n"
     )
-    load = Part(PT_LOAD, KERNEL_GPA, code, flags=PF_R | PF_W | PF_X, align=0x1000)
-    return build([load, phys32_note(KERNEL_GPA)], elf_class=ELFCLASS32, entry=KERNEL_GPA).data
 
 
 def backing_hva(memory, gpa: int) -> int | None:
@@ -77,10 +63,8 @@ def attack(hva: int) -> list[str]:
     return succeeded
 
 
-@pytest.mark.parametrize(("backend", "strategy"), PAIRS)
+@pytest.mark.parametrize(("backend", "strategy"), BACKEND_STRATEGIES)
 def test_the_hole_backing_cannot_be_modified(backend, strategy):
-    if backend == "kvm" and (reason := kvm_available()) is not None:
-        pytest.skip(f"needs /dev/kvm: {reason}")
     spec = loads(MACHINE, "<sealed.toml>")
     with build_machine(
         spec, backend=backend, strategy=strategy, kernel=reader_kernel(), kernel_name="k"

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from test_cli_errors import ROOT, SRC, assert_one_error, pcihole
+
+from tests.reliability.test_cli_errors import ROOT, SRC, assert_one_error, pcihole
 
 MACHINE_HEAD = "[machine]\nram_mib = 64\n"
 ONE_SEGMENT = "[[segment]]\nid = 0\necam_base = 0xe0000000\n"
@@ -228,7 +229,7 @@ def test_an_empty_file_name_is_refused(args, tmp_path):
     [(0xE0000, "ACPI"), (0x7000, "start info"), (0x8000, "boot stack"), (0x20000, "command line")],
 )
 def test_a_kernel_segment_over_low_memory_is_refused(tmp_path, paddr, what):
-    from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
+    from tests.boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
 
     code = b"\xb0\x00\xe6\xf4\xf4"  # mov $0, %al; out %al, $0xf4; hlt
     parts = [
@@ -243,7 +244,7 @@ def test_a_kernel_segment_over_low_memory_is_refused(tmp_path, paddr, what):
 
 
 def test_a_kernel_at_16_mib_like_linux_is_accepted(tmp_path):
-    from boot.elfimages import ELFCLASS64, PF_R, PF_X, PT_LOAD, Part, build, phys32_note
+    from tests.boot.elfimages import ELFCLASS64, PF_R, PF_X, PT_LOAD, Part, build, phys32_note
 
     code = b"\xb0\x00\xe6\xf4\xf4"
     parts = [Part(PT_LOAD, 0x1000000, code, flags=PF_R | PF_X, align=0x200000), phys32_note(0x1000000)]
@@ -301,7 +302,7 @@ EXIT_0 = b"\xb0\x00\xe6\xf4\xf4"  # mov $0, %al; out %al, $0xf4; hlt
 
 
 def kernel_with_symbols(symbols) -> bytes:
-    from boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
+    from tests.boot.elfimages import ELFCLASS32, PF_R, PF_W, PF_X, PT_LOAD, Part, build, phys32_note
 
     load = Part(PT_LOAD, 0x100000, EXIT_0, memsz=0x1000, flags=PF_R | PF_W | PF_X, align=0x1000)
     return build([load, phys32_note(0x100000)], elf_class=ELFCLASS32, entry=0x100000, symbols=symbols).data
@@ -310,7 +311,7 @@ def kernel_with_symbols(symbols) -> bytes:
 def test_a_broken_symbol_table_is_found_before_the_run(tmp_path):
     import struct
 
-    from boot.elfimages import Sym
+    from tests.boot.elfimages import Sym
 
     data = bytearray(kernel_with_symbols([Sym("pcihole_report", 0x100100, 0x30)]))
     (shoff,) = struct.unpack_from("<I", data, 32)
@@ -322,7 +323,7 @@ def test_a_broken_symbol_table_is_found_before_the_run(tmp_path):
 
 @pytest.mark.parametrize("name", ["pcihole_report", "pcihole_timing"])
 def test_a_report_symbol_outside_ram_is_found_before_the_run(tmp_path, name):
-    from boot.elfimages import Sym
+    from tests.boot.elfimages import Sym
 
     k = tmp_path / "farsym.elf"
     k.write_bytes(kernel_with_symbols([Sym(name, 0x7FFF0000, 0x2000, info=0x11)]))
