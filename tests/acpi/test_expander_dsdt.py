@@ -5,10 +5,10 @@ and the disassembly recompiling without errors."""
 import re
 
 import pytest
-from acpi_helpers import Seg, disassemble_text, needs_iasl, run_iasl
 
 from pcihole.acpi import ExpanderBus, build_tables
 from pcihole.acpi.expander_bridge import EXPANDER_UID_BASE, expander_name, main_root_last_bus
+from tests.acpi.acpi_helpers import Seg, disassemble_text, needs_iasl, run_iasl
 
 BASE = 0x000E0000
 DEVICE = re.compile(r"^        Device \((\w{4})\)$", re.M)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import guest_qemu
 import pytest
-from guest_qemu import Session, needs_qemu
 
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.guest.report import DEV_NOT_FOLLOWED, DEV_ONE_CHILD, DEV_PEER_SCAN, read_report
@@ -26,6 +24,8 @@ from pcihole.pci.topology import (
     RootPortSpec,
     UpstreamPortSpec,
 )
+from tests.guest import guest_qemu
+from tests.guest.guest_qemu import Session, needs_qemu
 
 pytestmark = needs_qemu
 

@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from lspci_dump import lspci, needs_lspci, write_dump
-from pci_test_machines import bdf
 
 from pcihole.machine.machinefile import load, load_default
 from pcihole.pci.host_bridge import HostBridge
 from pcihole.pci.lspci_tree import TreeDevice, lspci_tree, tree_devices
 from pcihole.pci.topology import EndpointSpec
+from tests.pci.lspci_dump import lspci, needs_lspci, write_dump
+from tests.pci.pci_test_machines import bdf
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MACHINES = {p.stem: p for p in sorted(EXAMPLES.glob("*.toml"))}

@@ -5,7 +5,6 @@ Requests logged by the innermost bridge."""
 from __future__ import annotations
 
 import pytest
-from pci_test_machines import ECAM_BASE, bdf, gpa
 
 from pcihole.pci import registers as r
 from pcihole.pci.capabilities import find_capability, find_extended_capability
@@ -21,6 +20,7 @@ from pcihole.pci.topology import (
     TopologyError,
     UpstreamPortSpec,
 )
+from tests.pci.pci_test_machines import ECAM_BASE, bdf, gpa
 
 SEG = Segment(0, ECAM_BASE, 0, 255)
 
