@@ -20,10 +20,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
 from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
+from tests.guestasm import assemble
 
 RAM_BYTES = 0x100000
 CODE = 0x1000

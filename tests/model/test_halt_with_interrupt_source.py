@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from guestasm import assemble
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
 from pcihole.hv.x86_cpu_state import enter_long_mode
+from tests.guestasm import assemble
 
 from .system_guest import (
     CODE,
