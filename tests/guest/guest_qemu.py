@@ -82,16 +82,23 @@ class Session:
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        deadline = time.monotonic() + 10
-        while not self.sock_path.exists():
+        # QEMU creates the socket file before it listens on it: retry a refused connect until it
+        # listens (a connect as soon as the file exists was refused now and then on a loaded machine).
+        deadline = time.monotonic() + 20
+        while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
                 raise RuntimeError(
                     f"QEMU did not start: {self.proc.stderr.read() if self.proc.stderr else ''}"
                 )
-            time.sleep(0.02)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(20)
-        self.sock.connect(str(self.sock_path))
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(20)
+            try:
+                self.sock.connect(str(self.sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                time.sleep(0.02)
         self.f = self.sock.makefile("rw")
         greeting = json.loads(self.f.readline())
         assert "QMP" in greeting
