@@ -18,6 +18,7 @@ def run_until_stop(
     timeout: float | None = None,
     on_coalesced: Callable[[list[CoalescedWrite]], None] | None = None,
     stops: StopRequest | None = None,
+    stop_requested: Callable[[], Stop | None] | None = None,
 ) -> Stop:
     """Run `vcpu` until the handler says stop, `timeout` seconds pass (a guest that runs away), or
     someone asks through `stops` (a signal): that Stop is returned at the next exit.
@@ -47,6 +48,12 @@ def run_until_stop(
                 if writes:
                     on_coalesced(writes)
             result = handler.handle(exit)
+            if stop_requested is not None and not isinstance(result, Stop):
+                requested = stop_requested()
+                if requested is not None:
+                    if isinstance(result, bytes):
+                        vcpu.complete_read(result)
+                    return requested
             if result is None:
                 continue
             if isinstance(result, Stop):
