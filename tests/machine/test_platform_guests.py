@@ -26,8 +26,8 @@ pytestmark = pytest.mark.kvm
 LAPIC = 0xFEE00000
 IOAPIC = 0xFEC00000
 
-# The PVH entry is 32-bit; the guest moves to 64-bit long mode first (this host's PVM delivers
-# interrupts to 64-bit guests only, and Linux runs there too): a GDT (32-bit code 0x08, data 0x10,
+# The PVH entry is 32-bit; the guest moves to 64-bit long mode first, where Linux takes its
+# interrupts too: a GDT (32-bit code 0x08, data 0x10,
 # 64-bit code 0x18), page tables at 0x10000 identity-mapping 4 GiB with 2 MiB pages, then its IDT,
 # a stack, the 8259s masked and the LAPIC software-enabled. EBX (hvm_start_info) is kept.
 PROLOGUE = f"""
