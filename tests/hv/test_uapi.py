@@ -45,6 +45,7 @@ LAYOUTS = {
     uapi.kvm_msrs: (8, {"nmsrs": 0, "pad": 4}),
     uapi.kvm_interrupt: (4, {"irq": 0}),
     uapi.kvm_irq_level: (8, {"irq": 0, "level": 4}),
+    uapi.kvm_mp_state: (4, {"mp_state": 0}),
     uapi.kvm_pit_config: (64, {"flags": 0, "pad": 4}),
     uapi.kvm_lapic_state: (1024, {"regs": 0}),
     uapi.kvm_translation: (24, {"linear_address": 0, "physical_address": 8, "valid": 16, "writeable": 17,
@@ -124,6 +125,8 @@ IOCTLS = {
     "KVM_SET_LAPIC": 0x4400AE8F,
     "KVM_SET_FPU": 0x41A0AE8D,
     "KVM_GET_VCPU_EVENTS": 0x8040AE9F,
+    "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_SET_MP_STATE": 0x4004AE99,
     "KVM_SET_VCPU_EVENTS": 0x4040AEA0,
 }
 

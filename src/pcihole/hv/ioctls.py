@@ -79,5 +79,7 @@ class KvmIoctl(IntEnum):
     KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, uapi.kvm_lapic_state)
     KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, uapi.kvm_lapic_state)
     KVM_SET_FPU = _IOW(KVMIO, 0x8D, uapi.kvm_fpu)
+    KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, uapi.kvm_mp_state)
+    KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, uapi.kvm_mp_state)
     KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, uapi.kvm_vcpu_events)
     KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, uapi.kvm_vcpu_events)

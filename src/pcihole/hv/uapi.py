@@ -271,6 +271,14 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
 
 
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", c_uint32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_HALTED = 3
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
 

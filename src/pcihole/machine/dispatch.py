@@ -12,7 +12,9 @@ Policy, as on a PC with nothing else attached (QEMU's unassigned_io_read returns
   fail, so a Linux guest uses ECAM for everything (research/linux-ecam-boot.md §1.1).
 - HLT ends the run when KVM hands it to userspace, i.e. without an in-kernel irqchip (pcihole then
   injects no interrupts, so a halted vCPU never wakes). With KVM_CREATE_IRQCHIP the kernel handles
-  HLT itself (__kvm_emulate_halt) and the guest ends by powering off (acpi_power.py).
+  HLT itself (__kvm_emulate_halt); the run loop then looks at a vCPU that has been quiet for a
+  while (KVM_GET_MP_STATE) and ends the run the same way when it is halted with interrupts disabled
+  (Machine._halted_for_good). A Linux guest ends by powering off (acpi_power.py).
 - S5 written to the ACPI sleep register ends the run with success (power-off); a write of the reset
   value, a triple fault (KVM_EXIT_SHUTDOWN) or a KVM_SYSTEM_EVENT_RESET ends it as a reboot / triple
   fault, which a guest that cannot reboot reports as failure.

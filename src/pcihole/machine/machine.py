@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 from pcihole.guest import REPORT_SYMBOL
 from pcihole.guest.report import DeviceArea, ReportError, ScanReport, read_report, read_scan_tsc
 from pcihole.host.tsc import TscUnknown, tsc_clock
+from pcihole.hv.uapi import KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.host_quirks import NO_QUIRKS, HostQuirks, InternalErrorHandler
 from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.stop_request import StopRequest
+
+X86_EFLAGS_IF = 1 << 9
 
 if TYPE_CHECKING:
     from pcihole.boot.elf import ElfImage
@@ -147,6 +150,7 @@ class Machine:
             on_coalesced=self._coalesced,
             stops=stops,
             stop_requested=stop_requested,
+            idle_check=self._halted_for_good if self.irq_lines is not None else None,
         )
         seconds = time.perf_counter() - start
         return RunResult(
@@ -162,6 +166,20 @@ class Machine:
             machine_devices=self.host_bridge.devices(),
             guest_scan_seconds=self.guest_scan_seconds(),
         )
+
+    def _halted_for_good(self) -> Stop | None:
+        """A vCPU in HLT with interrupts disabled can never wake (no NMI source here): the run ends as
+        a HLT exit ends it on a backend without an in-kernel LAPIC."""
+        get_mp_state = getattr(self.vcpu, "get_mp_state", None)
+        if get_mp_state is None or get_mp_state() != KVM_MP_STATE_HALTED:
+            return None
+        if self.vcpu.get_regs().rflags & X86_EFLAGS_IF:
+            return None  # waiting for an interrupt, as an idle kernel does
+        # Leave the vCPU runnable, past its HLT, as a KVM_EXIT_HLT leaves it: a host that sets new
+        # registers and runs it again (tests do) gets it executing, not still asleep.
+        self.vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)  # type: ignore[attr-defined]
+        self.stats.exits.other += 1
+        return Stop(StopReason.HALT, detail="the guest halted with interrupts disabled")
 
     def _coalesced(self, writes) -> None:
         view = self.memory.view

@@ -134,6 +134,15 @@ class Vcpu:
     def set_lapic(self, state: uapi.kvm_lapic_state) -> None:
         kvm_ioctl(self.fd, KvmIoctl.KVM_SET_LAPIC, state, f"vcpu={self.id}")
 
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_HALTED (in HLT, in-kernel LAPIC), ..."""
+        state = uapi.kvm_mp_state()
+        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_MP_STATE, state, f"vcpu={self.id}")
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state), f"vcpu={self.id}, {mp_state}")
+
     def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
         events = uapi.kvm_vcpu_events()
         kvm_ioctl(self.fd, KvmIoctl.KVM_GET_VCPU_EVENTS, events, f"vcpu={self.id}")
