@@ -23,7 +23,8 @@ import threading
 import traceback
 from typing import TYPE_CHECKING
 
-from pcihole.machine.dispatch import Stop, StopReason
+from pcihole.machine.dispatch import SUCCESSFUL_STOPS, Stop, StopReason
+from pcihole.machine.host_quirks import HOST_QUIRKS_CHOICES
 
 if TYPE_CHECKING:
     from pcihole.machine.stop_request import StopRequest
@@ -82,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--tree", action="store_true", help="print the devices as a tree, as lspci -t does")
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
     run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
+    run.add_argument(
+        "--initrd", metavar="FILE", help="initramfs for --kernel (PVH module 0, placed above the kernel)"
+    )
+    run.add_argument(
+        "--host-quirks",
+        choices=HOST_QUIRKS_CHOICES,
+        default="auto",
+        help="workarounds for a software KVM (PVM): auto turns them on only where /sys/module/kvm_pvm exists",
+    )
     run.add_argument(
         "--timeout",
         type=float,
@@ -197,8 +207,13 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         kernel_name = args.kernel
         cmdline = args.append or ""
     else:
+        if args.initrd:
+            raise UsageError("--initrd needs --kernel (the embedded guest takes no initrd)")
         kernel, kernel_name = default_kernel()
         cmdline = args.append if args.append is not None else EMBEDDED_GUEST_CMDLINE
+    initrd = None
+    if args.initrd:
+        initrd = _read_input(args.initrd, limit=KERNEL_FILE_MAX, what="an initrd")
     # The guest's serial output streams to stdout for --kernel (as QEMU's -serial stdio); the
     # embedded guest's is summarised by pcihole instead.
     sink = None
@@ -218,6 +233,9 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
             kernel_name=kernel_name,
             cmdline=cmdline,
             serial_sink=sink,
+            initrd=initrd,
+            host_quirks=args.host_quirks,
+            quirk_kernel_args=bool(args.kernel),
         )
     except HostUnavailable as e:
         raise RunFailed(str(e)) from None
@@ -240,8 +258,10 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
             print(json.dumps(result.to_json(), indent=2))
         raise RunFailed(failure)
     if not args.json:
+        quirks = machine.quirks
         print(
-            f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}",
+            f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}"
+            + (f", host quirks {quirks.name} ({quirks.why})" if quirks.active else ""),
             file=sys.stderr,
         )
     if args.json:
@@ -278,7 +298,7 @@ def _failure(result, kernel_name: str, timeout: float) -> str | None:
     stop = result.stop
     if stop.reason == StopReason.DEBUG_EXIT and stop.status == 0:
         return None
-    if stop.reason == StopReason.HALT:
+    if stop.reason in SUCCESSFUL_STOPS:
         return None
     where = f"{result.backend} backend, strategy {result.strategy}"
     if stop.reason == StopReason.DEBUG_EXIT:

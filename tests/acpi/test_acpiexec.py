@@ -77,7 +77,15 @@ def test_acpica_loads_the_tables_and_sees_what_linux_needs(tmp_path):
     assert values["\\_SB.MBRD._HID"] == 0x020CD041  # EISAID("PNP0C02")
 
     for seg, bridge, window in zip(SEGMENTS, BRIDGES, t.pci_windows, strict=True):
-        (bus_kind, bus), (mem_kind, mem), (end, _) = resources(out, f"\\_SB.{bridge}")
+        (bus_kind, bus), (io_kind, io), (mem_kind, mem), (mem64_kind, mem64), (end, _) = resources(
+            out, f"\\_SB.{bridge}"
+        )
+        assert io_kind == "16-Bit WORD Address Space Resource" and io["Resource Type"] == "I/O Range"
+        assert io["Consumer/Producer"] == "ResourceProducer"
+        assert 0x1000 <= int(io["Address Minimum"], 16) < int(io["Address Maximum"], 16) <= 0xFFFF
+        assert mem64_kind == "64-Bit QWORD Address Space Resource" and mem64["Resource Type"] == "Memory Range"
+        assert mem64["Consumer/Producer"] == "ResourceProducer"
+        assert int(mem64["Address Minimum"], 16) >= 1 << 32
         assert bus_kind == "16-Bit WORD Address Space Resource" and bus["Resource Type"] == "Bus Number Range"
         assert bus["Consumer/Producer"] == "ResourceProducer"
         assert (int(bus["Address Minimum"], 16), int(bus["Address Maximum"], 16)) == (

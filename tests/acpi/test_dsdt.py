@@ -59,7 +59,22 @@ def host_bridge_block(block: str) -> dict:
     }
 
 
-def expected_host_bridge(seg, window) -> dict:
+GiB = 1 << 30
+
+
+def io_windows(count: int) -> list[tuple[int, int]]:
+    """By hand from pci_windows.py's rule: [0x1000, 0xFFFF] split evenly in 4 KiB units."""
+    size = 15 // count * 0x1000
+    return [(0x1000 + i * size, 0x1000 + (i + 1) * size - 1) for i in range(count)]
+
+
+def mem64_windows(count: int) -> list[tuple[int, int]]:
+    """By hand: [256 GiB, 512 GiB) in equal power-of-two blocks (1 -> 256 GiB, 2-3 -> 64 or 128, 5 -> 32)."""
+    size = {1: 256, 2: 128, 3: 64, 4: 64, 5: 32}[count] * GiB
+    return [(256 * GiB + i * size, 256 * GiB + (i + 1) * size - 1) for i in range(count)]
+
+
+def expected_host_bridge(seg, window, io=None, mem64=None) -> dict:
     resources = [
         (
             "WordBusNumber",
@@ -73,11 +88,41 @@ def expected_host_bridge(seg, window) -> dict:
             },
         )
     ]
+    if io is not None:
+        first, last = io
+        resources.append(
+            (
+                "WordIO",
+                "ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,",
+                {
+                    "Granularity": 0,
+                    "Range Minimum": first,
+                    "Range Maximum": last,
+                    "Translation Offset": 0,
+                    "Length": last - first + 1,
+                },
+            )
+        )
     if window is not None:
         first, last = window
         resources.append(
             (
                 "DWordMemory",
+                "ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
+                {
+                    "Granularity": 0,
+                    "Range Minimum": first,
+                    "Range Maximum": last,
+                    "Translation Offset": 0,
+                    "Length": last - first + 1,
+                },
+            )
+        )
+    if mem64 is not None:
+        first, last = mem64
+        resources.append(
+            (
+                "QWordMemory",
                 "ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,",
                 {
                     "Granularity": 0,
@@ -136,8 +181,9 @@ def test_iasl_reads_every_dsdt_object(tmp_path):
     assert "    Scope (\\_SB)\n" in asl
     found = devices(asl)
     assert list(found) == ["PCI0", "PCI1", "PCI3", "MBRD"]
-    for seg, name, window in zip(SEGMENTS, ["PCI0", "PCI1", "PCI3"], SEGMENT_WINDOWS, strict=True):
-        assert host_bridge_block(found[name]) == expected_host_bridge(seg, window), name
+    windows = zip(SEGMENTS, ["PCI0", "PCI1", "PCI3"], SEGMENT_WINDOWS, io_windows(3), mem64_windows(3), strict=True)
+    for seg, name, window, io, mem64 in windows:
+        assert host_bridge_block(found[name]) == expected_host_bridge(seg, window, io, mem64), name
     mbrd = found["MBRD"]
     assert NAME_EISAID.findall(mbrd) == [("_HID", "PNP0C02")]
     assert NAME_INTEGER.findall(mbrd) == [("_UID", "Zero")]
@@ -158,7 +204,10 @@ def test_default_machine_dsdt(tmp_path):
     found = devices(asl)
     assert list(found) == ["PCI0", "MBRD"]
     # One segment at 0xE0000000: its BAR window is all of [3 GiB, 0xE0000000).
-    assert host_bridge_block(found["PCI0"]) == expected_host_bridge(segments[0], (0xC0000000, 0xDFFFFFFF))
+    # I/O [0x1000, 0xFFFF] and 64-bit memory [256 GiB, 512 GiB) whole.
+    assert host_bridge_block(found["PCI0"]) == expected_host_bridge(
+        segments[0], (0xC0000000, 0xDFFFFFFF), (0x1000, 0xFFFF), (256 * GiB, 512 * GiB - 1)
+    )
     assert descriptors(found["MBRD"]) == [
         ("Memory32Fixed", "ReadWrite,", {"Address Base": 0xE0000000, "Address Length": 0x10000000})
     ]
@@ -178,9 +227,10 @@ def test_names_for_large_segment_ids_and_ecam_above_4_gib(tmp_path):
     asl, _ = disassemble_text(tmp_path, "DSDT", t.tables["DSDT"])
     found = devices(asl)
     assert list(found) == ["PCIF", "PC10", "PCFF", "R003", "R004", "MBRD"]
-    for seg, name, window in zip(segments, found, t.pci_windows, strict=False):
+    for i, (seg, name, window) in enumerate(zip(segments, found, t.pci_windows, strict=False)):
         expected_window = None if window is None else (window.base, window.last)
-        assert host_bridge_block(found[name]) == expected_host_bridge(seg, expected_window)
+        expected = expected_host_bridge(seg, expected_window, io_windows(5)[i], mem64_windows(5)[i])
+        assert host_bridge_block(found[name]) == expected
     assert descriptors(found["MBRD"]) == [ecam_fixed(s) for s in segments[:4]] + [
         (
             "QWordMemory",
@@ -205,8 +255,8 @@ def test_a_bridge_without_room_gets_no_memory_window(tmp_path):
     assert t.pci_windows == (None, None)
     asl, _ = disassemble_text(tmp_path, "DSDT", t.tables["DSDT"])
     found = devices(asl)
-    for seg in segments:
-        assert host_bridge_block(found[f"PCI{seg.id}"]) == expected_host_bridge(seg, None)
+    for seg, io, mem64 in zip(segments, io_windows(2), mem64_windows(2), strict=True):
+        assert host_bridge_block(found[f"PCI{seg.id}"]) == expected_host_bridge(seg, None, io, mem64)
     check_recompiles_to_the_same_aml(tmp_path, asl, t.tables["DSDT"])
 
 

@@ -33,6 +33,21 @@ def gas(offset: int, title: str) -> list[tuple[int, int, str, str]]:
     ]
 
 
+def io_port_gas(offset: int, title: str, port: int) -> list[tuple[int, int, str, str]]:
+    """An 8-bit SystemIO register at `port`, byte access, as iasl lists it."""
+    return [
+        (offset, 12, title, "[Generic Address Structure]"),
+        (offset, 1, "Space ID", "01 [SystemIO]"),
+        (offset + 1, 1, "Bit Width", "08"),
+        (offset + 2, 1, "Bit Offset", "00"),
+        (offset + 3, 1, "Encoded Access Width", "01 [Byte Access:8]"),
+        (offset + 4, 8, "Address", f"{port:016X}"),
+    ]
+
+
+POWER_PORT = 0x600  # the sleep/reset register (cloud-hypervisor's port), written out independently
+
+
 def expected_fadt(fadt: bytes, dsdt: int) -> list[tuple[int, int, str, str]]:
     fields = header_fields(fadt, "FACP", "Fixed ACPI Description Table (FADT)", revision=6)
     fields.append((36, 4, "FACS Address", "00000000"))  # hardware-reduced: no FACS
@@ -76,10 +91,10 @@ def expected_fadt(fadt: bytes, dsdt: int) -> list[tuple[int, int, str, str]]:
     # IAPC_BOOT_ARCH: legacy devices (bit 0), no VGA (bit 2), no CMOS RTC (bit 5); no 8042 (bit 1 clear).
     fields.append((109, 2, "Boot Flags (decoded below)", f"{1 | 1 << 2 | 1 << 5:04X}"))
     fields.append((111, 1, "Reserved", "00"))
-    # WBINVD (0), control-method power (4) and sleep (5) buttons, HW_REDUCED_ACPI (20).
-    fields.append((112, 4, "Flags (decoded below)", f"{1 | 1 << 4 | 1 << 5 | 1 << 20:08X}"))
-    fields += gas(116, "Reset Register")
-    fields.append((128, 1, "Value to cause reset", "00"))
+    # WBINVD (0), control-method power (4) and sleep (5) buttons, RESET_REG_SUP (10), HW_REDUCED_ACPI (20).
+    fields.append((112, 4, "Flags (decoded below)", f"{1 | 1 << 4 | 1 << 5 | 1 << 10 | 1 << 20:08X}"))
+    fields += io_port_gas(116, "Reset Register", POWER_PORT)
+    fields.append((128, 1, "Value to cause reset", "01"))
     fields.append((129, 2, "ARM Flags (decoded below)", "0000"))
     fields.append((131, 1, "FADT Minor Revision", "05"))
     fields.append((132, 8, "FACS Address", "0" * 16))
@@ -93,10 +108,10 @@ def expected_fadt(fadt: bytes, dsdt: int) -> list[tuple[int, int, str, str]]:
         (208, "PM Timer Block"),
         (220, "GPE0 Block"),
         (232, "GPE1 Block"),
-        (244, "Sleep Control Register"),
-        (256, "Sleep Status Register"),
     ]:
         fields += gas(offset, title)
+    fields += io_port_gas(244, "Sleep Control Register", POWER_PORT)
+    fields += io_port_gas(256, "Sleep Status Register", POWER_PORT)
     fields.append((268, 8, "Hypervisor ID", f"{int.from_bytes(b'PCIHOLE_', 'little'):016X}"))
     return fields
 
@@ -120,7 +135,7 @@ EXPECTED_FADT_BITS = [
     ("RTC can wake system from S4 (V1)", 0),
     ("32-bit PM Timer (V1)", 0),
     ("Docking Supported (V1)", 0),
-    ("Reset Register Supported (V2)", 0),
+    ("Reset Register Supported (V2)", 1),
     ("Sealed Case (V3)", 0),
     ("Headless - No Video (V3)", 0),
     ("Use native instr after SLP_TYPx (V3)", 0),
@@ -146,13 +161,18 @@ def test_fadt_layout():
     assert fadt[8] == 6
     flags = struct.unpack_from("<I", fadt, 112)[0]
     assert flags & 1 << 20  # HW_REDUCED_ACPI
-    assert not flags & 1 << 10  # no RESET_REG_SUP: no reset register
+    assert flags & 1 << 10  # RESET_REG_SUP: the reset register at the power port
     boot = struct.unpack_from("<H", fadt, 109)[0]
     assert boot & 1 << 2 and boot & 1 << 5 and not boot & 1 << 1
     assert (
         struct.unpack_from("<I", fadt, 36)[0] == 0 and struct.unpack_from("<Q", fadt, 132)[0] == 0
     )  # no FACS
-    assert fadt[116:128] == bytes(12) and fadt[244:268] == bytes(24)  # RESET_REG, SLEEP_CONTROL/STATUS
+    port = struct.pack("<BBBBQ", 1, 8, 0, 1, POWER_PORT)  # SystemIO, 8 bits, byte access
+    assert fadt[116:128] == port and fadt[128] == 1  # RESET_REG, RESET_VALUE
+    assert fadt[244:256] == port and fadt[256:268] == port  # SLEEP_CONTROL, SLEEP_STATUS
+    bare = build_fadt(BASE, None)  # a machine without the device: no registers, no RESET_REG_SUP
+    assert bare[116:128] == bytes(12) and bare[244:268] == bytes(24)
+    assert not struct.unpack_from("<I", bare, 112)[0] & 1 << 10
 
 
 def test_fadt_dsdt_above_4_gib_has_only_x_dsdt():
@@ -195,7 +215,20 @@ def expected_madt(madt: bytes, cpus: int) -> tuple[list[tuple[int, int, str, str
         (at + 4, 4, "Address", "FEC00000"),
         (at + 8, 4, "Interrupt", "00000000"),
     ]
-    assert at + 12 == len(madt)
+    at += 12
+    # Interrupt source overrides: ISA IRQ 0 -> GSI 2 (conforming), IRQ 9 -> GSI 9 level, active high.
+    for irq, gsi, flags in ((0, 2, 0), (9, 9, 0xD)):
+        fields += [
+            (at, 1, "Subtable Type", "02 [Interrupt Source Override]"),
+            (at + 1, 1, "Length", "0A"),
+            (at + 2, 1, "Bus", "00"),
+            (at + 3, 1, "Source", f"{irq:02X}"),
+            (at + 4, 4, "Interrupt", f"{gsi:08X}"),
+            (at + 8, 2, "Flags (decoded below)", f"{flags:04X}"),
+        ]
+        bits += [("Polarity", flags & 3), ("Trigger Mode", flags >> 2 & 3)]
+        at += 10
+    assert at == len(madt)
     return fields, bits
 
 
@@ -204,7 +237,7 @@ def expected_madt(madt: bytes, cpus: int) -> tuple[list[tuple[int, int, str, str
 def test_iasl_reads_every_madt_field(tmp_path, cpus):
     t = build_tables(SEGMENTS, BASE, cpus=cpus)
     madt = t.tables["APIC"]
-    assert byte_sum(madt) == 0 and len(madt) == 44 + 8 * cpus + 12
+    assert byte_sum(madt) == 0 and len(madt) == 44 + 8 * cpus + 12 + 2 * 10
     fields, output = disassemble(tmp_path, "APIC", madt)
     assert "checksum" not in output.lower() and "warning" not in output.lower()
     expected_fields, expected_bits = expected_madt(madt, cpus)

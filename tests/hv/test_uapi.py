@@ -44,6 +44,19 @@ LAYOUTS = {
     uapi.kvm_msr_entry: (16, {"index": 0, "reserved": 4, "data": 8}),
     uapi.kvm_msrs: (8, {"nmsrs": 0, "pad": 4}),
     uapi.kvm_interrupt: (4, {"irq": 0}),
+    uapi.kvm_irq_level: (8, {"irq": 0, "level": 4}),
+    uapi.kvm_mp_state: (4, {"mp_state": 0}),
+    uapi.kvm_pit_config: (64, {"flags": 0, "pad": 4}),
+    uapi.kvm_lapic_state: (1024, {"regs": 0}),
+    uapi.kvm_translation: (24, {"linear_address": 0, "physical_address": 8, "valid": 16, "writeable": 17,
+                                "usermode": 18, "pad": 19}),
+    uapi.kvm_fpu: (416, {"fpr": 0, "fcw": 128, "fsw": 130, "ftwx": 132, "last_opcode": 134, "last_ip": 136,
+                         "last_dp": 144, "xmm": 152, "mxcsr": 408}),
+    uapi.kvm_vcpu_events: (
+        64,
+        {"exception": 0, "interrupt": 8, "nmi": 12, "sipi_vector": 16, "flags": 20, "smi": 24,
+         "triple_fault_pending": 28, "reserved": 29, "exception_has_payload": 55, "exception_payload": 56},
+    ),
     uapi.kvm_enable_cap: (104, {"cap": 0, "flags": 4, "args": 8, "pad": 40}),
     uapi.kvm_run: (
         2352,
@@ -103,6 +116,18 @@ IOCTLS = {
     "KVM_NMI": 0xAE9A,
     "KVM_INTERRUPT": 0x4004AE86,  # <linux/kvm.h>: _IOW(KVMIO, 0x86, struct kvm_interrupt)
     "KVM_SET_CPUID2": 0x4008AE90,
+    "KVM_SET_IDENTITY_MAP_ADDR": 0x4008AE48,
+    "KVM_CREATE_IRQCHIP": 0xAE60,
+    "KVM_IRQ_LINE": 0x4008AE61,
+    "KVM_CREATE_PIT2": 0x4040AE77,
+    "KVM_TRANSLATE": 0xC018AE85,
+    "KVM_GET_LAPIC": 0x8400AE8E,
+    "KVM_SET_LAPIC": 0x4400AE8F,
+    "KVM_SET_FPU": 0x41A0AE8D,
+    "KVM_GET_VCPU_EVENTS": 0x8040AE9F,
+    "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_SET_MP_STATE": 0x4004AE99,
+    "KVM_SET_VCPU_EVENTS": 0x4040AEA0,
 }
 
 

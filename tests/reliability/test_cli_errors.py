@@ -206,6 +206,22 @@ def test_a_kernel_that_does_not_exist(tmp_path):
     assert_one_error(pcihole("run", "--kernel", str(k)), 2, str(k), "No such file")
 
 
+def test_an_initrd_without_a_kernel(tmp_path):
+    initrd = tmp_path / "initrd.gz"
+    initrd.write_bytes(b"x")
+    assert_one_error(pcihole("run", "--initrd", str(initrd), "--backend", "model"), 2, "--initrd needs --kernel")
+
+
+def test_an_initrd_that_does_not_exist(tmp_path):
+    from tests.guest_runner import pvh_kernel_from_asm
+
+    k = tmp_path / "k.elf"
+    k.write_bytes(pvh_kernel_from_asm("hlt"))
+    initrd = tmp_path / "initrd.gz"
+    proc = pcihole("run", "--kernel", str(k), "--initrd", str(initrd), "--backend", "model")
+    assert_one_error(proc, 2, str(initrd), "No such file")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_kernel_that_spins_times_out(tmp_path, backend):
     k = tmp_path / "spin.elf"

@@ -12,8 +12,12 @@ In ASL, for one segment 0 with buses 0-255 at 0xE0000000 (the default machine)::
                 Name (_UID, Zero)
                 Name (_CRS, ResourceTemplate () {
                     WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0xFF, 0, 0x100)
+                    WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,
+                            0, 0x1000, 0xFFFF, 0, 0xF000)
                     DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
                                  0, 0xC0000000, 0xDFFFFFFF, 0, 0x20000000)
+                    QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+                                 0, 0x4000000000, 0x7FFFFFFFFF, 0, 0x4000000000)
                 })
             }
             Device (MBRD) {
@@ -35,8 +39,9 @@ Why each piece (docs/linux-ecam.md §2-3):
   the segment id, unique among PNP0A08 devices as §6.1.12 requires for one _HID.
 - Host bridge names: PCI<s> for segment s < 0x10, PC<ss> below 0x100 (the letters PCI never collide
   with two hex digits), R<nnn> (position in the segment list, hex) above.
-- The producer DWordMemory is the bridge's 32-bit BAR window (pci_windows.py). No I/O window: pcihole
-  routes no port I/O to PCI devices, so an I/O BAR stays unassigned.
+- The producer WordIO, DWordMemory and QWordMemory are the bridge's I/O, 32-bit and 64-bit BAR
+  windows (pci_windows.py), so Linux can give every BAR an address. pcihole routes no port I/O to PCI
+  devices: the I/O window only lets Linux assign I/O BARs without errors.
 - MBRD, _HID PNP0C02, one Memory32Fixed per decoded ECAM window, exactly
   [ecam_base + start_bus MiB, + buses MiB): without conf1 Linux accepts MCFG only in the late pass,
   pci_mmcfg_late_init() -> pci_mmcfg_check_reserved() -> is_mmconf_reserved(is_acpi_reserved), which
@@ -58,8 +63,8 @@ from collections.abc import Sequence
 from . import aml
 from .expander_bridge import ExpanderBus, expander_bridge, main_root_last_bus
 from .mcfg import EcamSegment, decoded_window
-from .pci_windows import MmioWindow
-from .resources import dword_memory, memory32_fixed, qword_memory, resource_template, word_bus_number
+from .pci_windows import MmioWindow, allocate_io_windows, allocate_mem64_windows
+from .resources import dword_memory, memory32_fixed, qword_memory, resource_template, word_bus_number, word_io
 from .sdt_header import build_sdt
 
 DSDT_SIGNATURE = b"DSDT"
@@ -91,12 +96,21 @@ def host_bridge_name(segment_id: int, position: int) -> str:
 
 
 def host_bridge(
-    segment: EcamSegment, position: int, window: MmioWindow | None, last_bus: int | None = None
+    segment: EcamSegment,
+    position: int,
+    window: MmioWindow | None,
+    last_bus: int | None = None,
+    io_window: MmioWindow | None = None,
+    mem64_window: MmioWindow | None = None,
 ) -> bytes:
     """`last_bus`: where the bridge's bus range ends when expander buses take the top of the segment."""
     descriptors = [word_bus_number(segment.start_bus, segment.end_bus if last_bus is None else last_bus)]
+    if io_window is not None:
+        descriptors.append(word_io(io_window.base, io_window.last))
     if window is not None:
         descriptors.append(dword_memory(window.base, window.last))
+    if mem64_window is not None:
+        descriptors.append(qword_memory(mem64_window.base, mem64_window.last))
     return aml.device(
         host_bridge_name(segment.id, position),
         [
@@ -149,8 +163,10 @@ def build_dsdt(
         raise ValueError(f"segment ids {sorted(ids)} are not unique")
     for s in segments:
         decoded_window(s)  # checks the bus range
+    io_windows = allocate_io_windows(len(segments))
+    mem64_windows = allocate_mem64_windows(len(segments))
     bridges = [
-        host_bridge(s, i, w, main_root_last_bus(s, expanders))
+        host_bridge(s, i, w, main_root_last_bus(s, expanders), io_windows[i], mem64_windows[i])
         for i, (s, w) in enumerate(zip(segments, windows, strict=True))
     ]
     bridges += [expander_bridge(x, i) for i, x in enumerate(expanders)]

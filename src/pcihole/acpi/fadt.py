@@ -7,7 +7,8 @@ is zero. What Linux reads, and why each value:
   HW_REDUCED_ACPI (bit 20): there is no PM1/GPE/SCI/PM-timer hardware, and then no FACS either
   (acpi_tb_parse_fadt / acpi_tb_convert_fadt skip it; FIRMWARE_CTRL and X_FIRMWARE_CTRL stay 0).
   On x86, acpi_reduced_hw_init() -> acpi_generic_reduced_hw_init() (arch/x86/kernel/acpi/boot.c)
-  makes timer_init a no-op and the legacy PIC null_legacy_pic: pcihole has neither a PIT nor a PIC.
+  makes timer_init a no-op and the legacy PIC null_legacy_pic: Linux times with the LAPIC (TSC
+  deadline) and kvm-clock, and ignores the in-kernel PIT and 8259s that the kvm backend creates.
   PWR_BUTTON and SLP_BUTTON (bits 4, 5) are set: "if the system does not have a power button, this
   value would be 1" (there are no fixed-feature buttons). WBINVD (bit 0): the x86 vCPU has it.
   RESET_REG_SUP (bit 10) stays clear: see RESET_REG below.
@@ -27,13 +28,15 @@ is zero. What Linux reads, and why each value:
   comes from kvmclock, arch/x86/kernel/kvmclock.c);
   bit 3 MSI Not Supported clear: nothing stops MSI but the missing irqchip (madt.py), and setting it
   would make pci_no_msi() permanent for the boot; bit 4 PCIe ASPM Controls clear.
-- RESET_REG (116), SLEEP_CONTROL_REG (244), SLEEP_STATUS_REG (256): all zero. Each Generic Address
-  must name a register of a real device, and pcihole has none yet. Consequences: drivers/acpi/reboot.c
-  acpi_reboot() does nothing (RESET_REG_SUP clear), and acpi_sleep_init() does not register
-  acpi_power_off, because in hardware-reduced mode S5 needs both sleep registers
-  (acpi_sleep_state_supported()). Linux's power-off then ends in native_machine_power_off() halting
-  the vCPU, and a HLT ends pcihole's run (machine/dispatch.py). A device answering one I/O port for
-  all three (cloud-hypervisor's 0x600: reset value 1, S5 writes 0x34) would fill them in.
+- RESET_REG (116) + RESET_VALUE (128), SLEEP_CONTROL_REG (244), SLEEP_STATUS_REG (256): one 8-bit
+  SystemIO register at port 0x600 for all three, as cloud-hypervisor's create_facp_table() does
+  (machine/acpi_power.py answers it): RESET_REG_SUP (bit 10) is set and RESET_VALUE is 1, so
+  drivers/acpi/reboot.c acpi_reboot() writes 1 there; acpi_sleep_init() registers acpi_power_off
+  because in hardware-reduced mode S5 needs both sleep registers (acpi_sleep_state_supported()), and
+  acpi_hw_extended_sleep() writes 0x34 (SLP_TYP 5 | SLP_EN) to SLEEP_CONTROL. Without them Linux's
+  power-off would only halt, and with an in-kernel LAPIC a HLT never reaches the VMM.
+  `build_fadt(dsdt, power_port=None)` leaves them zero (and RESET_REG_SUP clear) for a machine
+  without the device.
 - Hypervisor Vendor Identity (offset 268, added by FADT revision 6 in ACPI 6.0): "PCIHOLE_".
 """
 
@@ -79,11 +82,20 @@ FLAG_RESET_REG_SUP = 1 << 10
 FLAG_HW_REDUCED_ACPI = 1 << 20
 FLAGS = FLAG_WBINVD | FLAG_PWR_BUTTON | FLAG_SLP_BUTTON | FLAG_HW_REDUCED_ACPI
 
+RESET_VALUE_OFFSET = 128
+# Generic Address Structure (§5.2.3.2): space id, bit width, bit offset, access size, address.
+GAS = struct.Struct("<BBBBQ")
+GAS_SYSTEM_IO = 1
+GAS_ACCESS_BYTE = 1
+RESET_VALUE = 1
+#: The I/O port of the sleep/reset register (cloud-hypervisor's choice); machine/acpi_power.py answers it.
+ACPI_POWER_PORT = 0x600
+
 HYPERVISOR_VENDOR_ID = b"PCIHOLE_"
 FOUR_GIB = 1 << 32
 
 
-def build_fadt(dsdt_gpa: int) -> bytes:
+def build_fadt(dsdt_gpa: int, power_port: int | None = None) -> bytes:
     body = bytearray(FADT_LENGTH - SDT_HEADER_SIZE)
 
     def put(fmt: str, offset: int, value: int | bytes) -> None:
@@ -92,8 +104,12 @@ def build_fadt(dsdt_gpa: int) -> bytes:
     put("<I", DSDT_OFFSET, dsdt_gpa if dsdt_gpa < FOUR_GIB else 0)
     put("<B", PREFERRED_PM_PROFILE_OFFSET, PM_PROFILE_UNSPECIFIED)
     put("<H", IAPC_BOOT_ARCH_OFFSET, IAPC_BOOT_ARCH)
-    put("<I", FLAGS_OFFSET, FLAGS)
-    # RESET_REG, SLEEP_CONTROL_REG, SLEEP_STATUS_REG: zero Generic Addresses (see the docstring).
+    put("<I", FLAGS_OFFSET, FLAGS | (FLAG_RESET_REG_SUP if power_port is not None else 0))
+    if power_port is not None:
+        port = GAS.pack(GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE, power_port)
+        for offset in (RESET_REG_OFFSET, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET):
+            put(f"<{GAS.size}s", offset, port)
+        put("<B", RESET_VALUE_OFFSET, RESET_VALUE)
     put("<B", MINOR_REVISION_OFFSET, FADT_MINOR_REVISION)
     put("<Q", X_DSDT_OFFSET, dsdt_gpa)
     put("<8s", HYPERVISOR_ID_OFFSET, HYPERVISOR_VENDOR_ID)

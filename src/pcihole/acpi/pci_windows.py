@@ -96,3 +96,48 @@ def allocate_windows(
         size //= 2
     smallest: list[MmioWindow | None] = list(_blocks(gaps, MIN_WINDOW))
     return smallest + [None] * (len(segments) - len(smallest))
+
+
+# --- I/O and 64-bit memory windows ------------------------------------------------------------------
+#
+# So that Linux can assign every kind of BAR (pci_assign_unassigned_root_bus_resources) without
+# "no space for" / "failed to assign" errors, each host bridge also produces:
+# - an I/O window: the PC's PCI I/O space [0x1000, 0xFFFF] (below 0x1000 are the ISA ports: COM1,
+#   the PIC, the PIT, ...; QEMU's q35 starts at 0x0d00) split evenly in 4 KiB units, the granularity
+#   of a PCI-to-PCI bridge I/O window (PCI-to-PCI Bridge Architecture 1.2 §3.2.5.6). More than 15
+#   segments: the rest get none. pcihole routes no port I/O to PCI devices: the window only lets
+#   Linux give I/O BARs an address.
+# - a 64-bit memory window for 64-bit prefetchable BARs, above every RAM pcihole gives a guest:
+#   [256 GiB, 512 GiB) split into naturally aligned power-of-two blocks (QEMU puts its pci-hole64
+#   above RAM too), within 40 physical address bits.
+
+IO_WINDOWS_BASE = 0x1000
+IO_WINDOWS_END = 0x10000  # exclusive
+IO_WINDOW_GRANULE = 0x1000
+MEM64_APERTURE_BASE = 256 * GiB
+MEM64_APERTURE_SIZE = 256 * GiB
+
+
+def allocate_io_windows(count: int) -> list[MmioWindow | None]:
+    """[0x1000, 0xFFFF] split evenly in 4 KiB units among `count` host bridges."""
+    if count <= 0:
+        return []
+    units = (IO_WINDOWS_END - IO_WINDOWS_BASE) // IO_WINDOW_GRANULE
+    per = units // count
+    if per == 0:
+        return [MmioWindow(IO_WINDOWS_BASE + i * IO_WINDOW_GRANULE, IO_WINDOW_GRANULE) for i in range(units)] + [
+            None
+        ] * (count - units)
+    size = per * IO_WINDOW_GRANULE
+    return [MmioWindow(IO_WINDOWS_BASE + i * size, size) for i in range(count)]
+
+
+def allocate_mem64_windows(count: int) -> list[MmioWindow | None]:
+    """[256 GiB, 512 GiB) in `count` equal, naturally aligned power-of-two blocks of at least 1 MiB."""
+    if count <= 0:
+        return []
+    size = MEM64_APERTURE_SIZE
+    while size * count > MEM64_APERTURE_SIZE and size > MIN_WINDOW:
+        size //= 2
+    fits = min(count, MEM64_APERTURE_SIZE // size)
+    return [MmioWindow(MEM64_APERTURE_BASE + i * size, size) for i in range(fits)] + [None] * (count - fits)

@@ -1,6 +1,7 @@
 """Resource descriptors for _CRS buffers (ACPI 6.5 §6.4, "Resource Data Types for ACPI").
 
     word_bus_number   Word Address Space Descriptor, resource type 2 (bus)   §6.4.3.5.3
+    word_io           Word Address Space Descriptor, resource type 1 (I/O)   §6.4.3.5.3
     dword_memory      DWord Address Space Descriptor, type 0 (memory)        §6.4.3.5.2
     qword_memory      QWord Address Space Descriptor, type 0 (memory)        §6.4.3.5.1
     memory32_fixed    32-Bit Fixed Memory Range Descriptor                   §6.4.3.4
@@ -30,7 +31,10 @@ END_TAG = 0x79
 
 # Address space descriptors, Resource Type (byte 3).
 RESOURCE_TYPE_MEMORY = 0
+RESOURCE_TYPE_IO = 1
 RESOURCE_TYPE_BUS = 2
+# I/O Resource Flag (Resource Type = 1) Definitions, byte 5 (§6.4.3.5.5): bits 1:0 _RNG, 3 = entire range.
+IO_ENTIRE_RANGE = 3
 # General Flags (byte 4) of every address space descriptor: bit 3 _MAF, bit 2 _MIF, bit 1 _DEC, bit 0 "1: this device
 # consumes this resource; 0: this device produces and consumes this resource".
 FLAG_MAX_FIXED = 1 << 3
@@ -82,6 +86,24 @@ def word_bus_number(first: int, last: int) -> bytes:
         first,
         last,
         0,  # translation offset
+        length,
+    )
+
+
+def word_io(first: int, last: int) -> bytes:
+    """ASL WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, first, last, 0,
+    length): a host bridge's I/O window."""
+    length = _range("I/O range", first, last, 0xFFFF)
+    return _large(
+        _WORD_ADDRESS,
+        WORD_ADDRESS_TAG,
+        RESOURCE_TYPE_IO,
+        FLAG_MAX_FIXED | FLAG_MIN_FIXED,
+        IO_ENTIRE_RANGE,
+        0,
+        first,
+        last,
+        0,
         length,
     )
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .dsdt import DSDT_SIGNATURE, build_dsdt
 from .expander_bridge import ExpanderBus
-from .fadt import FADT_LENGTH, FADT_SIGNATURE, build_fadt
+from .fadt import ACPI_POWER_PORT, FADT_LENGTH, FADT_SIGNATURE, build_fadt
 from .madt import MADT_SIGNATURE, build_madt
 from .mcfg import MCFG_SIGNATURE, EcamSegment, build_mcfg
 from .pci_windows import MmioWindow, allocate_windows
@@ -62,6 +62,7 @@ def build_tables(
     cpus: int = 1,
     mmio_aperture: MmioWindow | None = None,
     expanders: Iterable[ExpanderBus] = (),
+    power_port: int | None = ACPI_POWER_PORT,
 ) -> AcpiTables:
     """RSDP, XSDT, FADT, DSDT, MADT and MCFG for these segments and `cpus` vCPUs, placed at base_gpa
     (16-byte aligned). The host bridges' BAR windows are carved out of `mmio_aperture` (default
@@ -79,7 +80,7 @@ def build_tables(
     dsdt_gpa = fadt_gpa + _align(FADT_LENGTH)
     madt_gpa = dsdt_gpa + _align(len(dsdt))
     mcfg_gpa = madt_gpa + _align(len(madt))
-    fadt = build_fadt(dsdt_gpa)
+    fadt = build_fadt(dsdt_gpa, power_port)
     xsdt = build_xsdt([fadt_gpa, madt_gpa, mcfg_gpa])
     rsdp = build_rsdp(xsdt_gpa)
     placed = {

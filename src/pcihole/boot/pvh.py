@@ -22,6 +22,10 @@ HVM_START_INFO_VERSION = 1
 HVM_START_INFO = struct.Struct("<IIIIQQQQII")
 # struct hvm_memmap_table_entry: addr (u64), size (u64), type (u32), reserved (u32).
 HVM_MEMMAP_ENTRY = struct.Struct("<QQII")
+# struct hvm_modlist_entry: paddr (u64), size (u64), cmdline_paddr (u64), reserved (u64). Linux's PVH
+# entry takes the first module as its initrd (arch/x86/platform/pvh/enlighten.c pvh_bootparams:
+# ramdisk_image = modlist[0].paddr, ramdisk_size = modlist[0].size).
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")
 E820_RAM, E820_RESERVED, E820_ACPI = 1, 2, 3
 
 
@@ -89,15 +93,49 @@ def load_elf(
     return entry
 
 
+def kernel_end(image: ElfImage) -> int:
+    """The first byte after every PT_LOAD segment in memory (bss included): where free RAM starts."""
+    return max((paddr + memsz for paddr, _data, memsz in image.load_segments()), default=0)
+
+
+def modlist_entry(paddr: int, size: int, cmdline_paddr: int = 0) -> bytes:
+    return HVM_MODLIST_ENTRY.pack(paddr, size, cmdline_paddr, 0)
+
+
 def start_info(
-    *, cmdline_paddr: int, rsdp_paddr: int, memmap_paddr: int, memmap: Sequence[MemmapEntry]
+    *,
+    cmdline_paddr: int,
+    rsdp_paddr: int,
+    memmap_paddr: int,
+    memmap: Sequence[MemmapEntry],
+    modlist_paddr: int = 0,
+    nr_modules: int = 0,
 ) -> tuple[bytes, bytes]:
     """The bytes of struct hvm_start_info and of its memory map table."""
     info = HVM_START_INFO.pack(
-        HVM_START_MAGIC_VALUE, HVM_START_INFO_VERSION, 0, 0, 0, cmdline_paddr, rsdp_paddr, memmap_paddr, len(memmap), 0
+        HVM_START_MAGIC_VALUE,
+        HVM_START_INFO_VERSION,
+        0,
+        nr_modules,
+        modlist_paddr,
+        cmdline_paddr,
+        rsdp_paddr,
+        memmap_paddr,
+        len(memmap),
+        0,
     )
     table = b"".join(HVM_MEMMAP_ENTRY.pack(e.addr, e.size, e.type, 0) for e in memmap)
     return info, table
 
 
-__all__ = ["ElfError", "MemmapEntry", "PvhError", "load_elf", "phys32_entry", "pvh_entry", "start_info"]
+__all__ = [
+    "ElfError",
+    "MemmapEntry",
+    "PvhError",
+    "kernel_end",
+    "load_elf",
+    "modlist_entry",
+    "phys32_entry",
+    "pvh_entry",
+    "start_info",
+]

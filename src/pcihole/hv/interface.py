@@ -94,6 +94,18 @@ class Vm(Protocol):
 
 
 @runtime_checkable
+class InterruptLines(Protocol):
+    """The interrupt controller's input pins as a device sees them: drive GSI `gsi` high or low.
+
+    On kvm this is the in-kernel IOAPIC + 8259 pair behind KVM_IRQ_LINE (Vm.set_irq_line); a
+    backend without an in-kernel irqchip (the model, today) provides its own implementation.
+    Level semantics: an edge-triggered pin (ISA IRQs) fires on a 0 -> 1 change.
+    """
+
+    def set_irq_line(self, gsi: int, level: bool) -> None: ...
+
+
+@runtime_checkable
 class Hypervisor(Protocol):
     #: "kvm" or "model"
     name: str

@@ -87,6 +87,26 @@ KVM_EXIT_IO_OUT = 1
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_SIMUL_EX = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+# kvm_run.emulation_failure.flags: insn_size and insn_bytes are valid (Linux 5.14+).
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
+
+# kvm_run.system_event.type
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+
+# kvm_pit_config.flags: no PC speaker port 0x61 in the kernel (Firecracker sets it).
+KVM_PIT_SPEAKER_DUMMY = 1
+
+# kvm_vcpu_events.flags: which optional parts KVM_SET_VCPU_EVENTS must take.
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x00000010
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
+
+KVM_APIC_REG_SIZE = 0x400
 
 # --- structs ---------------------------------------------------------------------------------------
 
@@ -245,6 +265,91 @@ def msrs_with(nmsrs: int) -> type[ctypes.Structure]:
         _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * nmsrs)]
 
     return kvm_msrs_n
+
+
+class kvm_irq_level(ctypes.Structure):
+    # union { __u32 irq; __s32 status; }: the GSI in, the delivery status out (KVM_IRQ_LINE_STATUS).
+    _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", c_uint32)]
+
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_HALTED = 3
+
+
+class kvm_pit_config(ctypes.Structure):
+    _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
+
+
+class kvm_lapic_state(ctypes.Structure):
+    _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
+
+
+class kvm_translation(ctypes.Structure):
+    _fields_ = [
+        ("linear_address", c_uint64),
+        ("physical_address", c_uint64),
+        ("valid", c_uint8),
+        ("writeable", c_uint8),
+        ("usermode", c_uint8),
+        ("pad", c_uint8 * 5),
+    ]
+
+
+class kvm_fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", c_uint8 * 128),
+        ("fcw", c_uint16),
+        ("fsw", c_uint16),
+        ("ftwx", c_uint8),
+        ("pad1", c_uint8),
+        ("last_opcode", c_uint16),
+        ("last_ip", c_uint64),
+        ("last_dp", c_uint64),
+        ("xmm", c_uint8 * 256),
+        ("mxcsr", c_uint32),
+        ("pad2", c_uint32),
+    ]
+
+
+class kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [
+        ("injected", c_uint8),
+        ("nr", c_uint8),
+        ("has_error_code", c_uint8),
+        ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):
+    _fields_ = [("smm", c_uint8), ("pending", c_uint8), ("smm_inside_nmi", c_uint8), ("latched_init", c_uint8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception),
+        ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi),
+        ("sipi_vector", c_uint32),
+        ("flags", c_uint32),
+        ("smi", kvm_vcpu_events_smi),
+        ("triple_fault_pending", c_uint8),
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),
+        ("exception_payload", c_uint64),
+    ]
 
 
 class kvm_enable_cap(ctypes.Structure):

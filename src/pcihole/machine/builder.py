@@ -1,7 +1,8 @@
 """Build a machine from a machine file, step by step (Firecracker's builder.rs):
 
-backend -> VM -> guest memory (RAM + one hole per ECAM window, present functions punched) ->
-ACPI tables -> kernel (PVH) -> boot information -> vCPU -> buses.
+backend -> VM (+ on kvm the in-kernel irqchip and PIT) -> guest memory (RAM + one hole per ECAM
+window, present functions punched) -> ACPI tables -> kernel (PVH) and initrd -> boot information ->
+vCPU (CPUID, MSRs, FPU, LAPIC as QEMU/Firecracker set them, host quirks) -> buses.
 
 Each step wraps what goes wrong in one `MachineBuildError` saying which step and why.
 """
@@ -15,21 +16,34 @@ from dataclasses import replace
 
 from pcihole.acpi import AcpiTables, ExpanderBus, build_tables
 from pcihole.boot.elf import ElfError, ElfImage
-from pcihole.boot.pvh import E820_ACPI, E820_RAM, E820_RESERVED, MemmapEntry, PvhError, load_elf, start_info
+from pcihole.boot.pvh import (
+    E820_ACPI,
+    E820_RAM,
+    E820_RESERVED,
+    MemmapEntry,
+    PvhError,
+    kernel_end,
+    load_elf,
+    modlist_entry,
+    start_info,
+)
 from pcihole.guest import REPORT_SYMBOL
 from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, check_symbols
 from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
-from pcihole.hv.interface import Hypervisor
+from pcihole.hv.interface import Hypervisor, InterruptLines
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
+from pcihole.machine.acpi_power import ACPI_POWER_PORT, AcpiPowerDevice
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
+from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, kernel_args
+from pcihole.machine.irq import IrqLine
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
-from pcihole.machine.serial import COM1_BASE, UART_REGISTERS, SerialConsole
+from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
     PAGE_SIZE,
@@ -79,7 +93,13 @@ def build_machine(
     kernel_name: str,
     cmdline: str = "",
     serial_sink=None,
+    initrd: bytes | None = None,
+    host_quirks: str = "auto",
+    quirk_kernel_args: bool = False,
 ) -> Machine:
+    """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
+    E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
+    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -89,7 +109,20 @@ def build_machine(
     vm = memory = None
     step = "create the VM"
     try:
+        try:
+            quirks = choose_host_quirks(host_quirks, hv.name)
+        except HostQuirksError as e:
+            raise MachineBuildError(str(e)) from e
         vm = hv.create_vm()
+        irq_lines: InterruptLines | None = None
+        if hv.name == "kvm":
+            step = "create the in-kernel irqchip and PIT"
+            # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
+            # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it.
+            vm.set_identity_map_addr()  # type: ignore[attr-defined]
+            vm.create_irqchip()  # type: ignore[attr-defined]
+            vm.create_pit2()  # type: ignore[attr-defined]
+            irq_lines = vm  # type: ignore[assignment]
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
@@ -131,11 +164,25 @@ def build_machine(
         if REPORT_SYMBOL in image.symbols():
             device_area = scan_device_area(spec, image, len(host_bridge.devices()))
             cmdline = f"{cmdline} {device_area.option()}".strip()
+        initrd_range = None
+        if initrd is not None:
+            start = -(-kernel_end(image) // layout.INITRD_ALIGN) * layout.INITRD_ALIGN
+            start = max(start, layout.KERNEL_MIN_GPA)
+            if start + len(initrd) > ram_size:
+                raise MachineBuildError(
+                    f"the initrd ({len(initrd)} bytes) does not fit between the kernel's end {start:#x} and "
+                    f"the end of RAM {ram_size:#x}: give the machine more RAM (ram_mib)"
+                )
+            memory.write_guest(start, initrd)
+            memory.write_guest(layout.MODLIST_GPA, modlist_entry(start, len(initrd)))
+            initrd_range = (start, len(initrd))
+        if quirk_kernel_args and kernel_args(quirks):
+            cmdline = " ".join([cmdline, *kernel_args(quirks)]).strip()
         cmdline_bytes = cmdline.encode() + b"\0"
         if len(cmdline_bytes) > layout.CMDLINE_MAX:
             raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
         memory.write_guest(layout.CMDLINE_GPA, cmdline_bytes)
-        memmap = e820_map(ram_size, host_bridge)
+        memmap = e820_map(ram_size, host_bridge, initrd_range)
         if len(memmap) > layout.MEMMAP_MAX_ENTRIES:
             raise MachineBuildError(
                 f"{spec.path}: the PVH memory map needs {len(memmap)} entries, more than the "
@@ -146,13 +193,19 @@ def build_machine(
             rsdp_paddr=acpi.rsdp_gpa,
             memmap_paddr=layout.MEMMAP_GPA,
             memmap=memmap,
+            modlist_paddr=layout.MODLIST_GPA if initrd_range else 0,
+            nr_modules=1 if initrd_range else 0,
         )
         memory.write_guest(layout.START_INFO_GPA, info)
         memory.write_guest(layout.MEMMAP_GPA, table)
 
         step = "create the vCPU"
         vcpu = vm.create_vcpu(0)
-        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+        if hv.name == "kvm":
+            from pcihole.hv.kvm.cpu_setup import configure_vcpu
+
+            configure_vcpu(hv, vcpu, hide_features=quirks.hide_features, irqchip=True)
+        elif hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
             vcpu.set_cpuid2(hv.get_supported_cpuid())
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
@@ -161,9 +214,10 @@ def build_machine(
         for seg in host_bridge.segments:
             window = EcamWindow(memory.view, host_bridge, stats)
             mmio.insert(window, seg.window_base, seg.window_size, f"ECAM segment {seg.id}")
-        serial = SerialConsole(serial_sink)
+        serial = SerialConsole(serial_sink, irq=IrqLine(irq_lines, COM1_IRQ))
         pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
         pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
+        pio.insert(AcpiPowerDevice(), ACPI_POWER_PORT, 1, "ACPI sleep/reset")
         return Machine(
             spec=spec,
             hv=hv,
@@ -179,6 +233,10 @@ def build_machine(
             serial=serial,
             stats=stats,
             device_area=device_area,
+            quirks=quirks,
+            irq_lines=irq_lines,
+            cmdline=cmdline,
+            initrd_range=initrd_range,
         )
     except BaseException as e:
         # The VM (and its vCPU) before the memory it maps: Machine.close says why.
@@ -256,14 +314,30 @@ def expander_buses(spec: MachineFile) -> list[ExpanderBus]:
     return [ExpanderBus(x.bdf.segment, x.bus, x.last_bus) for x in spec.topology.expanders]
 
 
-def e820_map(ram_size: int, host_bridge: HostBridge) -> list[MemmapEntry]:
-    """The guest's memory map as a PC firmware would report it (Firecracker's E820 layout)."""
+def e820_map(
+    ram_size: int, host_bridge: HostBridge, initrd: tuple[int, int] | None = None
+) -> list[MemmapEntry]:
+    """The guest's memory map as a PC firmware would report it (Firecracker's E820 layout).
+
+    An initrd [start, start + size) is reserved, so nothing in the guest allocates over it before
+    the kernel has taken it: Linux's reserve_initrd() (arch/x86/kernel/setup.c) sees memory that is
+    not mapped RAM and copies it into RAM it owns (relocate_initrd)."""
     entries = [
         MemmapEntry(0, layout.LOW_RAM_END, E820_RAM),
         MemmapEntry(layout.LOW_RAM_END, layout.ACPI_GPA - layout.LOW_RAM_END, E820_RESERVED),
         MemmapEntry(layout.ACPI_GPA, layout.ACPI_MAX, E820_ACPI),
-        MemmapEntry(layout.KERNEL_MIN_GPA, ram_size - layout.KERNEL_MIN_GPA, E820_RAM),
     ]
+    if initrd is None:
+        entries.append(MemmapEntry(layout.KERNEL_MIN_GPA, ram_size - layout.KERNEL_MIN_GPA, E820_RAM))
+    else:
+        start, size = initrd
+        end = -(-(start + size) // 4096) * 4096
+        entries += [
+            MemmapEntry(layout.KERNEL_MIN_GPA, start - layout.KERNEL_MIN_GPA, E820_RAM),
+            MemmapEntry(start, end - start, E820_RESERVED),
+        ]
+        if end < ram_size:
+            entries.append(MemmapEntry(end, ram_size - end, E820_RAM))
     # ECAM is reserved, as Firecracker and cloud-hypervisor report it (Linux needs E820 or a PNP0C02
     # _CRS before it trusts MCFG; docs/linux-ecam.md §2).
     entries += [MemmapEntry(s.window_base, s.window_size, E820_RESERVED) for s in host_bridge.segments]

@@ -10,13 +10,22 @@ Policy, as on a PC with nothing else attached (QEMU's unassigned_io_read returns
 - Port I/O to a device on the port bus (COM1, debug-exit) goes to it; any other port reads all-ones
   and drops writes, logged once per port. All-ones at 0xCF8-0xCFF also makes a guest's conf1 probe
   fail, so a Linux guest uses ECAM for everything (docs/linux-ecam.md §1).
-- HLT ends the run: pcihole injects no interrupts, so a halted vCPU never wakes.
-- A triple fault (KVM_EXIT_SHUTDOWN) ends the run and is reported as such.
+- HLT ends the run when KVM hands it to userspace, i.e. without an in-kernel irqchip (pcihole then
+  injects no interrupts, so a halted vCPU never wakes). With KVM_CREATE_IRQCHIP the kernel handles
+  HLT itself (__kvm_emulate_halt); the run loop then looks at a vCPU that has been quiet for a
+  while (KVM_GET_MP_STATE) and ends the run the same way when it is halted with interrupts disabled
+  (Machine._halted_for_good). A Linux guest ends by powering off (acpi_power.py).
+- S5 written to the ACPI sleep register ends the run with success (power-off); a write of the reset
+  value, a triple fault (KVM_EXIT_SHUTDOWN) or a KVM_SYSTEM_EVENT_RESET ends it as a reboot / triple
+  fault, which a guest that cannot reboot reports as failure.
+- A KVM internal error is handed to the host quirks first (machine/host_quirks.py) where they are on;
+  otherwise it ends the run with one line quoting the suberror, the instruction bytes and RIP.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,6 +43,8 @@ from pcihole.hv.exits import (
     Unknown,
     VcpuExit,
 )
+from pcihole.hv.uapi import KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN
+from pcihole.machine.acpi_power import GuestPoweredOff, GuestReset
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import GuestExited
 from pcihole.machine.stats import RunStats
@@ -51,6 +62,8 @@ class StopReason(StrEnum):
 
     DEBUG_EXIT = "debug-exit"
     HALT = "halt"
+    POWER_OFF = "power-off"
+    REBOOT = "reboot"
     TRIPLE_FAULT = "triple-fault"
     INTERNAL_ERROR = "internal-error"
     FAIL_ENTRY = "fail-entry"
@@ -59,6 +72,7 @@ class StopReason(StrEnum):
     TIMEOUT = "timeout"
     #: A signal asked pcihole to stop (SIGINT, SIGTERM); the Stop's `status` is the signal number.
     SIGNAL = "signal"
+    SERIAL_MATCH = "serial-match"
 
 
 @dataclass(frozen=True)
@@ -70,11 +84,29 @@ class Stop:
     detail: str = ""
 
 
+#: Stops that mean the guest finished well.
+SUCCESSFUL_STOPS = (StopReason.POWER_OFF, StopReason.HALT, StopReason.SERIAL_MATCH)
+
+#: What a host-quirk handler returns for an internal error: False (not handled: stop), or True
+#: (handled: run on). See machine/host_quirks.py.
+InternalErrorHook = Callable[[InternalError], bool]
+
+
 class ExitHandler:
-    def __init__(self, mmio: Bus, pio: Bus, stats: RunStats) -> None:
+    def __init__(
+        self,
+        mmio: Bus,
+        pio: Bus,
+        stats: RunStats,
+        *,
+        on_internal_error: InternalErrorHook | None = None,
+        describe_internal_error: Callable[[InternalError], str] | None = None,
+    ) -> None:
         self.mmio = mmio
         self.pio = pio
         self.stats = stats
+        self.on_internal_error = on_internal_error
+        self.describe_internal_error = describe_internal_error
 
     def handle(self, exit: VcpuExit) -> bytes | Stop | None:
         counts = self.stats.exits
@@ -92,10 +124,14 @@ class ExitHandler:
                 if device is None:
                     self._unclaimed_mmio(addr, "write")
                     return None
-                device.write(addr, data)
+                try:
+                    device.write(addr, data)
+                except (GuestPoweredOff, GuestReset) as e:
+                    return _power_stop(e)
                 return None
             case IoIn(port, size, count):
                 counts.io += 1
+                self.stats.io_by_port[port] += 1
                 device = self.pio.find(port, size)
                 if device is None:
                     self._unclaimed_port(port, "in")
@@ -103,6 +139,7 @@ class ExitHandler:
                 return b"".join(device.read(port, size) for _ in range(count))
             case IoOut(port, size, data, count):
                 counts.io += 1
+                self.stats.io_by_port[port] += 1
                 device = self.pio.find(port, size)
                 if device is None:
                     self._unclaimed_port(port, "out")
@@ -112,6 +149,8 @@ class ExitHandler:
                         device.write(port, data[i * size : (i + 1) * size])
                 except GuestExited as e:
                     return Stop(StopReason.DEBUG_EXIT, e.status)
+                except (GuestPoweredOff, GuestReset) as e:
+                    return _power_stop(e)
                 return None
             case Interrupted():
                 return None
@@ -123,6 +162,11 @@ class ExitHandler:
                 return Stop(StopReason.TRIPLE_FAULT, detail="the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
             case InternalError(suberror, data):
                 counts.other += 1
+                if self.on_internal_error is not None and self.on_internal_error(exit):
+                    self.stats.quirk_fixups += 1
+                    return None
+                if self.describe_internal_error is not None:
+                    return Stop(StopReason.INTERNAL_ERROR, detail=self.describe_internal_error(exit))
                 words = ", ".join(f"{d:#x}" for d in data)
                 return Stop(StopReason.INTERNAL_ERROR, detail=f"KVM internal error, suberror {suberror}, data [{words}]")
             case FailEntry(reason, cpu):
@@ -130,6 +174,10 @@ class ExitHandler:
                 return Stop(StopReason.FAIL_ENTRY, detail=f"VM entry failed on cpu {cpu}: reason {reason:#x}")
             case SystemEvent(type_, data):
                 counts.other += 1
+                if type_ == KVM_SYSTEM_EVENT_SHUTDOWN:
+                    return Stop(StopReason.POWER_OFF, 0, "the guest powered off (KVM_SYSTEM_EVENT_SHUTDOWN)")
+                if type_ == KVM_SYSTEM_EVENT_RESET:
+                    return Stop(StopReason.REBOOT, detail="the guest asked for a reset (KVM_SYSTEM_EVENT_RESET)")
                 return Stop(StopReason.SYSTEM_EVENT, detail=f"system event {type_}, data {list(data)}")
             case Unknown(reason):
                 counts.other += 1
@@ -146,3 +194,9 @@ class ExitHandler:
         if page not in self.stats.unclaimed_mmio:
             self.stats.unclaimed_mmio.add(page)
             log.info("MMIO %s at %#x is claimed by no device: reads all-ones, writes dropped", what, addr)
+
+
+def _power_stop(e: GuestPoweredOff | GuestReset) -> Stop:
+    if isinstance(e, GuestPoweredOff):
+        return Stop(StopReason.POWER_OFF, 0, f"the guest powered off ({e})")
+    return Stop(StopReason.REBOOT, detail=f"the guest rebooted ({e})")

@@ -60,12 +60,17 @@ class EcamWindow:
         self.host_bridge = host_bridge
         self.stats = stats
 
-    def read(self, addr: int, size: int) -> bytes:
+    def _count(self, addr: int) -> None:
         self.stats.ecam_exits += 1
+        if not self.host_bridge.page_present(addr):
+            self.stats.ecam_absent_exits += 1
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._count(addr)
         data = self.view.read(addr, size)
         return data if data is not None else self.host_bridge.mmio_read(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        self.stats.ecam_exits += 1
+        self._count(addr)
         if not self.view.write(addr, data):
             self.host_bridge.mmio_write(addr, data)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
+#: struct hvm_modlist_entry (32 bytes): the initrd, when there is one.
+MODLIST_GPA = 0x6000
+MODLIST_MAX = 0x1000
 #: struct hvm_start_info (56 bytes), alone in its page.
 START_INFO_GPA = 0x7000
 START_INFO_MAX = 0x1000
@@ -37,6 +40,7 @@ KERNEL_MIN_GPA = 1 * MiB
 #: What pcihole writes below 1 MiB, [first, last] and what it is: a kernel segment over any of it is
 #: refused (it would overwrite it, or be overwritten), naming both.
 LOW_MEMORY = (
+    (MODLIST_GPA, MODLIST_GPA + MODLIST_MAX - 1, "the PVH module list"),
     (START_INFO_GPA, START_INFO_GPA + START_INFO_MAX - 1, "the PVH start info"),
     (BOOT_STACK_BOTTOM, BOOT_STACK_GPA + 0xF, "the boot stack"),
     (MEMMAP_GPA, CMDLINE_GPA - 1, "the PVH memory map"),
@@ -46,3 +50,6 @@ LOW_MEMORY = (
 )
 #: RAM needs to hold low memory and at least a small kernel.
 MIN_RAM = 2 * MiB
+#: An initrd starts at the first 2 MiB boundary after the kernel's last segment (bss included), as
+#: Firecracker aligns it, far enough from the kernel's brk and early page tables.
+INITRD_ALIGN = 2 * MiB

@@ -9,13 +9,17 @@ from typing import TYPE_CHECKING
 from pcihole.guest import REPORT_SYMBOL
 from pcihole.guest.report import DeviceArea, ReportError, ScanReport, read_report, read_scan_tsc
 from pcihole.host.tsc import TscUnknown, tsc_clock
-from pcihole.machine.dispatch import ExitHandler, Stop
+from pcihole.hv.uapi import KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE
+from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
+from pcihole.machine.host_quirks import NO_QUIRKS, HostQuirks, InternalErrorHandler
 from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.stop_request import StopRequest
 
+X86_EFLAGS_IF = 1 << 9
+
 if TYPE_CHECKING:
     from pcihole.boot.elf import ElfImage
-    from pcihole.hv.interface import Hypervisor, Vcpu, Vm
+    from pcihole.hv.interface import Hypervisor, InterruptLines, Vcpu, Vm
     from pcihole.machine.bus import Bus
     from pcihole.machine.ecam_window import HotplugWiring
     from pcihole.machine.machinefile import MachineFile
@@ -107,12 +111,46 @@ class Machine:
     #: Where the scan guest was told to put its device list (None: not the scan guest).
     device_area: DeviceArea | None = None
 
-    def run(self, timeout: float | None = None, stops: StopRequest | None = None) -> RunResult:
-        """Run the guest until it stops, `timeout` passes or `stops` is asked (a signal, any thread)."""
-        handler = ExitHandler(self.mmio, self.pio, self.stats)
+    quirks: HostQuirks = NO_QUIRKS
+    #: The interrupt controller's inputs (KVM_IRQ_LINE on kvm); None where the backend has no irqchip.
+    irq_lines: InterruptLines | None = None
+    #: The command line the guest got (with the host quirks' arguments where they were asked for).
+    cmdline: str = ""
+    #: (guest-physical start, size) of the initrd, if one was loaded.
+    initrd_range: tuple[int, int] | None = None
+
+    def run(
+        self, timeout: float | None = None, stops: StopRequest | None = None, *, until_serial: str | None = None
+    ) -> RunResult:
+        """Run the guest until it stops, `timeout` passes or `stops` is asked (a signal, any thread);
+        with `until_serial`, also stop, with success, once the guest prints a line containing that
+        text on COM1."""
+        errors = InternalErrorHandler(self.quirks, self.vcpu, self.memory.read_guest, self.stats)
+        handler = ExitHandler(
+            self.mmio,
+            self.pio,
+            self.stats,
+            on_internal_error=errors.handle,
+            describe_internal_error=errors.describe,
+        )
         start = time.perf_counter()
+        stop_requested = None
+        if until_serial is not None:
+            self.serial.watch(until_serial)
+
+            def stop_requested() -> Stop | None:
+                if self.serial.matched is None:
+                    return None
+                return Stop(StopReason.SERIAL_MATCH, 0, f"the guest printed {self.serial.matched!r}")
+
         stop = run_until_stop(
-            self.vcpu, handler, timeout=timeout, on_coalesced=self._coalesced, stops=stops
+            self.vcpu,
+            handler,
+            timeout=timeout,
+            on_coalesced=self._coalesced,
+            stops=stops,
+            stop_requested=stop_requested,
+            idle_check=self._halted_for_good if self.irq_lines is not None else None,
         )
         seconds = time.perf_counter() - start
         return RunResult(
@@ -128,6 +166,20 @@ class Machine:
             machine_devices=self.host_bridge.devices(),
             guest_scan_seconds=self.guest_scan_seconds(),
         )
+
+    def _halted_for_good(self) -> Stop | None:
+        """A vCPU in HLT with interrupts disabled can never wake (no NMI source here): the run ends as
+        a HLT exit ends it on a backend without an in-kernel LAPIC."""
+        get_mp_state = getattr(self.vcpu, "get_mp_state", None)
+        if get_mp_state is None or get_mp_state() != KVM_MP_STATE_HALTED:
+            return None
+        if self.vcpu.get_regs().rflags & X86_EFLAGS_IF:
+            return None  # waiting for an interrupt, as an idle kernel does
+        # Leave the vCPU runnable, past its HLT, as a KVM_EXIT_HLT leaves it: a host that sets new
+        # registers and runs it again (tests do) gets it executing, not still asleep.
+        self.vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)  # type: ignore[attr-defined]
+        self.stats.exits.other += 1
+        return Stop(StopReason.HALT, detail="the guest halted with interrupts disabled")
 
     def _coalesced(self, writes) -> None:
         view = self.memory.view

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from pcihole.hv.exits import CoalescedWrite
+from pcihole.hv.exits import CoalescedWrite, Interrupted
 from pcihole.hv.interface import Vcpu
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.stop_request import StopRequest
@@ -18,6 +18,9 @@ def run_until_stop(
     timeout: float | None = None,
     on_coalesced: Callable[[list[CoalescedWrite]], None] | None = None,
     stops: StopRequest | None = None,
+    stop_requested: Callable[[], Stop | None] | None = None,
+    idle_check: Callable[[], Stop | None] | None = None,
+    idle_interval: float = 0.25,
 ) -> Stop:
     """Run `vcpu` until the handler says stop, `timeout` seconds pass (a guest that runs away), or
     someone asks through `stops` (a signal): that Stop is returned at the next exit.
@@ -29,6 +32,20 @@ def run_until_stop(
     if stops is None:
         stops = StopRequest()
     timer = None
+    # With an in-kernel LAPIC, KVM handles HLT itself and never returns to userspace for it: a guest
+    # that halts with interrupts off would sleep in KVM_RUN forever. Every `idle_interval` seconds
+    # the vCPU is kicked out of KVM_RUN so that `idle_check` can look at it (Machine.run: halted
+    # with IF clear ends the run as HLT did without the irqchip).
+    stop_idle = threading.Event()
+    kicker = None
+    if idle_check is not None:
+
+        def kick_periodically() -> None:
+            while not stop_idle.wait(idle_interval):
+                vcpu.kick()
+
+        kicker = threading.Thread(target=kick_periodically, name="pcihole-idle-kick", daemon=True)
+        kicker.start()
     if timeout is not None:
         timer = threading.Timer(
             timeout,
@@ -47,6 +64,16 @@ def run_until_stop(
                 if writes:
                     on_coalesced(writes)
             result = handler.handle(exit)
+            if idle_check is not None and isinstance(exit, Interrupted):
+                idle = idle_check()
+                if idle is not None:
+                    return idle
+            if stop_requested is not None and not isinstance(result, Stop):
+                requested = stop_requested()
+                if requested is not None:
+                    if isinstance(result, bytes):
+                        vcpu.complete_read(result)
+                    return requested
             if result is None:
                 continue
             if isinstance(result, Stop):
@@ -54,7 +81,11 @@ def run_until_stop(
             vcpu.complete_read(result)
         return stops.stop
     finally:
-        # No kick after this returns: the caller may close the vCPU (StopRequest's lock).
+        # No kick after this returns: the caller may close the vCPU (StopRequest's lock, and the
+        # idle kicker joined).
+        stop_idle.set()
+        if kicker is not None:
+            kicker.join()
         stops.detach()
         if timer is not None:
             timer.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -25,8 +26,15 @@ class RunStats:
     exits: ExitCounts = field(default_factory=ExitCounts)
     #: ECAM accesses that exited to pcihole, reads and writes (a subset of the exits above)
     ecam_exits: int = 0
+    #: ...of which at a function that is not present (what the hole strategies exist to remove)
+    ecam_absent_exits: int = 0
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)
     unclaimed_ports: set[int] = field(default_factory=set)
     unclaimed_mmio: set[int] = field(default_factory=set)
+    #: port-I/O exits per port (the serial console, the PIT when not in the kernel, ...)
+    io_by_port: Counter[int] = field(default_factory=Counter)
+    #: internal errors the host quirks fixed up and ran on (machine/host_quirks.py), by kind
+    quirk_fixups: int = 0
+    quirk_fixups_by_kind: Counter[str] = field(default_factory=Counter)

@@ -115,6 +115,48 @@ class Vcpu:
         (request_interrupt_window, IrqWindowOpen) first, as QEMU does."""
         kvm_ioctl(self.fd, KvmIoctl.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector), f"vcpu={self.id}, irq={vector}")
 
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        req = uapi.msrs_with(len(indices))()
+        req.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            req.entries[i].index = index
+        done = kvm_ioctl(self.fd, KvmIoctl.KVM_GET_MSRS, req, f"vcpu={self.id}")
+        return {req.entries[i].index: req.entries[i].data for i in range(done)}
+
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_FPU, fpu, f"vcpu={self.id}")
+
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        state = uapi.kvm_lapic_state()
+        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_LAPIC, state, f"vcpu={self.id}")
+        return state
+
+    def set_lapic(self, state: uapi.kvm_lapic_state) -> None:
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_LAPIC, state, f"vcpu={self.id}")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_HALTED (in HLT, in-kernel LAPIC), ..."""
+        state = uapi.kvm_mp_state()
+        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_MP_STATE, state, f"vcpu={self.id}")
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state), f"vcpu={self.id}, {mp_state}")
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        events = uapi.kvm_vcpu_events()
+        kvm_ioctl(self.fd, KvmIoctl.KVM_GET_VCPU_EVENTS, events, f"vcpu={self.id}")
+        return events
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_VCPU_EVENTS, events, f"vcpu={self.id}")
+
+    def translate(self, linear_address: int) -> int | None:
+        """KVM_TRANSLATE: the guest-physical address of a guest-virtual one, None if unmapped."""
+        tr = uapi.kvm_translation(linear_address=linear_address)
+        kvm_ioctl(self.fd, KvmIoctl.KVM_TRANSLATE, tr, f"vcpu={self.id}, la={linear_address:#x}")
+        return tr.physical_address if tr.valid else None
+
     # --- running -----------------------------------------------------------------------------------
 
     def run(self) -> exits.VcpuExit:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 # Where KVM may put the three pages of the real-mode TSS that VMX needs (kvmtool and Firecracker use
 # the same address). Harmless elsewhere; keep guest MMIO off [0xfffbd000, 0xfffc0000).
 KVM_TSS_ADDRESS = 0xFFFBD000
+# The one page of the EPT identity map for real mode under VMX: the page below the TSS, which is
+# where KVM puts it by default (VMX_EPT_IDENTITY_PAGETABLE_ADDR); QEMU sets it explicitly too
+# (kvm_arch_init -> kvm_vm_set_identity_map_addr), before any vCPU exists (api.rst 4.40).
+KVM_IDENTITY_MAP_ADDRESS = KVM_TSS_ADDRESS - uapi.PAGE_SIZE
 
 _FORBIDDEN_FLAGS = uapi.KvmMemFlag.KVM_MEM_GUEST_MEMFD
 
@@ -54,6 +58,28 @@ class Vm:
 
     def check_extension(self, cap: int) -> int:
         return self._ioctl(KvmIoctl.KVM_CHECK_EXTENSION, int(cap), f"cap={int(cap)}")
+
+    # --- the in-kernel platform (what QEMU's kvm_arch_init + kvm_irqchip_create do) ----------------
+
+    def set_identity_map_addr(self, addr: int = KVM_IDENTITY_MAP_ADDRESS) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR; only valid before the first vCPU is created."""
+        value = (ctypes.c_uint64 * 1)(addr)  # the kernel reads a __u64 through the pointer
+        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_IDENTITY_MAP_ADDR, value, f"{addr:#x}", observer=self.observer)
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: an IOAPIC at 0xfec00000, two 8259 PICs, and an in-kernel LAPIC in each
+        vCPU created afterwards. GSIs 0-15 reach the PICs and the IOAPIC, 16-23 the IOAPIC (api.rst 4.24)."""
+        self._ioctl(KvmIoctl.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
+        """KVM_CREATE_PIT2: an in-kernel i8254 on ports 0x40-0x43, its output on GSI 0. Needs the irqchip."""
+        config = uapi.kvm_pit_config(flags=flags)
+        self._ioctl(KvmIoctl.KVM_CREATE_PIT2, config, f"flags={flags:#x}")
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """KVM_IRQ_LINE: drive GSI `gsi` to `level`. An edge-triggered IOAPIC pin fires on 0 -> 1."""
+        req = uapi.kvm_irq_level(irq=gsi, level=int(level))
+        self._ioctl(KvmIoctl.KVM_IRQ_LINE, req, f"gsi={gsi}, level={int(level)}")
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
