@@ -25,6 +25,9 @@ class RunStats:
     exits: ExitCounts = field(default_factory=ExitCounts)
     #: ECAM accesses that exited to pcihole, reads and writes (a subset of the exits above)
     ecam_exits: int = 0
+    #: the reads among them (with `exit`, every ECAM read the guest made; with a hole strategy, the
+    #: reads of present functions only: absent functions answer without an exit)
+    ecam_reads: int = 0
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)
