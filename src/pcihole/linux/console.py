@@ -93,7 +93,9 @@ class LinuxReport:
     kernel_devices: list[LinuxDevice] = field(default_factory=list)
 
 
-def _device(m: re.Match[str]) -> LinuxDevice:
+def _device(m: re.Match[str], raw_header: bool) -> LinuxDevice:
+    """`raw_header`: the type field is config byte 14 as read (/init), not the kernel's hdr_type,
+    which drops bit 7 (multi-function)."""
     ht = m["type"]
     raw = None if ht == "-" else int(ht, 16)
     return LinuxDevice(
@@ -104,7 +106,7 @@ def _device(m: re.Match[str]) -> LinuxDevice:
         device=int(m["device"], 16),
         class_code=int(m["cls"], 16),
         header_type=None if raw is None else raw & 0x7F,
-        multifunction=None if raw is None else bool(raw & 0x80),
+        multifunction=None if raw is None or not raw_header else bool(raw & 0x80),
     )
 
 
@@ -140,14 +142,14 @@ def parse_linux_console(text: str) -> LinuxReport:
         elif line == ECAM_END:
             in_ecam = False
         elif in_block and (m := _INIT_DEVICE.search(line)):
-            d = _device(m)
+            d = _device(m, raw_header=True)
             block[(d.segment, d.bus, d.devfn)] = d
             continue
         if in_ecam and line != ECAM_BEGIN:
             ecam_block.append(line)
             continue
         if m := _KERNEL_DEVICE.search(line):
-            d = _device(m)
+            d = _device(m, raw_header=False)
             kernel[(d.segment, d.bus, d.devfn)] = d  # a rescan prints a function again: keep the last
         elif KERNEL_RUN_INIT in line:
             reached_init = True

@@ -37,12 +37,13 @@ SECTOR = 512
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK_MAX = 8 << 20  # lib/decompress_unlz4.c: LZ4_DEFAULT_UNCOMPRESSED_CHUNK_SIZE
 
-# Magic numbers, as scripts/extract-vmlinux lists them.
+# Magic numbers, as scripts/extract-vmlinux lists them; for lzma (properties byte 0x5d, then the
+# dictionary size) only three bytes, so that dictionaries under 16 MiB are recognised too.
 MAGICS: dict[str, bytes] = {
     "gzip": b"\x1f\x8b\x08",
     "xz": b"\xfd7zXZ\x00",
     "bzip2": b"BZh",
-    "lzma": b"\x5d\x00\x00\x00",
+    "lzma": b"\x5d\x00\x00",
     "lz4": struct.pack("<I", LZ4_LEGACY_MAGIC),
     "zstd": b"\x28\xb5\x2f\xfd",
 }
