@@ -12,6 +12,7 @@ README.md "## Errors" lists them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -119,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="a run under a minute")
     bench.add_argument("--backend", choices=BACKENDS, action="append", help="limit to these backends")
+    bench.add_argument(
+        "--linux",
+        action="store_true",
+        help="add the Linux-boot table: the Debian kernel on every kvm strategy and on QEMU "
+        "(minutes per boot on a software KVM)",
+    )
     return p
 
 
@@ -332,10 +339,17 @@ LINUX_FAILED_STOPS = (
 
 
 def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: StopRequest) -> int:
+    from pcihole.linux import MIN_RAM_MIB
     from pcihole.linux.console import BootClock, parse_linux_console
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine
 
     kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
+    if spec.ram_mib < MIN_RAM_MIB:
+        print(
+            f"pcihole: --linux: {spec.name or spec.path} has {spec.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
+            file=sys.stderr,
+        )
+        spec = dataclasses.replace(spec, ram_mib=MIN_RAM_MIB)
     # The console goes to stderr as it comes (a boot can take minutes on a software KVM); stdout
     # keeps what Linux found and the statistics.
     err = sys.stderr.buffer
@@ -498,7 +512,7 @@ def cmd_linux(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pcihole.bench.runner import run_bench
 
-    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend)
+    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux)
 
 
 def main(argv: list[str] | None = None) -> int:
