@@ -40,6 +40,7 @@ KERNEL_FILE_MAX = 512 << 20
 DEFAULT_TIMEOUT = 60.0
 #: A Linux boot takes seconds on hardware KVM, but minutes on a software KVM such as PVM.
 LINUX_TIMEOUT = 1800.0
+LINUX_NOT_ON_MODEL = "the model backend delivers no interrupts (Unicorn), which Linux needs to boot"
 
 
 class UsageError(Exception):
@@ -211,6 +212,8 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     timeout = _timeout(args.timeout)
     if args.linux and args.kernel is not None:
         raise UsageError("--linux boots the cached Debian kernel: give --linux or --kernel, not both")
+    if args.linux and args.backend == "model":
+        raise UsageError(f"--linux needs the kvm backend: {LINUX_NOT_ON_MODEL}")
     _not_empty(args.kernel, "--kernel")
     if args.append is not None:
         try:
@@ -375,6 +378,8 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
     except MachineBuildError as e:
         raise UsageError(str(e)) from None
     with machine:
+        if machine.hv.name == "model":  # --backend auto where /dev/kvm does not open
+            raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
         clock.restart()
         try:
             result = machine.run(timeout=timeout, stops=stops)

@@ -98,3 +98,9 @@ def test_run_linux_json_lists_the_default_machine(cached):
     expected = sorted(str(f.bdf) for f in load_default().topology.functions())
     assert sorted(d["bdf"] for d in linux["devices"]) == expected
     assert linux["devices"][0].keys() == data["devices"][0].keys()
+
+
+def test_linux_on_the_model_is_refused_before_anything(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    line = one_error(pcihole("run", "--linux", "--backend", "model", env=env), 2)
+    assert "kvm backend" in line and "interrupts" in line

@@ -128,3 +128,22 @@ def test_boot_clock_notes_init_across_chunks():
     assert clock.boot_seconds == 1.0
     clock(b"later\n")
     assert clock.boot_seconds == 1.0 and clock.text().endswith("later\n")
+
+
+def test_other_segments_and_later_kernels_lines():
+    """Segments other than 0 (a pcihole machine with several host bridges) and the suffix 6.6+ kernels
+    add to the enumeration line (drivers/pci/probe.c: "... class %#08x %s", the port type)."""
+    text = "\n".join(
+        [
+            "[  209.1] pci 0002:80:00.0: [1b36:0008] type 00 class 0x060000 conventional PCI endpoint",
+            "[  209.2] pci 0002:80:01.0: [1b36:000c] type 01 class 0x060400 PCIe Root Port",
+            "[  209.3] pci 0001:00:00.0: [8086:29c0] type 00 class 0x060000",
+        ]
+    )
+    report = parse_linux_console(text)
+    assert report.source == "kernel"
+    assert [(d.bdf, d.header_type, d.class_code) for d in report.devices] == [
+        ("0001:00:00.0", 0, 0x060000),
+        ("0002:80:00.0", 0, 0x060000),
+        ("0002:80:01.0", 1, 0x060400),
+    ]
