@@ -408,10 +408,16 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
         failure = f"{kernel_name}: Linux listed no PCI function ({how}) ({where})"
     if args.json:
         print(json.dumps({**result.to_json(), "linux": linux}, indent=2))
+    elif report.devices:
+        # Printed even when the run then fails (a timeout after the PCI scan on a slow software KVM):
+        # what Linux enumerated is known, and the error line says how the run ended.
+        _print_linux(result, report, clock.boot_seconds)
     if failure is not None:
         raise RunFailed(failure)
-    if args.json:
-        return EXIT_OK
+    return EXIT_OK
+
+
+def _print_linux(result, report, boot_seconds: float | None) -> None:
     print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
     if report.source == "kernel":
         print(
@@ -424,12 +430,11 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
     rows = [
         ("Linux's list from", report.source),
         ("ECAM reads that exited", result.stats.ecam_reads),
-        ("boot to /init (host clock)", "-" if clock.boot_seconds is None else f"{clock.boot_seconds:.2f} s"),
+        ("boot to /init (host clock)", "-" if boot_seconds is None else f"{boot_seconds:.2f} s"),
         ("powered off", "yes" if report.powered_off else "no"),
     ]
     for k, v in rows:
         print(f"{k:<38}  {v}")
-    return EXIT_OK
 
 
 def _failure(result, kernel_name: str, timeout: float) -> str | None:
