@@ -5,7 +5,11 @@ pcihole's initramfs on QEMU 7.2 TCG (`-M q35 -accel tcg -m 256 -no-reboot -kerne
 - qemu-q35.txt: -nographic (SeaBIOS's escape sequences included), q35's own functions + VGA + e1000;
 - qemu-q35-pxb.txt: -nodefaults plus a pxb-pcie host bridge (buses 0x40-), root ports (one
   multi-function pair), NVMe, virtio-net, virtio-rng; kernel messages land inside /init's block;
-- qemu-q35-no-initrd.txt: no -initrd: the kernel panics (no root fs) after enumerating PCI.
+- qemu-q35-no-initrd.txt: no -initrd: the kernel panics (no root fs) after enumerating PCI;
+
+and from pcihole itself: pcihole-kvm-pvm-default.txt, `pcihole run --linux --backend kvm --strategy
+ro-alias` on the default machine on a software KVM (PVM, host quirks on), cut by the run's timeout
+after the PCI scan, before /init.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pcihole.guest.report import ScannedDevice
 from pcihole.linux.console import KERNEL_RUN_INIT, BootClock, LinuxDevice, parse_linux_console
 from pcihole.linux.initramfs import PCI_BEGIN, PCI_LINE
 from pcihole.machine.machine import device_json
+from pcihole.machine.machinefile import load_default
 
 CONSOLES = Path(__file__).parent / "consoles"
 
@@ -74,6 +79,17 @@ def test_without_init_the_kernel_lines_are_linux_answer():
     assert [key(d) for d in report.devices] == [key(d) for d in full.devices]
     assert all(d.multifunction is None for d in report.devices)  # the kernel line does not say
     assert any("MMCONFIG for domain 0000" in line for line in report.mcfg_lines)
+
+
+def test_pcihole_console_lists_the_default_machine():
+    report = parse_linux_console(console("pcihole-kvm-pvm-default.txt"))
+    assert report.source == "kernel" and not report.reached_init
+    machine = sorted(
+        (str(f.bdf), f.vendor, f.device, f.class_code) for f in load_default().topology.functions()
+    )
+    assert sorted((d.bdf, d.vendor, d.device, d.class_code) for d in report.devices) == machine
+    # The early MMCONFIG pass fails without conf1, the late one is accepted through the PNP0C02 _CRS.
+    assert any("reserved in ACPI motherboard resources" in line for line in report.mcfg_lines)
 
 
 def test_a_spoiled_block_falls_back_to_the_kernel_lines():
