@@ -32,9 +32,9 @@ def test_the_qemu_tcg_row_and_the_table():
     spec = load_default()
     # Only the model is asked for: it cannot boot Linux, so its row is skipped with the reason.
     rows, skipped = measure_linux(spec, [Config("model", "exit")], hardware_kvm=False, files=files)
-    assert [r.label for r in rows] == ["qemu tcg"]
+    assert [r.label for r in rows] == ["qemu tcg"], skipped
     qemu = rows[0]
-    assert qemu.source == "initramfs" and qemu.powered_off
+    assert qemu.source == "initramfs" and qemu.powered_off and qemu.ended == "power-off"
     assert qemu.devices == len(list(spec.topology.functions()))  # and measure_linux checked each of them
     assert qemu.boot_seconds is not None and 0 < qemu.boot_seconds <= qemu.run_seconds
     assert "model" in skipped and "qemu kvm" in skipped

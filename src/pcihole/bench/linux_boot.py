@@ -81,6 +81,8 @@ class LinuxBootRow:
     #: where Linux's list came from: "initramfs" (/init's sysfs walk) or "kernel" (its enumeration lines)
     source: str
     powered_off: bool
+    #: how the run ended: pcihole's stop reason ("power-off", "reboot", "timeout", ...), "power-off" for QEMU
+    ended: str = ""
     note: str = ""
 
     @property
@@ -127,6 +129,8 @@ def boot_on_pcihole(
     note = ""
     if report.source == "kernel":
         note = "user space did not run: the list is the kernel's enumeration lines"
+        if report.panic:
+            note += f" ({report.panic})"
     return LinuxBootRow(
         backend=config.backend,
         strategy=config.strategy,
@@ -138,6 +142,7 @@ def boot_on_pcihole(
         devices=len(report.devices),
         source=report.source,
         powered_off=report.powered_off,
+        ended=str(result.stop.reason),
         note=note,
     )
 
@@ -214,6 +219,7 @@ def boot_on_qemu(
         devices=len(report.devices),
         source=report.source,
         powered_off=report.powered_off,
+        ended="power-off",
         note="QEMU's process wall time includes its firmware (SeaBIOS); ECAM reads are not counted in QEMU",
     )
 
@@ -230,7 +236,8 @@ def measure_linux(
     on_row: Callable[[str], None] = lambda what: None,
     files: LinuxFiles | None = None,
 ) -> tuple[list[LinuxBootRow], dict[str, str]]:
-    """Every row of the Linux-boot table, and what was skipped (label -> why)."""
+    """Every row of the Linux-boot table, and what was skipped or failed (label -> why): one boot that
+    fails (minutes into a software-KVM boot) leaves its row out with the reason, not the whole bench."""
     files = files or linux_files()
     spec = with_linux_ram(spec)
     rows: list[LinuxBootRow] = []
@@ -241,16 +248,20 @@ def measure_linux(
                 "no interrupt delivery on this backend (Unicorn): Linux cannot boot there yet"
             )
             continue
-        rows.append(boot_on_pcihole(spec, config, files))
+        try:
+            rows.append(boot_on_pcihole(spec, config, files))
+        except BenchError as e:
+            skipped[config.label] = f"failed: {e}"
         on_row(config.label)
     if shutil.which(qemu_peer.QEMU_BINARY) is None:
         skipped["qemu"] = f"{qemu_peer.QEMU_BINARY} is not installed"
         return rows, skipped
-    rows.append(boot_on_qemu(spec, files, "tcg"))
-    on_row("qemu tcg")
-    if hardware_kvm:
-        rows.append(boot_on_qemu(spec, files, "kvm"))
-        on_row("qemu kvm")
-    else:
+    for accel in ("tcg", "kvm") if hardware_kvm else ("tcg",):
+        try:
+            rows.append(boot_on_qemu(spec, files, accel))
+        except BenchError as e:
+            skipped[f"qemu {accel}"] = f"failed: {e}"
+        on_row(f"qemu {accel}")
+    if not hardware_kvm:
         skipped["qemu kvm"] = "not a hardware-KVM host: QEMU+KVM cannot boot Linux on a software KVM"
     return rows, skipped

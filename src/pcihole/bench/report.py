@@ -156,7 +156,7 @@ def linux_table(results: BenchResults) -> list[str]:
         return ["Not measured: run `pcihole bench --linux` (a boot takes minutes on a software KVM)."]
     lines = [
         "| backend / strategy | boot to /init | run | exits: mmio r / w / io / total | ECAM reads (exits) "
-        "| absent-function exits | functions | list from | powered off |",
+        "| absent-function exits | functions | list from | ended |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.linux:
@@ -165,7 +165,7 @@ def linux_table(results: BenchResults) -> list[str]:
         boot = "—" if r.boot_seconds is None else f"{r.boot_seconds:.2f} s"
         lines.append(
             f"| {r.label} | {boot} | {r.run_seconds:.1f} s | {exits} | {units.count(r.ecam_reads)} "
-            f"| {units.count(r.absent_exits)} | {r.devices} | {r.source} | {'yes' if r.powered_off else 'no'} |"
+            f"| {units.count(r.absent_exits)} | {r.devices} | {r.source} | {r.ended} |"
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.linux if r.note]
     notes += [f"- no `{what}` row: {why}" for what, why in results.linux_skipped.items()]
