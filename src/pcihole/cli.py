@@ -324,12 +324,16 @@ def _linux_inputs(append: str | None) -> tuple[bytes, str, bytes, str]:
 
 
 def _host_quirk_args() -> list[str]:
-    """Kernel arguments the host's quirks need (the machine's `host_quirks.kernel_args`), if any."""
+    """The kernel arguments the host quirks add where they are on (machine/host_quirks.py; "auto":
+    only on a software KVM). --linux runs on the kvm backend only."""
     try:
-        from pcihole.machine import host_quirks  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
+        from pcihole.machine.host_quirks import (  # type: ignore[import-not-found,unused-ignore]
+            choose_host_quirks,
+            kernel_args,
+        )
+    except ImportError:  # a pcihole without host quirks
         return []
-    return list(host_quirks.kernel_args(host_quirks.detect()))  # type: ignore[attr-defined,unused-ignore]
+    return list(kernel_args(choose_host_quirks("auto", "kvm")))
 
 
 #: A Linux run that stopped this way did not finish what it was doing, whatever the console shows.
