@@ -60,15 +60,19 @@ class LinuxOnQemu:
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 20
-        while not self.sock_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"QEMU did not start: {self.proc.stderr.read() if self.proc.stderr else ''}"
-                )
-            time.sleep(0.02)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(30)
-        self.sock.connect(str(self.sock_path))
+        while True:  # the socket file appears at bind(), before QEMU listens: retry until it does
+            try:
+                self.sock.connect(str(self.sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.sock.close()
+                    raise RuntimeError(
+                        f"QEMU did not start: {self.proc.stderr.read() if self.proc.stderr else ''}"
+                    ) from None
+                time.sleep(0.02)
         self.f = self.sock.makefile("rw")
         assert "QMP" in json.loads(self.f.readline())
         self.qmp("qmp_capabilities")
