@@ -1,4 +1,4 @@
-"""`pcihole run | acpi | bench`: the command line.
+"""`pcihole run | acpi | linux | bench`: the command line.
 
 Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero: 2 for bad input
 (arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
@@ -12,6 +12,7 @@ README.md "## Errors" lists them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,6 +38,10 @@ STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
 EMBEDDED_GUEST_CMDLINE = "pcihole.quiet"
 #: A Debian vmlinux is about 51 MiB; anything ten times larger is not a kernel pcihole can boot.
 KERNEL_FILE_MAX = 512 << 20
+DEFAULT_TIMEOUT = 60.0
+#: A Linux boot takes seconds on hardware KVM, but minutes on a software KVM such as PVM.
+LINUX_TIMEOUT = 1800.0
+LINUX_NOT_ON_MODEL = "the model backend delivers no interrupts (Unicorn), which Linux needs to boot"
 
 
 class UsageError(Exception):
@@ -82,7 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print one JSON object")
     output.add_argument("--tree", action="store_true", help="print the devices as a tree, as lspci -t does")
     run.add_argument("--kernel", metavar="FILE", help="boot this PVH ELF instead of the embedded guest")
-    run.add_argument("--append", metavar="CMDLINE", help="kernel command line")
+    run.add_argument(
+        "--linux",
+        action="store_true",
+        help="boot the Debian cloud kernel (fetched and cached on first use) with pcihole's initramfs "
+        "and print what Linux's PCI core found",
+    )
+    run.add_argument("--append", metavar="CMDLINE", help="kernel command line (added to the default with --linux)")
     run.add_argument(
         "--initrd", metavar="FILE", help="initramfs for --kernel (PVH module 0, placed above the kernel)"
     )
@@ -95,9 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
-        help="stop a runaway guest after this many seconds (default 60; 'inf' for no limit)",
+        help=f"stop a runaway guest after this many seconds (default {DEFAULT_TIMEOUT:g}, {LINUX_TIMEOUT:g} "
+        "with --linux; 'inf' for no limit)",
     )
 
     acpi = sub.add_parser(
@@ -107,12 +119,24 @@ def _parser() -> argparse.ArgumentParser:
     acpi.add_argument("--machine", metavar="FILE.toml")
     acpi.add_argument("--out", required=True, metavar="DIR")
 
+    linux = sub.add_parser("linux", help="the Linux kernel and busybox pcihole boots with --linux")
+    linux_sub = linux.add_subparsers(dest="linux_command", required=True)
+    linux_sub.add_parser(
+        "fetch", help="fetch the Debian cloud kernel and busybox-static with apt (no install) and print the cached paths"
+    )
+
     bench = sub.add_parser("bench", help="run the strategies side by side")
     bench.add_argument(
         "--out", default="bench-out", metavar="DIR", help="where to write JSON, markdown and plots"
     )
     bench.add_argument("--quick", action="store_true", help="a run under a minute")
     bench.add_argument("--backend", choices=BACKENDS, action="append", help="limit to these backends")
+    bench.add_argument(
+        "--linux",
+        action="store_true",
+        help="add the Linux-boot table: the Debian kernel on every kvm strategy and on QEMU "
+        "(minutes per boot on a software KVM)",
+    )
     return p
 
 
@@ -193,7 +217,15 @@ def _raise_if_signalled(stop: Stop | None) -> None:
 def _run(args: argparse.Namespace, stops: StopRequest) -> int:
     from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
 
+    if args.timeout is None:
+        args.timeout = LINUX_TIMEOUT if args.linux else DEFAULT_TIMEOUT
     timeout = _timeout(args.timeout)
+    if args.linux and args.kernel is not None:
+        raise UsageError("--linux boots the cached Debian kernel: give --linux or --kernel, not both")
+    if args.linux and args.initrd is not None:
+        raise UsageError("--linux brings pcihole's own initramfs: use --kernel with --initrd for another")
+    if args.linux and args.backend == "model":
+        raise UsageError(f"--linux needs the kvm backend: {LINUX_NOT_ON_MODEL}")
     _not_empty(args.kernel, "--kernel")
     if args.append is not None:
         try:
@@ -202,6 +234,8 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
             bad = os.fsencode(args.append[e.start : e.end])
             raise UsageError(f"--append: the command line is not UTF-8 text (byte {bad[0]:#04x})") from None
     spec = _load_machine(args.machine)
+    if args.linux:
+        return _run_linux(args, spec, timeout, stops)
     if args.kernel is not None:
         kernel = _read_input(args.kernel, limit=KERNEL_FILE_MAX, what="a kernel")
         kernel_name = args.kernel
@@ -274,7 +308,7 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         if tree is not None:
             print(tree, end="")
         else:
-            _print_devices(result)
+            _print_devices(result.devices)
         _print_stats(result, file=sys.stdout)
     return EXIT_OK
 
@@ -291,6 +325,134 @@ def _tree(result, machine) -> str:
         )
         for d in result.report.devices
     )
+
+
+def _linux_inputs(append: str | None) -> tuple[bytes, str, bytes, str]:
+    """(vmlinux, its name, the initramfs, the command line; the builder adds the host quirks'
+    arguments) for --linux; RunFailed if the kernel or busybox cannot be fetched (apt missing, package unavailable: the host's fault, not the input's)."""
+    from pcihole.linux.cmdline import kernel_cmdline
+    from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
+    from pcihole.linux.initramfs import build_initramfs
+
+    try:
+        vmlinux, busybox = fetch_kernel(), fetch_busybox()
+        kernel = vmlinux.read_bytes()
+        initrd = build_initramfs(busybox)
+    except LinuxFetchError as e:
+        raise RunFailed(f"--linux: {e}") from None
+    except OSError as e:
+        raise RunFailed(f"--linux: cannot read the cached kernel or busybox: {e}") from None
+    return kernel, str(vmlinux), initrd, kernel_cmdline(append=append)
+
+
+#: A Linux run that stopped this way did not finish what it was doing, whatever the console shows.
+LINUX_FAILED_STOPS = (
+    StopReason.TIMEOUT,
+    StopReason.INTERNAL_ERROR,
+    StopReason.FAIL_ENTRY,
+    StopReason.UNKNOWN_EXIT,
+)
+
+
+def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: StopRequest) -> int:
+    from pcihole.linux import MIN_RAM_MIB
+    from pcihole.linux.console import BootClock, linux_stop_line, parse_linux_console
+    from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine
+
+    kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
+    if spec.ram_mib < MIN_RAM_MIB:
+        print(
+            f"pcihole: --linux: {spec.name or spec.path} has {spec.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
+            file=sys.stderr,
+        )
+        spec = dataclasses.replace(spec, ram_mib=MIN_RAM_MIB)
+    # The console goes to stderr as it comes (a boot can take minutes on a software KVM); stdout
+    # keeps what Linux found and the statistics.
+    err = sys.stderr.buffer
+
+    def to_stderr(b: bytes) -> None:
+        err.write(b)
+        err.flush()
+
+    clock = BootClock(forward=None if args.json else to_stderr)
+    try:
+        machine = build_machine(
+            spec,
+            backend=args.backend,
+            strategy=args.strategy,
+            kernel=kernel,
+            kernel_name=kernel_name,
+            cmdline=cmdline,
+            initrd=initrd,
+            serial_sink=clock,
+            host_quirks=args.host_quirks,
+            quirk_kernel_args=True,
+        )
+    except HostUnavailable as e:
+        raise RunFailed(str(e)) from None
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+    with machine:
+        if machine.hv.name == "model":  # --backend auto where /dev/kvm does not open
+            raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
+        clock.restart()
+        try:
+            result = machine.run(
+                timeout=timeout, stops=stops, until_serial=linux_stop_line(machine.quirks.active)
+            )
+        except OSError as e:
+            raise RunFailed(
+                f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
+            ) from None
+    if result.stop.reason == StopReason.SIGNAL:
+        return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
+    report = parse_linux_console(result.serial)
+    linux = {
+        "devices": [d.as_json() for d in report.devices],
+        "boot_seconds": None if clock.boot_seconds is None else round(clock.boot_seconds, 3),
+        "ecam_reads": result.stats.ecam_reads,
+        "ecam_absent_exits": result.stats.ecam_absent_exits,
+        "source": report.source,
+        "reached_init": report.reached_init,
+        "powered_off": report.powered_off,
+        "mcfg": report.mcfg_lines,
+    }
+    where = f"{result.backend} backend, strategy {result.strategy}"
+    failure = None
+    if result.stop.reason in LINUX_FAILED_STOPS:
+        failure = _failure(result, kernel_name, args.timeout)
+    elif not report.devices:
+        how = report.panic or f"the run ended with {result.stop.reason} {result.stop.detail}".strip()
+        failure = f"{kernel_name}: Linux listed no PCI function ({how}) ({where})"
+    if args.json:
+        print(json.dumps({**result.to_json(), "linux": linux}, indent=2))
+    elif report.devices:
+        # Printed even when the run then fails (a timeout after the PCI scan on a slow software KVM):
+        # what Linux enumerated is known, and the error line says how the run ended.
+        _print_linux(result, report, clock.boot_seconds)
+    if failure is not None:
+        raise RunFailed(failure)
+    return EXIT_OK
+
+
+def _print_linux(result, report, boot_seconds: float | None) -> None:
+    print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
+    if report.source == "kernel":
+        print(
+            "pcihole: /init did not list the functions"
+            f"{' (' + report.panic + ')' if report.panic else ''}: this is the kernel's own enumeration",
+            file=sys.stderr,
+        )
+    _print_devices(report.devices)
+    _print_stats(result, file=sys.stdout)
+    rows = [
+        ("Linux's list from", report.source),
+        ("ECAM reads that exited", result.stats.ecam_reads),
+        ("boot to /init (host clock)", "-" if boot_seconds is None else f"{boot_seconds:.2f} s"),
+        ("powered off", "yes" if report.powered_off else "no"),
+    ]
+    for k, v in rows:
+        print(f"{k:<38}  {v}")
 
 
 def _failure(result, kernel_name: str, timeout: float) -> str | None:
@@ -313,10 +475,10 @@ def _failure(result, kernel_name: str, timeout: float) -> str | None:
     return f"{kernel_name}: {stop.reason}: {stop.detail} ({where})"
 
 
-def _print_devices(result) -> None:
+def _print_devices(devices) -> None:
     from pcihole.pci.class_names import class_name
 
-    for d in result.devices:
+    for d in devices:
         print(f"{d.bdf} {class_name(d.class_code)} [{d.class_code >> 8:04x}]: {d.vendor:04x}:{d.device:04x}")
 
 
@@ -363,10 +525,22 @@ def cmd_acpi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_linux(args: argparse.Namespace) -> int:
+    from pcihole.linux.fetch import LinuxFetchError, fetch_busybox_entry, fetch_kernel_entry
+
+    try:
+        entries = {"kernel": fetch_kernel_entry(), "busybox": fetch_busybox_entry()}
+    except LinuxFetchError as e:
+        raise RunFailed(str(e)) from None
+    for what, entry in entries.items():
+        print(f"{what:<8} {entry.path}  ({entry.package} {entry.version})")
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pcihole.bench.runner import run_bench
 
-    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend)
+    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="pcihole: %(message)s")
-        command = {"run": cmd_run, "acpi": cmd_acpi, "bench": cmd_bench}[args.command]
+        command = {"run": cmd_run, "acpi": cmd_acpi, "linux": cmd_linux, "bench": cmd_bench}[args.command]
         return command(args)
     except UsageError as e:
         print(f"pcihole: error: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@ Where user space cannot run (this host's software KVM faults on the first syscal
 enumeration lines are Linux's answer (`pci 0000:00:02.0: [1b36:000c] type 01 class 0x060400`); the
 run stops once the kernel has finished with PCI (`PCI: CLS ...`, printed by pci_apply_final_quirks()
 after the resource assignment and the peer-bus scan), or when /init powers off where it can run.
-The kernel and busybox come from `apt-get download` (tests/linux/debian_kernel.py), cached.
+The kernel and busybox come from `pcihole linux fetch` (apt-get download, cached), the initramfs from
+pcihole.linux.initramfs.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import replace
 
 import pytest
 
+from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
+from pcihole.linux.initramfs import build_initramfs
 from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import load_default
-from tests.linux import debian_kernel
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -29,7 +31,7 @@ PCI_LINE = re.compile(
     re.M,
 )
 PCI_DONE = "PCI: CLS "
-#: The kernel's time on this host is minutes (research: PCI at ~200 s, init at ~600 s on an idle host).
+#: The kernel's time on a software KVM is minutes (measured here: PCI at ~200 s, kernel init done at ~600 s, idle host).
 BOOT_TIMEOUT = 1500
 RAM_MIB = 512  # the default machine's 64 MiB cannot hold a distribution kernel
 
@@ -37,10 +39,10 @@ RAM_MIB = 512  # the default machine's 64 MiB cannot hold a distribution kernel
 @pytest.fixture(scope="module")
 def debian_cloud_kernel():
     try:
-        vmlinux, busybox = debian_kernel.fetch()
-    except debian_kernel.Unavailable as e:
+        vmlinux, busybox = fetch_kernel(), fetch_busybox()
+    except LinuxFetchError as e:
         pytest.skip(f"cannot fetch the Debian cloud kernel: {e}")
-    return vmlinux, debian_kernel.initramfs(busybox)
+    return vmlinux, build_initramfs(busybox)
 
 
 def kernel_devices(console: str) -> set[tuple[str, int, int, int, int]]:

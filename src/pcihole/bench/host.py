@@ -64,6 +64,11 @@ def kvm_flavour() -> str:
     return "kvm (vendor module unknown; CPU has " + ("VT-x/AMD-V)" if hardware else "no VT-x/AMD-V)")
 
 
+def hardware_kvm() -> bool:
+    """True where KVM runs on VT-x or AMD-V (kvm_intel or kvm_amd loaded), not on a software KVM."""
+    return any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+
+
 def qemu_version(qemu: str | None = None) -> str | None:
     qemu = qemu or shutil.which("qemu-system-x86_64")
     if qemu is None:

@@ -11,6 +11,7 @@ from pcihole.bench.exit_path import ExitPathResult
 from pcihole.bench.headline import Headline
 from pcihole.bench.host import HostInfo
 from pcihole.bench.hotplug import HotplugResult
+from pcihole.bench.linux_boot import LinuxBootRow
 from pcihole.bench.plan import BenchPlan
 from pcihole.bench.scaling import ScalingPoint
 from pcihole.bench.scan import ScanRow
@@ -34,6 +35,10 @@ class BenchResults:
     hotplug: list[HotplugResult] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
     headline: dict[str, Headline] = field(default_factory=dict)
+    #: the Linux-boot table (`--linux`): whether it was asked for, its rows, and what was left out
+    linux_measured: bool = False
+    linux: list[LinuxBootRow] = field(default_factory=list)
+    linux_skipped: dict[str, str] = field(default_factory=dict)
 
     def tsc_check(self) -> dict[str, float]:
         """Guest-TSC scan time / host wall time of the whole run, for the `exit` rows (where the scan
@@ -70,6 +75,12 @@ class BenchResults:
             "exit_path": [e.as_dict() for e in self.exit_path],
             "hotplug": [h.as_dict() for h in self.hotplug],
             "scaling": [p.as_dict() for p in self.scaling],
+            "linux": {
+                "measured": self.linux_measured,
+                "machine": "default, with at least the RAM Linux needs",
+                "rows": [r.as_dict() for r in self.linux],
+                "skipped": self.linux_skipped,
+            },
         }
 
     def write_json(self, path: Path) -> None:

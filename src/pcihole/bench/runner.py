@@ -2,7 +2,7 @@
 bench.json, bench.md and PNG plots into the output directory.
 
 Order: the default machine's scan per backend x strategy, QEMU as a peer, the exit path, hot-plug,
-then the scaling sweeps (the longest part). A progress bar runs on stderr; a short summary and the
+then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
 paths go to stdout. Returns the process exit status: 0, or 1 when a measurement failed (one line on
 stderr saying which), 2 when nothing can be measured.
 """
@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from pcihole.bench import qemu_peer
+from pcihole.bench import linux_boot, qemu_peer
 from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
 from pcihole.bench.headline import compute_headline
-from pcihole.bench.host import host_info
+from pcihole.bench.host import hardware_kvm, host_info
 from pcihole.bench.hotplug import measure_hotplug
 from pcihole.bench.plan import BenchPlan, plan_for
 from pcihole.bench.progress import Progress
@@ -38,8 +38,10 @@ JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
 
 
-def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool) -> int:
+def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool, linux_boots: int = 0) -> int:
     return (
+        linux_boots
+        +
         configs * plan.scan_runs
         + (plan.qemu_runs if with_qemu else 0)
         + backends
@@ -94,8 +96,19 @@ def measure(results: BenchResults, progress: Progress) -> None:
             config, plan, kernel, clock, on_point=lambda what: progress.step(f"scaling: {what}")
         )
 
+    if results.linux_measured:
+        progress.note("Linux boot: the Debian kernel (minutes per boot on a software KVM)")
+        results.linux, results.linux_skipped = linux_boot.measure_linux(
+            default_machine,
+            configs.configs,
+            hardware_kvm(),
+            on_row=lambda what: progress.step(f"Linux boot: {what}"),
+        )
 
-def run_bench(out_dir: str | Path, quick: bool = False, backends: Sequence[str] | None = None) -> int:
+
+def run_bench(
+    out_dir: str | Path, quick: bool = False, backends: Sequence[str] | None = None, linux: bool = False
+) -> int:
     start = time.monotonic()
     out = Path(out_dir)
     try:
@@ -120,13 +133,17 @@ def run_bench(out_dir: str | Path, quick: bool = False, backends: Sequence[str] 
         clock=clock,
         configs=configs,
         started=datetime.now(UTC).isoformat(timespec="seconds"),
+        linux_measured=linux,
     )
     if "kvm" not in configs.backends:
         results.qemu_skipped = "the kvm backend is not measured, and QEMU is its peer"
     else:
         results.qemu_skipped = qemu_peer.unavailable_reason()
+    linux_boots = 0
+    if linux:
+        linux_boots = sum(c.backend in linux_boot.LINUX_BACKENDS for c in configs.configs) + 1 + hardware_kvm()
     progress = Progress(
-        _work_units(plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None)
+        _work_units(plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None, linux_boots)
     )
     try:
         measure(results, progress)

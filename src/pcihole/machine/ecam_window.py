@@ -67,6 +67,7 @@ class EcamWindow:
 
     def read(self, addr: int, size: int) -> bytes:
         self._count(addr)
+        self.stats.ecam_reads += 1
         data = self.view.read(addr, size)
         return data if data is not None else self.host_bridge.mmio_read(addr, size)
 

@@ -28,6 +28,9 @@ class RunStats:
     ecam_exits: int = 0
     #: ...of which at a function that is not present (what the hole strategies exist to remove)
     ecam_absent_exits: int = 0
+    #: the reads among them (with `exit`, every ECAM read the guest made; with a hole strategy, the
+    #: reads of present functions only: absent functions answer without an exit)
+    ecam_reads: int = 0
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)

@@ -1,0 +1,57 @@
+"""The Linux-boot table of `pcihole bench --linux`: its QEMU TCG peer row boots the fetched kernel with
+pcihole's initramfs on the default machine's devices and checks Linux's list; the table and the JSON
+carry the rows and say what was left out. (The kvm rows take minutes each on a software KVM: they
+run in `pcihole bench --linux`, not here.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pcihole.bench.configs import Config, Configs
+from pcihole.bench.errors import BenchError
+from pcihole.bench.host import host_info
+from pcihole.bench.linux_boot import linux_files, measure_linux, with_linux_ram
+from pcihole.bench.plan import QUICK
+from pcihole.bench.report import linux_table
+from pcihole.bench.results import BenchResults
+from pcihole.host.tsc import TscUnknown, tsc_clock
+from pcihole.linux import MIN_RAM_MIB
+from pcihole.machine.machinefile import load_default
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not found")
+def test_the_qemu_tcg_row_and_the_table():
+    try:
+        files = linux_files()
+    except BenchError as e:
+        pytest.skip(f"the Debian kernel cannot be fetched here: {e}")
+    spec = load_default()
+    # Only the model is asked for: it cannot boot Linux, so its row is skipped with the reason.
+    rows, skipped = measure_linux(spec, [Config("model", "exit")], hardware_kvm=False, files=files)
+    assert [r.label for r in rows] == ["qemu tcg"], skipped
+    qemu = rows[0]
+    assert qemu.source == "initramfs" and qemu.powered_off and qemu.ended == "power-off"
+    assert qemu.devices == len(list(spec.topology.functions()))  # and measure_linux checked each of them
+    assert qemu.boot_seconds is not None and 0 < qemu.boot_seconds <= qemu.run_seconds
+    assert "model" in skipped and "qemu kvm" in skipped
+
+    try:
+        clock = tsc_clock()
+    except TscUnknown as e:
+        pytest.skip(f"no TSC frequency for BenchResults: {e}")
+    results = BenchResults(QUICK, host_info(), clock, Configs(), "now", linux_measured=True)
+    results.linux, results.linux_skipped = rows, skipped
+    table = "\n".join(linux_table(results))
+    assert "| qemu tcg |" in table and "no `model` row" in table
+    data = results.as_json()["linux"]
+    assert data["measured"] and data["rows"][0]["label"] == "qemu tcg"
+
+
+def test_linux_gets_enough_ram():
+    spec = load_default()
+    assert with_linux_ram(spec).ram_mib == max(spec.ram_mib, MIN_RAM_MIB)
+    assert with_linux_ram(with_linux_ram(spec)) == with_linux_ram(spec)

@@ -1,0 +1,106 @@
+"""`pcihole linux fetch` and `pcihole run --linux` through the real command line (`python -m pcihole.cli`
+in a subprocess): what they print, their one-line errors and exit statuses.
+
+The full `run --linux` boot takes seconds on hardware KVM but about ten minutes on a software KVM
+(PVM); here it runs only on hardware KVM or with PCIHOLE_LINUX_BOOT=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pcihole.bench.host import hardware_kvm
+from pcihole.hv import kvm_available
+from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
+from pcihole.machine.machinefile import load_default
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pcihole(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pcihole.cli", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def one_error(proc, status: int) -> str:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pcihole: error: "), proc.stderr
+    assert proc.returncode == status, (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cached():
+    try:
+        return fetch_kernel(), fetch_busybox()
+    except LinuxFetchError as e:
+        pytest.skip(f"the Debian kernel cannot be fetched here: {e}")
+
+
+def test_linux_fetch_prints_the_cached_files(cached):
+    proc = pcihole("linux", "fetch")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["kernel", "busybox"]
+    paths = [Path(ln.split()[1]) for ln in lines]
+    assert paths == list(cached)
+    assert all(p.is_file() for p in paths)
+
+
+def test_linux_and_kernel_together_is_bad_input(tmp_path):
+    line = one_error(pcihole("run", "--linux", "--kernel", str(tmp_path / "vmlinux")), 2)
+    assert "--linux" in line and "--kernel" in line
+
+
+def test_linux_without_apt_is_one_line(tmp_path):
+    """An empty cache and no apt on PATH: the host cannot give the kernel, exit 1 before any guest."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    line = one_error(pcihole("run", "--linux", env=env), 1)
+    assert "apt-cache not found" in line
+    line = one_error(pcihole("linux", "fetch", env=env), 1)
+    assert "apt-cache not found" in line
+
+
+def test_linux_timeout_is_checked_before_anything(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    line = one_error(pcihole("run", "--linux", "--timeout", "0", env=env), 2)
+    assert "--timeout" in line
+
+
+BOOT_HERE = hardware_kvm() or os.environ.get("PCIHOLE_LINUX_BOOT") == "1"
+
+
+@pytest.mark.kvm
+@pytest.mark.slow
+@pytest.mark.skipif(kvm_available() is not None, reason=f"/dev/kvm: {kvm_available()}")
+@pytest.mark.skipif(
+    not BOOT_HERE, reason="a Linux boot takes ~10 min on a software KVM (set PCIHOLE_LINUX_BOOT=1)"
+)
+def test_run_linux_json_lists_the_default_machine(cached):
+    proc = pcihole("run", "--linux", "--backend", "kvm", "--strategy", "ro-alias", "--json", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    linux = data["linux"]
+    assert linux.keys() >= {"devices", "boot_seconds", "ecam_reads"}
+    expected = sorted(str(f.bdf) for f in load_default().topology.functions())
+    assert sorted(d["bdf"] for d in linux["devices"]) == expected
+    assert linux["devices"][0].keys() == data["devices"][0].keys()
+
+
+def test_linux_on_the_model_is_refused_before_anything(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    line = one_error(pcihole("run", "--linux", "--backend", "model", env=env), 2)
+    assert "kvm backend" in line and "interrupts" in line
