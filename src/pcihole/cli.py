@@ -215,7 +215,7 @@ def _raise_if_signalled(stop: Stop | None) -> None:
 
 
 def _run(args: argparse.Namespace, stops: StopRequest) -> int:
-    from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine, default_kernel
+    from pcihole.machine.builder import default_kernel
 
     if args.timeout is None:
         args.timeout = LINUX_TIMEOUT if args.linux else DEFAULT_TIMEOUT
@@ -258,30 +258,18 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
             out.write(b)
             out.flush()
 
-    try:
-        machine = build_machine(
-            spec,
-            backend=args.backend,
-            strategy=args.strategy,
-            kernel=kernel,
-            kernel_name=kernel_name,
-            cmdline=cmdline,
-            serial_sink=sink,
-            initrd=initrd,
-            host_quirks=args.host_quirks,
-            quirk_kernel_args=bool(args.kernel),
-        )
-    except HostUnavailable as e:
-        raise RunFailed(str(e)) from None
-    except MachineBuildError as e:
-        raise UsageError(str(e)) from None
+    machine = _build(
+        spec,
+        args,
+        kernel=kernel,
+        kernel_name=kernel_name,
+        cmdline=cmdline,
+        serial_sink=sink,
+        initrd=initrd,
+        quirk_kernel_args=bool(args.kernel),
+    )
     with machine:
-        try:
-            result = machine.run(timeout=timeout, stops=stops)
-        except OSError as e:
-            raise RunFailed(
-                f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
-            ) from None
+        result = _run_machine(machine, kernel_name, timeout=timeout, stops=stops)
         tree = _tree(result, machine) if args.tree else None
     if result.stop.reason == StopReason.SIGNAL:
         return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
@@ -327,6 +315,29 @@ def _tree(result, machine) -> str:
     )
 
 
+def _build(spec, args: argparse.Namespace, **what):
+    """The machine for `pcihole run` (`what`: the kernel, its command line, initrd, serial sink...):
+    bad input is a UsageError, a host that cannot run it a RunFailed."""
+    from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine
+
+    try:
+        return build_machine(
+            spec, backend=args.backend, strategy=args.strategy, host_quirks=args.host_quirks, **what
+        )
+    except HostUnavailable as e:
+        raise RunFailed(str(e)) from None
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+
+
+def _run_machine(machine, kernel_name: str, **how):
+    """machine.run(**how); a backend failure while the guest runs is a RunFailed naming the kernel."""
+    try:
+        return machine.run(**how)
+    except OSError as e:
+        raise RunFailed(f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}") from None
+
+
 def _linux_inputs(append: str | None) -> tuple[bytes, str, bytes, str]:
     """(vmlinux, its name, the initramfs, the command line; the builder adds the host quirks'
     arguments) for --linux; RunFailed if the kernel or busybox cannot be fetched (apt missing, package unavailable: the host's fault, not the input's)."""
@@ -357,7 +368,6 @@ LINUX_FAILED_STOPS = (
 def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: StopRequest) -> int:
     from pcihole.linux import MIN_RAM_MIB
     from pcihole.linux.console import BootClock, linux_stop_line, parse_linux_console
-    from pcihole.machine.builder import HostUnavailable, MachineBuildError, build_machine
 
     kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
     if spec.ram_mib < MIN_RAM_MIB:
@@ -375,35 +385,23 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
         err.flush()
 
     clock = BootClock(forward=None if args.json else to_stderr)
-    try:
-        machine = build_machine(
-            spec,
-            backend=args.backend,
-            strategy=args.strategy,
-            kernel=kernel,
-            kernel_name=kernel_name,
-            cmdline=cmdline,
-            initrd=initrd,
-            serial_sink=clock,
-            host_quirks=args.host_quirks,
-            quirk_kernel_args=True,
-        )
-    except HostUnavailable as e:
-        raise RunFailed(str(e)) from None
-    except MachineBuildError as e:
-        raise UsageError(str(e)) from None
+    machine = _build(
+        spec,
+        args,
+        kernel=kernel,
+        kernel_name=kernel_name,
+        cmdline=cmdline,
+        initrd=initrd,
+        serial_sink=clock,
+        quirk_kernel_args=True,
+    )
     with machine:
         if machine.hv.name == "model":  # --backend auto where /dev/kvm does not open
             raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
         clock.restart()
-        try:
-            result = machine.run(
-                timeout=timeout, stops=stops, until_serial=linux_stop_line(machine.quirks.active)
-            )
-        except OSError as e:
-            raise RunFailed(
-                f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
-            ) from None
+        result = _run_machine(
+            machine, kernel_name, timeout=timeout, stops=stops, until_serial=linux_stop_line(machine.quirks.active)
+        )
     if result.stop.reason == StopReason.SIGNAL:
         return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
     report = parse_linux_console(result.serial)
