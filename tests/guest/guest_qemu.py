@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from pcihole.guest import IMAGE_PATH
+from tests.qemu_process import QEMU, QemuProcess
 
-QEMU = shutil.which("qemu-system-x86_64")
 BASE_ARGS = ["-accel", "kvm", "-nodefaults", "-display", "none", "-no-reboot", "-m", "128"]
 EXIT_DEVICE = ["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
@@ -55,68 +49,15 @@ def run(machine: str, devices: list[str], append: str | None = None, timeout: fl
     return proc.returncode, proc.stdout
 
 
-class Session:
+class Session(QemuProcess):
     """QEMU started paused (-S) with QMP on a unix socket and the serial port in a file, no isa-debug-exit:
     the guest halts at the end and QEMU stays up, so the test can query it and read guest memory."""
 
     def __init__(self, machine: str, devices: list[str], append: str | None = None):
-        self.dir = Path(tempfile.mkdtemp(prefix="phq"))  # short: unix socket paths are limited to 108 bytes
-        self.sock_path = self.dir / "qmp.sock"
-        self.serial_path = self.dir / "serial.txt"
-        args = [
-            QEMU,
-            "-M",
-            machine,
-            *BASE_ARGS,
-            "-S",
-            "-qmp",
-            f"unix:{self.sock_path},server=on,wait=off",
-            "-serial",
-            f"file:{self.serial_path}",
-            "-kernel",
-            str(IMAGE_PATH),
-            *devices,
-        ]
+        args = ["-M", machine, *BASE_ARGS, "-S", "-kernel", str(IMAGE_PATH), *devices]
         if append is not None:
             args += ["-append", append]
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        # QEMU creates the socket file before it listens on it: retry a refused connect until it
-        # listens (a connect as soon as the file exists was refused now and then on a loaded machine).
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(
-                    f"QEMU did not start: {self.proc.stderr.read() if self.proc.stderr else ''}"
-                )
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(20)
-            try:
-                self.sock.connect(str(self.sock_path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                time.sleep(0.02)
-        self.f = self.sock.makefile("rw")
-        greeting = json.loads(self.f.readline())
-        assert "QMP" in greeting
-        self.qmp("qmp_capabilities")
-
-    def qmp(self, command: str, **arguments):
-        msg = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            reply = json.loads(self.f.readline())
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def serial(self) -> str:
-        return self.serial_path.read_text(errors="replace") if self.serial_path.exists() else ""
+        super().__init__(args, prefix="phq")
 
     def wait_done(self, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
@@ -131,23 +72,6 @@ class Session:
         out = self.dir / f"mem-{addr:x}.bin"
         self.qmp("pmemsave", val=addr, size=size, filename=str(out))
         return out.read_bytes()
-
-    def close(self):
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            self.qmp("quit")
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def flatten_query_pci(buses: list[dict]) -> list[dict]:

@@ -6,12 +6,6 @@ asks QEMU itself which functions the machine has (`query-pci`), after Linux has 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +13,8 @@ import pytest
 
 from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.linux.initramfs import build_initramfs
+from tests.qemu_process import QEMU, QemuProcess
 
-QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = [
     pytest.mark.qemu,
     pytest.mark.slow,
@@ -39,58 +33,23 @@ def linux_files(tmp_dir: Path) -> tuple[Path, Path]:
     return vmlinux, initrd
 
 
-class LinuxOnQemu:
+class LinuxOnQemu(QemuProcess):
     """`qemu-system-x86_64 -M q35 -accel tcg -kernel vmlinux -initrd ...`, QMP on a unix socket,
     serial in a file."""
 
     def __init__(self, vmlinux: Path, initrd: Path, append: str, devices: list[str]):
-        self.dir = Path(tempfile.mkdtemp(prefix="phl"))  # short: unix socket paths are limited
-        self.sock_path = self.dir / "qmp.sock"
-        self.serial_path = self.dir / "serial.txt"
-        args = [
-            QEMU or "qemu-system-x86_64",
-            "-M", "q35", "-accel", "tcg", "-m", "256",
-            "-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown",
-            "-qmp", f"unix:{self.sock_path},server=on,wait=off",
-            "-serial", f"file:{self.serial_path}",
-            "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", append,
-            *devices,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 20
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        while True:  # the socket file appears at bind(), before QEMU listens: retry until it does
-            try:
-                self.sock.connect(str(self.sock_path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.sock.close()
-                    raise RuntimeError(
-                        f"QEMU did not start: {self.proc.stderr.read() if self.proc.stderr else ''}"
-                    ) from None
-                time.sleep(0.02)
-        self.f = self.sock.makefile("rw")
-        assert "QMP" in json.loads(self.f.readline())
-        self.qmp("qmp_capabilities")
-
-    def qmp(self, command: str, **arguments):
-        self.f.write(
-            json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})}) + "\n"
-        )
-        self.f.flush()
-        while True:
-            reply = json.loads(self.f.readline())
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
+        super().__init__(
+            [
+                "-M", "q35", "-accel", "tcg", "-m", "256",
+                "-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown",
+                "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", append,
+                *devices,
+            ],
+            prefix="phl",
+        )  # fmt: skip
 
     def console(self) -> str:
-        return self.serial_path.read_text(errors="replace") if self.serial_path.exists() else ""
+        return self.serial()
 
     def wait_powered_off(self, timeout: float = 120) -> str:
         """The console once the guest has stopped (QMP status 'shutdown' after /init's poweroff)."""
@@ -104,23 +63,6 @@ class LinuxOnQemu:
         raise TimeoutError(
             f"Linux did not power off in {timeout} s; console tail: {self.console()[-2000:]!r}"
         )
-
-    def close(self):
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            self.qmp("quit")
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def query_pci_functions(buses: list[dict]) -> list[tuple[str, int, int, int, int]]:
