@@ -106,7 +106,7 @@ def build_machine(
         raise HostUnavailable(f"cannot open the {backend} backend: {_without_prefix(str(e), backend)}") from e
     except OSError as e:
         raise HostUnavailable(f"cannot open the {backend} backend: {e}") from e
-    vm = memory = None
+    vm = memory = host_bridge = None
     step = "create the VM"
     try:
         try:
@@ -125,6 +125,8 @@ def build_machine(
             irq_lines = vm  # type: ignore[assignment]
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
+        if memory.strategy.maps_mirrors:
+            host_bridge.use_mirrors()
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
             raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
@@ -244,6 +246,8 @@ def build_machine(
             vm.close()
         if memory is not None:
             memory.close()
+        if host_bridge is not None:
+            host_bridge.close_mirrors()
         hv.close()
         if isinstance(e, OSError):
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
@@ -302,7 +306,8 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
         if page > cursor:
             out.append(replace(hole, range=GuestRange.from_bounds(cursor, page)))
         handler = ConfigPage(host_bridge, page)
-        out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, underlay=replace(hole, range=rng)))
+        mirror = host_bridge.mirror_hva(page)
+        out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, mirror=mirror, underlay=replace(hole, range=rng)))
         cursor = rng.end
     if cursor < hole.range.end:
         out.append(replace(hole, range=GuestRange.from_bounds(cursor, hole.range.end)))

@@ -5,6 +5,8 @@
   hole answers with it, so does the host bridge for an absent function's bytes.
 - Each present function's 4 KiB ECAM page is punched out of its segment's hole as an Mmio region
   whose handler is the function's `ConfigPage` (pci/config_page.py).
+- Where the hole strategy maps memslots, each present page is backed by a read-only slot over its
+  function's mirror page (pci/config_mirror.py): reads cost no exit, writes exit and are emulated.
 - Hot-plug: the host bridge announces pages becoming present or absent (`HotplugWiring`), and the
   memory map punches or fills them. The host bridge announces a page present before the function
   enters its table and absent after it has left, so every read in between is answered with the
@@ -46,7 +48,12 @@ class HotplugWiring:
 
     def __call__(self, page_gpa: int, present: bool) -> None:
         if present:
-            self.memory.punch_page(page_gpa, ConfigPage(self.host_bridge, page_gpa), name=f"ecam page {page_gpa:#x}")
+            self.memory.punch_page(
+                page_gpa,
+                ConfigPage(self.host_bridge, page_gpa),
+                name=f"ecam page {page_gpa:#x}",
+                mirror=self.host_bridge.mirror_hva(page_gpa),
+            )
         else:
             self.memory.fill_page(page_gpa)
         self.changes += 1

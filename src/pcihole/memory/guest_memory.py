@@ -27,7 +27,7 @@ from pcihole.memory.address import GuestAddress, page_range
 from pcihole.memory.layout_change import LayoutChange
 from pcihole.memory.map_view import MapInForce, MapView
 from pcihole.memory.memory_map import MemoryMap
-from pcihole.memory.region import MmioHandler, Ram, Region, Rom
+from pcihole.memory.region import Mmio, MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_allocator import SlotAllocator
 from pcihole.memory.strategies import HoleStrategy, make_strategy
 from pcihole.memory.strategies.base import SlotSpec
@@ -87,10 +87,12 @@ class GuestMemory:
         with self._lock:
             self._apply(edit(self.view.in_force.map))
 
-    def punch_page(self, addr: GuestAddress | int, handler: MmioHandler, name: str = "") -> None:
+    def punch_page(
+        self, addr: GuestAddress | int, handler: MmioHandler, name: str = "", mirror: int | None = None
+    ) -> None:
         """Carve the page at addr (e.g. a present function's config page) out of its hole; the VMM
-        answers it through `handler`."""
-        self._change(lambda m: m.punch(page_range(addr), handler, name))
+        answers it through `handler` (reads from `mirror`, where the strategy maps one)."""
+        self._change(lambda m: m.punch(page_range(addr), handler, name, mirror))
 
     def fill_page(self, addr: GuestAddress | int) -> None:
         """Give a punched page back to its hole."""
@@ -103,6 +105,8 @@ class GuestMemory:
         new_backings: list[Region] = []
         try:
             static = [self._memory_slot(r, new_backings) for r in new_map if isinstance(r, Ram | Rom)]
+            if self.strategy.maps_mirrors:
+                static += [self._mirror_slot(r) for r in new_map if isinstance(r, Mmio) and r.mirror is not None]
             layout = self.strategy.layout(new_map.holes(), self.slots.limit - len(static))
         except BaseException:
             self._drop_backings(new_backings)
@@ -140,6 +144,14 @@ class GuestMemory:
                 mprotect_raw(backing.addr, backing.size, PROT_READ)
         flags = int(KvmMemFlag.KVM_MEM_READONLY) if isinstance(region, Rom) else 0
         return SlotSpec(region.range, flags, backing.addr)
+
+    @staticmethod
+    def _mirror_slot(region: Mmio) -> SlotSpec:
+        """A read-only slot over the region's mirror: reads never exit, writes exit to its handler
+        (no coalesced zone ever covers an Mmio region: zones are made over holes only, so a write
+        to a mirrored page is never swallowed by the ring and read back stale)."""
+        assert region.mirror is not None
+        return SlotSpec(region.range, int(KvmMemFlag.KVM_MEM_READONLY), region.mirror)
 
     def _drop_backings(self, regions: Iterable[Region]) -> None:
         for r in list(regions):

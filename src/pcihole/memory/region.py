@@ -98,15 +98,22 @@ class Hole(Region):
 
 @dataclass(frozen=True)
 class Mmio(Region):
-    """Emulated by the VMM: every access exits and goes to `handler`."""
+    """Emulated by the VMM: every access exits and goes to `handler`, unless it has a mirror."""
 
     handler: MmioHandler | None = None
+    #: The host address of a read-only image of the region's bytes, which the handler keeps
+    #: current (e.g. a PCI function's config space, pci/config_mirror.py). Strategies that map
+    #: memslots back the region with a KVM_MEM_READONLY slot over it: reads are served from it with
+    #: no exit, writes still exit to `handler`. None: every access exits.
+    mirror: int | None = None
     #: The hole this region was punched out of, restored by MemoryMap.fill().
     underlay: Hole | None = None
 
     def __post_init__(self) -> None:
         if self.handler is None:
             raise ValueError(f"{self.describe()}: an Mmio region needs a handler")
+        if self.mirror is not None:
+            _require_pages(self)
 
 
 def _require_pages(region: Region) -> None:

@@ -80,6 +80,9 @@ class HoleStrategy(ABC):
     name: ClassVar[str]
     #: Reads of absent pages never exit (where the layout covers them).
     reads_exit: ClassVar[bool] = False
+    #: Mmio regions with a mirror get a read-only slot over it (their reads do not exit). Every
+    #: strategy that maps memslots does; `exit` does not, so that every access exits, as in QEMU.
+    maps_mirrors: ClassVar[bool] = True
 
     def __init__(self, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None) -> None:
         self.hypervisor = hypervisor

@@ -16,6 +16,7 @@ from pcihole.memory.strategies.base import HoleLayout, HoleStrategy
 class ExitStrategy(HoleStrategy):
     name = "exit"
     reads_exit = True
+    maps_mirrors = False
 
     def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
         zones, zoneless = self.write_zones(holes)
