@@ -1,0 +1,206 @@
+"""Read-only mirrors of present functions' config spaces: no exit on reads, never a stale byte.
+
+A guest (the table-driven test guest) runs random sequences of config writes with read-backs
+(BAR sizing: all-ones then read; RW1C status bits; random registers; writes to absent functions,
+which with writes="trap" set AER status in a root port), then reads every byte of every function;
+the host hot-adds a function between two such tables (the root port's slot status changes without
+any guest write). Every value the guest read under a mirroring strategy must equal what it read
+under `exit`, where every access exits and is answered by the host bridge, on the same backend.
+And the mirroring strategies must not exit on a single read of a present function.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
+from guestasm import assemble
+from pcihole.hv import exits, kvm_available, open_backend, x86_cpu_state
+from pcihole.machine.builder import punched_hole
+from pcihole.machine.bus import Bus
+from pcihole.machine.dispatch import ExitHandler
+from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
+from pcihole.machine.stats import RunStats
+from pcihole.memory import GuestMemory, GuestRange, MemoryMap, Ram
+from pcihole.pci.bdf import Bdf
+from pcihole.pci.host_bridge import HostBridge
+from pcihole.pci.topology import BarSpec, EndpointSpec, RootPortSpec, Segment, Topology
+
+ECAM = 0xE0000000
+CODE, STACK, TABLE, PAGE_TABLES, RAM_SIZE = 0x1000, 0x8000, 0x10000, 0x100000, 2 << 20
+KVM_UNAVAILABLE = kvm_available()
+MIRRORED = {"kvm": ("ro-filled", "ro-alias"), "model": ("ro-filled", "ro-alias", "native", "mmio-bus")}
+CASES = [
+    pytest.param(b, s, w, id=f"{b}-{s}-{w}", marks=[pytest.mark.kvm] if b == "kvm" else [])
+    for b, strategies in MIRRORED.items()
+    for s in strategies
+    for w in ("discard", "trap")
+]
+HOT_ADDED = EndpointSpec(Bdf(0, 2, 0, 0), 0x1AF4, 0x1042, 0x010000, bars=(BarSpec(0, "mem32", 0x4000),))
+ABSENT = [Bdf(0, 2, 3, 0), Bdf(0, 7, 0, 0), Bdf(0, 0, 9, 0)]  # below port 00:01.1, below no port, root bus
+
+
+def topology(writes: str) -> Topology:
+    return Topology(
+        segments=(Segment(0, ECAM, 0, 15, writes=writes),),
+        root_ports=(
+            RootPortSpec(Bdf(0, 0, 1, 0), secondary=1, subordinate=1),
+            RootPortSpec(Bdf(0, 0, 1, 1), secondary=2, subordinate=3),
+        ),
+        endpoints=(
+            EndpointSpec(
+                Bdf(0, 1, 0, 0), 0x1AF4, 0x1041, 0x020000,
+                bars=(BarSpec(1, "mem32", 0x1000), BarSpec(4, "mem64", 0x4000, prefetchable=True)),
+            ),
+            EndpointSpec(Bdf(0, 0, 0x1F, 0), 0x8086, 0x2918, 0x060100),
+            EndpointSpec(Bdf(0, 0, 0x1F, 3), 0x8086, 0x2930, 0x0C0500, bars=(BarSpec(4, "io", 0x20),)),
+        ),
+    )  # fmt: skip
+
+
+def open_hv(name: str):
+    if name == "kvm" and KVM_UNAVAILABLE is not None:
+        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
+    return open_backend(name)
+
+
+def page(bdf: Bdf) -> int:
+    return ECAM + (bdf.bus << 20 | bdf.device << 15 | bdf.function << 12)
+
+
+class MirrorRig:
+    """GuestMemory + HostBridge + ECAM window on a bus, wired as the machine builder wires them."""
+
+    def __init__(self, backend: str, strategy: str, writes: str) -> None:
+        self.hv = open_hv(backend)
+        self.vm = self.hv.create_vm()
+        self.mem = GuestMemory(self.hv, self.vm, strategy)
+        self.bridge = HostBridge(topology(writes))
+        if self.mem.strategy.maps_mirrors:
+            self.bridge.use_mirrors()
+        (seg,) = self.bridge.segments
+        regions = [Ram(GuestRange.from_size(0, RAM_SIZE), "ram")]
+        regions += punched_hole(segment_hole(seg, self.bridge), self.bridge.present_pages(), self.bridge)
+        self.mem.update(MemoryMap(regions))
+        self.bridge.add_listener(HotplugWiring(self.bridge, self.mem))
+        self.stats = RunStats()
+        mmio = Bus("mmio")
+        mmio.insert(EcamWindow(self.mem.view, self.bridge, self.stats), seg.window_base, seg.window_size, "ECAM")
+        self.handler = ExitHandler(mmio, Bus("port"), self.stats)
+        self.code = assemble(access_table_guest(TABLE), bits=64, org=CODE)
+        self.vcpu = self.vm.create_vcpu(0)
+
+    def run_table(self, ops: list[tuple[int, int, int]]) -> tuple[list[int], Counter[str]]:
+        self.mem.write_guest(CODE, self.code)
+        self.mem.write_guest(TABLE, pack_table(ops))
+        x86_cpu_state.enter_long_mode(
+            self.vcpu, CODE, page_tables_gpa=PAGE_TABLES, write_guest=self.mem.write_guest, rsp=STACK
+        )
+        counts: Counter[str] = Counter()
+        for _ in range(200_000):
+            exit_ = self.vcpu.run()
+            counts[type(exit_).__name__] += 1
+            rest = self.mem.view.coalesced(self.vcpu.drain_coalesced_mmio())
+            assert rest == []
+            if isinstance(exit_, exits.Hlt):
+                break
+            assert isinstance(exit_, exits.MmioRead | exits.MmioWrite), exit_
+            answer = self.handler.handle(exit_)
+            if isinstance(exit_, exits.MmioRead):
+                assert isinstance(answer, bytes)
+                self.vcpu.complete_read(answer)
+        else:
+            raise AssertionError("the guest did not finish")
+        raw = self.mem.read_guest(TABLE + 8, len(ops) * ENTRY.size)
+        return read_results(raw, len(ops)), counts
+
+    def close(self) -> None:
+        self.mem.close()
+        self.vm.close()
+        self.bridge.close_mirrors()
+        self.hv.close()
+
+
+def random_writes(rng: random.Random, present: list[Bdf], count: int) -> list[tuple[int, int, int]]:
+    """Writes, each read back at once with the same size: BAR sizing, RW1C, random registers,
+    and writes to absent functions."""
+    ops = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.15:
+            target = page(rng.choice(ABSENT))
+            size = 4
+            addr, value = target + rng.randrange(0, 0x100, 4), rng.getrandbits(32)
+        else:
+            target = page(rng.choice(present))
+            if kind < 0.4:  # BAR sizing (type 1 headers have two BARs, then bus numbers)
+                size, addr, value = 4, target + 0x10 + 4 * rng.randrange(6), 0xFFFFFFFF
+            elif kind < 0.55:  # RW1C: the status register, all ones
+                size, addr, value = 2, target + 0x06, 0xFFFF
+            else:
+                size = rng.choice((1, 2, 4))
+                offset = rng.randrange(0, 0x200 if rng.random() < 0.8 else 0x1000, size)
+                addr, value = target + offset, rng.getrandbits(8 * size)
+        ops.append((addr, WRITE | size, value))
+        ops.append((addr, size, 0))
+    return ops
+
+
+def read_everything(pages: list[int]) -> list[tuple[int, int, int]]:
+    return [(p + off, 8, 0) for p in pages for off in range(0, 0x1000, 8)]
+
+
+def scenario(rig: MirrorRig, seed: int) -> tuple[list[int], Counter[str], int]:
+    """Random writes and read-backs; a full read; a hot-add; more writes; a full read again.
+    Returns every value the guest read, the exits, and how many writes went to present pages."""
+    rng = random.Random(seed)
+    present = [fn.bdf for fn in rig.bridge.devices()]
+    first = random_writes(rng, present, 60) + read_everything([page(b) for b in present + ABSENT])
+    results, counts = rig.run_table(first)
+    rig.bridge.add_function(HOT_ADDED)
+    present.append(HOT_ADDED.bdf)
+    second = random_writes(rng, present, 60) + read_everything([page(b) for b in present + ABSENT])
+    more, more_counts = rig.run_table(second)
+    ops = first + second
+    present_pages = {page(b) for b in present}
+    writes_to_present = sum(1 for a, op, _ in ops if op & WRITE and a & ~0xFFF in present_pages)
+    return results + more, counts + more_counts, writes_to_present
+
+
+@pytest.mark.parametrize(("backend", "strategy", "writes"), CASES)
+def test_mirrored_reads_equal_exit_reads_and_never_exit(backend, strategy, writes):
+    outcomes = {}
+    for name in ("exit", strategy):
+        rig = MirrorRig(backend, name, writes)
+        try:
+            outcomes[name] = scenario(rig, seed=13)
+        finally:
+            rig.close()
+    want, exit_counts, writes_to_present = outcomes["exit"]
+    got, counts, _ = outcomes[strategy]
+    mismatches = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
+    assert mismatches == [], f"{len(mismatches)} reads differ from exit's, first at op {mismatches[0]}"
+    assert exit_counts["MmioRead"] > 1000  # exit really exited on every read
+    # Mirrored: no read exits; every write to a present function exits (the slot is read-only and
+    # no coalesced zone covers it), so the emulation sees each one.
+    assert counts["MmioRead"] == 0
+    assert counts["MmioWrite"] >= writes_to_present
+
+
+def test_the_mirror_page_is_the_config_space_and_blank_once_the_function_left():
+    rig = MirrorRig("model", "ro-alias", "discard")
+    try:
+        mirror_page = rig.bridge.mirror_hva(page(HOT_ADDED.bdf))
+        assert mirror_page is not None
+        fn = rig.bridge.add_function(HOT_ADDED)
+        assert fn.config.read_int(0, 4) == 0x10421AF4
+        view = rig.bridge._mirror_of(page(HOT_ADDED.bdf)).page(page(HOT_ADDED.bdf))
+        assert bytes(view[:4]) == bytes.fromhex("f41a4210")
+        rig.bridge.remove_function(HOT_ADDED.bdf)
+        assert bytes(view) == b"\xff" * 0x1000
+        assert fn.config.read_int(0, 4) == 0x10421AF4  # the departed function keeps a private copy
+    finally:
+        rig.close()
