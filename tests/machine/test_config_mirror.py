@@ -88,7 +88,9 @@ class MirrorRig:
         self.bridge.add_listener(HotplugWiring(self.bridge, self.mem))
         self.stats = RunStats()
         mmio = Bus("mmio")
-        mmio.insert(EcamWindow(self.mem.view, self.bridge, self.stats), seg.window_base, seg.window_size, "ECAM")
+        mmio.insert(
+            EcamWindow(self.mem.view, self.bridge, self.stats), seg.window_base, seg.window_size, "ECAM"
+        )
         self.handler = ExitHandler(mmio, Bus("port"), self.stats)
         self.code = assemble(access_table_guest(TABLE), bits=64, org=CODE)
         self.vcpu = self.vm.create_vcpu(0)
