@@ -195,7 +195,7 @@ def test_mirrored_reads_equal_exit_reads_and_never_exit(backend, strategy, write
 def test_the_mirror_page_is_the_config_space_and_blank_once_the_function_left():
     rig = MirrorRig("model", "ro-alias", "discard")
     try:
-        mirror_page = rig.bridge.mirror_hva(page(HOT_ADDED.bdf))
+        mirror_page = rig.bridge.mirror_page(page(HOT_ADDED.bdf))
         assert mirror_page is not None
         fn = rig.bridge.add_function(HOT_ADDED)
         assert fn.config.read_int(0, 4) == 0x10421AF4

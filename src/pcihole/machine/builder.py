@@ -306,7 +306,7 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
         if page > cursor:
             out.append(replace(hole, range=GuestRange.from_bounds(cursor, page)))
         handler = ConfigPage(host_bridge, page)
-        mirror = host_bridge.mirror_hva(page)
+        mirror = host_bridge.mirror_page(page)
         out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, mirror=mirror, underlay=replace(hole, range=rng)))
         cursor = rng.end
     if cursor < hole.range.end:

@@ -52,7 +52,7 @@ class HotplugWiring:
                 page_gpa,
                 ConfigPage(self.host_bridge, page_gpa),
                 name=f"ecam page {page_gpa:#x}",
-                mirror=self.host_bridge.mirror_hva(page_gpa),
+                mirror=self.host_bridge.mirror_page(page_gpa),
             )
         else:
             self.memory.fill_page(page_gpa)

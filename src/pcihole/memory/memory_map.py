@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from pcihole.memory.address import GuestAddress, GuestRange, page_range
-from pcihole.memory.region import Hole, Mmio, MmioHandler, Region
+from pcihole.memory.region import Hole, MirrorPage, Mmio, MmioHandler, Region
 
 
 class MemoryMapError(ValueError):
@@ -102,7 +102,7 @@ class MemoryMap:
             raise MemoryMapError(f"not in the map: {', '.join(r.describe() for r in missing)}")
         return MemoryMap(r for r in self._regions if r not in removed)
 
-    def punch(self, rng: GuestRange, handler: MmioHandler, name: str = "", mirror: int | None = None) -> MemoryMap:
+    def punch(self, rng: GuestRange, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None) -> MemoryMap:
         """Carve rng out of the one hole that covers it; rng becomes an Mmio region answered by handler.
 
         Used for a present function's 4 KiB page. The Mmio region remembers the hole (`underlay`)
@@ -118,7 +118,7 @@ class MemoryMap:
         return MemoryMap((*(r for r in self._regions if r is not hole), *pieces, mmio))
 
     def punch_page(
-        self, addr: GuestAddress | int, handler: MmioHandler, name: str = "", mirror: int | None = None
+        self, addr: GuestAddress | int, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None
     ) -> MemoryMap:
         return self.punch(page_range(addr), handler, name, mirror)
 

@@ -96,16 +96,26 @@ class Hole(Region):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorPage:
+    """A read-only image of an Mmio region's bytes that its handler keeps current: mapped by the
+    VMM at `hva`, and page `offset` of the file `fd` (so a strategy can map it elsewhere too)."""
+
+    hva: int
+    fd: int
+    offset: int
+
+
 @dataclass(frozen=True)
 class Mmio(Region):
     """Emulated by the VMM: every access exits and goes to `handler`, unless it has a mirror."""
 
     handler: MmioHandler | None = None
-    #: The host address of a read-only image of the region's bytes, which the handler keeps
-    #: current (e.g. a PCI function's config space, pci/config_mirror.py). Strategies that map
-    #: memslots back the region with a KVM_MEM_READONLY slot over it: reads are served from it with
-    #: no exit, writes still exit to `handler`. None: every access exits.
-    mirror: int | None = None
+    #: A read-only image of the region's bytes, which the handler keeps current (e.g. a PCI
+    #: function's config space, pci/config_mirror.py). Strategies that map memslots back the region
+    #: with it (a KVM_MEM_READONLY slot over its hva, or its page mapped into the hole's arena):
+    #: reads are served from it with no exit, writes still exit to `handler`. None: every access exits.
+    mirror: MirrorPage | None = None
     #: The hole this region was punched out of, restored by MemoryMap.fill().
     underlay: Hole | None = None
 
@@ -123,6 +133,7 @@ def _require_pages(region: Region) -> None:
 
 __all__ = [
     "Hole",
+    "MirrorPage",
     "Mmio",
     "MmioHandler",
     "Ram",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 from pcihole.host.mman import MAP_SHARED, PROT_READ, PROT_WRITE, HostMapping, mmap_raw
+from pcihole.memory.region import MirrorPage
 
 from .ecam import CONFIG_SPACE_SIZE
 from .topology import Segment
@@ -55,6 +56,10 @@ class ConfigMirror:
     def hva(self, page_gpa: int) -> int:
         """The host address of the page: the userspace_addr of its read-only memslot."""
         return self.mapping.addr + self.offset(page_gpa)
+
+    def mirror_page(self, page_gpa: int) -> MirrorPage:
+        """The page as the memory map takes it: its host address, and its place in the memfd."""
+        return MirrorPage(self.hva(page_gpa), self.fd, self.offset(page_gpa))
 
     def page(self, page_gpa: int) -> memoryview:
         """The page's bytes, writable by the VMM (a function's config space attaches to it)."""

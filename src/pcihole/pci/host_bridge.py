@@ -10,7 +10,7 @@ What the machine layer calls:
 - `add_listener(cb)` / `present_pages()`: the 4 KiB pages (guest-physical) of present functions; the
   memory map punches them out of the hole. `cb(page_gpa, present)` is told about every change.
 - `add_function(spec)` / `remove_function(bdf)`: hot-plug.
-- `use_mirrors()` / `mirror_hva(page)` / `close_mirrors()`: each present function's config space
+- `use_mirrors()` / `mirror_page(page)` / `close_mirrors()`: each present function's config space
   lives in its segment's read-only mirror page (config_mirror.py), which the memory map backs with a
   read-only memslot so reads of present functions do not exit. A page is blanked to the fill before
   it is announced present and after its function left, and the function's space is attached to it
@@ -42,6 +42,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from pcihole.memory.region import MirrorPage
 
 from . import ecam
 from .access import split_access
@@ -206,11 +208,11 @@ class HostBridge:
         assert segment is not None
         return self._mirrors[segment.id]
 
-    def mirror_hva(self, page: int) -> int | None:
-        """The host address of the page's mirror, or None without mirrors."""
+    def mirror_page(self, page: int) -> MirrorPage | None:
+        """The page's mirror (host address, memfd page), or None without mirrors."""
         if not self._mirrors:
             return None
-        return self._mirror_of(page).hva(page)
+        return self._mirror_of(page).mirror_page(page)
 
     def mirror_bytes(self) -> int:
         """Host memory behind the mirrors (the pages of functions ever present)."""
