@@ -12,6 +12,8 @@ And the mirroring strategies must not exit on a single read of a present functio
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -37,7 +39,7 @@ CASES = [
     pytest.param(b, s, w, id=f"{b}-{s}-{w}", marks=[pytest.mark.kvm] if b == "kvm" else [])
     for b, strategies in MIRRORED.items()
     for s in strategies
-    for w in ("discard", "trap")
+    for w in ("discard", "trap", "exit")
 ]
 HOT_ADDED = EndpointSpec(Bdf(0, 2, 0, 0), 0x1AF4, 0x1042, 0x010000, bars=(BarSpec(0, "mem32", 0x4000),))
 ABSENT = [Bdf(0, 2, 3, 0), Bdf(0, 7, 0, 0), Bdf(0, 0, 9, 0)]  # below port 00:01.1, below no port, root bus
@@ -156,7 +158,8 @@ def read_everything(pages: list[int]) -> list[tuple[int, int, int]]:
 
 
 def scenario(rig: MirrorRig, seed: int) -> tuple[list[int], Counter[str], int]:
-    """Random writes and read-backs; a full read; a hot-add; more writes; a full read again.
+    """Random writes and read-backs; a full read; a hot-add; more writes; a full read again; a
+    hot-remove; writes and a full read once more.
     Returns every value the guest read, the exits, and how many writes went to present pages."""
     rng = random.Random(seed)
     present = [fn.bdf for fn in rig.bridge.devices()]
@@ -166,7 +169,11 @@ def scenario(rig: MirrorRig, seed: int) -> tuple[list[int], Counter[str], int]:
     present.append(HOT_ADDED.bdf)
     second = random_writes(rng, present, 60) + read_everything([page(b) for b in present + ABSENT])
     more, more_counts = rig.run_table(second)
-    ops = first + second
+    rig.bridge.remove_function(HOT_ADDED.bdf)
+    third = random_writes(rng, present[:-1], 20) + read_everything([page(b) for b in present + ABSENT])
+    last, last_counts = rig.run_table(third)
+    more, more_counts = more + last, more_counts + last_counts
+    ops = first + second + third
     present_pages = {page(b) for b in present}
     writes_to_present = sum(1 for a, op, _ in ops if op & WRITE and a & ~0xFFF in present_pages)
     return results + more, counts + more_counts, writes_to_present
@@ -204,5 +211,75 @@ def test_the_mirror_page_is_the_config_space_and_blank_once_the_function_left():
         rig.bridge.remove_function(HOT_ADDED.bdf)
         assert bytes(view) == b"\xff" * 0x1000
         assert fn.config.read_int(0, 4) == 0x10421AF4  # the departed function keeps a private copy
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=pytest.mark.kvm), "model"])
+def test_a_guest_reading_a_page_while_its_function_comes_and_goes_sees_fill_or_the_function(backend):
+    """The hole contract's point 5 under remapping: one thread hot-adds and removes the function
+    while the guest reads its vendor/device dword in a loop; every value is all-ones or the
+    function's, never zeros or anything else."""
+    rig = MirrorRig(backend, "ro-alias", "exit")
+    reads = 400_000 if backend == "kvm" else 1_000_000
+    addr = page(HOT_ADDED.bdf)
+    source = f"""
+    mov ${addr:#x}, %edi
+    mov ${reads}, %ecx
+    xor %r9, %r9
+    xor %r10, %r10
+again:
+    movl (%rdi), %eax
+    cmp $0xffffffff, %eax
+    je fill
+    cmp $0x10421af4, %eax
+    je present
+    inc %r9
+    mov %eax, {TABLE + 8:#x}
+    jmp next
+fill:
+    jmp next
+present:
+    inc %r10
+next:
+    dec %ecx
+    jnz again
+    mov %r9, {TABLE:#x}
+    mov %r10, {TABLE + 16:#x}
+    hlt
+"""
+    stop = threading.Event()
+    toggles = 0
+
+    def toggle() -> None:
+        nonlocal toggles
+        while not stop.is_set():
+            rig.bridge.add_function(HOT_ADDED)
+            time.sleep(0.002)  # let the guest see it (the vCPU runs without the GIL)
+            rig.bridge.remove_function(HOT_ADDED.bdf)
+            toggles += 1
+            time.sleep(0.001)
+
+    try:
+        code = assemble(source, bits=64, org=CODE)
+        rig.mem.write_guest(CODE, code)
+        x86_cpu_state.enter_long_mode(
+            rig.vcpu, CODE, page_tables_gpa=PAGE_TABLES, write_guest=rig.mem.write_guest, rsp=STACK
+        )
+        thread = threading.Thread(target=toggle)
+        thread.start()
+        try:
+            exit_ = rig.vcpu.run()
+        finally:
+            stop.set()
+            thread.join()
+        assert isinstance(exit_, exits.Hlt), exit_
+        bad = int.from_bytes(rig.mem.read_guest(TABLE, 8), "little")
+        seen_present = int.from_bytes(rig.mem.read_guest(TABLE + 16, 8), "little")
+        assert bad == 0, (
+            f"{bad} reads saw neither fill nor the function (last {rig.mem.read_guest(TABLE + 8, 4).hex()})"
+        )
+        assert toggles > 0
+        assert seen_present > 0  # the guest did see the function while it was there
     finally:
         rig.close()

@@ -115,16 +115,18 @@ def exit_path_table(results: BenchResults) -> list[str]:
 
 def hotplug_table(results: BenchResults) -> list[str]:
     lines = [
-        "| backend / strategy | punch: memslot create / delete | other ioctls | wall, median | "
-        "fill: memslot create / delete | other ioctls | wall, median | slowest ioctl (punch) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend / strategy | absent writes: policy, exits each | punch: memslot create / delete | "
+        "other ioctls | wall, median | fill: memslot create / delete | other ioctls | wall, median | "
+        "slowest ioctl (punch) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in results.hotplug:
         p, f = h.punch, h.fill
         slowest = max(p.ioctl_seconds.items(), key=lambda kv: kv[1], default=None)
         slowest_text = f"{slowest[0]} {units.duration(slowest[1])}" if slowest else "—"
         lines.append(
-            f"| {h.backend} / {h.strategy} | {p.memslot_creates} / {p.memslot_deletes} | {_ops(p.other_ops)} "
+            f"| {h.backend} / {h.strategy} | {h.writes}, {h.exits_per_absent_write} "
+            f"| {p.memslot_creates} / {p.memslot_deletes} | {_ops(p.other_ops)} "
             f"| {units.duration(p.seconds.median)} | {f.memslot_creates} / {f.memslot_deletes} | {_ops(f.other_ops)} "
             f"| {units.duration(f.seconds.median)} | {slowest_text} |"
         )

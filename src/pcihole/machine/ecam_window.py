@@ -20,20 +20,22 @@ from __future__ import annotations
 
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
+from pcihole.memory.region import WritePolicy
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
-from pcihole.pci.topology import WRITES_TRAP, Segment
+from pcihole.pci.topology import WRITES_EXIT, WRITES_TRAP, Segment
 
 
 def segment_hole(segment: Segment, host_bridge: HostBridge) -> Hole:
     """The hole over a segment's whole ECAM window: its fill, its write policy (trapped writes are
     logged as Unsupported Requests by the host bridge)."""
     trap = segment.writes == WRITES_TRAP
+    writes: WritePolicy = "trap" if trap else "exit" if segment.writes == WRITES_EXIT else "discard"
     return Hole(
         GuestRange.from_size(segment.window_base, segment.window_size),
         f"ecam segment {segment.id}",
         fill=segment.fill,
-        writes="trap" if trap else "discard",
+        writes=writes,
         on_write=host_bridge.absent_write if trap else None,
     )
 

@@ -20,8 +20,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pcihole.memory.address import GuestRange
 
-WritePolicy = Literal["discard", "trap"]
-WRITE_POLICIES: tuple[WritePolicy, ...] = ("discard", "trap")
+# discard: no exit where a coalesced zone can swallow the write; trap: every write exits to the trap
+# handler; exit: every write exits and is discarded (no zone).
+WritePolicy = Literal["discard", "trap", "exit"]
+WRITE_POLICIES: tuple[WritePolicy, ...] = ("discard", "trap", "exit")
 
 #: A hole's trap handler: called with (guest-physical address, the bytes written) for each write.
 TrapHandler = Callable[[int, bytes], None]
