@@ -76,10 +76,10 @@ def page(bdf: Bdf) -> int:
 class MirrorRig:
     """GuestMemory + HostBridge + ECAM window on a bus, wired as the machine builder wires them."""
 
-    def __init__(self, backend: str, strategy: str, writes: str) -> None:
+    def __init__(self, backend: str, strategy: str, writes: str, map_budget: int | None = None) -> None:
         self.hv = open_hv(backend)
         self.vm = self.hv.create_vm()
-        self.mem = GuestMemory(self.hv, self.vm, strategy)
+        self.mem = GuestMemory(self.hv, self.vm, strategy, map_budget=map_budget)
         self.bridge = HostBridge(topology(writes))
         if self.mem.strategy.maps_mirrors:
             self.bridge.use_mirrors()
@@ -283,3 +283,22 @@ next:
         assert seen_present > 0  # the guest did see the function while it was there
     finally:
         rig.close()
+
+
+def test_ro_alias_gives_mirrored_pages_slots_when_own_arenas_exceed_the_mapping_budget():
+    # The 16 MiB window's own arena needs 256 alias mappings plus 2 per mirrored page: a budget of
+    # 260 holds the shared arena (256) but not that, so the mirrored pages get slots of their own.
+    outcomes = {}
+    for name, budget in (("exit", None), ("ro-alias", 260)):
+        rig = MirrorRig("model", name, "exit", map_budget=budget)
+        try:
+            if name == "ro-alias":
+                now = rig.mem.view.in_force
+                assert now.layout.pages == ()
+                page_slots = [s for s in now.slots if s.size == 0x1000]
+                assert len(page_slots) == len(rig.bridge.present_pages())
+            outcomes[name] = scenario(rig, seed=7)
+        finally:
+            rig.close()
+    assert outcomes["ro-alias"][0] == outcomes["exit"][0]
+    assert outcomes["ro-alias"][1]["MmioRead"] == 0

@@ -21,7 +21,10 @@ changes no slot. A slot whose run holds a mirrored page gets an arena of its own
 aliases the same host pages at every offset), and the page's place in it is the mirror's file page
 (PageAlias, mapped by layout_change.py): hot-adding a function is one mmap(MAP_FIXED), and only the
 coalesced zones of writes="discard" holes still change (trap holes have none). A run turns from
-shared to own arena (one slot change) only when its first mirrored page arrives.
+shared to own arena (one slot change) only when its first mirrored page arrives. Own arenas are not
+shared between windows, so each costs its own mappings and host page tables (about 512 KiB per
+fully probed 256 MiB window); where they would not fit in the mapping budget, the mirrored pages get
+memslots of their own instead (and hot-plug changes slots, as with the other strategies).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.accounting import process_mappings
 from pcihole.memory.address import GuestRange
 from pcihole.memory.region import Hole, Mmio
-from pcihole.memory.slot_planner import default_map_budget, plan_alias
+from pcihole.memory.slot_planner import AliasPlan, default_map_budget, plan_alias
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, PageAlias, SlotSpec, fill_runs
 
 MAX_MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
@@ -94,14 +97,37 @@ class RoAliasStrategy(HoleStrategy):
 
     def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         covered = [m for m in mirrored if m.mirror is not None and m.underlay is not None]
-        runs = fill_runs([*holes, *(m.underlay for m in covered if m.underlay is not None)])
-        plan = plan_alias(runs, free_slots=free_slots, map_budget=self.budget())
-        shared = {spec.fill: spec for spec in plan.aliases}
+        if covered:
+            runs = fill_runs([*holes, *(m.underlay for m in covered if m.underlay is not None)])
+            plan = plan_alias(runs, free_slots=free_slots, map_budget=self.budget())
+            if self._own_arena_mappings(plan, covered) <= self.budget():
+                return self._layout(holes, plan, covered)
+            # The own arenas would not fit in the mapping budget: the mirrored pages get slots of
+            # their own (GuestMemory adds them), and hot-plug changes slots again.
+        plan = plan_alias(fill_runs(holes), free_slots=free_slots, map_budget=self.budget())
+        return self._layout(holes, plan, [])
+
+    @staticmethod
+    def _runs_with_pages(plan: AliasPlan, covered: Sequence[Mmio]) -> dict[GuestRange, list[Mmio]]:
         pages_in: dict[GuestRange, list[Mmio]] = {}
         starts = [p.range.start.value for p in plan.slots]
         for m in covered:
             i = bisect.bisect_right(starts, m.range.start.value) - 1
             pages_in.setdefault(plan.slots[i].range, []).append(m)
+        return pages_in
+
+    def _own_arena_mappings(self, plan: AliasPlan, covered: Sequence[Mmio]) -> int:
+        """Mappings the layout would use: the shared arenas, each own arena's aliases, and two more
+        per mirrored page (it splits an alias mapping in three)."""
+        alias = {spec.fill: spec for spec in plan.aliases}
+        own = self._runs_with_pages(plan, covered)
+        own_maps = sum(-(-p.range.size // alias[p.fill].alias_size) for p in plan.slots if p.range in own)
+        shared_fills = {p.fill for p in plan.slots if p.range not in own}
+        return sum(alias[f].mappings for f in shared_fills) + own_maps + 2 * len(covered)
+
+    def _layout(self, holes: Sequence[Hole], plan: AliasPlan, covered: Sequence[Mmio]) -> HoleLayout:
+        shared = {spec.fill: spec for spec in plan.aliases}
+        pages_in = self._runs_with_pages(plan, covered)
         flags = int(KvmMemFlag.KVM_MEM_READONLY)
         slots, pages = [], []
         for p in plan.slots:
