@@ -106,6 +106,8 @@ class ExitBreakdown:
     steps: dict[str, float] = field(default_factory=dict)
     #: the bare loop's whole exit (KVM_RUN, decode, a constant completion), per exit
     bare_seconds_per_exit: float = 0.0
+    #: exits that went through pcihole's path in the last run (one per read of the loop guest)
+    exits: int = 0
 
     @property
     def total(self) -> float:
@@ -196,9 +198,9 @@ def _bare_seconds(backend: str, reads: int) -> float:
         _close(hv, vm, vcpu, memory, ram)
 
 
-def _pcihole_steps(backend: str, reads: int) -> dict[str, float]:
+def _pcihole_steps(backend: str, reads: int) -> tuple[dict[str, float], int]:
     """The loop guest's reads through pcihole's path (an ECAM window over an `exit` hole), each step
-    timed: seconds per exit by step."""
+    timed: seconds per exit by step, and the exits."""
     hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, "exit")
     try:
         assert memory is not None
@@ -241,7 +243,7 @@ def _pcihole_steps(backend: str, reads: int) -> dict[str, float]:
             sums["device"] += device_s
             sums["completion"] += t5 - t4
             exits += 1
-        return {k: v / max(exits, 1) for k, v in sums.items()}
+        return {k: v / max(exits, 1) for k, v in sums.items()}, exits
     finally:
         _close(hv, vm, vcpu, memory, ram)
 
@@ -249,14 +251,17 @@ def _pcihole_steps(backend: str, reads: int) -> dict[str, float]:
 def measure_breakdown(backend: str, reads: int, runs: int) -> ExitBreakdown:
     """Per-step cost of an exit through pcihole, and the bare loop's, alternated `runs` times."""
     bare, steps = [], []
+    exits = 0
     for _ in range(max(runs, 1)):
         bare.append(_bare_seconds(backend, reads))
-        steps.append(_pcihole_steps(backend, reads))
+        run_steps, exits = _pcihole_steps(backend, reads)
+        steps.append(run_steps)
     return ExitBreakdown(
         backend=backend,
         reads=reads,
         steps={k: statistics.median(s[k] for s in steps) for k in STEPS},
         bare_seconds_per_exit=statistics.median(bare),
+        exits=exits,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pcihole.bench import units
+from pcihole.bench.exit_path import STEPS
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import SWEEP_ECAM, SWEEP_FUNCTIONS
 
@@ -110,6 +111,22 @@ def exit_path_table(results: BenchResults) -> list[str]:
             f"| {e.backend} | {units.us(e.bare_seconds_per_exit)} | {units.us(e.pcihole_seconds_per_exit)} "
             f"| {units.times(e.ratio)} |"
         )
+    breakdowns = [e.breakdown for e in results.exit_path if e.breakdown is not None]
+    if breakdowns:
+        lines += [
+            "",
+            "Where one exit through pcihole goes, by step (host clock, per exit, median of runs alternated "
+            "with the bare loop in one process):",
+            "",
+            "| backend | " + " | ".join(STEPS) + " | total | bare loop | ratio |",
+            "|---|" + "---|" * (len(STEPS) + 3),
+        ]
+        for b in breakdowns:
+            steps = " | ".join(units.us(b.steps.get(s)) for s in STEPS)
+            lines.append(
+                f"| {b.backend} | {steps} | {units.us(b.total)} | {units.us(b.bare_seconds_per_exit)} "
+                f"| {units.times(b.ratio)} |"
+            )
     return lines
 
 
