@@ -122,8 +122,10 @@ class MirrorRig:
         return read_results(raw, len(ops)), counts
 
     def close(self) -> None:
-        self.mem.close()
+        # As Machine.close: the vCPU and the VM before the memory they map.
+        self.vcpu.close()
         self.vm.close()
+        self.mem.close()
         self.bridge.close_mirrors()
         self.hv.close()
 

@@ -169,10 +169,11 @@ def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | N
 
 
 def _close(hv, vm, vcpu, memory, ram) -> None:  # type: ignore[no-untyped-def]
+    # The vCPU and the VM before the memory they map (Machine.close says why).
     vcpu.close()
+    vm.close()
     if memory is not None:
         memory.close()
-    vm.close()
     if ram is not None:
         ram.close()
     hv.close()
