@@ -208,7 +208,8 @@ def test_the_mirror_page_is_the_config_space_and_blank_once_the_function_left():
         assert mirror_page is not None
         fn = rig.bridge.add_function(HOT_ADDED)
         assert fn.config.read_int(0, 4) == 0x10421AF4
-        view = rig.bridge._mirror_of(page(HOT_ADDED.bdf)).page(page(HOT_ADDED.bdf))
+        assert rig.bridge._mirror is not None
+        view = rig.bridge._mirror.page(page(HOT_ADDED.bdf))
         assert bytes(view[:4]) == bytes.fromhex("f41a4210")
         rig.bridge.remove_function(HOT_ADDED.bdf)
         assert bytes(view) == b"\xff" * 0x1000

@@ -125,8 +125,6 @@ def build_machine(
             irq_lines = vm  # type: ignore[assignment]
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
-        if memory.strategy.maps_mirrors:
-            host_bridge.use_mirrors()
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
             raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
@@ -136,6 +134,8 @@ def build_machine(
             memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
+        if memory.strategy.maps_mirrors:
+            host_bridge.use_mirrors()
 
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
         pages = host_bridge.present_pages()  # sorted

@@ -111,7 +111,7 @@ class HostBridge:
         self._segments = tuple(sorted(topology.segments, key=lambda s: s.window_base))
         self._functions: dict[int, PciFunction] = {}
         self._listeners: list[PageListener] = []
-        self._mirrors: dict[int, ConfigMirror] = {}
+        self._mirror: ConfigMirror | None = None
         self.stats = HostBridgeStats()
         functions_per_device: dict[tuple[int, int, int], int] = {}
         occupied_buses: set[tuple[int, int]] = set()
@@ -190,48 +190,32 @@ class HostBridge:
 
     # --- mirrors ---------------------------------------------------------------------------------------
     def use_mirrors(self) -> None:
-        """Move every present function's config space into its segment's mirror (once)."""
+        """Move every present function's config space into the windows' mirror (once)."""
         with self._lock:
-            if self._mirrors:
+            if self._mirror is not None:
                 return
-            try:
-                for segment in self._segments:
-                    self._mirrors[segment.id] = ConfigMirror(segment)
-            except BaseException:
-                self._close_mirrors()
-                raise
+            self._mirror = ConfigMirror(self._segments)
             for page, fn in self._functions.items():
-                fn.config.attach(self._mirror_of(page).page(page))
-
-    def _mirror_of(self, page: int) -> ConfigMirror:
-        segment = self.segment_at(page)
-        assert segment is not None
-        return self._mirrors[segment.id]
+                fn.config.attach(self._mirror.page(page))
 
     def mirror_page(self, page: int) -> MirrorPage | None:
         """The page's mirror (host address, memfd page), or None without mirrors."""
-        if not self._mirrors:
-            return None
-        return self._mirror_of(page).mirror_page(page)
+        return None if self._mirror is None else self._mirror.mirror_page(page)
 
     def mirror_bytes(self) -> int:
-        """Host memory behind the mirrors (the pages of functions ever present)."""
-        return sum(m.allocated_bytes() for m in self._mirrors.values())
+        """Host memory behind the mirror (the pages of functions ever present)."""
+        return 0 if self._mirror is None else self._mirror.allocated_bytes()
 
     def close_mirrors(self) -> None:
-        """Give the functions private copies of their bytes and unmap the mirrors (after the
-        memslots over them are gone)."""
+        """Give the functions private copies of their bytes and unmap the mirror (after the
+        memslots over it are gone)."""
         with self._lock:
-            self._close_mirrors()
-
-    def _close_mirrors(self) -> None:
-        if not self._mirrors:
-            return
-        for fn in self._functions.values():
-            fn.config.detach()
-        for m in self._mirrors.values():
-            m.close()
-        self._mirrors = {}
+            if self._mirror is None:
+                return
+            for fn in self._functions.values():
+                fn.config.detach()
+            self._mirror.close()
+            self._mirror = None
 
     # --- guest accesses ---------------------------------------------------------------------------------
     def _pieces(self, gpa: int, size: int) -> Iterator[tuple[int, int, Segment]]:
@@ -348,12 +332,12 @@ class HostBridge:
             topology = self._topology.with_function(spec).validate()
             fn = self._make(spec, topology)
             page = topology.segment(spec.bdf.segment).page_gpa(spec.bdf)
-            if self._mirrors:
-                self._mirror_of(page).blank(page)  # read as absent until the function is in the table
+            if self._mirror is not None:
+                self._mirror.blank(page)  # read as absent until the function is in the table
             self._notify(page, True)
             with self._lock:
-                if self._mirrors:
-                    fn.config.attach(self._mirror_of(page).page(page))
+                if self._mirror is not None:
+                    fn.config.attach(self._mirror.page(page))
                 self._functions[page] = fn
                 self._topology = topology
                 self._update_multifunction(spec.bdf)
@@ -367,9 +351,9 @@ class HostBridge:
             page = self._page_of(bdf)
             with self._lock:
                 fn = self._functions.pop(page)
-                if self._mirrors:
+                if self._mirror is not None:
                     fn.config.detach()
-                    self._mirror_of(page).blank(page)
+                    self._mirror.blank(page)
                 self._topology = topology
                 self._update_multifunction(bdf)
                 self._update_slot(bdf, hotplug=True)
