@@ -6,15 +6,11 @@ from __future__ import annotations
 import pytest
 
 from pcihole.bench.exit_path import STEPS, measure_breakdown
-from pcihole.hv import kvm_available
-
-KVM_UNAVAILABLE = kvm_available()
+from tests.backends import BACKENDS
 
 
-@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=pytest.mark.kvm), "model"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_read_of_the_loop_guest_is_one_exit_through_every_step(backend):
-    if backend == "kvm" and KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
     b = measure_breakdown(backend, reads=300, runs=1)
     assert b.exits == 300
     assert set(b.steps) == set(STEPS)

@@ -9,17 +9,12 @@ import pytest
 from pcihole.bench.configs import Config
 from pcihole.bench.hotplug import measure_hotplug
 from pcihole.bench.scan import Kernel
-from pcihole.hv import kvm_available
 from pcihole.machine.builder import default_kernel
 from pcihole.machine.machinefile import load_default
-
-KVM_UNAVAILABLE = kvm_available()
-BACKENDS = [pytest.param("kvm", marks=pytest.mark.kvm), "model"]
+from tests.backends import BACKENDS
 
 
 def measure(backend: str, strategy: str, writes: str):
-    if backend == "kvm" and KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
     image, name = default_kernel()
     return measure_hotplug(load_default(), Config(backend, strategy), 3, Kernel(image, name), writes=writes)
 

@@ -18,9 +18,7 @@ from collections import Counter
 
 import pytest
 
-from access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
-from guestasm import assemble
-from pcihole.hv import exits, kvm_available, open_backend, x86_cpu_state
+from pcihole.hv import exits, x86_cpu_state
 from pcihole.machine.builder import punched_hole
 from pcihole.machine.bus import Bus
 from pcihole.machine.dispatch import ExitHandler
@@ -30,13 +28,15 @@ from pcihole.memory import GuestMemory, GuestRange, MemoryMap, Ram
 from pcihole.pci.bdf import Bdf
 from pcihole.pci.host_bridge import HostBridge
 from pcihole.pci.topology import BarSpec, EndpointSpec, RootPortSpec, Segment, Topology
+from tests.access_table_guest import ENTRY, WRITE, access_table_guest, pack_table, read_results
+from tests.backends import BACKENDS, needs_kvm, open_hv
+from tests.guestasm import assemble
 
 ECAM = 0xE0000000
 CODE, STACK, TABLE, PAGE_TABLES, RAM_SIZE = 0x1000, 0x8000, 0x10000, 0x100000, 2 << 20
-KVM_UNAVAILABLE = kvm_available()
 MIRRORED = {"kvm": ("ro-filled", "ro-alias"), "model": ("ro-filled", "ro-alias", "native", "mmio-bus")}
 CASES = [
-    pytest.param(b, s, w, id=f"{b}-{s}-{w}", marks=[pytest.mark.kvm] if b == "kvm" else [])
+    pytest.param(b, s, w, id=f"{b}-{s}-{w}", marks=[needs_kvm] if b == "kvm" else [])
     for b, strategies in MIRRORED.items()
     for s in strategies
     for w in ("discard", "trap", "exit")
@@ -61,12 +61,6 @@ def topology(writes: str) -> Topology:
             EndpointSpec(Bdf(0, 0, 0x1F, 3), 0x8086, 0x2930, 0x0C0500, bars=(BarSpec(4, "io", 0x20),)),
         ),
     )  # fmt: skip
-
-
-def open_hv(name: str):
-    if name == "kvm" and KVM_UNAVAILABLE is not None:
-        pytest.skip(f"needs /dev/kvm: {KVM_UNAVAILABLE}")
-    return open_backend(name)
 
 
 def page(bdf: Bdf) -> int:
@@ -218,7 +212,7 @@ def test_the_mirror_page_is_the_config_space_and_blank_once_the_function_left():
         rig.close()
 
 
-@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=pytest.mark.kvm), "model"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_guest_reading_a_page_while_its_function_comes_and_goes_sees_fill_or_the_function(backend):
     """The hole contract's point 5 under remapping: one thread hot-adds and removes the function
     while the guest reads its vendor/device dword in a loop; every value is all-ones or the
