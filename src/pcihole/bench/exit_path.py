@@ -9,13 +9,20 @@ The guest times itself with the TSC, and runs the same loop over RAM as a baseli
 pcihole's cost per dispatched exit comes from the scan table, the same way: the `exit` strategy's scan
 against the same scan with every hole backed by memory (`ro-filled`, no exit for absent functions),
 divided by the extra ECAM exits. Their ratio is what pcihole's dispatch in Python adds to each exit.
+
+Where that goes (`measure_breakdown`): the same loop guest, its reads now going through pcihole's own
+path (the run loop's steps, machine/run_loop.py: KVM_RUN and decode, drain the coalesced ring, the
+exit handler and MMIO bus, the ECAM window and the memory map's view, completing the read), each
+step timed with the host clock in one process, beside the bare loop run the same way (so their
+ratio holds on a loaded host). The decode is timed apart by decoding the same kvm_run again.
 """
 
 from __future__ import annotations
 
 import statistics
 import struct
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
@@ -25,6 +32,14 @@ from pcihole.hv import open_backend
 from pcihole.hv.exits import IoOut, MmioRead
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
+from pcihole.machine.bus import Bus, BusDevice
+from pcihole.machine.dispatch import ExitHandler
+from pcihole.machine.ecam_window import EcamWindow
+from pcihole.machine.stats import RunStats
+from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap
+from pcihole.memory.region import Ram
+from pcihole.pci.host_bridge import HostBridge
+from pcihole.pci.topology import Segment, Topology
 
 RAM_SIZE = 0x10000
 CODE_GPA = 0x1000
@@ -64,9 +79,191 @@ class ExitPathResult:
     pcihole_seconds_per_exit: float | None
     #: pcihole / bare: 1.0 would mean pcihole adds nothing to an exit
     ratio: float | None
+    #: where one exit through pcihole's path goes, measured in one process (see ExitBreakdown)
+    breakdown: ExitBreakdown | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        d = asdict(self)
+        d["breakdown"] = self.breakdown.as_dict() if self.breakdown else None
+        return d
+
+
+#: The steps of one exit, in the order the run loop takes them.
+STEPS = ("ioctl", "decode", "drain", "dispatch", "device", "completion")
+
+
+@dataclass
+class ExitBreakdown:
+    """Seconds per exit, by step, through pcihole's path, and the bare loop's per exit (host clock,
+    the same process, runs alternated)."""
+
+    backend: str
+    reads: int
+    #: step -> seconds per exit (median over the runs): ioctl = KVM_RUN itself (guest and kernel
+    #: included), decode = kvm_run -> exit dataclass, drain = the coalesced ring, dispatch = the exit
+    #: handler and bus lookup, device = the ECAM window and the memory map's view, completion =
+    #: the read's bytes into kvm_run
+    steps: dict[str, float] = field(default_factory=dict)
+    #: the bare loop's whole exit (KVM_RUN, decode, a constant completion), per exit
+    bare_seconds_per_exit: float = 0.0
+    #: exits that went through pcihole's path in the last run (one per read of the loop guest)
+    exits: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.steps.values())
+
+    @property
+    def ratio(self) -> float | None:
+        return self.total / self.bare_seconds_per_exit if self.bare_seconds_per_exit > 0 else None
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["total"] = self.total
+        d["ratio"] = self.ratio
+        return d
+
+
+class _TimedDevice:
+    """A bus device that adds the time spent in the device it wraps to `seconds`."""
+
+    def __init__(self, device: BusDevice) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def read(self, addr: int, size: int) -> bytes:
+        start = time.perf_counter()
+        data = self.device.read(addr, size)
+        self.seconds += time.perf_counter() - start
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        start = time.perf_counter()
+        self.device.write(addr, data)
+        self.seconds += time.perf_counter() - start
+
+
+def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | None):  # type: ignore[no-untyped-def]
+    """The loop guest's VM: bare RAM (memory_strategy None) or a GuestMemory with RAM and an ECAM
+    hole over the target (as the machine builds it). Returns (hv, vm, vcpu, memory, ram)."""
+    hv = open_backend(backend)
+    vm = hv.create_vm()
+    memory = ram = None
+    if memory_strategy is None:
+        ram = HostMapping.anonymous(RAM_SIZE, name="exit-path guest RAM")
+        vm.set_user_memory_region(0, 0, 0, RAM_SIZE, ram.addr)
+        ram.write(CODE_GPA, LOOP_GUEST)
+    else:
+        memory = GuestMemory(hv, vm, memory_strategy)
+        hole = Hole(GuestRange.from_size(target_gpa, 1 << 20), "ecam")
+        memory.update(MemoryMap([Ram(GuestRange.from_size(0, RAM_SIZE), "ram"), hole]))
+        memory.write_guest(CODE_GPA, LOOP_GUEST)
+    vcpu = vm.create_vcpu(0)
+    if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+        vcpu.set_cpuid2(hv.get_supported_cpuid())
+    enter_protected_mode_flat(vcpu, CODE_GPA)
+    regs = vcpu.get_regs()
+    regs.rcx, regs.rsi = reads, target_gpa
+    vcpu.set_regs(regs)
+    return hv, vm, vcpu, memory, ram
+
+
+def _close(hv, vm, vcpu, memory, ram) -> None:  # type: ignore[no-untyped-def]
+    # The vCPU and the VM before the memory they map (Machine.close says why).
+    vcpu.close()
+    vm.close()
+    if memory is not None:
+        memory.close()
+    if ram is not None:
+        ram.close()
+    hv.close()
+
+
+def _bare_seconds(backend: str, reads: int) -> float:
+    """The bare loop, timed by the host clock: seconds per exit."""
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, None)
+    try:
+        exits = 0
+        start = time.perf_counter()
+        while True:
+            exit_ = vcpu.run()
+            if type(exit_) is MmioRead:
+                vcpu.complete_read(FILL[: exit_.size])
+                exits += 1
+                continue
+            if type(exit_) is IoOut and exit_.port == DONE_PORT:
+                break
+            raise BenchError(f"exit-path guest on {backend}: unexpected exit {exit_}")
+        return (time.perf_counter() - start) / max(exits, 1)
+    finally:
+        _close(hv, vm, vcpu, memory, ram)
+
+
+def _pcihole_steps(backend: str, reads: int) -> tuple[dict[str, float], int]:
+    """The loop guest's reads through pcihole's path (an ECAM window over an `exit` hole), each step
+    timed: seconds per exit by step, and the exits."""
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, "exit")
+    try:
+        assert memory is not None
+        segment = Segment(0, MMIO_TARGET_GPA, 0, 0)
+        stats = RunStats()
+        window = _TimedDevice(EcamWindow(memory.view, HostBridge(Topology((segment,))), stats))
+        mmio = Bus("mmio")
+        mmio.insert(window, segment.window_base, segment.window_size, "ECAM")
+        handler = ExitHandler(mmio, Bus("port"), stats)
+        decode = getattr(vcpu, "_decode", None)  # the kvm Vcpu's; the model decodes inside run()
+        clock = time.perf_counter
+        sums = dict.fromkeys(STEPS, 0.0)
+        exits = 0
+        while True:
+            t0 = clock()
+            exit_ = vcpu.run()
+            t1 = clock()
+            if decode is not None:
+                decode()
+            t2 = clock()
+            writes = vcpu.drain_coalesced_mmio()
+            if writes:
+                memory.view.coalesced(writes)
+            t3 = clock()
+            if type(exit_) is IoOut and exit_.port == DONE_PORT:
+                break
+            device_before = window.seconds
+            result = handler.handle(exit_)
+            t4 = clock()
+            if not isinstance(result, bytes):
+                raise BenchError(f"exit-path guest on {backend}: unexpected exit {exit_}")
+            vcpu.complete_read(result)
+            t5 = clock()
+            decode_s = t2 - t1
+            device_s = window.seconds - device_before
+            sums["ioctl"] += t1 - t0 - (decode_s if decode is not None else 0.0)
+            sums["decode"] += decode_s
+            sums["drain"] += t3 - t2
+            sums["dispatch"] += t4 - t3 - device_s
+            sums["device"] += device_s
+            sums["completion"] += t5 - t4
+            exits += 1
+        return {k: v / max(exits, 1) for k, v in sums.items()}, exits
+    finally:
+        _close(hv, vm, vcpu, memory, ram)
+
+
+def measure_breakdown(backend: str, reads: int, runs: int) -> ExitBreakdown:
+    """Per-step cost of an exit through pcihole, and the bare loop's, alternated `runs` times."""
+    bare, steps = [], []
+    exits = 0
+    for _ in range(max(runs, 1)):
+        bare.append(_bare_seconds(backend, reads))
+        run_steps, exits = _pcihole_steps(backend, reads)
+        steps.append(run_steps)
+    return ExitBreakdown(
+        backend=backend,
+        reads=reads,
+        steps={k: statistics.median(s[k] for s in steps) for k in STEPS},
+        bare_seconds_per_exit=statistics.median(bare),
+        exits=exits,
+    )
 
 
 def loop_ticks(backend: str, reads: int, target_gpa: int) -> int:
@@ -130,4 +327,5 @@ def measure_exit_path(
         bare_seconds_per_exit=bare,
         pcihole_seconds_per_exit=pcihole,
         ratio=pcihole / bare if pcihole is not None and bare > 0 else None,
+        breakdown=measure_breakdown(backend, reads, runs),
     )

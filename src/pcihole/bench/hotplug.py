@@ -6,6 +6,13 @@ Counted by the machine's `Vm` observer (hv/interface.py IoctlObserver: every ioc
 it): KVM_SET_USER_MEMORY_REGION creates (size > 0) and deletes (size 0), coalesced-MMIO zones and
 MMIO fill devices (un)registered. Timed with the host clock around add_function /
 remove_function (no guest runs: the change itself is measured, not what the guest sees next).
+
+Each strategy is measured under each write policy for absent functions (the machine file's
+`writes`), because the policy decides whether coalesced zones surround the function's page: with
+"discard" a change re-registers them (KVM_UNREGISTER_COALESCED_MMIO waits for an SRCU grace
+period), with "trap" and "exit" there are none. What the policy costs a guest that writes to absent
+functions is given beside it: the exits per such write, read off the zones in force (a write inside
+a zone is coalesced into the ring and costs no exit while the ring has room; any other exits).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
@@ -25,7 +32,7 @@ from pcihole.hv.uapi import kvm_userspace_memory_region
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.pci.bdf import Bdf
-from pcihole.pci.topology import EndpointSpec
+from pcihole.pci.topology import WRITE_POLICIES, WRITES_DISCARD, EndpointSpec
 
 #: The zone and fill-device ioctls counted, under the names the results use (the Vm methods').
 OTHER_OPS = {
@@ -62,6 +69,10 @@ class ChangeCost:
 class HotplugResult:
     backend: str
     strategy: str
+    #: the segments' write policy for absent functions
+    writes: str
+    #: exits a guest write to an absent function costs under it (0: coalesced, 1: exits)
+    exits_per_absent_write: int
     function: str
     changes: int
     punch: ChangeCost
@@ -71,6 +82,8 @@ class HotplugResult:
         return {
             "backend": self.backend,
             "strategy": self.strategy,
+            "writes": self.writes,
+            "exits_per_absent_write": self.exits_per_absent_write,
             "function": self.function,
             "changes": self.changes,
             "punch": self.punch.as_dict(),
@@ -129,14 +142,24 @@ def _cost(taken: list[tuple[Counter[str], dict[str, float]]], seconds: list[floa
     )
 
 
+def with_writes(spec: MachineFile, writes: str) -> MachineFile:
+    """`spec` with every segment's write policy set to `writes`."""
+    topology = spec.topology
+    segments = tuple(replace(s, writes=writes) for s in topology.segments)
+    return replace(spec, topology=replace(topology, segments=segments))
+
+
 def measure_hotplug(
     spec: MachineFile,
     config: Config,
     changes: int,
     kernel: Kernel,
     on_change: Callable[[], None] = lambda: None,
+    writes: str = WRITES_DISCARD,
 ) -> HotplugResult:
+    spec = with_writes(spec, writes)
     endpoint = free_slot_endpoint(spec)
+    absent_gpa = spec.topology.segment(endpoint.bdf.segment).page_gpa(endpoint.bdf)
     try:
         machine = build_machine(
             spec, backend=config.backend, strategy=config.strategy, kernel=kernel.image,
@@ -146,6 +169,8 @@ def measure_hotplug(
         raise BenchError(f"{config.label}: {e}") from e
     punch_counts, fill_counts, punch_seconds, fill_seconds = [], [], [], []
     with machine:
+        zones = machine.memory.view.in_force.layout.zones
+        exits_per_absent_write = 0 if any(z.contains(absent_gpa) for z in zones) else 1
         counter = IoctlCounter(machine.vm)
         bridge = machine.host_bridge
         for _ in range(changes):
@@ -161,8 +186,13 @@ def measure_hotplug(
     return HotplugResult(
         backend=config.backend,
         strategy=config.strategy,
+        writes=writes,
+        exits_per_absent_write=exits_per_absent_write,
         function=str(endpoint.bdf),
         changes=changes,
         punch=_cost(punch_counts, punch_seconds),
         fill=_cost(fill_counts, fill_seconds),
     )
+
+
+__all__ = ["HotplugResult", "WRITE_POLICIES", "measure_hotplug", "with_writes"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pcihole.bench import units
+from pcihole.bench.exit_path import STEPS
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import SWEEP_ECAM, SWEEP_FUNCTIONS
 
@@ -110,21 +111,39 @@ def exit_path_table(results: BenchResults) -> list[str]:
             f"| {e.backend} | {units.us(e.bare_seconds_per_exit)} | {units.us(e.pcihole_seconds_per_exit)} "
             f"| {units.times(e.ratio)} |"
         )
+    breakdowns = [e.breakdown for e in results.exit_path if e.breakdown is not None]
+    if breakdowns:
+        lines += [
+            "",
+            "Where one exit through pcihole goes, by step (host clock, per exit, median of runs alternated "
+            "with the bare loop in one process):",
+            "",
+            "| backend | " + " | ".join(STEPS) + " | total | bare loop | ratio |",
+            "|---|" + "---|" * (len(STEPS) + 3),
+        ]
+        for b in breakdowns:
+            steps = " | ".join(units.us(b.steps.get(s)) for s in STEPS)
+            lines.append(
+                f"| {b.backend} | {steps} | {units.us(b.total)} | {units.us(b.bare_seconds_per_exit)} "
+                f"| {units.times(b.ratio)} |"
+            )
     return lines
 
 
 def hotplug_table(results: BenchResults) -> list[str]:
     lines = [
-        "| backend / strategy | punch: memslot create / delete | other ioctls | wall, median | "
-        "fill: memslot create / delete | other ioctls | wall, median | slowest ioctl (punch) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend / strategy | absent writes: policy, exits each | punch: memslot create / delete | "
+        "other ioctls | wall, median | fill: memslot create / delete | other ioctls | wall, median | "
+        "slowest ioctl (punch) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in results.hotplug:
         p, f = h.punch, h.fill
         slowest = max(p.ioctl_seconds.items(), key=lambda kv: kv[1], default=None)
         slowest_text = f"{slowest[0]} {units.duration(slowest[1])}" if slowest else "—"
         lines.append(
-            f"| {h.backend} / {h.strategy} | {p.memslot_creates} / {p.memslot_deletes} | {_ops(p.other_ops)} "
+            f"| {h.backend} / {h.strategy} | {h.writes}, {h.exits_per_absent_write} "
+            f"| {p.memslot_creates} / {p.memslot_deletes} | {_ops(p.other_ops)} "
             f"| {units.duration(p.seconds.median)} | {f.memslot_creates} / {f.memslot_deletes} | {_ops(f.other_ops)} "
             f"| {units.duration(f.seconds.median)} | {slowest_text} |"
         )

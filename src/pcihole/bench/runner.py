@@ -22,7 +22,7 @@ from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
 from pcihole.bench.headline import compute_headline
 from pcihole.bench.host import hardware_kvm, host_info
-from pcihole.bench.hotplug import measure_hotplug
+from pcihole.bench.hotplug import WRITE_POLICIES, measure_hotplug
 from pcihole.bench.plan import BenchPlan, plan_for
 from pcihole.bench.progress import Progress
 from pcihole.bench.report import headline_lines, markdown
@@ -88,7 +88,10 @@ def measure(results: BenchResults, progress: Progress) -> None:
 
     for config in configs.configs:
         progress.note(f"hot-plug: {config.label}")
-        results.hotplug.append(measure_hotplug(default_machine, config, plan.hotplug_changes, kernel))
+        for writes in WRITE_POLICIES:
+            results.hotplug.append(
+                measure_hotplug(default_machine, config, plan.hotplug_changes, kernel, writes=writes)
+            )
         progress.step(f"hot-plug: {config.label}")
 
     for config in configs.configs:

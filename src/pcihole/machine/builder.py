@@ -106,7 +106,7 @@ def build_machine(
         raise HostUnavailable(f"cannot open the {backend} backend: {_without_prefix(str(e), backend)}") from e
     except OSError as e:
         raise HostUnavailable(f"cannot open the {backend} backend: {e}") from e
-    vm = memory = None
+    vm = memory = host_bridge = None
     step = "create the VM"
     try:
         try:
@@ -134,6 +134,8 @@ def build_machine(
             memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
+        if memory.strategy.maps_mirrors:
+            host_bridge.use_mirrors()
 
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
         pages = host_bridge.present_pages()  # sorted
@@ -244,6 +246,8 @@ def build_machine(
             vm.close()
         if memory is not None:
             memory.close()
+        if host_bridge is not None:
+            host_bridge.close_mirrors()
         hv.close()
         if isinstance(e, OSError):
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
@@ -302,7 +306,8 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
         if page > cursor:
             out.append(replace(hole, range=GuestRange.from_bounds(cursor, page)))
         handler = ConfigPage(host_bridge, page)
-        out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, underlay=replace(hole, range=rng)))
+        mirror = host_bridge.mirror_page(page)
+        out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, mirror=mirror, underlay=replace(hole, range=rng)))
         cursor = rng.end
     if cursor < hole.range.end:
         out.append(replace(hole, range=GuestRange.from_bounds(cursor, hole.range.end)))

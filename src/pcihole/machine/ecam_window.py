@@ -5,6 +5,8 @@
   hole answers with it, so does the host bridge for an absent function's bytes.
 - Each present function's 4 KiB ECAM page is punched out of its segment's hole as an Mmio region
   whose handler is the function's `ConfigPage` (pci/config_page.py).
+- Where the hole strategy maps memslots, each present page is backed by a read-only slot over its
+  function's mirror page (pci/config_mirror.py): reads cost no exit, writes exit and are emulated.
 - Hot-plug: the host bridge announces pages becoming present or absent (`HotplugWiring`), and the
   memory map punches or fills them. The host bridge announces a page present before the function
   enters its table and absent after it has left, so every read in between is answered with the
@@ -18,20 +20,22 @@ from __future__ import annotations
 
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
+from pcihole.memory.region import WritePolicy
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
-from pcihole.pci.topology import WRITES_TRAP, Segment
+from pcihole.pci.topology import WRITES_EXIT, WRITES_TRAP, Segment
 
 
 def segment_hole(segment: Segment, host_bridge: HostBridge) -> Hole:
     """The hole over a segment's whole ECAM window: its fill, its write policy (trapped writes are
     logged as Unsupported Requests by the host bridge)."""
     trap = segment.writes == WRITES_TRAP
+    writes: WritePolicy = "trap" if trap else "exit" if segment.writes == WRITES_EXIT else "discard"
     return Hole(
         GuestRange.from_size(segment.window_base, segment.window_size),
         f"ecam segment {segment.id}",
         fill=segment.fill,
-        writes="trap" if trap else "discard",
+        writes=writes,
         on_write=host_bridge.absent_write if trap else None,
     )
 
@@ -46,7 +50,12 @@ class HotplugWiring:
 
     def __call__(self, page_gpa: int, present: bool) -> None:
         if present:
-            self.memory.punch_page(page_gpa, ConfigPage(self.host_bridge, page_gpa), name=f"ecam page {page_gpa:#x}")
+            self.memory.punch_page(
+                page_gpa,
+                ConfigPage(self.host_bridge, page_gpa),
+                name=f"ecam page {page_gpa:#x}",
+                mirror=self.host_bridge.mirror_page(page_gpa),
+            )
         else:
             self.memory.fill_page(page_gpa)
         self.changes += 1

@@ -211,7 +211,8 @@ class Machine:
             return None
 
     def close(self) -> None:
-        """Stop and close the vCPU, then the VM, and only then free guest memory.
+        """Stop and close the vCPU, then the VM, and only then free guest memory and the config
+        mirrors (read-only slots map them until the VM is gone).
 
         The model's vCPU maps guest RAM into Unicorn zero-copy, and a vCPU paused in an exit is
         inside emu_start: until close() has made it leave, Unicorn may still touch those host
@@ -223,6 +224,7 @@ class Machine:
             self.vm.close()
         finally:
             self.memory.close()
+            self.host_bridge.close_mirrors()
             self.hv.close()
 
     def __enter__(self) -> Machine:

@@ -13,7 +13,7 @@ Schema (every key is checked: an unknown key, a wrong type or an invalid value i
                                     #   aligned to 2^(n+20) for n bus-number bits, window below 4 GiB
     buses = "0-255"                 # optional, "first-last" (ASCII decimal), default "0-255"
     fill = 0xff                     # optional, the byte absent functions read as, default 0xff
-    writes = "discard"              # optional, "discard" | "trap" (log Unsupported Requests), default "discard"
+    writes = "discard"              # optional, "discard" | "trap" (log Unsupported Requests) | "exit" (see below), default "discard"
 
     [[root_port]]                   # zero or more, on the segment's root bus (QEMU pcie-root-port)
     bdf = "0000:00:02.0"            # required, SSSS:BB:DD.F in hexadecimal
@@ -61,6 +61,11 @@ Schema (every key is checked: an unknown key, a wrong type or an invalid value i
     type = "mem32"                  # required, "mem32" | "mem64" | "io"
     size = 0x1000                   # required, a power of two (memory >= 128 bytes, I/O 4..256)
     prefetchable = false            # optional, memory BARs only
+
+Writes to absent functions: "discard" lets a coalesced-MMIO zone swallow them (no exit), "trap" makes
+each exit and logs an Unsupported Request, "exit" makes each exit and drops it. With "trap" and
+"exit" there is no zone, so a hot-plug change under ro-alias costs no ioctl at all (one host page
+remapped); with "discard" it re-registers the zones around the function's page (milliseconds).
 
 Every segment has an implicit host bridge at <first bus>:00.0. Several endpoints with the same bus and
 device form a multi-function device (function 0 required; it gets the multi-function bit). The rules

@@ -17,7 +17,7 @@ from pcihole.memory.address import PAGE_SIZE, AddressOverflow, GuestAddress, Gue
 from pcihole.memory.guest_memory import GuestMemory, MemoryUpdateError
 from pcihole.memory.map_view import MapView
 from pcihole.memory.memory_map import MemoryMap, MemoryMapError, OverlapError
-from pcihole.memory.region import Hole, Mmio, MmioHandler, Ram, Region, Rom
+from pcihole.memory.region import Hole, MirrorPage, Mmio, MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_planner import PlanError
 from pcihole.memory.strategies import (
     STRATEGY_NAMES,
@@ -41,6 +41,7 @@ __all__ = [
     "MemoryMapError",
     "MemoryStats",
     "MemoryUpdateError",
+    "MirrorPage",
     "Mmio",
     "MmioHandler",
     "OverlapError",

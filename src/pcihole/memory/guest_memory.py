@@ -27,7 +27,7 @@ from pcihole.memory.address import GuestAddress, page_range
 from pcihole.memory.layout_change import LayoutChange
 from pcihole.memory.map_view import MapInForce, MapView
 from pcihole.memory.memory_map import MemoryMap
-from pcihole.memory.region import MmioHandler, Ram, Region, Rom
+from pcihole.memory.region import MirrorPage, Mmio, MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_allocator import SlotAllocator
 from pcihole.memory.strategies import HoleStrategy, make_strategy
 from pcihole.memory.strategies.base import SlotSpec
@@ -87,10 +87,12 @@ class GuestMemory:
         with self._lock:
             self._apply(edit(self.view.in_force.map))
 
-    def punch_page(self, addr: GuestAddress | int, handler: MmioHandler, name: str = "") -> None:
+    def punch_page(
+        self, addr: GuestAddress | int, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None
+    ) -> None:
         """Carve the page at addr (e.g. a present function's config page) out of its hole; the VMM
-        answers it through `handler`."""
-        self._change(lambda m: m.punch(page_range(addr), handler, name))
+        answers it through `handler` (reads from `mirror`, where the strategy maps one)."""
+        self._change(lambda m: m.punch(page_range(addr), handler, name, mirror))
 
     def fill_page(self, addr: GuestAddress | int) -> None:
         """Give a punched page back to its hole."""
@@ -103,7 +105,17 @@ class GuestMemory:
         new_backings: list[Region] = []
         try:
             static = [self._memory_slot(r, new_backings) for r in new_map if isinstance(r, Ram | Rom)]
-            layout = self.strategy.layout(new_map.holes(), self.slots.limit - len(static))
+            mirrored = [r for r in new_map if isinstance(r, Mmio) and r.mirror is not None]
+            if not self.strategy.maps_mirrors:
+                mirrored = []
+            if self.strategy.remaps_mirrors:
+                layout = self.strategy.layout(new_map.holes(), self.slots.limit - len(static), mirrored)
+                remapped = {p.gpa for p in layout.pages}
+                # Mirrored pages the strategy did not take (not punched from a hole) get slots.
+                static += [self._mirror_slot(r) for r in mirrored if r.range.start.value not in remapped]
+            else:
+                static += [self._mirror_slot(r) for r in mirrored]
+                layout = self.strategy.layout(new_map.holes(), self.slots.limit - len(static))
         except BaseException:
             self._drop_backings(new_backings)
             self.strategy.collect(old.slots)
@@ -140,6 +152,14 @@ class GuestMemory:
                 mprotect_raw(backing.addr, backing.size, PROT_READ)
         flags = int(KvmMemFlag.KVM_MEM_READONLY) if isinstance(region, Rom) else 0
         return SlotSpec(region.range, flags, backing.addr)
+
+    @staticmethod
+    def _mirror_slot(region: Mmio) -> SlotSpec:
+        """A read-only slot over the region's mirror: reads never exit, writes exit to its handler
+        (no coalesced zone ever covers an Mmio region: zones are made over holes only, so a write
+        to a mirrored page is never swallowed by the ring and read back stale)."""
+        assert region.mirror is not None
+        return SlotSpec(region.range, int(KvmMemFlag.KVM_MEM_READONLY), region.mirror.hva)
 
     def _drop_backings(self, regions: Iterable[Region]) -> None:
         for r in list(regions):

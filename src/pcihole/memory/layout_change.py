@@ -22,6 +22,11 @@ is invisible to the guest; it only costs exits. To keep the gap short the operat
 - new slots that overlap no slot being deleted are created *before* any deletion (no gap at all for
   them), then the deletions, then the remaining creations, largest first;
 - new zones and fill devices last.
+Mirrored pages inside hole slots (PageAlias, strategies with `remaps_mirrors`) are host mappings,
+not kernel objects: a page leaving goes back to fill bytes right after the zones go, a page
+arriving is mapped after the slots exist. Either way it is one mmap(MAP_FIXED) over a page whose
+bytes are the fill on both sides (the host bridge blanks a mirror page before it is announced and
+after its function left), so a read during the swap sees fill bytes whichever page it hits.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pcihole.host.mman import MAP_FIXED, MAP_SHARED, PAGE_SIZE, PROT_READ, mmap_raw
 from pcihole.memory.address import GuestRange
 from pcihole.memory.slot_allocator import SlotAllocator
-from pcihole.memory.strategies.base import FillSpec, HoleLayout, SlotSpec
+from pcihole.memory.strategies.base import FillSpec, HoleLayout, PageAlias, SlotSpec
 
 if TYPE_CHECKING:
     from pcihole.hv.interface import Vm
@@ -85,7 +91,25 @@ class RemoveFill:
     spec: FillSpec
 
 
-LayoutOp = CreateSlot | DeleteSlot | AddZone | RemoveZone | AddFill | RemoveFill
+@dataclass(frozen=True)
+class MapPage:
+    """mmap(MAP_FIXED) of a mirrored page over its place in a hole slot's arena."""
+
+    page: PageAlias
+
+
+@dataclass(frozen=True)
+class UnmapPage:
+    """mmap(MAP_FIXED) of the fill memfd back over a mirrored page's place."""
+
+    page: PageAlias
+
+
+LayoutOp = CreateSlot | DeleteSlot | AddZone | RemoveZone | AddFill | RemoveFill | MapPage | UnmapPage
+
+
+def _map_page(hva: int, fd: int, offset: int) -> None:
+    mmap_raw(hva, PAGE_SIZE, PROT_READ, MAP_SHARED | MAP_FIXED, fd, offset)
 
 
 def describe(op: LayoutOp) -> str:
@@ -103,6 +127,10 @@ def describe(op: LayoutOp) -> str:
             return f"fill {f}"
         case RemoveFill(f):
             return f"unfill {f}"
+        case MapPage(p):
+            return f"map page {p.gpa:#x}"
+        case UnmapPage(p):
+            return f"unmap page {p.gpa:#x}"
 
 
 class LayoutChange:
@@ -130,6 +158,10 @@ class LayoutChange:
             self._do(RemoveZone(zone))
         for f in sorted(set(old_layout.fills) - set(layout.fills), key=lambda f: f.range):
             self._do(RemoveFill(f))
+        for page in sorted(set(old_layout.pages) - set(layout.pages), key=lambda p: p.gpa):
+            if any(p.hva == page.hva for p in layout.pages):
+                continue  # the same place gets another page below
+            self._do(UnmapPage(page))
         deferred = []
         for spec in create:
             if self.ids.free > 0 and not any(spec.range.overlaps(d.range) for d, _ in delete):
@@ -144,6 +176,8 @@ class LayoutChange:
             if self.ids.free == 0:
                 self._release_deleted_ids()
             slots[spec] = self._create(spec)
+        for page in sorted(set(layout.pages) - set(old_layout.pages), key=lambda p: p.gpa):
+            self._do(MapPage(page))
         for f in sorted(set(layout.fills) - set(old_layout.fills), key=lambda f: f.range):
             self._do(AddFill(f))
         for zone in sorted(set(layout.zones) - set(old_layout.zones)):
@@ -200,6 +234,10 @@ class LayoutChange:
                 vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)
             case RemoveFill(f):
                 vm.unregister_mmio_fill(f.range.start.value, f.range.size)
+            case MapPage(p):
+                _map_page(p.hva, p.fd, p.offset)
+            case UnmapPage(p):
+                _map_page(p.hva, p.under_fd, p.under_offset)
         self.journal.append(op)
 
     def _reverse(self, op: LayoutOp) -> tuple[SlotSpec, int] | None:
@@ -221,6 +259,10 @@ class LayoutChange:
                 vm.unregister_mmio_fill(f.range.start.value, f.range.size)
             case RemoveFill(f):
                 vm.register_mmio_fill(f.range.start.value, f.range.size, f.fill, f.flags)
+            case MapPage(p):
+                _map_page(p.hva, p.under_fd, p.under_offset)
+            case UnmapPage(p):
+                _map_page(p.hva, p.fd, p.offset)
         return None
 
     def _release_deleted_ids(self) -> None:
@@ -239,7 +281,9 @@ __all__ = [
     "DeleteSlot",
     "LayoutChange",
     "LayoutOp",
+    "MapPage",
     "RemoveFill",
     "RemoveZone",
+    "UnmapPage",
     "describe",
 ]

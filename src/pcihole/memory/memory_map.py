@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from pcihole.memory.address import GuestAddress, GuestRange, page_range
-from pcihole.memory.region import Hole, Mmio, MmioHandler, Region
+from pcihole.memory.region import Hole, MirrorPage, Mmio, MmioHandler, Region
 
 
 class MemoryMapError(ValueError):
@@ -102,7 +102,7 @@ class MemoryMap:
             raise MemoryMapError(f"not in the map: {', '.join(r.describe() for r in missing)}")
         return MemoryMap(r for r in self._regions if r not in removed)
 
-    def punch(self, rng: GuestRange, handler: MmioHandler, name: str = "") -> MemoryMap:
+    def punch(self, rng: GuestRange, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None) -> MemoryMap:
         """Carve rng out of the one hole that covers it; rng becomes an Mmio region answered by handler.
 
         Used for a present function's 4 KiB page. The Mmio region remembers the hole (`underlay`)
@@ -114,11 +114,13 @@ class MemoryMap:
             raise MemoryMapError(f"cannot punch {rng}: it is not inside one hole (found {found})")
         underlay = replace(hole, range=rng)
         pieces = [replace(hole, range=part) for part in hole.range.subtract(rng)]
-        mmio = Mmio(rng, name or hole.name, handler=handler, underlay=underlay)
+        mmio = Mmio(rng, name or hole.name, handler=handler, mirror=mirror, underlay=underlay)
         return MemoryMap((*(r for r in self._regions if r is not hole), *pieces, mmio))
 
-    def punch_page(self, addr: GuestAddress | int, handler: MmioHandler, name: str = "") -> MemoryMap:
-        return self.punch(page_range(addr), handler, name)
+    def punch_page(
+        self, addr: GuestAddress | int, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None
+    ) -> MemoryMap:
+        return self.punch(page_range(addr), handler, name, mirror)
 
     def fill(self, rng: GuestRange) -> MemoryMap:
         """Give a punched range back to its hole, merging it with the neighbouring pieces."""

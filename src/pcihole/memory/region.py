@@ -20,8 +20,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pcihole.memory.address import GuestRange
 
-WritePolicy = Literal["discard", "trap"]
-WRITE_POLICIES: tuple[WritePolicy, ...] = ("discard", "trap")
+# discard: no exit where a coalesced zone can swallow the write; trap: every write exits to the trap
+# handler; exit: every write exits and is discarded (no zone).
+WritePolicy = Literal["discard", "trap", "exit"]
+WRITE_POLICIES: tuple[WritePolicy, ...] = ("discard", "trap", "exit")
 
 #: A hole's trap handler: called with (guest-physical address, the bytes written) for each write.
 TrapHandler = Callable[[int, bytes], None]
@@ -96,17 +98,34 @@ class Hole(Region):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorPage:
+    """A read-only image of an Mmio region's bytes that its handler keeps current: mapped by the
+    VMM at `hva`, and page `offset` of the file `fd` (so a strategy can map it elsewhere too)."""
+
+    hva: int
+    fd: int
+    offset: int
+
+
 @dataclass(frozen=True)
 class Mmio(Region):
-    """Emulated by the VMM: every access exits and goes to `handler`."""
+    """Emulated by the VMM: every access exits and goes to `handler`, unless it has a mirror."""
 
     handler: MmioHandler | None = None
+    #: A read-only image of the region's bytes, which the handler keeps current (e.g. a PCI
+    #: function's config space, pci/config_mirror.py). Strategies that map memslots back the region
+    #: with it (a KVM_MEM_READONLY slot over its hva, or its page mapped into the hole's arena):
+    #: reads are served from it with no exit, writes still exit to `handler`. None: every access exits.
+    mirror: MirrorPage | None = None
     #: The hole this region was punched out of, restored by MemoryMap.fill().
     underlay: Hole | None = None
 
     def __post_init__(self) -> None:
         if self.handler is None:
             raise ValueError(f"{self.describe()}: an Mmio region needs a handler")
+        if self.mirror is not None:
+            _require_pages(self)
 
 
 def _require_pages(region: Region) -> None:
@@ -116,6 +135,7 @@ def _require_pages(region: Region) -> None:
 
 __all__ = [
     "Hole",
+    "MirrorPage",
     "Mmio",
     "MmioHandler",
     "Ram",

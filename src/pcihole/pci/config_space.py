@@ -25,7 +25,8 @@ class ConfigSpace:
     __slots__ = ("data", "writable", "write_1_to_clear", "capability_sizes")
 
     def __init__(self, size: int = PCI_CFG_SPACE_EXP_SIZE) -> None:
-        self.data = bytearray(size)
+        #: The bytes the guest reads: a bytearray, or the function's mirror page once attached.
+        self.data: bytearray | memoryview = bytearray(size)
         self.writable = bytearray(size)
         self.write_1_to_clear = bytearray(size)
         # Length of each capability the model placed, by offset: not guest-visible, only used to place
@@ -40,6 +41,22 @@ class ConfigSpace:
             raise ValueError(
                 f"config access [{offset:#x}, +{size}] is outside the {len(self.data):#x}-byte space"
             )
+
+    # --- the mirror (config_mirror.py) -------------------------------------------------------------
+    def attach(self, page: memoryview) -> None:
+        """From now on the bytes live in `page` (the read-only mirror the guest reads without an
+        exit): copied there once, then every change, by the guest or the device model, is made in
+        the page itself."""
+        if len(page) != len(self.data):
+            raise ValueError(f"a mirror page of {len(page)} bytes for a {len(self.data):#x}-byte space")
+        page[:] = self.data
+        self.data = page
+
+    def detach(self) -> bytearray:
+        """The bytes go back to a private copy (the function left; its page is given back)."""
+        own = bytearray(self.data)
+        self.data = own
+        return own
 
     # --- what the guest does ----------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

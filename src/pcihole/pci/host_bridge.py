@@ -10,6 +10,16 @@ What the machine layer calls:
 - `add_listener(cb)` / `present_pages()`: the 4 KiB pages (guest-physical) of present functions; the
   memory map punches them out of the hole. `cb(page_gpa, present)` is told about every change.
 - `add_function(spec)` / `remove_function(bdf)`: hot-plug.
+- `use_mirrors()` / `mirror_page(page)` / `close_mirrors()`: each present function's config space
+  lives in its segment's read-only mirror page (config_mirror.py), which the memory map backs with a
+  read-only memslot so reads of present functions do not exit. A page is blanked to the fill before
+  it is announced present and after its function left, and the function's space is attached to it
+  only inside the table (under the lock): a read sees fill bytes until the function is in the table,
+  its bytes while it is, fill bytes again once it has left, as an exit would answer.
+
+Reads have no side effect in configuration space (ConfigSpace.read only copies bytes; no function
+model hooks a read), so serving them from the mirror changes nothing but `stats.config_reads` and
+`absent_reads`, which then count only the reads that exited.
 
 Writes to absent functions: with `writes = "discard"` they are dropped. With `writes = "trap"` each
 configuration request (one piece of the access) is completed with Unsupported Request: on the secondary
@@ -33,9 +43,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pcihole.memory.region import MirrorPage
+
 from . import ecam
 from .access import split_access
 from .bdf import Bdf
+from .config_mirror import ConfigMirror
 from .endpoint import Endpoint, ExpanderFunction, HostBridgeFunction
 from .function import DeviceInfo, PciFunction
 from .pci_bridge import PciBridge
@@ -98,6 +111,7 @@ class HostBridge:
         self._segments = tuple(sorted(topology.segments, key=lambda s: s.window_base))
         self._functions: dict[int, PciFunction] = {}
         self._listeners: list[PageListener] = []
+        self._mirror: ConfigMirror | None = None
         self.stats = HostBridgeStats()
         functions_per_device: dict[tuple[int, int, int], int] = {}
         occupied_buses: set[tuple[int, int]] = set()
@@ -173,6 +187,35 @@ class HostBridge:
         """Whether the 4 KiB ECAM page holding `gpa` belongs to a present function (no lock: one dict
         lookup, for statistics on the exit path)."""
         return (gpa & ~0xFFF) in self._functions
+
+    # --- mirrors ---------------------------------------------------------------------------------------
+    def use_mirrors(self) -> None:
+        """Move every present function's config space into the windows' mirror (once)."""
+        with self._lock:
+            if self._mirror is not None:
+                return
+            self._mirror = ConfigMirror(self._segments)
+            for page, fn in self._functions.items():
+                fn.config.attach(self._mirror.page(page))
+
+    def mirror_page(self, page: int) -> MirrorPage | None:
+        """The page's mirror (host address, memfd page), or None without mirrors."""
+        return None if self._mirror is None else self._mirror.mirror_page(page)
+
+    def mirror_bytes(self) -> int:
+        """Host memory behind the mirror (the pages of functions ever present)."""
+        return 0 if self._mirror is None else self._mirror.allocated_bytes()
+
+    def close_mirrors(self) -> None:
+        """Give the functions private copies of their bytes and unmap the mirror (after the
+        memslots over it are gone)."""
+        with self._lock:
+            if self._mirror is None:
+                return
+            for fn in self._functions.values():
+                fn.config.detach()
+            self._mirror.close()
+            self._mirror = None
 
     # --- guest accesses ---------------------------------------------------------------------------------
     def _pieces(self, gpa: int, size: int) -> Iterator[tuple[int, int, Segment]]:
@@ -289,8 +332,12 @@ class HostBridge:
             topology = self._topology.with_function(spec).validate()
             fn = self._make(spec, topology)
             page = topology.segment(spec.bdf.segment).page_gpa(spec.bdf)
+            if self._mirror is not None:
+                self._mirror.blank(page)  # read as absent until the function is in the table
             self._notify(page, True)
             with self._lock:
+                if self._mirror is not None:
+                    fn.config.attach(self._mirror.page(page))
                 self._functions[page] = fn
                 self._topology = topology
                 self._update_multifunction(spec.bdf)
@@ -303,7 +350,10 @@ class HostBridge:
             topology = self._topology.without_function(bdf).validate()
             page = self._page_of(bdf)
             with self._lock:
-                del self._functions[page]
+                fn = self._functions.pop(page)
+                if self._mirror is not None:
+                    fn.config.detach()
+                    self._mirror.blank(page)
                 self._topology = topology
                 self._update_multifunction(bdf)
                 self._update_slot(bdf, hotplug=True)

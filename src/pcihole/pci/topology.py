@@ -50,7 +50,11 @@ FOUR_GIB = 1 << 32
 
 WRITES_DISCARD = "discard"  # hole writes change nothing and cost no exit where the backend allows
 WRITES_TRAP = "trap"  # the VMM sees every hole write and logs an Unsupported Request (see aer.py)
-WRITE_POLICIES = (WRITES_DISCARD, WRITES_TRAP)
+# Hole writes exit and are discarded: one exit per write to an absent function (a scan makes none),
+# and no coalesced zone, so a hot-plug change touches no zone (KVM_UNREGISTER_COALESCED_MMIO waits
+# for an SRCU grace period: milliseconds).
+WRITES_EXIT = "exit"
+WRITE_POLICIES = (WRITES_DISCARD, WRITES_TRAP, WRITES_EXIT)
 
 HOST_BRIDGE_VENDOR = 0x1B36  # Red Hat, Inc. (QEMU)
 HOST_BRIDGE_DEVICE = 0x0008  # QEMU PCIe host bridge (hw/pci-host/gpex.c)

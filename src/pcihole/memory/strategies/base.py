@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pcihole.hv.uapi import KvmCap
 from pcihole.memory.address import GuestRange
-from pcihole.memory.region import Hole
+from pcihole.memory.region import Hole, Mmio
 
 if TYPE_CHECKING:
     from pcihole.hv.interface import Hypervisor, Vm
@@ -65,11 +65,29 @@ class FillSpec:
     flags: int
 
 
+@dataclass(frozen=True, slots=True)
+class PageAlias:
+    """A mirrored page mapped into a hole slot's host memory: the 4 KiB at `hva` (inside the slot's
+    arena, standing for guest page `gpa`) is page `offset` of `fd` instead of page `under_offset`
+    of the fill memfd `under_fd`. Changing it is one mmap(MAP_FIXED), no memslot: KVM follows the
+    new host page through its MMU notifier (the old one is zapped before mmap returns), the model
+    through Unicorn's host pointer to the same virtual address."""
+
+    gpa: int
+    hva: int
+    fd: int
+    offset: int
+    under_fd: int
+    under_offset: int
+
+
 @dataclass(frozen=True)
 class HoleLayout:
     slots: tuple[SlotSpec, ...] = ()
     zones: tuple[GuestRange, ...] = ()
     fills: tuple[FillSpec, ...] = ()
+    #: Mirrored pages inside the hole slots (strategies with `remaps_mirrors`).
+    pages: tuple[PageAlias, ...] = ()
     #: Holes (or parts) whose discard-writes exit because the zone budget ran out.
     zoneless: tuple[GuestRange, ...] = field(default=())
 
@@ -80,6 +98,12 @@ class HoleStrategy(ABC):
     name: ClassVar[str]
     #: Reads of absent pages never exit (where the layout covers them).
     reads_exit: ClassVar[bool] = False
+    #: Mmio regions with a mirror get a read-only slot over it (their reads do not exit). Every
+    #: strategy that maps memslots does; `exit` does not, so that every access exits, as in QEMU.
+    maps_mirrors: ClassVar[bool] = True
+    #: The strategy covers mirrored pages itself, inside its hole slots (`layout(mirrored=...)`),
+    #: so that a page turning into a function's mirror and back changes no memslot.
+    remaps_mirrors: ClassVar[bool] = False
 
     def __init__(self, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None) -> None:
         self.hypervisor = hypervisor
@@ -98,8 +122,9 @@ class HoleStrategy(ABC):
         return None
 
     @abstractmethod
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
-        """The kernel objects for these holes; allocates any backing they need."""
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
+        """The kernel objects for these holes; allocates any backing they need. `mirrored` (only
+        given to strategies with `remaps_mirrors`): punched pages with a mirror, to cover too."""
 
     def collect(self, live: Iterable[SlotSpec]) -> None:  # noqa: B027 - most strategies own no backing
         """Free the backing no slot in `live` uses."""
@@ -161,6 +186,7 @@ __all__ = [
     "FillSpec",
     "HoleLayout",
     "HoleStrategy",
+    "PageAlias",
     "SlotSpec",
     "StrategyUnavailable",
     "ZONE_BUDGET",

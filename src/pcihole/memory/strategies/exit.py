@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pcihole.memory.region import Hole
+from pcihole.memory.region import Hole, Mmio
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy
 
 
 class ExitStrategy(HoleStrategy):
     name = "exit"
     reads_exit = True
+    maps_mirrors = False
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         zones, zoneless = self.write_zones(holes)
         return HoleLayout(zones=zones, zoneless=zoneless)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_MMIO_FILL_WRITES_EXIT
 from pcihole.memory.address import GuestRange
-from pcihole.memory.region import Hole
+from pcihole.memory.region import Hole, Mmio
 from pcihole.memory.strategies.base import (
     ZONE_BUDGET,
     ZONE_MAX_BYTES,
@@ -36,7 +36,7 @@ class MmioBusStrategy(HoleStrategy):
             )
         return None
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         fills: list[FillSpec] = []
         for h in sorted(holes, key=lambda h: h.range):
             flags = KVM_MMIO_FILL_WRITES_EXIT if h.writes == "trap" else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pcihole.hv.proposed import KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
-from pcihole.memory.region import Hole
+from pcihole.memory.region import Hole, Mmio
 from pcihole.memory.slot_planner import plan_plain_slots
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, StrategyUnavailable, fill_runs
 
@@ -44,7 +44,7 @@ class NativeStrategy(HoleStrategy):
                 )
         return None
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         if (reason := self.cannot_do(holes)) is not None:
             raise StrategyUnavailable(reason)
         slots = tuple(

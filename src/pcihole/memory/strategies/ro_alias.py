@@ -13,10 +13,23 @@ path into the in-kernel MMIO bus: with writes="discard" a coalesced zone over th
 into the ring (no exit while the ring has room, drained at every exit); with writes="trap" there is
 no zone and each write exits as MmioWrite for the trap handler (docs/kvm-memslot-rules.md, "Read-only
 slots and coalesced MMIO").
+
+Mirrored pages (a present PCI function's config page, region.py MirrorPage) are covered by the hole
+slots too (`remaps_mirrors`): the runs are cut around the holes *and* the mirrored pages punched
+out of them, which is the same set before and after a page is punched or filled, so hot-plug
+changes no slot. A slot whose run holds a mirrored page gets an arena of its own (the shared one
+aliases the same host pages at every offset), and the page's place in it is the mirror's file page
+(PageAlias, mapped by layout_change.py): hot-adding a function is one mmap(MAP_FIXED), and only the
+coalesced zones of writes="discard" holes still change (trap holes have none). A run turns from
+shared to own arena (one slot change) only when its first mirrored page arrives. Own arenas are not
+shared between windows, so each costs its own mappings and host page tables (about 512 KiB per
+fully probed 256 MiB window); where they would not fit in the mapping budget, the mirrored pages get
+memslots of their own instead (and hot-plug changes slots, as with the other strategies).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +37,10 @@ from pcihole.host.memfd import SealedFillMemfd
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.accounting import process_mappings
-from pcihole.memory.region import Hole
-from pcihole.memory.slot_planner import default_map_budget, plan_alias
-from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, fill_runs
+from pcihole.memory.address import GuestRange
+from pcihole.memory.region import Hole, Mmio
+from pcihole.memory.slot_planner import AliasPlan, default_map_budget, plan_alias
+from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, PageAlias, SlotSpec, fill_runs
 
 MAX_MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 
@@ -42,6 +56,8 @@ class Arena:
     alias_size: int
     memfd: SealedFillMemfd
     reservation: HostMapping
+    #: The guest range of the one slot over it, for an arena with mirrored pages; None: shared.
+    owner: GuestRange | None = None
 
     @property
     def addr(self) -> int:
@@ -53,11 +69,12 @@ class Arena:
 
     @property
     def mappings(self) -> int:
-        return self.size // self.alias_size
+        return -(-self.size // self.alias_size)
 
 
 class RoAliasStrategy(HoleStrategy):
     name = "ro-alias"
+    remaps_mirrors = True
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -78,21 +95,68 @@ class RoAliasStrategy(HoleStrategy):
             self.map_budget = default_map_budget(max_map_count(), process_mappings() - self.host_mappings())
         return self.map_budget
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
+        covered = [m for m in mirrored if m.mirror is not None and m.underlay is not None]
+        if covered:
+            runs = fill_runs([*holes, *(m.underlay for m in covered if m.underlay is not None)])
+            plan = plan_alias(runs, free_slots=free_slots, map_budget=self.budget())
+            if self._own_arena_mappings(plan, covered) <= self.budget():
+                return self._layout(holes, plan, covered)
+            # The own arenas would not fit in the mapping budget: the mirrored pages get slots of
+            # their own (GuestMemory adds them), and hot-plug changes slots again.
         plan = plan_alias(fill_runs(holes), free_slots=free_slots, map_budget=self.budget())
-        arenas = {
-            spec.fill: self._arena(spec.fill, spec.alias_size, spec.arena_size) for spec in plan.aliases
-        }
-        flags = int(KvmMemFlag.KVM_MEM_READONLY)
-        slots = tuple(SlotSpec(p.range, flags, arenas[p.fill].addr) for p in plan.slots)
-        zones, zoneless = self.write_zones(holes)
-        return HoleLayout(slots=slots, zones=zones, zoneless=zoneless)
+        return self._layout(holes, plan, [])
 
-    def _arena(self, fill: int, alias_size: int, size: int) -> Arena:
-        # Re-use any arena of this fill that is large enough: its pages are all `fill`, whatever its
-        # alias size, and keeping it keeps the slots that point at it unchanged.
+    @staticmethod
+    def _runs_with_pages(plan: AliasPlan, covered: Sequence[Mmio]) -> dict[GuestRange, list[Mmio]]:
+        pages_in: dict[GuestRange, list[Mmio]] = {}
+        starts = [p.range.start.value for p in plan.slots]
+        for m in covered:
+            i = bisect.bisect_right(starts, m.range.start.value) - 1
+            pages_in.setdefault(plan.slots[i].range, []).append(m)
+        return pages_in
+
+    def _own_arena_mappings(self, plan: AliasPlan, covered: Sequence[Mmio]) -> int:
+        """Mappings the layout would use: the shared arenas, each own arena's aliases, and two more
+        per mirrored page (it splits an alias mapping in three)."""
+        alias = {spec.fill: spec for spec in plan.aliases}
+        own = self._runs_with_pages(plan, covered)
+        own_maps = sum(-(-p.range.size // alias[p.fill].alias_size) for p in plan.slots if p.range in own)
+        shared_fills = {p.fill for p in plan.slots if p.range not in own}
+        return sum(alias[f].mappings for f in shared_fills) + own_maps + 2 * len(covered)
+
+    def _layout(self, holes: Sequence[Hole], plan: AliasPlan, covered: Sequence[Mmio]) -> HoleLayout:
+        shared = {spec.fill: spec for spec in plan.aliases}
+        pages_in = self._runs_with_pages(plan, covered)
+        flags = int(KvmMemFlag.KVM_MEM_READONLY)
+        slots, pages = [], []
+        for p in plan.slots:
+            spec = shared[p.fill]
+            own = pages_in.get(p.range)
+            if not own:
+                arena = self._arena(p.fill, spec.alias_size, spec.arena_size)
+                slots.append(SlotSpec(p.range, flags, arena.addr))
+                continue
+            arena = self._arena(p.fill, spec.alias_size, p.range.size, owner=p.range)
+            slots.append(SlotSpec(p.range, flags, arena.addr))
+            for m in own:
+                assert m.mirror is not None
+                off = m.range.start.value - p.range.start.value
+                pages.append(
+                    PageAlias(m.range.start.value, arena.addr + off, m.mirror.fd, m.mirror.offset,
+                              arena.memfd.fd, off % arena.alias_size)
+                )  # fmt: skip
+        zones, zoneless = self.write_zones(holes)
+        return HoleLayout(slots=tuple(slots), zones=zones, zoneless=zoneless, pages=tuple(pages))
+
+    def _arena(self, fill: int, alias_size: int, size: int, owner: GuestRange | None = None) -> Arena:
+        # Re-use any shared arena of this fill that is large enough: its pages are all `fill`,
+        # whatever its alias size, and keeping it keeps the slots that point at it unchanged. An
+        # arena with mirrored pages belongs to its one slot's range.
         for a in self.arenas:
-            if a.fill == fill and a.size >= size:
+            if owner is None and a.owner is None and a.fill == fill and a.size >= size:
+                return a
+            if owner is not None and a.owner == owner and a.fill == fill:
                 return a
         memfd = self.memfds.get((fill, alias_size))
         if memfd is None:
@@ -100,12 +164,13 @@ class RoAliasStrategy(HoleStrategy):
         reservation = HostMapping.reserve(size, name=f"ro-alias arena fill={fill:#04x}")
         try:
             for offset in range(0, size, alias_size):
-                reservation.map_fixed(offset, alias_size, PROT_READ, MAP_SHARED, memfd.fd, 0)
+                length = min(alias_size, size - offset)
+                reservation.map_fixed(offset, length, PROT_READ, MAP_SHARED, memfd.fd, 0)
         except BaseException:
             reservation.close()
             self._drop_unused_memfds()
             raise
-        arena = Arena(fill, alias_size, memfd, reservation)
+        arena = Arena(fill, alias_size, memfd, reservation, owner)
         self.arenas.append(arena)
         return arena
 

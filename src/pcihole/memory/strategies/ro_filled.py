@@ -25,7 +25,7 @@ from pcihole.host.memfd import SealedFillMemfd
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.memory.address import GuestRange
-from pcihole.memory.region import Hole
+from pcihole.memory.region import Hole, Mmio
 from pcihole.memory.slot_planner import plan_plain_slots
 from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, fill_runs
 
@@ -60,7 +60,7 @@ class RoFilledStrategy(HoleStrategy):
             return "ro-filled needs KVM_CAP_READONLY_MEM, which this kernel lacks"
         return None
 
-    def layout(self, holes: Sequence[Hole], free_slots: int) -> HoleLayout:
+    def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         slots = []
         for plan in plan_plain_slots(fill_runs(holes), free_slots=free_slots):
             hva = self._hva_for(plan.range, plan.fill)
