@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         help="boot the Debian cloud kernel (fetched and cached on first use) with pcihole's initramfs "
         "and print what Linux's PCI core found",
     )
-    run.add_argument("--append", metavar="CMDLINE", help="kernel command line (added to the default with --linux)")
+    run.add_argument(
+        "--append", metavar="CMDLINE", help="kernel command line (added to the default with --linux)"
+    )
     run.add_argument(
         "--initrd", metavar="FILE", help="initramfs for --kernel (PVH module 0, placed above the kernel)"
     )
@@ -122,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     linux = sub.add_parser("linux", help="the Linux kernel and busybox pcihole boots with --linux")
     linux_sub = linux.add_subparsers(dest="linux_command", required=True)
     linux_sub.add_parser(
-        "fetch", help="fetch the Debian cloud kernel and busybox-static with apt (no install) and print the cached paths"
+        "fetch",
+        help="fetch the Debian cloud kernel and busybox-static with apt (no install) and print the cached paths",
     )
 
     bench = sub.add_parser("bench", help="run the strategies side by side")
@@ -335,7 +338,9 @@ def _run_machine(machine, kernel_name: str, **how):
     try:
         return machine.run(**how)
     except OSError as e:
-        raise RunFailed(f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}") from None
+        raise RunFailed(
+            f"{kernel_name}: the {machine.hv.name} backend failed while running the guest: {e}"
+        ) from None
 
 
 def _linux_inputs(append: str | None) -> tuple[bytes, str, bytes, str]:
@@ -400,7 +405,11 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
             raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
         clock.restart()
         result = _run_machine(
-            machine, kernel_name, timeout=timeout, stops=stops, until_serial=linux_stop_line(machine.quirks.active)
+            machine,
+            kernel_name,
+            timeout=timeout,
+            stops=stops,
+            until_serial=linux_stop_line(machine.quirks.active),
         )
     if result.stop.reason == StopReason.SIGNAL:
         return EXIT_FAILED  # cmd_run raises Signalled: its one line is all that is printed
@@ -434,7 +443,10 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
 
 
 def _print_linux(result, report, boot_seconds: float | None) -> None:
-    print(f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}", file=sys.stderr)
+    print(
+        f"pcihole: backend {result.backend} ({result.backend_reason}), strategy {result.strategy}",
+        file=sys.stderr,
+    )
     if report.source == "kernel":
         print(
             "pcihole: /init did not list the functions"
@@ -538,7 +550,9 @@ def cmd_linux(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pcihole.bench.runner import run_bench
 
-    return run_bench(out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux)
+    return run_bench(
+        out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

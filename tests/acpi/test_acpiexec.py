@@ -83,7 +83,9 @@ def test_acpica_loads_the_tables_and_sees_what_linux_needs(tmp_path):
         assert io_kind == "16-Bit WORD Address Space Resource" and io["Resource Type"] == "I/O Range"
         assert io["Consumer/Producer"] == "ResourceProducer"
         assert 0x1000 <= int(io["Address Minimum"], 16) < int(io["Address Maximum"], 16) <= 0xFFFF
-        assert mem64_kind == "64-Bit QWORD Address Space Resource" and mem64["Resource Type"] == "Memory Range"
+        assert (
+            mem64_kind == "64-Bit QWORD Address Space Resource" and mem64["Resource Type"] == "Memory Range"
+        )
         assert mem64["Consumer/Producer"] == "ResourceProducer"
         assert int(mem64["Address Minimum"], 16) >= 1 << 32
         assert bus_kind == "16-Bit WORD Address Space Resource" and bus["Resource Type"] == "Bus Number Range"

@@ -181,7 +181,9 @@ def test_iasl_reads_every_dsdt_object(tmp_path):
     assert "    Scope (\\_SB)\n" in asl
     found = devices(asl)
     assert list(found) == ["PCI0", "PCI1", "PCI3", "MBRD"]
-    windows = zip(SEGMENTS, ["PCI0", "PCI1", "PCI3"], SEGMENT_WINDOWS, io_windows(3), mem64_windows(3), strict=True)
+    windows = zip(
+        SEGMENTS, ["PCI0", "PCI1", "PCI3"], SEGMENT_WINDOWS, io_windows(3), mem64_windows(3), strict=True
+    )
     for seg, name, window, io, mem64 in windows:
         assert host_bridge_block(found[name]) == expected_host_bridge(seg, window, io, mem64), name
     mbrd = found["MBRD"]

@@ -24,7 +24,15 @@ MEMORY_SIZE = 0x10000
 
 
 def _report(
-    devices, regions, *, ndevices=None, magic=REPORT_MAGIC, max_devices=4, state=2, status=0, devices_paddr=DEVICES_GPA
+    devices,
+    regions,
+    *,
+    ndevices=None,
+    magic=REPORT_MAGIC,
+    max_devices=4,
+    state=2,
+    status=0,
+    devices_paddr=DEVICES_GPA,
 ):
     """(the report's bytes, read_phys over a small guest memory holding its device list)."""
     hdr = HEADER.pack(
@@ -103,7 +111,10 @@ def _with_data(report, cut):
         (_report([], [], magic=0x12345678), "magic"),
         (_with_data(_report([], []), 20), "too short"),
         (_with_data(_report([], [(0xB0000000, 0, 0, 255, 1, 0)]), 0x38 + 8), "truncated"),
-        (_report([(0, 0, 0, 1, 2, 0, 0, 0, 0, 0)], [], devices_paddr=MEMORY_SIZE - 8), "cannot read the device list"),
+        (
+            _report([(0, 0, 0, 1, 2, 0, 0, 0, 0, 0)], [], devices_paddr=MEMORY_SIZE - 8),
+            "cannot read the device list",
+        ),
     ],
 )
 def test_parse_report_errors(report, msg):
@@ -134,7 +145,13 @@ pcihole-scan: done devices=2 config_reads=8187 status=0x08 scans=1
 
 def test_parse_serial():
     s = parse_serial(SERIAL)
-    assert s.done and s.ndevices == 2 and s.config_reads == 8187 and s.status == ScanStatus.NO_MCFG and s.scans == 1
+    assert (
+        s.done
+        and s.ndevices == 2
+        and s.config_reads == 8187
+        and s.status == ScanStatus.NO_MCFG
+        and s.scans == 1
+    )
     assert [r.source for r in s.regions] == ["mcfg", "cmdline"] and s.regions[1].skipped
     assert s.regions[1].base == 1 << 32 and s.regions[1].end_bus == 15
     assert [d.bdf for d in s.devices] == ["0000:00:00.0", "0000:00:1f.2"]

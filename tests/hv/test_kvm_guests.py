@@ -65,7 +65,9 @@ def test_hlt(guest):
     assert g.vcpu.get_regs().rip == CODE + 1
 
 
-@pytest.mark.parametrize(("size", "insn"), [(1, "movb {a}, %al"), (2, "movw {a}, %ax"), (4, "movl {a}, %eax")])
+@pytest.mark.parametrize(
+    ("size", "insn"), [(1, "movb {a}, %al"), (2, "movw {a}, %ax"), (4, "movl {a}, %eax")]
+)
 def test_mmio_read_of_unbacked_memory_exits_and_gets_the_vmm_value(guest, size, insn):
     g = guest(f"xor %eax, %eax\n {insn.format(a=hex(MMIO + 0x10))}\n movl %eax, {RESULT:#x}\n hlt")
     assert g.run() == exits.MmioRead(MMIO + 0x10, size)
@@ -122,8 +124,10 @@ def test_readonly_write_inside_coalesced_zone_lands_in_ring_until_full(guest, kv
         # One entry is always left free (coalesced_mmio_write: full when (last+1) % MAX == first), so
         # MAX - 1 writes are coalesced and the next one exits.
         first_exit = g.run()
-        assert first_exit == exits.MmioWrite(RO_GPA + 4 * (KVM_COALESCED_MMIO_MAX - 1) % 4096,
-                                             (n - KVM_COALESCED_MMIO_MAX + 1).to_bytes(4, "little"))
+        assert first_exit == exits.MmioWrite(
+            RO_GPA + 4 * (KVM_COALESCED_MMIO_MAX - 1) % 4096,
+            (n - KVM_COALESCED_MMIO_MAX + 1).to_bytes(4, "little"),
+        )
         ring = g.vcpu.drain_coalesced_mmio()
         assert len(ring) == KVM_COALESCED_MMIO_MAX - 1
         assert [int.from_bytes(w.data, "little") for w in ring] == list(range(n, n - len(ring), -1))
@@ -168,7 +172,9 @@ def test_dirty_log_shows_exactly_the_pages_the_guest_wrote(guest, kvm_vm):
     stores = "\n".join(f"movl $1, {0xE0000000 + p * 4096 + 8:#x}" for p in pages)
     g = guest(stores + "\n hlt")
     with HostMapping.anonymous(2 * MiB) as logged:
-        kvm_vm.set_user_memory_region(2, KvmMemFlag.KVM_MEM_LOG_DIRTY_PAGES, 0xE0000000, logged.size, logged.addr)
+        kvm_vm.set_user_memory_region(
+            2, KvmMemFlag.KVM_MEM_LOG_DIRTY_PAGES, 0xE0000000, logged.size, logged.addr
+        )
         assert g.run() == exits.Hlt()
         bitmap = int.from_bytes(kvm_vm.get_dirty_log(2), "little")
         assert [i for i in range(512) if bitmap >> i & 1] == pages

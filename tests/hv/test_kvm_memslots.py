@@ -64,7 +64,9 @@ def test_slot_id_at_limit_and_address_space_bits_are_einval(kvm_vm, mem):
 
 def test_overlap_is_eexist_and_names_the_request(kvm_vm, mem):
     kvm_vm.set_user_memory_region(0, 0, GPA, 2 * MiB, mem.addr)
-    err = expect_errno(errno.EEXIST, kvm_vm.set_user_memory_region, 1, 0, GPA + MiB, 2 * MiB, mem.addr + 2 * MiB)
+    err = expect_errno(
+        errno.EEXIST, kvm_vm.set_user_memory_region, 1, 0, GPA + MiB, 2 * MiB, mem.addr + 2 * MiB
+    )
     assert "KVM_SET_USER_MEMORY_REGION" in str(err) and "slot=1" in str(err)
 
 

@@ -68,7 +68,10 @@ def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exi
     with machine:
         result = machine.run(timeout=BOOT_TIMEOUT, until_serial=PCI_DONE)
     console = result.serial
-    assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (result.stop, console[-3000:])
+    assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (
+        result.stop,
+        console[-3000:],
+    )
     # Linux accepted the MCFG in its late pass, because MBRD's _CRS covers ECAM (no conf1 here).
     assert "PCI: MMCONFIG at [mem 0xe0000000-0xefffffff] reserved in ACPI motherboard resources" in console
     assert "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])" in console

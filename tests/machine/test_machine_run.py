@@ -29,7 +29,9 @@ NO_EXIT_FOR_ABSENT = {"ro-filled", "ro-alias", "native", "mmio-bus"}
 
 
 def topology_keys(machine):
-    return sorted((str(d.bdf), d.vendor, d.device, d.class_code, d.header_type) for d in machine.host_bridge.devices())
+    return sorted(
+        (str(d.bdf), d.vendor, d.device, d.class_code, d.header_type) for d in machine.host_bridge.devices()
+    )
 
 
 def reported_keys(result):
@@ -42,7 +44,9 @@ def m_has_no_function_at(topology, bdf):
 
 def run(spec, backend, strategy, kernel=None, cmdline=EMBEDDED_GUEST_CMDLINE, before_run=None):
     image, name = kernel or default_kernel()
-    with build_machine(spec, backend=backend, strategy=strategy, kernel=image, kernel_name=name, cmdline=cmdline) as m:
+    with build_machine(
+        spec, backend=backend, strategy=strategy, kernel=image, kernel_name=name, cmdline=cmdline
+    ) as m:
         if before_run:
             before_run(m)
         result = m.run(timeout=60)
@@ -76,13 +80,19 @@ def test_default_machine_scan_finds_the_topology(backend, strategy):
 
 @pytest.mark.parametrize(
     ("backend", "strategy"),
-    [pair("kvm", "ro-alias"), pair("kvm", "exit"), *(pair("model", s) for s in ("ro-alias", "native", "mmio-bus"))],
+    [
+        pair("kvm", "ro-alias"),
+        pair("kvm", "exit"),
+        *(pair("model", s) for s in ("ro-alias", "native", "mmio-bus")),
+    ],
 )
 def test_a_full_scan_of_1024_functions_costs_no_ecam_exit_where_reads_are_mirrored(backend, strategy):
     spec = MachineFile(path="<1024>", name="1024", ram_mib=64, topology=synthetic.generate(1024))
     _m, result, topology, bridge = run(spec, backend, strategy)
     # The report holds fewer devices than 1024 (its "truncated" bit); the scan itself is complete.
-    assert result.stop.reason == StopReason.DEBUG_EXIT and not (result.stop.status or 0) & ~ACCEPTED_STATUS_BITS
+    assert (
+        result.stop.reason == StopReason.DEBUG_EXIT and not (result.stop.status or 0) & ~ACCEPTED_STATUS_BITS
+    )
     assert result.report.config_reads > 5000
     if strategy == "exit":  # as QEMU: every access exits
         assert result.stats.ecam_exits == result.report.config_reads
@@ -91,16 +101,22 @@ def test_a_full_scan_of_1024_functions_costs_no_ecam_exit_where_reads_are_mirror
         assert bridge.config_reads == 0
 
 
-@pytest.mark.parametrize(("backend", "strategy"), [pair("kvm", "ro-alias"), pair("model", "native"), pair("model", "exit")])
+@pytest.mark.parametrize(
+    ("backend", "strategy"), [pair("kvm", "ro-alias"), pair("model", "native"), pair("model", "exit")]
+)
 def test_four_segments_and_a_hot_added_function(backend, strategy):
     topo = synthetic.generate(24, buses=16, segments=4)
     spec = MachineFile("<synthetic>", "four segments", 16, topo)
     seg = topo.segments[3]
     # Slot 0x1e on segment 3's root bus is free in the synthetic layout (checked below).
-    added = EndpointSpec(Bdf(seg.id, seg.root_bus, 0x1E, 0), vendor=0x1AF4, device=0x1043, class_code=0x078000)
+    added = EndpointSpec(
+        Bdf(seg.id, seg.root_bus, 0x1E, 0), vendor=0x1AF4, device=0x1043, class_code=0x078000
+    )
     assert m_has_no_function_at(topo, added.bdf)
 
-    m, result, topology, _bridge = run(spec, backend, strategy, before_run=lambda m: m.host_bridge.add_function(added))
+    m, result, topology, _bridge = run(
+        spec, backend, strategy, before_run=lambda m: m.host_bridge.add_function(added)
+    )
     assert result.stop.status == 0
     assert len(result.report.regions) == 4
     assert reported_keys(result) == topology
@@ -118,7 +134,9 @@ def test_a_strategy_the_backend_lacks_names_what_is_missing():
 def test_rebuilt_guest_runs(tmp_path, backend):
     """The image built from source now (not the committed one) boots and finds the topology."""
     image = build_guest(tmp_path / "scan.elf")
-    _m, result, topology, _bridge = run(load_default(), backend, "auto", kernel=(image, str(tmp_path / "scan.elf")))
+    _m, result, topology, _bridge = run(
+        load_default(), backend, "auto", kernel=(image, str(tmp_path / "scan.elf"))
+    )
     assert result.stop.status == 0
     assert reported_keys(result) == topology
 
@@ -130,8 +148,13 @@ def test_cli_run_json_has_exactly_the_documented_keys(capsys):
     assert set(out["stats"]) == {"exits", "config_reads", "scan_seconds", "hole_backing_bytes", "memslots"}
     assert set(out["stats"]["exits"]) == {"mmio_read", "mmio_write", "io", "total"}
     assert set(out["devices"][0]) == {"bdf", "vendor", "device", "class", "header_type"}
-    assert out["devices"][0] == {"bdf": "0000:00:00.0", "vendor": "0x1b36", "device": "0x0008",
-                                 "class": "0x060000", "header_type": 0}
+    assert out["devices"][0] == {
+        "bdf": "0000:00:00.0",
+        "vendor": "0x1b36",
+        "device": "0x0008",
+        "class": "0x060000",
+        "header_type": 0,
+    }
     assert out["stats"]["hole_backing_bytes"] == 64 * 1024
     assert out["stats"]["exits"]["total"] == sum(v for k, v in out["stats"]["exits"].items() if k != "total")
 

@@ -34,7 +34,10 @@ def ep(text, **kw):
         ),
         (Topology((Segment(0, 0xE0000000, 9, 3),)), "bus range 9-3 is empty"),
         (Topology((Segment(0, 0xE0000000, fill=256),)), "fill 0x100 is outside"),
-        (Topology((Segment(0, 0xE0000000, writes="drop"),)), "writes 'drop' is not one of discard, trap, exit"),
+        (
+            Topology((Segment(0, 0xE0000000, writes="drop"),)),
+            "writes 'drop' is not one of discard, trap, exit",
+        ),
         (Topology((SEG0,), endpoints=(ep("0000:00:00.0"),)), "endpoint 0000:00:00.0: duplicate BDF"),
         (Topology((SEG0,), endpoints=(ep("0000:00:03.0"), ep("0000:00:03.0"))), "duplicate BDF"),
         (Topology((SEG0,), endpoints=(ep("0001:00:03.0"),)), "segment 1 is not declared"),

@@ -209,7 +209,9 @@ def test_a_kernel_that_does_not_exist(tmp_path):
 def test_an_initrd_without_a_kernel(tmp_path):
     initrd = tmp_path / "initrd.gz"
     initrd.write_bytes(b"x")
-    assert_one_error(pcihole("run", "--initrd", str(initrd), "--backend", "model"), 2, "--initrd needs --kernel")
+    assert_one_error(
+        pcihole("run", "--initrd", str(initrd), "--backend", "model"), 2, "--initrd needs --kernel"
+    )
 
 
 def test_an_initrd_that_does_not_exist(tmp_path):

@@ -23,7 +23,9 @@ from .tables import AcpiTables, build_tables, write_tables
 __all__ = [
     "AcpiTables",
     "EcamSegment",
-    "ExpanderBus", "McfgAllocation", "MmioWindow",
+    "ExpanderBus",
+    "McfgAllocation",
+    "MmioWindow",
     "build_tables",
     "write_tables",
 ]

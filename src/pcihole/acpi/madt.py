@@ -66,5 +66,7 @@ def build_madt(cpus: int) -> bytes:
         body += LOCAL_APIC.pack(TYPE_LOCAL_APIC, LOCAL_APIC.size, cpu, cpu, LOCAL_APIC_ENABLED)
     body += IO_APIC.pack(TYPE_IO_APIC, IO_APIC.size, cpus, 0, IO_APIC_ADDRESS, IO_APIC_GSI_BASE)
     for irq, gsi, flags in INTERRUPT_OVERRIDES:
-        body += INTERRUPT_OVERRIDE.pack(TYPE_INTERRUPT_OVERRIDE, INTERRUPT_OVERRIDE.size, ISA_BUS, irq, gsi, flags)
+        body += INTERRUPT_OVERRIDE.pack(
+            TYPE_INTERRUPT_OVERRIDE, INTERRUPT_OVERRIDE.size, ISA_BUS, irq, gsi, flags
+        )
     return build_sdt(MADT_SIGNATURE, MADT_REVISION, bytes(body))

@@ -125,9 +125,9 @@ def allocate_io_windows(count: int) -> list[MmioWindow | None]:
     units = (IO_WINDOWS_END - IO_WINDOWS_BASE) // IO_WINDOW_GRANULE
     per = units // count
     if per == 0:
-        return [MmioWindow(IO_WINDOWS_BASE + i * IO_WINDOW_GRANULE, IO_WINDOW_GRANULE) for i in range(units)] + [
-            None
-        ] * (count - units)
+        return [
+            MmioWindow(IO_WINDOWS_BASE + i * IO_WINDOW_GRANULE, IO_WINDOW_GRANULE) for i in range(units)
+        ] + [None] * (count - units)
     size = per * IO_WINDOW_GRANULE
     return [MmioWindow(IO_WINDOWS_BASE + i * size, size) for i in range(count)]
 

@@ -100,10 +100,20 @@ PANELS: tuple[tuple[str, Callable[[ScalingPoint], float], str, float], ...] = (
     # (title, value, y scale, linear range of a symlog axis)
     ("scan time (ms, guest TSC)", lambda p: p.row.scan_seconds.median * 1e3, "log", 0),
     ("ECAM exits", lambda p: p.row.ecam_exits or 0, "symlog", 1),
-    ("hole backing memory (KiB, distinct host pages)", lambda p: (p.row.hole_backing_bytes or 0) / 1024, "symlog", 1),
+    (
+        "hole backing memory (KiB, distinct host pages)",
+        lambda p: (p.row.hole_backing_bytes or 0) / 1024,
+        "symlog",
+        1,
+    ),
     # VmPTE moves by a few pages of page tables either way with Python's own allocations: linear up to
     # 64 KiB keeps that noise flat near 0, and a "negative growth" is drawn as 0.
-    ("host page tables: VmPTE growth (KiB)", lambda p: max(p.row.vm_pte_growth_bytes or 0, 0) / 1024, "symlog", 64),
+    (
+        "host page tables: VmPTE growth (KiB)",
+        lambda p: max(p.row.vm_pte_growth_bytes or 0, 0) / 1024,
+        "symlog",
+        64,
+    ),
 )
 
 
@@ -120,7 +130,9 @@ def scaling_plot(results: BenchResults, backend: str, sweep: str, path: Path) ->
     for ax, (title, value, scale, linthresh) in zip(axes.flat, PANELS, strict=True):
         top = 0.0
         for (strategy, segments), points in series.items():
-            xs = [p.shape.ecam_bytes / (1 << 20) if sweep == SWEEP_ECAM else p.shape.functions for p in points]
+            xs = [
+                p.shape.ecam_bytes / (1 << 20) if sweep == SWEEP_ECAM else p.shape.functions for p in points
+            ]
             ys = [value(p) for p in points]
             all_xs.update(xs)
             top = max(top, *ys)

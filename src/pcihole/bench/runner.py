@@ -41,8 +41,7 @@ MARKDOWN_NAME = "bench.md"
 def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool, linux_boots: int = 0) -> int:
     return (
         linux_boots
-        +
-        configs * plan.scan_runs
+        + configs * plan.scan_runs
         + (plan.qemu_runs if with_qemu else 0)
         + backends
         + configs
@@ -144,9 +143,13 @@ def run_bench(
         results.qemu_skipped = qemu_peer.unavailable_reason()
     linux_boots = 0
     if linux:
-        linux_boots = sum(c.backend in linux_boot.LINUX_BACKENDS for c in configs.configs) + 1 + hardware_kvm()
+        linux_boots = (
+            sum(c.backend in linux_boot.LINUX_BACKENDS for c in configs.configs) + 1 + hardware_kvm()
+        )
     progress = Progress(
-        _work_units(plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None, linux_boots)
+        _work_units(
+            plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None, linux_boots
+        )
     )
     try:
         measure(results, progress)

@@ -45,7 +45,9 @@ def phys32_entry(image: ElfImage) -> int:
     for note in image.notes():
         if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY:
             if len(note.desc) not in (4, 8):
-                raise PvhError(f"{image.name}: XEN_ELFNOTE_PHYS32_ENTRY has {len(note.desc)} bytes, expected 4 or 8")
+                raise PvhError(
+                    f"{image.name}: XEN_ELFNOTE_PHYS32_ENTRY has {len(note.desc)} bytes, expected 4 or 8"
+                )
             return int.from_bytes(note.desc, "little")
     raise PvhError(
         f"{image.name}: no XEN_ELFNOTE_PHYS32_ENTRY note, so this is not a PVH kernel "

@@ -15,7 +15,14 @@ import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mprotect.restype = ctypes.c_int
@@ -89,7 +96,9 @@ class HostMapping:
         addr = mmap_raw(0, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
         return cls(addr, size, PROT_NONE, name)
 
-    def map_fixed(self, offset: int, length: int, prot: int, flags: int, fd: int, file_offset: int = 0) -> int:
+    def map_fixed(
+        self, offset: int, length: int, prot: int, flags: int, fd: int, file_offset: int = 0
+    ) -> int:
         """Replace [addr+offset, +length) of this reservation by a mapping of `fd` (MAP_FIXED)."""
         if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > self.size:
             raise ValueError(f"map_fixed [{offset:#x}, +{length:#x}) outside {self!r}")

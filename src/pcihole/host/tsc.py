@@ -86,5 +86,7 @@ def tsc_clock() -> TscClock:
         return TscClock(measure_host_tsc_hz(), "measured", reference)
     except (OSError, ValueError):
         if reference is None:
-            raise TscUnknown("cannot tell the TSC frequency: no RDTSC here and no 'cpu MHz' in /proc/cpuinfo") from None
+            raise TscUnknown(
+                "cannot tell the TSC frequency: no RDTSC here and no 'cpu MHz' in /proc/cpuinfo"
+            ) from None
         return TscClock(reference, "cpuinfo", reference)

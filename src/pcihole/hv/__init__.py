@@ -30,7 +30,9 @@ def open_backend(name: str) -> Hypervisor:
         try:
             return Kvm(path)
         except FileNotFoundError:
-            raise BackendUnavailable(f"kvm backend: {path} does not exist (is the kvm module loaded?)") from None
+            raise BackendUnavailable(
+                f"kvm backend: {path} does not exist (is the kvm module loaded?)"
+            ) from None
         except PermissionError:
             raise BackendUnavailable(
                 f"kvm backend: no permission to open {path} (add yourself to group 'kvm')"

@@ -22,7 +22,12 @@ _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 
 def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
     assert size < (1 << _IOC_SIZEBITS), size
-    return (direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (type_ << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
 
 
 def _IO(type_: int, nr: int) -> int:

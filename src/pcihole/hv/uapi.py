@@ -334,7 +334,12 @@ class kvm_vcpu_events_nmi(ctypes.Structure):
 
 
 class kvm_vcpu_events_smi(ctypes.Structure):
-    _fields_ = [("smm", c_uint8), ("pending", c_uint8), ("smm_inside_nmi", c_uint8), ("latched_init", c_uint8)]
+    _fields_ = [
+        ("smm", c_uint8),
+        ("pending", c_uint8),
+        ("smm_inside_nmi", c_uint8),
+        ("latched_init", c_uint8),
+    ]
 
 
 class kvm_vcpu_events(ctypes.Structure):

@@ -127,7 +127,9 @@ def build_machine(
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
         if ram_size < layout.MIN_RAM:
-            raise MachineBuildError(f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB")
+            raise MachineBuildError(
+                f"{spec.path}: {spec.ram_mib} MiB of RAM is less than {layout.MIN_RAM >> 20} MiB"
+            )
         holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
         try:
             # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
@@ -182,7 +184,9 @@ def build_machine(
             cmdline = " ".join([cmdline, *kernel_args(quirks)]).strip()
         cmdline_bytes = cmdline.encode() + b"\0"
         if len(cmdline_bytes) > layout.CMDLINE_MAX:
-            raise MachineBuildError(f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}")
+            raise MachineBuildError(
+                f"the command line is {len(cmdline_bytes)} bytes, more than {layout.CMDLINE_MAX}"
+            )
         memory.write_guest(layout.CMDLINE_GPA, cmdline_bytes)
         memmap = e820_map(ram_size, host_bridge, initrd_range)
         if len(memmap) > layout.MEMMAP_MAX_ENTRIES:
@@ -307,7 +311,11 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
             out.append(replace(hole, range=GuestRange.from_bounds(cursor, page)))
         handler = ConfigPage(host_bridge, page)
         mirror = host_bridge.mirror_page(page)
-        out.append(Mmio(rng, f"ecam page {page:#x}", handler=handler, mirror=mirror, underlay=replace(hole, range=rng)))
+        out.append(
+            Mmio(
+                rng, f"ecam page {page:#x}", handler=handler, mirror=mirror, underlay=replace(hole, range=rng)
+            )
+        )
         cursor = rng.end
     if cursor < hole.range.end:
         out.append(replace(hole, range=GuestRange.from_bounds(cursor, hole.range.end)))

@@ -168,7 +168,10 @@ class ExitHandler:
                 if self.describe_internal_error is not None:
                     return Stop(StopReason.INTERNAL_ERROR, detail=self.describe_internal_error(exit))
                 words = ", ".join(f"{d:#x}" for d in data)
-                return Stop(StopReason.INTERNAL_ERROR, detail=f"KVM internal error, suberror {suberror}, data [{words}]")
+                return Stop(
+                    StopReason.INTERNAL_ERROR,
+                    detail=f"KVM internal error, suberror {suberror}, data [{words}]",
+                )
             case FailEntry(reason, cpu):
                 counts.other += 1
                 return Stop(StopReason.FAIL_ENTRY, detail=f"VM entry failed on cpu {cpu}: reason {reason:#x}")
@@ -177,7 +180,9 @@ class ExitHandler:
                 if type_ == KVM_SYSTEM_EVENT_SHUTDOWN:
                     return Stop(StopReason.POWER_OFF, 0, "the guest powered off (KVM_SYSTEM_EVENT_SHUTDOWN)")
                 if type_ == KVM_SYSTEM_EVENT_RESET:
-                    return Stop(StopReason.REBOOT, detail="the guest asked for a reset (KVM_SYSTEM_EVENT_RESET)")
+                    return Stop(
+                        StopReason.REBOOT, detail="the guest asked for a reset (KVM_SYSTEM_EVENT_RESET)"
+                    )
                 return Stop(StopReason.SYSTEM_EVENT, detail=f"system event {type_}, data {list(data)}")
             case Unknown(reason):
                 counts.other += 1

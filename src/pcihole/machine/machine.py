@@ -120,7 +120,11 @@ class Machine:
     initrd_range: tuple[int, int] | None = None
 
     def run(
-        self, timeout: float | None = None, stops: StopRequest | None = None, *, until_serial: str | None = None
+        self,
+        timeout: float | None = None,
+        stops: StopRequest | None = None,
+        *,
+        until_serial: str | None = None,
     ) -> RunResult:
         """Run the guest until it stops, `timeout` passes or `stops` is asked (a signal, any thread);
         with `until_serial`, also stop, with success, once the guest prints a line containing that

@@ -386,7 +386,9 @@ def _check_integers(document: dict[str, Any]) -> None:
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
         elif isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
-            raise _Problem(f"{where}: an integer of {value.bit_length()} bits is out of range (64 bits at most)")
+            raise _Problem(
+                f"{where}: an integer of {value.bit_length()} bits is out of range (64 bits at most)"
+            )
 
 
 def _parse(document: dict[str, Any], path: str) -> MachineFile:

@@ -18,7 +18,12 @@ class ExitCounts:
         return self.mmio_read + self.mmio_write + self.io + self.other
 
     def as_dict(self) -> dict[str, int]:
-        return {"mmio_read": self.mmio_read, "mmio_write": self.mmio_write, "io": self.io, "total": self.total}
+        return {
+            "mmio_read": self.mmio_read,
+            "mmio_write": self.mmio_write,
+            "io": self.io,
+            "total": self.total,
+        }
 
 
 @dataclass

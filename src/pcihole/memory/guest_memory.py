@@ -134,9 +134,13 @@ class GuestMemory:
                 msg += f"; UNDO FAILED: {'; '.join(undo_errors)}"
             raise MemoryUpdateError(msg) from e
         change.commit()
-        backings: dict[Region, HostMapping] = {r: self._backings[r] for r in new_map if isinstance(r, Ram | Rom)}
+        backings: dict[Region, HostMapping] = {
+            r: self._backings[r] for r in new_map if isinstance(r, Ram | Rom)
+        }
         # The swap: exits are answered from new_map from here on.
-        self.view.in_force = MapInForce(new_map, slots, layout, backings, old.zones_ever.with_zones(layout.zones))
+        self.view.in_force = MapInForce(
+            new_map, slots, layout, backings, old.zones_ever.with_zones(layout.zones)
+        )
         self.strategy.collect(slots)
         self._drop_backings([r for r in self._backings if r not in backings])
 

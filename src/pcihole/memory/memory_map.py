@@ -102,7 +102,9 @@ class MemoryMap:
             raise MemoryMapError(f"not in the map: {', '.join(r.describe() for r in missing)}")
         return MemoryMap(r for r in self._regions if r not in removed)
 
-    def punch(self, rng: GuestRange, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None) -> MemoryMap:
+    def punch(
+        self, rng: GuestRange, handler: MmioHandler, name: str = "", mirror: MirrorPage | None = None
+    ) -> MemoryMap:
         """Carve rng out of the one hole that covers it; rng becomes an Mmio region answered by handler.
 
         Used for a present function's 4 KiB page. The Mmio region remembers the hole (`underlay`)

@@ -94,7 +94,9 @@ class Vcpu:
         for i, (index, value) in enumerate(msrs.items()):
             req.entries[i].index = index
             req.entries[i].data = value
-        done = kvm_ioctl(self.fd, KvmIoctl.KVM_SET_MSRS, req, f"vcpu={self.id}, msrs={[hex(m) for m in msrs]}")
+        done = kvm_ioctl(
+            self.fd, KvmIoctl.KVM_SET_MSRS, req, f"vcpu={self.id}, msrs={[hex(m) for m in msrs]}"
+        )
         if done != len(msrs):
             bad = list(msrs)[done]
             raise KvmError(errno.EINVAL, KvmIoctl.KVM_SET_MSRS, f"vcpu={self.id}: MSR {bad:#x} refused")
@@ -113,7 +115,9 @@ class Vcpu:
         """KVM_INTERRUPT without an in-kernel irqchip: KVM injects `vector` at the next entry,
         whatever RFLAGS.IF says (kvm_queue_interrupt): the VMM waits for the interrupt window
         (request_interrupt_window, IrqWindowOpen) first, as QEMU does."""
-        kvm_ioctl(self.fd, KvmIoctl.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector), f"vcpu={self.id}, irq={vector}")
+        kvm_ioctl(
+            self.fd, KvmIoctl.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector), f"vcpu={self.id}, irq={vector}"
+        )
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         req = uapi.msrs_with(len(indices))()
@@ -141,7 +145,9 @@ class Vcpu:
         return state.mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
-        kvm_ioctl(self.fd, KvmIoctl.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state), f"vcpu={self.id}, {mp_state}")
+        kvm_ioctl(
+            self.fd, KvmIoctl.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state), f"vcpu={self.id}, {mp_state}"
+        )
 
     def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
         events = uapi.kvm_vcpu_events()
@@ -178,9 +184,14 @@ class Vcpu:
         (api.rst, KVM_CAP_IMMEDIATE_EXIT), the signal one that lands while the vCPU runs."""
         self._run[_OFF_IMMEDIATE_EXIT] = 1
         thread = self._running_thread
-        if thread is not None and thread != threading.get_ident() and signal.getsignal(KICK_SIGNAL) not in (
-            signal.SIG_DFL,
-            None,
+        if (
+            thread is not None
+            and thread != threading.get_ident()
+            and signal.getsignal(KICK_SIGNAL)
+            not in (
+                signal.SIG_DFL,
+                None,
+            )
         ):
             signal.pthread_kill(thread, KICK_SIGNAL)
 

@@ -154,7 +154,9 @@ class ModelVm:
         """kvm_vm_ioctl_create_vcpu: EINVAL for an id >= KVM_MAX_VCPU_IDS, EEXIST for a duplicate."""
         with self._ioctl("KVM_CREATE_VCPU"):
             if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
-                raise ModelKvmError(errno.EINVAL, "KVM_CREATE_VCPU", f"id={vcpu_id}", "id >= KVM_MAX_VCPU_IDS")
+                raise ModelKvmError(
+                    errno.EINVAL, "KVM_CREATE_VCPU", f"id={vcpu_id}", "id >= KVM_MAX_VCPU_IDS"
+                )
             if any(v.id == vcpu_id for v in self.vcpus):
                 raise ModelKvmError(
                     errno.EEXIST, "KVM_CREATE_VCPU", f"id={vcpu_id}", "a vCPU with this id exists"

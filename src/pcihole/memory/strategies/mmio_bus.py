@@ -27,9 +27,7 @@ class MmioBusStrategy(HoleStrategy):
 
     @classmethod
     def missing(cls, hypervisor, vm) -> str | None:  # type: ignore[no-untyped-def]
-        if not hypervisor.implements_proposed_abi or not vm.check_extension(
-            KVM_CAP_MMIO_FILL
-        ):
+        if not hypervisor.implements_proposed_abi or not vm.check_extension(KVM_CAP_MMIO_FILL):
             return (
                 f"mmio-bus needs KVM_CAP_MMIO_FILL (an in-kernel MMIO fill device), which the {hypervisor.name} "
                 "backend lacks: use the model backend"
