@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.linux.initramfs import build_initramfs
 from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
-from pcihole.machine.machinefile import load_default
+from pcihole.machine.machinefile import load, load_default
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -89,4 +90,49 @@ def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exi
         f"\nLinux boot on kvm/ro-alias: stop {result.stop.reason} after {result.seconds:.0f} s; "
         f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
         f"(absent {result.stats.ecam_absent_exits}), host-quirk fix-ups {dict(result.stats.quirk_fixups_by_kind)}"
+    )
+
+
+MANY_SEGMENTS = Path(__file__).resolve().parents[2] / "examples" / "many-segments.toml"
+
+
+def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_kernel):
+    """examples/many-segments.toml: five segments of different sizes, one whose first bus is 16, a
+    conventional PCI-PCI bridge: Linux accepts every MCFG entry (a PNP0A08 with _SEG/_BBN each) and
+    lists exactly the file's functions, with no exit at an absent one."""
+    vmlinux, initrd = debian_cloud_kernel
+    spec = replace(load(MANY_SEGMENTS), ram_mib=RAM_MIB)
+    assert any(s.start_bus != 0 for s in spec.segments)
+    machine = build_machine(
+        spec,
+        backend="kvm",
+        strategy="ro-alias",
+        kernel=vmlinux.read_bytes(),
+        kernel_name=str(vmlinux),
+        cmdline="console=ttyS0 panic=-1",
+        initrd=initrd,
+        quirk_kernel_args=True,
+    )
+    with machine:
+        result = machine.run(timeout=BOOT_TIMEOUT, until_serial=PCI_DONE)
+    console = result.serial
+    assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (
+        result.stop,
+        console[-3000:],
+    )
+    for s in spec.segments:  # acpi_pci_root_add: "PCI Root Bridge [%s] (domain %04x %pR)"
+        assert re.search(
+            rf"PCI Root Bridge \[\w+\] \(domain {s.id:04x} \[bus {s.start_bus:02x}-{s.end_bus:02x}\]\)",
+            console,
+        ), (s, console[-3000:])
+    expected = {
+        (str(d.bdf), d.vendor, d.device, d.class_code, d.header_type & 0x7F) for d in result.machine_devices
+    }
+    assert kernel_devices(console) == expected
+    assert not re.search(r"no space for|failed to assign|can't claim", console), console
+    assert result.stats.ecam_absent_exits == 0
+    print(
+        f"\nLinux boot of many-segments on kvm/ro-alias: stop {result.stop.reason} after {result.seconds:.0f} s; "
+        f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
+        f"(absent {result.stats.ecam_absent_exits})"
     )
