@@ -53,9 +53,9 @@ def kernel_devices(console: str) -> set[tuple[str, int, int, int, int]]:
     }
 
 
-def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exit(debian_cloud_kernel):
+def boot_until_pci_is_done(spec, debian_cloud_kernel):
+    """Boot the kernel on `spec` (kvm, ro-alias) until Linux's PCI core is done (or /init powers off)."""
     vmlinux, initrd = debian_cloud_kernel
-    spec = replace(load_default(), ram_mib=RAM_MIB)
     machine = build_machine(
         spec,
         backend="kvm",
@@ -68,11 +68,17 @@ def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exi
     )
     with machine:
         result = machine.run(timeout=BOOT_TIMEOUT, until_serial=PCI_DONE)
-    console = result.serial
     assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (
         result.stop,
-        console[-3000:],
+        result.serial[-3000:],
     )
+    return result
+
+
+def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exit(debian_cloud_kernel):
+    spec = replace(load_default(), ram_mib=RAM_MIB)
+    result = boot_until_pci_is_done(spec, debian_cloud_kernel)
+    console = result.serial
     # Linux accepted the MCFG in its late pass, because MBRD's _CRS covers ECAM (no conf1 here).
     assert "PCI: MMCONFIG at [mem 0xe0000000-0xefffffff] reserved in ACPI motherboard resources" in console
     assert "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])" in console
@@ -100,26 +106,10 @@ def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_
     """examples/many-segments.toml: five segments of different sizes, one whose first bus is 16, a
     conventional PCI-PCI bridge: Linux accepts every MCFG entry (a PNP0A08 with _SEG/_BBN each) and
     lists exactly the file's functions, with no exit at an absent one."""
-    vmlinux, initrd = debian_cloud_kernel
     spec = replace(load(MANY_SEGMENTS), ram_mib=RAM_MIB)
     assert any(s.start_bus != 0 for s in spec.segments)
-    machine = build_machine(
-        spec,
-        backend="kvm",
-        strategy="ro-alias",
-        kernel=vmlinux.read_bytes(),
-        kernel_name=str(vmlinux),
-        cmdline="console=ttyS0 panic=-1",
-        initrd=initrd,
-        quirk_kernel_args=True,
-    )
-    with machine:
-        result = machine.run(timeout=BOOT_TIMEOUT, until_serial=PCI_DONE)
+    result = boot_until_pci_is_done(spec, debian_cloud_kernel)
     console = result.serial
-    assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (
-        result.stop,
-        console[-3000:],
-    )
     for s in spec.segments:  # acpi_pci_root_add: "PCI Root Bridge [%s] (domain %04x %pR)"
         assert re.search(
             rf"PCI Root Bridge \[\w+\] \(domain {s.id:04x} \[bus {s.start_bus:02x}-{s.end_bus:02x}\]\)",
