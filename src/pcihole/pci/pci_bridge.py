@@ -28,14 +28,7 @@ class PciBridge(Type1Function):
 
     def __init__(self, spec: PciBridgeSpec) -> None:
         super().__init__(
-            spec.bdf,
-            spec.name,
-            vendor=spec.vendor,
-            device=spec.device,
-            class_code=spec.class_code,
-            revision=spec.revision,
-            secondary=spec.secondary,
-            subordinate=spec.subordinate,
+            spec,
             interrupt_pin=0,
         )
         self.slotid_cap = add_capability(self.config, PCI_CAP_ID_SLOTID, PCI_SID_SIZEOF)

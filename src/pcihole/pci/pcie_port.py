@@ -13,7 +13,7 @@ from .bdf import Bdf
 from .function import INTERRUPT_PIN_INTA
 from .pcie_capability import add_pcie_capability, set_link_up
 from .registers import PCI_EXP_TYPE_DOWNSTREAM, PCI_EXP_TYPE_ROOT_PORT
-from .type1_header import Type1Function
+from .type1_header import BridgeSpec, Type1Function
 
 HOST_REQUESTER_ID = 0x0000  # configuration requests from the CPU carry the Root Complex's ID, 00:00.0
 
@@ -23,31 +23,14 @@ class PciePort(Type1Function):
 
     def __init__(
         self,
-        bdf: Bdf,
-        name: str,
+        spec: BridgeSpec,
         *,
-        vendor: int,
-        device: int,
-        class_code: int,
-        revision: int,
-        secondary: int,
-        subordinate: int,
         port_type: int,
         port_number: int,
         physical_slot: int | None,
         interrupt_pin: int = INTERRUPT_PIN_INTA,
     ) -> None:
-        super().__init__(
-            bdf,
-            name,
-            vendor=vendor,
-            device=device,
-            class_code=class_code,
-            revision=revision,
-            secondary=secondary,
-            subordinate=subordinate,
-            interrupt_pin=interrupt_pin,
-        )
+        super().__init__(spec, interrupt_pin=interrupt_pin)
         self.pcie_cap = add_pcie_capability(
             self.config, port_type, port_number=port_number, physical_slot=physical_slot
         )

@@ -19,14 +19,7 @@ class RootPort(PciePort):
 
     def __init__(self, spec: RootPortSpec) -> None:
         super().__init__(
-            spec.bdf,
-            spec.name,
-            vendor=spec.vendor,
-            device=spec.device,
-            class_code=spec.class_code,
-            revision=0,
-            secondary=spec.secondary,
-            subordinate=spec.subordinate,
+            spec,
             port_type=PCI_EXP_TYPE_ROOT_PORT,
             port_number=spec.slot_number & 0xFF,
             physical_slot=spec.slot_number,

@@ -21,14 +21,7 @@ class UpstreamPort(PciePort):
 
     def __init__(self, spec: UpstreamPortSpec) -> None:
         super().__init__(
-            spec.bdf,
-            spec.name,
-            vendor=spec.vendor,
-            device=spec.device,
-            class_code=spec.class_code,
-            revision=spec.revision,
-            secondary=spec.secondary,
-            subordinate=spec.subordinate,
+            spec,
             port_type=PCI_EXP_TYPE_UPSTREAM,
             port_number=0,
             physical_slot=None,
@@ -41,14 +34,7 @@ class DownstreamPort(PciePort):
 
     def __init__(self, spec: DownstreamPortSpec) -> None:
         super().__init__(
-            spec.bdf,
-            spec.name,
-            vendor=spec.vendor,
-            device=spec.device,
-            class_code=spec.class_code,
-            revision=spec.revision,
-            secondary=spec.secondary,
-            subordinate=spec.subordinate,
+            spec,
             port_type=PCI_EXP_TYPE_DOWNSTREAM,
             # QEMU's xio3130-downstream numbers its port by its device (pcie_port_init_reg: "port").
             port_number=spec.bdf.device,

@@ -184,6 +184,7 @@ class RootPortSpec:
 
     kind = "root port"
     class_code = ROOT_PORT_CLASS
+    revision = 0  # QEMU's pcie-root-port
 
     @property
     def slot_number(self) -> int:

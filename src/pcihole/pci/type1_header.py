@@ -11,6 +11,8 @@ programs them (pci_read_bridge_windows(), pci_setup_bridge()); nothing decodes t
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from .bdf import Bdf
 from .function import INTERRUPT_PIN_INTA, PciFunction
 from .registers import (
@@ -40,40 +42,49 @@ IO_WINDOW_WRITABLE = 0xF0
 MEMORY_WINDOW_WRITABLE = 0xFFF0
 
 
+class BridgeSpec(Protocol):
+    """What every bridge's spec in topology.py says of it (RootPortSpec, UpstreamPortSpec, ...)."""
+
+    @property
+    def bdf(self) -> Bdf: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def vendor(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def class_code(self) -> int: ...
+    @property
+    def revision(self) -> int: ...
+    @property
+    def secondary(self) -> int: ...
+    @property
+    def subordinate(self) -> int: ...
+
+
 class Type1Function(PciFunction):
     """A bridge: the type 1 header with bus numbers, windows, Secondary Status and Bridge Control."""
 
     kind = "bridge"
 
-    def __init__(
-        self,
-        bdf: Bdf,
-        name: str,
-        *,
-        vendor: int,
-        device: int,
-        class_code: int,
-        revision: int,
-        secondary: int,
-        subordinate: int,
-        interrupt_pin: int = INTERRUPT_PIN_INTA,
-    ) -> None:
-        super().__init__(bdf, name)
-        self.secondary = secondary
-        self.subordinate = subordinate
+    def __init__(self, spec: BridgeSpec, *, interrupt_pin: int = INTERRUPT_PIN_INTA) -> None:
+        super().__init__(spec.bdf, spec.name)
+        self.secondary = spec.secondary
+        self.subordinate = spec.subordinate
         self.init_common_header(
-            vendor=vendor,
-            device=device,
-            class_code=class_code,
-            revision=revision,
+            vendor=spec.vendor,
+            device=spec.device,
+            class_code=spec.class_code,
+            revision=spec.revision,
             layout=PCI_HEADER_TYPE_BRIDGE,
             interrupt_pin=interrupt_pin,
         )
         c = self.config
         for offset, value in (
-            (PCI_PRIMARY_BUS, bdf.bus),
-            (PCI_SECONDARY_BUS, secondary),
-            (PCI_SUBORDINATE_BUS, subordinate),
+            (PCI_PRIMARY_BUS, spec.bdf.bus),
+            (PCI_SECONDARY_BUS, spec.secondary),
+            (PCI_SUBORDINATE_BUS, spec.subordinate),
         ):
             c.init_int(offset, 1, value)
             c.init_writable(offset, 1, 0xFF)
