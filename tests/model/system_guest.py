@@ -190,34 +190,45 @@ def run_system_guest(
         regs = vcpu.get_regs()
         regs.rflags = rflags  # IF from the start: this host's KVM cannot emulate STI in kernel mode
         vcpu.set_regs(regs)
-        run = SystemRun()
-        for i in range(max_exits):
-            exit_ = vcpu.run()
-            run.exits.append(exit_)
-            if on_exit is not None and on_exit(vcpu, exit_, i):
-                continue  # the test acted on this exit (injected an interrupt): run on
-            if isinstance(exit_, exits.Hlt | exits.Shutdown | exits.InternalError):
-                break
-            if isinstance(exit_, exits.IoIn):
-                vcpu.complete_read(bytes(exit_.size * exit_.count))
-        regs = vcpu.get_regs()
-        run.regs = {name: getattr(regs, name) for name in REG_NAMES}
-        run.results = ram.read(RESULTS, 0x100)
-        if regs.rip < RAM_BYTES - 2:
-            run.code_at_rip = ram.read(regs.rip, 2)
-        vcpu.close()
-        return run
+        return run_until_halt(vcpu, ram, max_exits=max_exits, on_exit=on_exit)
     finally:
         vm.close()
         ram.close()
 
 
-def address_of(body: str, instruction: str) -> int:
-    """The guest-physical address of `instruction` (its only occurrence) in the guest built from `body`."""
-    image = assemble(guest_source(body, []), bits=64, org=CODE)
-    encoded = assemble(instruction, bits=64)
+def run_until_halt(vcpu, ram, *, max_exits: int, on_exit=None) -> SystemRun:
+    """Run `vcpu` to its first HLT, Shutdown or internal error (or `max_exits`), then close it and
+    say what the guest left: registers, the results area, the bytes at RIP."""
+    run = SystemRun()
+    for i in range(max_exits):
+        exit_ = vcpu.run()
+        run.exits.append(exit_)
+        if on_exit is not None and on_exit(vcpu, exit_, i):
+            continue  # the test acted on this exit (injected an interrupt): run on
+        if isinstance(exit_, exits.Hlt | exits.Shutdown | exits.InternalError):
+            break
+        if isinstance(exit_, exits.IoIn):
+            vcpu.complete_read(bytes(exit_.size * exit_.count))
+    regs = vcpu.get_regs()
+    run.regs = {name: getattr(regs, name) for name in REG_NAMES}
+    run.results = ram.read(RESULTS, 0x100)
+    if regs.rip < RAM_BYTES - 2:
+        run.code_at_rip = ram.read(regs.rip, 2)
+    vcpu.close()
+    return run
+
+
+def _address_in(source: str, instruction: str, bits: int) -> int:
+    """The guest-physical address of `instruction` (its only occurrence) in the guest `source`."""
+    image = assemble(source, bits=bits, org=CODE)
+    encoded = assemble(instruction, bits=bits)
     assert image.count(encoded) == 1, f"{instruction!r} is not once in the guest"
     return CODE + image.index(encoded)
+
+
+def address_of(body: str, instruction: str) -> int:
+    """The address of `instruction` in the 64-bit guest built from `body`."""
+    return _address_in(guest_source(body, []), instruction, 64)
 
 
 # --- the same in 32-bit protected mode (paging off, as the model runs it) -----------------------
@@ -294,26 +305,12 @@ def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: in
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
         enter_protected_mode_flat(vcpu, CODE, esp=STACK)
-        run = SystemRun()
-        for _ in range(max_exits):
-            exit_ = vcpu.run()
-            run.exits.append(exit_)
-            if isinstance(exit_, exits.Hlt | exits.Shutdown | exits.InternalError):
-                break
-        regs = vcpu.get_regs()
-        run.regs = {name: getattr(regs, name) for name in REG_NAMES}
-        run.results = ram.read(RESULTS, 0x100)
-        if regs.rip < RAM_BYTES - 2:
-            run.code_at_rip = ram.read(regs.rip, 2)
-        vcpu.close()
-        return run
+        return run_until_halt(vcpu, ram, max_exits=max_exits)
     finally:
         vm.close()
         ram.close()
 
 
 def protected_address_of(body: str, instruction: str) -> int:
-    image = assemble(protected_guest_source(body, []), bits=32, org=CODE)
-    encoded = assemble(instruction, bits=32)
-    assert image.count(encoded) == 1, f"{instruction!r} is not once in the guest"
-    return CODE + image.index(encoded)
+    """The address of `instruction` in the 32-bit guest built from `body`."""
+    return _address_in(protected_guest_source(body, []), instruction, 32)
