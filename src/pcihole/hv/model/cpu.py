@@ -17,6 +17,7 @@ from enum import Enum
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
+from pcihole.hv.model.engine_state import HF_LMA_MASK, EngineState
 from pcihole.hv.uapi import kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
@@ -119,14 +120,66 @@ def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
     return uc
 
 
-def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs) -> None:
+# kvm_regs' names in the order of QEMU's env->regs[] (R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP,
+# R_ESI, R_EDI, R_R8..R_R15), as the uc_context copy holds them.
+_QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{i}" for i in range(8, 16)))
+
+
+def live_mode(uc: Uc, mode: CpuMode, state: EngineState | None) -> CpuMode:
+    """The mode the guest runs in now, which is not always the mode `uc` was created in.
+
+    Unicorn fixes an engine's mode at uc_open: it selects the register ids uc_reg_read and
+    uc_reg_write serve and the width uc_emu_start writes the start address with. The CPU under it
+    follows the guest: a UC_MODE_32 engine enters long mode when the guest sets CR0.PG with
+    EFER.LME (QEMU's cpu_x86_update_cr0 sets HF_LMA) and runs 64-bit code after a far jump to a
+    64-bit CS, as Linux's PVH entry does (pvh_start_xen), but its RAX / RIP / RSP read 0 through
+    the API and EAX the low half. HF_LMA in hflags (through the uc_context copy) says which it is;
+    CR0.PG, which the 32-bit API reads, rules long mode out cheaply first.
+    """
+    if state is None or (mode is not CpuMode.LONG_64 and not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PG):
+        return mode
+    state.load()
+    if state.hflags & HF_LMA_MASK:
+        return CpuMode.LONG_64
+    return CpuMode.PROTECTED_32 if state.cr(0) & X86_CR0_PE else CpuMode.REAL
+
+
+def carry_state(old: Uc, new: Uc) -> None:
+    """Give engine `new` all of `old`'s CPU state: what uc_context_save copies (CPUX86State up to
+    end_reset_fields: registers, segments with their hidden parts, control and descriptor-table
+    registers, MSRs, FPU / SSE state, hflags). Memory and hooks are the caller's."""
+    new.context_restore(old.context_save())
+
+
+def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs, state: EngineState | None = None) -> None:
+    """KVM_SET_REGS into `uc`; `state` (the engine's EngineState) lets a 32-bit engine that the
+    guest took into long mode get all 64 bits (through the uc_context copy: see live_mode)."""
+    if mode is not CpuMode.LONG_64 and live_mode(uc, mode, state) is CpuMode.LONG_64:
+        assert state is not None
+        uc.reg_write(x86.UC_X86_REG_EFLAGS, regs.rflags)
+        # The API's EIP write is what makes a callback's change of RIP take effect (Unicorn
+        # leaves the translation block: quit_request); the copy then sets all 64 bits.
+        uc.reg_write(x86.UC_X86_REG_EIP, regs.rip & 0xFFFFFFFF)
+        state.load()
+        state.set_gprs([getattr(regs, name) for name in _QEMU_GPR_ORDER])
+        state.ip = regs.rip
+        state.store()
+        return
     table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
     for name, reg in table:
         uc.reg_write(reg, getattr(regs, name))
 
 
-def read_regs(uc: Uc, mode: CpuMode) -> kvm_regs:
+def read_regs(uc: Uc, mode: CpuMode, state: EngineState | None = None) -> kvm_regs:
+    """KVM_GET_REGS from `uc` (`state`: as for write_regs)."""
     regs = kvm_regs()
+    if mode is not CpuMode.LONG_64 and live_mode(uc, mode, state) is CpuMode.LONG_64:
+        assert state is not None  # live_mode loaded it
+        for name, value in zip(_QEMU_GPR_ORDER, state.gprs(), strict=True):
+            setattr(regs, name, value)
+        regs.rip = state.ip
+        regs.rflags = uc.reg_read(x86.UC_X86_REG_EFLAGS)  # computed from the lazy flags (cc_op)
+        return regs
     table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
     for name, reg in table:
         setattr(regs, name, uc.reg_read(reg))

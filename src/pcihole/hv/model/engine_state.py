@@ -181,9 +181,20 @@ class EngineState:
     def ip(self) -> int:
         return self._u64(_EIP)
 
+    @ip.setter
+    def ip(self, value: int) -> None:
+        struct.pack_into("<Q", self._data, _EIP, value)
+
     @property
     def sp(self) -> int:
         return self._u64(8 * 4)  # regs[R_ESP]
+
+    def gprs(self) -> tuple[int, ...]:
+        """regs[0..15] (RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8-R15: QEMU's R_* order), all 64 bits."""
+        return struct.unpack_from("<16Q", self._data, 0)
+
+    def set_gprs(self, values: tuple[int, ...] | list[int]) -> None:
+        struct.pack_into("<16Q", self._data, 0, *values)
 
     def cr(self, n: int) -> int:
         return self._u64(_CR + 8 * n)

@@ -64,6 +64,7 @@ from enum import Enum
 
 from greenlet import getcurrent, greenlet
 from unicorn import (
+    UC_ARCH_X86,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
@@ -93,6 +94,8 @@ from pcihole.hv.model.interrupts import (
     Delivery,
     Event,
     EventKind,
+    Fault,
+    LinearMemory,
     TripleFault,
     interrupt_window_open,
     syscall,
@@ -118,6 +121,9 @@ class Request(Enum):
 
     KICK = "kick"  # the running (or next) run() returns Interrupted
     NEW_ENGINE = "new engine"  # set_sregs changed the mode: build a new engine (registers in _regs)
+    # The guest changed the CPU mode itself (a 32-bit engine followed it into long mode): carry
+    # the engine's whole CPU state into an engine of the new mode (cpu.follow_mode).
+    MODE_CHANGE = "mode change"
 
 
 _LEFT = (VcpuState.CLOSING, VcpuState.CLOSED)
@@ -175,6 +181,9 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
+        # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
+        self._deferred: Event | None = None
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -188,14 +197,14 @@ class ModelVcpu:
     def get_regs(self) -> kvm_regs:
         engine = self._live_engine()
         if engine is not None:
-            return cpu.read_regs(*engine)
+            return cpu.read_regs(*engine, self._engine_state)
         return kvm_regs.from_buffer_copy(self._regs)
 
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            cpu.write_regs(*engine, self._regs)
+            cpu.write_regs(*engine, self._regs, self._engine_state)
 
     def get_sregs(self) -> kvm_sregs:
         return kvm_sregs.from_buffer_copy(self._sregs)
@@ -204,7 +213,7 @@ class ModelVcpu:
         cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
         engine = self._live_engine()
         if engine is not None:
-            self._regs = cpu.read_regs(*engine)
+            self._regs = cpu.read_regs(*engine, self._engine_state)
         self._sregs = kvm_sregs.from_buffer_copy(sregs)
         self._requests.add(Request.NEW_ENGINE)
 
@@ -369,6 +378,10 @@ class ModelVcpu:
                 return exit_
         if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
+        if self._deferred is not None:
+            event, self._deferred = self._deferred, None
+            if not self._deliver(uc, event):
+                return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
@@ -392,7 +405,7 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
-        if Request.NEW_ENGINE in self._requests:
+        if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
         boundary = self._boundary
         if boundary is not None and not boundary.precise and boundary.armed:
@@ -403,8 +416,7 @@ class ModelVcpu:
                 return exits.Interrupted()
             return None  # stopped for nothing the caller must see: go on
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
-        pc = cpu.program_counter(uc, mode)
-        if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
+        if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
             if self._source is None:
                 return exits.Hlt()
             self._halted = True
@@ -423,7 +435,7 @@ class ModelVcpu:
             self._requests.discard(Request.KICK)
             self._stop_exit = exits.Interrupted()
             uc.emu_stop()
-        elif Request.NEW_ENGINE in self._requests:
+        elif Request.NEW_ENGINE in self._requests or self._mode_changed(uc):
             uc.emu_stop()
         elif self._nmi_pending:
             if self._nmi_allowed(uc):
@@ -583,7 +595,7 @@ class ModelVcpu:
             # The VMM may have freed the host pages of a deleted slot: none of the rest of this
             # translation block may reach them (the next boundary redoes a provisional map).
             mmu.sync(in_callback=True, keep=keep)
-        if mmu.stale() or Request.NEW_ENGINE in self._requests:
+        if mmu.stale() or Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             # In the middle of a memory access: Unicorn holds pointers into the region and the
             # TLB entry of the access under way (a map change frees the one and may resize the
             # TLB under the other), so the next instruction boundary applies the change, and
@@ -601,11 +613,13 @@ class ModelVcpu:
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _data: object) -> None:
         """OUT: KVM_PIO_BUS devices (coalesced PIO zones), else KVM_EXIT_IO (kernel_pio)."""
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._mode_changed(uc)
         if not self.vm.pio_bus.write(port, data):
             self.exit_to_user(exits.IoOut(port, size, data))
 
     def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
         """IN: nothing on the model's PIO bus answers reads, so every IN exits (KVM_EXIT_IO)."""
+        self._mode_changed(uc)
         data = self.exit_to_user(exits.IoIn(port, size))
         return int.from_bytes(data, "little") if data is not None else 0
 
@@ -617,12 +631,24 @@ class ModelVcpu:
             return
         state.load()
         kind = EventKind.SOFTWARE if state.exception_is_int else EventKind.EXCEPTION
-        self._deliver(uc, Event(intno, kind, state.error_code))
+        event = Event(intno, kind, state.error_code)
+        if self._mode_changed(uc):
+            # This engine's register ids no longer reach RIP / RSP (cpu.live_mode): stop here (the
+            # exception is between two instructions, RIP where the delivery wants it) and let the
+            # engine of the new mode deliver it first thing.
+            self._deferred = event
+            uc.emu_stop()
+            return
+        self._deliver(uc, event)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
         if self._delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             return False
+        if self._mode_changed(uc):  # as in _on_interrupt
+            self._deferred = Event(UD, EventKind.EXCEPTION)
+            uc.emu_stop()
+            return True
         return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
 
     def _on_syscall(self, uc: Uc, _data: object) -> None:
@@ -645,25 +671,15 @@ class ModelVcpu:
             # set_sregs saved the old engine's registers into self._regs when it asked for this.
             mode = cpu.cpu_mode(self._sregs)
             uc = cpu.new_engine(mode, self._regs, self._sregs)
-            with self._engine_lock:
-                self._uc, self._mode = uc, mode
-                self._requests.discard(Request.NEW_ENGINE)
-                self._boundary = BoundaryHook(uc, self._at_boundary)
-                self._emulator = AccessEmulator(self.vm, self, self.id)
-                self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
-                self._emulator.attach(uc, mmu)
-                uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
-                uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
-                uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-                uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-                self._delivery = self._engine_state = None
-                if mode is cpu.CpuMode.LONG_64:
-                    uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
-                if mode is not cpu.CpuMode.REAL:
-                    state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
-                    if state.layout_ok():
-                        self._engine_state = state
-                        self._delivery = Delivery(uc, state, mmu.read_ram)
+            mmu = self._install_engine(uc, mode)
+        else:
+            live = cpu.live_mode(uc, mode, self._engine_state)
+            if live is not mode:
+                # The guest changed mode itself (cpu.live_mode): its whole CPU state moves into
+                # an engine of the new mode, whose register ids and emu_start reach all of it.
+                old, uc, mode = uc, Uc(UC_ARCH_X86, live.value), live
+                mmu = self._install_engine(uc, mode, carry_from=old)
+            self._requests.discard(Request.MODE_CHANGE)
         if mmu.stale():
             mmu.sync()
         else:
@@ -671,6 +687,79 @@ class ModelVcpu:
             # (ctl_flush_tb is in unicorn_py3's Uc; mypy reads the py2 binding's, which lacks it.)
             uc.ctl_flush_tb()  # type: ignore[attr-defined]
         return uc, mode
+
+    def _install_engine(self, uc: Uc, mode: cpu.CpuMode, carry_from: Uc | None = None) -> Mmu:
+        """Make `uc` this vCPU's engine: its memory map, exits, hooks and delivery; with
+        `carry_from`, the CPU state of that engine (cpu.carry_state), once the fresh engine's
+        layout is checked (EngineState.layout_ok wants a fresh engine)."""
+        with self._engine_lock:
+            self._uc, self._mode = uc, mode
+            self._requests.discard(Request.NEW_ENGINE)
+            self._requests.discard(Request.MODE_CHANGE)
+            self._boundary = BoundaryHook(uc, self._at_boundary)
+            self._emulator = AccessEmulator(self.vm, self, self.id)
+            self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
+            self._emulator.attach(uc, mmu)
+            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
+            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
+            uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+            uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+            self._delivery = self._engine_state = None
+            if mode is cpu.CpuMode.LONG_64:
+                uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
+            if mode is not cpu.CpuMode.REAL:
+                state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
+                if state.layout_ok():
+                    self._engine_state = state
+                    self._delivery = Delivery(uc, state, mmu.read_ram)
+            if carry_from is not None:
+                cpu.carry_state(carry_from, uc)
+                if self._engine_state is not None:
+                    # old_exception is not architectural: QEMU resets it when an exception is
+                    # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
+                    # would turn the next contributory fault into #DF (check_exception).
+                    self._engine_state.load()
+                    self._engine_state.clear_old_exception()
+                    self._engine_state.store()
+        return mmu
+
+    def _mode_changed(self, uc: Uc) -> bool:
+        """From a callback: True if the guest took this 32-bit engine into long mode
+        (cpu.live_mode); the vCPU then stops at the next instruction boundary for an engine of the
+        new mode (Request.MODE_CHANGE). Only 32-bit engines are checked: a 64-bit guest that
+        leaves long mode is followed at the next emu_start (_prepare_engine)."""
+        mode = self._mode
+        if mode is not cpu.CpuMode.PROTECTED_32:
+            return False
+        if Request.MODE_CHANGE not in self._requests:
+            if cpu.live_mode(uc, mode, self._engine_state) is mode:
+                return False
+            self._requests.add(Request.MODE_CHANGE)
+            self._request_boundary()
+        return True
+
+    def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
+        """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
+        None where it cannot be read."""
+        state = self._engine_state
+        if state is None:
+            try:
+                return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
+            except UcError:
+                return None
+        rip = cpu.read_regs(uc, mode, state).rip
+        if mode is cpu.CpuMode.LONG_64 or cpu.live_mode(uc, mode, state) is cpu.CpuMode.LONG_64:
+            state.load()
+            mmu = self._mmu
+            assert mmu is not None
+            try:
+                return LinearMemory(uc, state, mmu.read_ram).read(rip - 1, 1)[0]
+            except Fault:
+                return None
+        try:
+            return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
+        except UcError:
+            return None
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
