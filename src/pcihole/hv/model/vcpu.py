@@ -78,6 +78,7 @@ from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR2,
     UC_X86_REG_IDTR,
 )
 
@@ -184,6 +185,10 @@ class ModelVcpu:
         # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
         # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
         self._deferred: Event | None = None
+        # CR2 when the 32-bit engine was last seen in long mode: the engine overwrites it while it
+        # stops (a 32-bit engine probes its end address, (1 << 64) - 1 cut to 0xffffffff, which
+        # faults), so the new engine gets it back.
+        self._cr2_at_switch: int | None = None
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -637,6 +642,7 @@ class ModelVcpu:
             # exception is between two instructions, RIP where the delivery wants it) and let the
             # engine of the new mode deliver it first thing.
             self._deferred = event
+            self._cr2_at_switch = state.cr(2)
             uc.emu_stop()
             return
         self._deliver(uc, event)
@@ -714,6 +720,9 @@ class ModelVcpu:
                     self._delivery = Delivery(uc, state, mmu.read_ram)
             if carry_from is not None:
                 cpu.carry_state(carry_from, uc)
+                if self._cr2_at_switch is not None:
+                    uc.reg_write(UC_X86_REG_CR2, self._cr2_at_switch)
+                    self._cr2_at_switch = None
                 if self._engine_state is not None:
                     # old_exception is not architectural: QEMU resets it when an exception is
                     # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
@@ -731,9 +740,12 @@ class ModelVcpu:
         mode = self._mode
         if mode is not cpu.CpuMode.PROTECTED_32:
             return False
+        state = self._engine_state
         if Request.MODE_CHANGE not in self._requests:
-            if cpu.live_mode(uc, mode, self._engine_state) is mode:
+            if cpu.live_mode(uc, mode, state) is mode:
                 return False
+            assert state is not None  # live_mode loaded it
+            self._cr2_at_switch = state.cr(2)
             self._requests.add(Request.MODE_CHANGE)
             self._request_boundary()
         return True
