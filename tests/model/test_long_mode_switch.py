@@ -48,6 +48,7 @@ VALUES = {
 WRITTEN_R9 = 0xDEADBEEFCAFEF00D
 HANDLER_RBX = 0xFEEDFACE12345678
 EFER_LME = 8
+EFER_LME_BIT, EFER_LMA_BIT = 1 << 8, 1 << 10
 CR4_PAE = 0x20
 UD = 6
 
@@ -138,6 +139,17 @@ def run_switch_guest(hv, *, exit_first: bool):
         regs = vcpu.get_regs()
         final = {name: getattr(regs, name) for name in (*VALUES, "rip", "rsp")}
         results = ram.read(RESULTS, 7 * 8)
+        sregs = vcpu.get_sregs()
+        final["sregs"] = {
+            "cs": (sregs.cs.selector, sregs.cs.l, sregs.cs.db),
+            "ss": sregs.ss.selector,
+            "efer": sregs.efer & (EFER_LME_BIT | EFER_LMA_BIT),
+            "cr0.pg": bool(sregs.cr0 & 0x80000000),
+            "cr4.pae": bool(sregs.cr4 & CR4_PAE),
+            "cr3": sregs.cr3,
+            "gdt": (sregs.gdt.base, sregs.gdt.limit),
+            "idt": (sregs.idt.base, sregs.idt.limit),
+        }
         vcpu.close()
         return seen, at_exit, final, results
     finally:
@@ -158,6 +170,16 @@ def expected(exit_first: bool) -> tuple[list, dict | None, dict, bytes]:
     if exit_first:
         final_values["r9"] = WRITTEN_R9
     final = {**final_values, "rip": hlt_in_handler, "rsp": STACK - 40}
+    final["sregs"] = {  # KVM_GET_SREGS: what the guest loaded, not the 32-bit start state
+        "cs": (KERNEL_CS, 1, 0),
+        "ss": KERNEL_DS,
+        "efer": EFER_LME_BIT | EFER_LMA_BIT,
+        "cr0.pg": True,
+        "cr4.pae": True,
+        "cr3": PAGE_TABLES,
+        "gdt": (GDT, len(gdt()) - 1),
+        "idt": (IDT, 256 * 16 - 1),
+    }
     if not exit_first:
         return [exits.Hlt()], None, final, results
     out = _address_of(True, "out %al, $0x80")

@@ -17,7 +17,17 @@ from enum import Enum
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
-from pcihole.hv.model.engine_state import HF_LMA_MASK, EngineState
+from pcihole.hv.model.engine_state import (
+    HF_LMA_MASK,
+    R_CS,
+    R_DS,
+    R_ES,
+    R_FS,
+    R_GS,
+    R_SS,
+    EngineState,
+    SegmentCache,
+)
 from pcihole.hv.uapi import kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
@@ -194,3 +204,43 @@ def program_counter(uc: Uc, mode: CpuMode) -> int:
     if mode is CpuMode.REAL:
         return (uc.reg_read(x86.UC_X86_REG_CS) << 4) + (ip & 0xFFFF)
     return ip
+
+
+def _kvm_segment(seg: SegmentCache) -> kvm_segment:
+    """QEMU's SegmentCache (flags = the descriptor's high dword, limit already scaled by G) as
+    KVM_GET_SREGS reports a segment (QEMU's own get_seg in target/i386/kvm.c does the same)."""
+    flags = seg.flags
+    present = (flags >> 15) & 1
+    return kvm_segment(
+        base=seg.base,
+        limit=seg.limit,
+        selector=seg.selector,
+        type=(flags >> 8) & 0xF,
+        present=present,
+        dpl=(flags >> 13) & 3,
+        db=(flags >> 22) & 1,
+        s=(flags >> 12) & 1,
+        l=(flags >> 21) & 1,
+        g=(flags >> 23) & 1,
+        avl=(flags >> 20) & 1,
+        unusable=0 if present else 1,
+    )
+
+
+def read_sregs(uc: Uc, state: EngineState, given: kvm_sregs) -> kvm_sregs:
+    """KVM_GET_SREGS from the engine: segments with their hidden parts, descriptor tables, control
+    registers and EFER as the guest left them (it loads its own GDT and switches mode itself);
+    APIC base and the interrupt bitmap as KVM_SET_SREGS `given` them."""
+    state.load()
+    sregs = kvm_sregs.from_buffer_copy(given)
+    for name, index in (("es", R_ES), ("cs", R_CS), ("ss", R_SS), ("ds", R_DS), ("fs", R_FS), ("gs", R_GS)):
+        setattr(sregs, name, _kvm_segment(state.segment(index)))
+    sregs.tr = _kvm_segment(state.table("tr"))
+    sregs.ldt = _kvm_segment(state.table("ldt"))
+    for name in ("gdt", "idt"):
+        table = state.table(name)
+        getattr(sregs, name).base = table.base
+        getattr(sregs, name).limit = table.limit
+    sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4 = (state.cr(n) for n in (0, 2, 3, 4))
+    sregs.efer = uc.msr_read(MSR_EFER)
+    return sregs

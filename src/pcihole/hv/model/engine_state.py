@@ -200,8 +200,8 @@ class EngineState:
         return self._u64(_CR + 8 * n)
 
     def table(self, which: str) -> SegmentCache:
-        """The "tr", "gdt" or "idt" register (SegmentCache: only base and limit for the tables)."""
-        offset = {"tr": _TR, "gdt": _GDT, "idt": _IDT}[which]
+        """The "tr", "ldt", "gdt" or "idt" register (SegmentCache: only base and limit for the tables)."""
+        offset = {"tr": _TR, "ldt": _LDT, "gdt": _GDT, "idt": _IDT}[which]
         selector, base, limit, flags = struct.unpack_from("<I4xQII", self._data, offset)
         return SegmentCache(selector, base, limit, flags)
 

@@ -212,6 +212,9 @@ class ModelVcpu:
             cpu.write_regs(*engine, self._regs, self._engine_state)
 
     def get_sregs(self) -> kvm_sregs:
+        engine, state = self._live_engine(), self._engine_state
+        if engine is not None and state is not None:
+            return cpu.read_sregs(engine[0], state, self._sregs)
         return kvm_sregs.from_buffer_copy(self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
