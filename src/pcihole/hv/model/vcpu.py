@@ -98,6 +98,8 @@ from pcihole.hv.model.interrupts import (
     syscall,
 )
 from pcihole.hv.model.mmu import Mmu
+from pcihole.hv.model.msr import MsrTable
+from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
 
 _HLT_OPCODE = 0xF4
@@ -175,6 +177,11 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
+        #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
+        self.msrs = MsrTable()
+        #: The guest TSC (tsc.py): RDTSC, IA32_TSC, and deadlines converted to host time.
+        self.tsc = TscClock(vm.tsc_khz)
 
     # --- registers ---------------------------------------------------------------------------------
 

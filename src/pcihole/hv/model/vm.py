@@ -16,6 +16,7 @@ from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.io_bus import IoBus
 from pcihole.hv.model.memslots import MemslotChange, MemslotTable
 from pcihole.hv.model.mmio_fill import MmioFillDevices
+from pcihole.hv.model.tsc import DEFAULT_TSC_KHZ
 from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.hv.uapi import KvmCap
 
@@ -42,6 +43,8 @@ class ModelVm:
         self.vcpus: list[ModelVcpu] = []
         self.closed = False
         self.observer: IoctlObserver | None = None
+        #: The frequency of every vCPU's guest TSC (KVM_SET_TSC_KHZ; tsc.py), fixed at creation.
+        self.tsc_khz = DEFAULT_TSC_KHZ
 
     @contextlib.contextmanager
     def _ioctl(self, ioctl: str, arg: object = None) -> Iterator[None]:
