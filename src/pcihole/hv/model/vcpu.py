@@ -101,8 +101,17 @@ from pcihole.hv.model.interrupts import (
     interrupt_window_open,
     syscall,
 )
+from pcihole.hv.model.io_bus import IoDevice
 from pcihole.hv.model.mmu import Mmu
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
+from pcihole.hv.model.msr import MsrTable
+from pcihole.hv.model.tsc import TscClock
+from pcihole.hv.uapi import (
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE,
+    kvm_regs,
+    kvm_sregs,
+)
 
 _HLT_OPCODE = 0xF4
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
@@ -123,7 +132,7 @@ class Request(Enum):
     KICK = "kick"  # the running (or next) run() returns Interrupted
     NEW_ENGINE = "new engine"  # set_sregs changed the mode: build a new engine (registers in _regs)
     # The guest changed the CPU mode itself (a 32-bit engine followed it into long mode): carry
-    # the engine's whole CPU state into an engine of the new mode (cpu.follow_mode).
+    # the engine's whole CPU state into an engine of the new mode (cpu.carry_state).
     MODE_CHANGE = "mode change"
 
 
@@ -189,6 +198,13 @@ class ModelVcpu:
         # stops (a 32-bit engine probes its end address, (1 << 64) - 1 cut to 0xffffffff, which
         # faults), so the new engine gets it back.
         self._cr2_at_switch: int | None = None
+        #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
+        self.lapic: IoDevice | None = None
+        #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
+        #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
+        self.msrs = MsrTable()
+        #: The guest TSC (tsc.py): RDTSC, IA32_TSC, and deadlines converted to host time.
+        self.tsc = TscClock(vm.tsc_khz)
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -291,6 +307,27 @@ class ModelVcpu:
         """An in-kernel interrupt controller (interrupt_source.py): from now on HLT sleeps in run()
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
         self._source = source
+
+    def attach_lapic(self, lapic) -> None:
+        """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
+        (vcpu_mmio_read / vcpu_mmio_write), the owner of its MSRs, and the interrupt source."""
+        self.lapic = lapic
+        lapic.register_msrs(self.msrs)
+        self.attach_interrupt_source(lapic)
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
+        return KVM_MP_STATE_HALTED if self._halted else KVM_MP_STATE_RUNNABLE
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: RUNNABLE wakes a halted vCPU (it goes on after its HLT); HALTED puts
+        it to sleep at the next entry. Other states (INIT, SIPI) are not modelled: EINVAL."""
+        if mp_state == KVM_MP_STATE_RUNNABLE:
+            self._halted = False
+        elif mp_state == KVM_MP_STATE_HALTED and self._source is not None:
+            self._halted = True
+        else:
+            raise ModelKvmError(errno.EINVAL, "KVM_SET_MP_STATE", f"vcpu={self.id}, {mp_state}")
 
     def interrupt_pending(self) -> None:
         """The source has a new interrupt (any thread): kvm_vcpu_kick after the LAPIC set IRR. The
@@ -626,9 +663,11 @@ class ModelVcpu:
             self.exit_to_user(exits.IoOut(port, size, data))
 
     def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
-        """IN: nothing on the model's PIO bus answers reads, so every IN exits (KVM_EXIT_IO)."""
+        """IN: KVM_PIO_BUS devices (the in-kernel PICs, PIT, speaker), else KVM_EXIT_IO (kernel_pio)."""
         self._mode_changed(uc)
-        data = self.exit_to_user(exits.IoIn(port, size))
+        data = self.vm.pio_bus.read(port, size)
+        if data is None:
+            data = self.exit_to_user(exits.IoIn(port, size))
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
@@ -706,7 +745,7 @@ class ModelVcpu:
             self._requests.discard(Request.NEW_ENGINE)
             self._requests.discard(Request.MODE_CHANGE)
             self._boundary = BoundaryHook(uc, self._at_boundary)
-            self._emulator = AccessEmulator(self.vm, self, self.id)
+            self._emulator = AccessEmulator(self.vm, self, self.id, self.lapic)
             self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
             self._emulator.attach(uc, mmu)
             uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
