@@ -16,6 +16,7 @@ from enum import Enum
 
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
+from unicorn.unicorn_py3.unicorn import UcContext
 
 from pcihole.hv.model.engine_state import (
     HF_LMA_MASK,
@@ -154,11 +155,12 @@ def live_mode(uc: Uc, mode: CpuMode, state: EngineState | None) -> CpuMode:
     return CpuMode.PROTECTED_32 if state.cr(0) & X86_CR0_PE else CpuMode.REAL
 
 
-def carry_state(old: Uc, new: Uc) -> None:
-    """Give engine `new` all of `old`'s CPU state: what uc_context_save copies (CPUX86State up to
-    end_reset_fields: registers, segments with their hidden parts, control and descriptor-table
-    registers, MSRs, FPU / SSE state, hflags). Memory and hooks are the caller's."""
-    new.context_restore(old.context_save())
+def carry_state(old: Uc, new: Uc, context: UcContext | None = None) -> None:
+    """Give engine `new` all of `old`'s CPU state, or the `context` saved from it earlier: what
+    uc_context_save copies (CPUX86State up to end_reset_fields: registers, segments with their
+    hidden parts, control and descriptor-table registers, MSRs, FPU / SSE state, hflags). Memory
+    and hooks are the caller's."""
+    new.context_restore(context if context is not None else old.context_save())
 
 
 def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs, state: EngineState | None = None) -> None:

@@ -74,11 +74,13 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.unicorn_py3.unicorn import UcContext
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
+    UC_X86_REG_EFLAGS,
     UC_X86_REG_IDTR,
 )
 
@@ -194,10 +196,11 @@ class ModelVcpu:
         # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
         # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
         self._deferred: Event | None = None
-        # CR2 when the 32-bit engine was last seen in long mode: the engine overwrites it while it
-        # stops (a 32-bit engine probes its end address, (1 << 64) - 1 cut to 0xffffffff, which
-        # faults), so the new engine gets it back.
-        self._cr2_at_switch: int | None = None
+        # The CPU state (uc_context) of a 32-bit engine in long mode where it was stopped for an
+        # engine of the new mode: the state after emu_start returns is not it (the engine faults
+        # on its end address, (1 << 64) - 1 cut to 0xffffffff, which overwrites CR2 at least).
+        self._switch_context: UcContext | None = None
+        self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
         #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
         self.lapic: IoDevice | None = None
         #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
@@ -432,7 +435,11 @@ class ModelVcpu:
         if self._window_open(uc):
             return exits.IrqWindowOpen()
         try:
-            uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
+            try:
+                uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
+            finally:
+                if self._state not in _LEFT:
+                    self._after_stop(uc)
         except UcError as e:
             if self._state in _LEFT:
                 return None
@@ -471,17 +478,20 @@ class ModelVcpu:
     def _at_boundary(self, uc: Uc) -> None:
         """The boundary hook's callback: in the vCPU thread, between two instructions."""
         if self._state in _LEFT:  # leave at once, without mapping memory the VMM may be about to free
-            uc.emu_stop()
+            self._stop(uc)
             return
         mmu = self._mmu
         if mmu is not None and mmu.stale():
             mmu.sync(in_callback=True)
-        if Request.KICK in self._requests:
+        if self._mode_changed(uc):
+            # First, whatever else is asked (a kick stays requested for the new engine).
+            self._stop_for_new_mode(uc)
+        elif Request.KICK in self._requests:
             self._requests.discard(Request.KICK)
             self._stop_exit = exits.Interrupted()
-            uc.emu_stop()
-        elif Request.NEW_ENGINE in self._requests or self._mode_changed(uc):
-            uc.emu_stop()
+            self._stop(uc)
+        elif Request.NEW_ENGINE in self._requests:
+            self._stop(uc)
         elif self._nmi_pending:
             if self._nmi_allowed(uc):
                 self._deliver_nmi(uc)
@@ -491,7 +501,7 @@ class ModelVcpu:
             self._inject(uc)
         elif self._window_open(uc):
             self._stop_exit = exits.IrqWindowOpen()
-            uc.emu_stop()
+            self._stop(uc)
         elif self._source is not None and self._source.has_interrupt():
             if not self._deliver_from_source(uc):
                 self._request_boundary()  # the window is closed: look again at the next block
@@ -584,13 +594,13 @@ class ModelVcpu:
         if delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             # No IDT: #GP, #DF, triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
             self._stop_exit = exits.Shutdown()
-            uc.emu_stop()
+            self._stop(uc)
             return False
         try:
             delivery.deliver(event)
         except TripleFault:
             self._stop_exit = exits.Shutdown()
-            uc.emu_stop()
+            self._stop(uc)
             return False
         return True
 
@@ -611,7 +621,7 @@ class ModelVcpu:
         assert uc is not None and mmu is not None
         with self._sync:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
-                uc.emu_stop()
+                self._stop(uc)
                 return None
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
@@ -634,7 +644,7 @@ class ModelVcpu:
             # faults (the MMU refuses while leaving) instead of touching freed pages.
             if not in_access or keep is not None:
                 mmu.tear_down(keep)
-            uc.emu_stop()
+            self._stop(uc)
             return None
         if mmu.stale() and (not in_access or keep is not None):
             # The VMM may have freed the host pages of a deleted slot: none of the rest of this
@@ -653,7 +663,7 @@ class ModelVcpu:
         """(emulator_read_write.ExitPort.) KVM_RUN fails with `error` (the first one, if several)."""
         if self._fault is None:
             self._fault = error
-        uc.emu_stop()
+        self._stop(uc)
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _data: object) -> None:
         """OUT: KVM_PIO_BUS devices (coalesced PIO zones), else KVM_EXIT_IO (kernel_pio)."""
@@ -684,8 +694,7 @@ class ModelVcpu:
             # exception is between two instructions, RIP where the delivery wants it) and let the
             # engine of the new mode deliver it first thing.
             self._deferred = event
-            self._cr2_at_switch = state.cr(2)
-            uc.emu_stop()
+            self._stop_for_new_mode(uc)
             return
         self._deliver(uc, event)
 
@@ -695,7 +704,7 @@ class ModelVcpu:
             return False
         if self._mode_changed(uc):  # as in _on_interrupt
             self._deferred = Event(UD, EventKind.EXCEPTION)
-            uc.emu_stop()
+            self._stop_for_new_mode(uc)
             return True
         return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
 
@@ -761,10 +770,8 @@ class ModelVcpu:
                     self._engine_state = state
                     self._delivery = Delivery(uc, state, mmu.read_ram)
             if carry_from is not None:
-                cpu.carry_state(carry_from, uc)
-                if self._cr2_at_switch is not None:
-                    uc.reg_write(UC_X86_REG_CR2, self._cr2_at_switch)
-                    self._cr2_at_switch = None
+                context, self._switch_context = self._switch_context, None
+                cpu.carry_state(carry_from, uc, context)
                 if self._engine_state is not None:
                     # old_exception is not architectural: QEMU resets it when an exception is
                     # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
@@ -782,15 +789,43 @@ class ModelVcpu:
         mode = self._mode
         if mode is not cpu.CpuMode.PROTECTED_32:
             return False
-        state = self._engine_state
         if Request.MODE_CHANGE not in self._requests:
-            if cpu.live_mode(uc, mode, state) is mode:
+            if cpu.live_mode(uc, mode, self._engine_state) is mode:
                 return False
-            assert state is not None  # live_mode loaded it
-            self._cr2_at_switch = state.cr(2)
             self._requests.add(Request.MODE_CHANGE)
             self._request_boundary()
         return True
+
+    def _stop(self, uc: Uc) -> None:
+        """uc_emu_stop from a callback, remembering CR2 for _after_stop."""
+        self._cr2_at_stop = uc.reg_read(UC_X86_REG_CR2)
+        uc.emu_stop()
+
+    def _after_stop(self, uc: Uc) -> None:
+        """Undo what Unicorn does to the CPU as emu_start returns. Measured (unicorn 2.1.4): it
+        faults on the address before emu_start's end, (1 << 64) - 1 (a 32-bit engine: 0xffffffff),
+        without calling any hook: CR2 reads 0xff..fe afterwards and QEMU's old_exception is #PF,
+        which would make the guest's next #PF a #DF (check_exception). A guest kicked between a #PF
+        and its handler's read of CR2 must still read the fault's address, as on KVM."""
+        cr2, self._cr2_at_stop = self._cr2_at_stop, None
+        if cr2 is not None:
+            uc.reg_write(UC_X86_REG_CR2, cr2)
+        state = self._engine_state
+        if state is not None:
+            state.load()
+            state.clear_old_exception()
+            state.store()
+
+    def _stop_for_new_mode(self, uc: Uc) -> None:
+        """From a callback at an instruction boundary (or an exception's): keep the CPU state as it
+        is here for the engine of the new mode, and stop."""
+        # The arithmetic flags live in TCG's lazy cc_src / cc_op until something computes them:
+        # measured, a context saved in a block hook carries stale ones (RFLAGS read 0x2 in the new
+        # engine, 0x86 in the old). Reading and writing RFLAGS through the API stores them in
+        # env->eflags (cpu_load_eflags, CC_OP_EFLAGS) first.
+        uc.reg_write(UC_X86_REG_EFLAGS, uc.reg_read(UC_X86_REG_EFLAGS))
+        self._switch_context = uc.context_save()
+        uc.emu_stop()
 
     def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
         """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
