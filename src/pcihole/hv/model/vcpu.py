@@ -58,6 +58,7 @@ allows) and stops the engine, so the rest of the block faults instead of touchin
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import threading
 from enum import Enum
@@ -73,22 +74,33 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_INS_RDTSC,
+    UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR4,
+    UC_X86_REG_EAX,
+    UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
     UC_X86_REG_IDTR,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
     UC_X86_REG_RDX,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, MSR_TSC_AUX, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_64, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -112,6 +124,13 @@ from pcihole.hv.x86_cpu_state import EFER_LMA
 _HLT_OPCODE = 0xF4
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
+# QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
+_R_EAX, _R_ECX, _R_EDX, _R_EBX = 0, 1, 2, 3
+_GPR_IDS_64 = {_R_EAX: UC_X86_REG_RAX, _R_ECX: UC_X86_REG_RCX, _R_EDX: UC_X86_REG_RDX, _R_EBX: UC_X86_REG_RBX}
+_GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_REG_EDX, _R_EBX: UC_X86_REG_EBX}
+# uc_cb_insn_cpuid_t, which Unicorn's RDTSC / RDTSCP hooks also take (the Python binding offers
+# them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
+_INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
 
 
@@ -198,6 +217,11 @@ class ModelVcpu:
         register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
+        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
+        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
+        self._cpuid: CpuidTable | None = None
+        self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
+        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -233,7 +257,76 @@ class ModelVcpu:
         self._requests.add(Request.NEW_ENGINE)
 
     def set_cpuid2(self, cpuid) -> None:
-        """Accepted and ignored: Unicorn's CPUID is its own (the model's guests do not depend on it)."""
+        """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
+        does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
+        zeros: the model's bare test guests do not set one)."""
+        self._cpuid = CpuidTable.from_cpuid2(cpuid)
+        engine = self._live_engine()
+        if engine is not None:
+            self._hook_cpuid(engine[0])
+
+    def _hook_cpuid(self, uc: Uc) -> None:
+        if self._cpuid_engine is not uc:
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+            self._cpuid_engine = uc
+
+    def _write_gprs(self, uc: Uc, values: dict[int, int]) -> None:
+        """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
+        upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
+        followed the guest into long mode reaches only the low halves with uc_reg_write, so there
+        the engine's state is written instead."""
+        if self._mode is cpu.CpuMode.LONG_64:
+            for index, value in values.items():
+                uc.reg_write(_GPR_IDS_64[index], value)
+            return
+        state = self._msr_state
+        if state is None:
+            for index, value in values.items():
+                uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
+            return
+        state.load()
+        for index, value in values.items():
+            state.set_gpr(index, value)
+        state.store()
+
+    def _on_cpuid(self, uc: Uc, _data: object) -> int:
+        """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
+        table = self._cpuid
+        if table is None:
+            return 0
+        function = uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
+        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        regs = table.lookup(function, index)
+        if function == 1:
+            apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
+            regs = runtime_adjust(function, regs, uc.reg_read(UC_X86_REG_CR4), apic_base)
+        eax, ebx, ecx, edx = regs
+        self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
+        return 1
+
+    def _hook_tsc(self, uc: Uc) -> None:
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC)."""
+        for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
+            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
+            self._insn_thunks.append(thunk)
+            handle = uc_hook_h()
+            err = uclib.uc_hook_add(
+                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
+                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
+            )  # fmt: skip
+            if err:
+                raise UcError(err)
+
+    def _on_rdtsc(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32})
+        return 1
+
+    def _on_rdtscp(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        aux = self.engine_msrs.read(MSR_TSC_AUX, True) & 0xFFFFFFFF
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
+        return 1
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -695,22 +788,21 @@ class ModelVcpu:
         state = self._msr_state
         assert state is not None
         state.load()
-        regs = state.regs
-        wide = regs is REGS_64
-        rdx = UC_X86_REG_RDX if wide else UC_X86_REG_EDX
+        ip, write = state.ip, state.error_code
         index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
         try:
-            if state.error_code:  # WRMSR: EDX:EAX
-                value = (uc.reg_read(rdx) & 0xFFFFFFFF) << 32 | (uc.reg_read(regs.ax) & 0xFFFFFFFF)
+            if write:  # WRMSR: EDX:EAX
+                value = (uc.reg_read(UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
+                    uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
+                )
                 self.msrs.write(index, value, host=False)
             else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
                 value = self.msrs.read(index, host=False)
-                uc.reg_write(regs.ax, value & 0xFFFFFFFF)
-                uc.reg_write(rdx, value >> 32)
+                self._write_gprs(uc, {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32})
         except MsrFault:
             self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
             return
-        uc.reg_write(regs.ip, state.ip + _MSR_INSN_BYTES)
+        uc.reg_write(state.regs.ip, ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
@@ -764,6 +856,9 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
+                self._hook_tsc(uc)
+                if self._cpuid is not None:
+                    self._hook_cpuid(uc)
         if mmu.stale():
             mmu.sync()
         else:
