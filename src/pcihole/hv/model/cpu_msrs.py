@@ -153,8 +153,15 @@ class EngineMsrs:
             yield index, False
 
 
-def register_vcpu_msrs(table: MsrTable, engine: EngineMsrs, tsc: TscClock, vcpu_id: int) -> None:
-    """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset)."""
+def register_vcpu_msrs(
+    table: MsrTable,
+    engine: EngineMsrs,
+    tsc: TscClock,
+    vcpu_id: int,
+    on_tsc_write: Callable[[], None] = lambda: None,
+) -> None:
+    """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset).
+    `on_tsc_write` runs after every write of IA32_TSC (KVM_REQ_CLOCK_UPDATE: kvmclock republishes)."""
     owner = "vcpu"
     for index in (*ENGINE_MSRS, MSR_EFER):
         table.register(index, read=engine.read, write=engine.write, owner=owner, engine=True)
@@ -183,6 +190,7 @@ def register_vcpu_msrs(table: MsrTable, engine: EngineMsrs, tsc: TscClock, vcpu_
             tsc.write(value)  # kvm_synchronize_tsc
         else:
             tsc.guest_write(value)
+        on_tsc_write()
 
     table.register(MSR_IA32_TSC, read=read_tsc, write=write_tsc, owner=owner)
 

@@ -120,6 +120,7 @@ from pcihole.hv.model.interrupts import (
     syscall,
 )
 from pcihole.hv.model.io_bus import IoDevice
+from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
@@ -240,7 +241,10 @@ class ModelVcpu:
         self._intercept = MsrIntercept()
         self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
         self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
-        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id)
+        #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
+        self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
+        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id, self.kvmclock.update)
+        self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
         # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
