@@ -124,11 +124,17 @@ def cpu_mode(sregs: kvm_sregs) -> CpuMode:
     return CpuMode.PROTECTED_32
 
 
-def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
-    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+def empty_engine(mode: CpuMode) -> Uc:
+    """A Unicorn engine in `mode` with the model's CPU and nothing else."""
     uc = Uc(UC_ARCH_X86, mode.value)
     # Before anything else touches the CPU (Unicorn creates it on first use): see ENGINE_CPU_MODEL.
     uc.ctl_set_cpu_model(ENGINE_CPU_MODEL)
+    return uc
+
+
+def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
+    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+    uc = empty_engine(mode)
     if mode is CpuMode.LONG_64:
         uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)

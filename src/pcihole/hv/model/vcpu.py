@@ -65,7 +65,6 @@ from enum import Enum
 
 from greenlet import getcurrent, greenlet
 from unicorn import (
-    UC_ARCH_X86,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
@@ -916,7 +915,7 @@ class ModelVcpu:
             if live is not mode:
                 # The guest changed mode itself (cpu.live_mode): its whole CPU state moves into
                 # an engine of the new mode, whose register ids and emu_start reach all of it.
-                old, uc, mode = uc, Uc(UC_ARCH_X86, live.value), live
+                old, uc, mode = uc, cpu.empty_engine(live), live
                 mmu = self._install_engine(uc, mode, carry_from=old)
             self._requests.discard(Request.MODE_CHANGE)
         if mmu.stale():
