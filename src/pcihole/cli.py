@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host-quirks",
         choices=HOST_QUIRKS_CHOICES,
         default="auto",
-        help="workarounds for a software KVM (PVM): auto turns them on only where /sys/module/kvm_pvm exists",
+        help="workarounds for a software KVM (PVM), kvm backend only: auto turns them on only where "
+        "/sys/module/kvm_pvm exists (none on the model)",
     )
     run.add_argument(
         "--timeout",
@@ -226,6 +227,8 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         raise UsageError("--linux boots the cached Debian kernel: give --linux or --kernel, not both")
     if args.linux and args.initrd is not None:
         raise UsageError("--linux brings pcihole's own initramfs: use --kernel with --initrd for another")
+    if args.host_quirks == "pvm" and args.backend == "model":
+        raise UsageError("--host-quirks pvm works around a software KVM: the model backend needs none")
     _not_empty(args.kernel, "--kernel")
     if args.append is not None:
         try:
