@@ -227,6 +227,8 @@ class ModelVcpu:
         # engine of the new mode: the state after emu_start returns is not it (the engine faults
         # on its end address, (1 << 64) - 1 cut to 0xffffffff, which overwrites CR2 at least).
         self._switch_context: UcContext | None = None
+        # The source has an interrupt that waited for IF at the last boundary (_at_boundary).
+        self._source_waits = False
         self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
         #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
         self.lapic: IoDevice | None = None
@@ -643,8 +645,13 @@ class ModelVcpu:
             self._stop_for_new_mode(uc)
         elif Request.KICK in self._requests:
             self._requests.discard(Request.KICK)
-            self._stop_exit = exits.Interrupted()
-            self._stop(uc)
+            # Returned to run()'s caller from here, the engine paused at this boundary as in an
+            # I/O exit, not by stopping it: every return from emu_start flushes the translation
+            # cache (the idle check's kick every 0.25 s cost a retranslation of the kernel's hot
+            # code each time). The next run() resumes here.
+            self.exit_to_user(exits.Interrupted())
+            if self._state not in _LEFT and (self._events_wanted() or Request.KICK in self._requests):
+                self._request_boundary()
         elif Request.NEW_ENGINE in self._requests:
             self._stop(uc)
         elif self._nmi_pending:
@@ -657,8 +664,12 @@ class ModelVcpu:
         elif self._window_open(uc):
             self._stop_exit = exits.IrqWindowOpen()
             self._stop(uc)
-        elif self._source is not None and self._source.has_interrupt():
-            if not self._deliver_from_source(uc):
+        elif self._source is not None and (self._source_waits or self._source.has_interrupt()):
+            # While an interrupt waits for IF (Linux runs long stretches with interrupts off) this
+            # runs at every block start: RFLAGS.IF is read first, cheaply (KVM asks the CPU for an
+            # interrupt-window exit instead; Unicorn has no such event).
+            self._source_waits = not self._deliver_from_source(uc)
+            if self._source_waits:
                 self._request_boundary()  # the window is closed: look again at the next block
         elif self._window_requested:
             self._request_boundary()  # the window is closed: look again at the next block
@@ -668,6 +679,8 @@ class ModelVcpu:
         state, source = self._engine_state, self._source
         if source is None or state is None or not interrupt_window_open(uc, state):
             return False
+        if not source.has_interrupt():  # taken meanwhile, or masked by a TPR raised since
+            return True
         self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
         return True
 
