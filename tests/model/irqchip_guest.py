@@ -17,10 +17,26 @@ from dataclasses import dataclass, field
 
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits
+from pcihole.hv.uapi import KvmCap, cpuid2_with, kvm_cpuid_entry2
 from pcihole.hv.x86_cpu_state import enter_long_mode
 from tests.guestasm import assemble
 
-from .system_guest import CODE, GDT, IDT, PAGE_TABLES, RAM_BYTES, RESULTS, STACK, TSS, Handler, gdt, guest_source, idt, page_tables, tss
+from .system_guest import (
+    CODE,
+    GDT,
+    IDT,
+    PAGE_TABLES,
+    RAM_BYTES,
+    RESULTS,
+    STACK,
+    TSS,
+    Handler,
+    gdt,
+    guest_source,
+    idt,
+    page_tables,
+    tss,
+)
 
 LAPIC = 0xFEE00000
 IOAPIC = 0xFEC00000
@@ -90,6 +106,17 @@ def high_directory() -> bytes:
     return bytes(pd)
 
 
+def guest_cpuid(hv):
+    """The CPUID table the machine gives a guest: KVM_GET_SUPPORTED_CPUID where the backend has it,
+    else (the model) leaf 1 with x2APIC and the TSC-deadline timer, which is what the LAPIC reads."""
+    if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+        return hv.get_supported_cpuid()
+    table = cpuid2_with(1)()
+    table.nent = 1
+    table.entries[0] = kvm_cpuid_entry2(function=1, ecx=(1 << 21) | (1 << 24))
+    return table
+
+
 @dataclass
 class IrqchipRun:
     exits: list = field(default_factory=list)
@@ -135,6 +162,7 @@ def run_irqchip_guest(
         ram.write(IDT, idt(handlers))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid2(guest_cpuid(hv))
         enter_long_mode(vcpu, CODE, page_tables_gpa=PAGE_TABLES + 0x10000, write_guest=ram.write, rsp=STACK)
         ram.write(PAGE_TABLES, irqchip_page_tables())
         ram.write(HIGH_PD, high_directory())

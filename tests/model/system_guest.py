@@ -169,10 +169,18 @@ REG_NAMES = (
 
 
 def run_system_guest(
-    hv, body: str, handlers: list[Handler], *, on_exit=None, max_exits: int = 20, rflags: int = 0x2
+    hv,
+    body: str,
+    handlers: list[Handler],
+    *,
+    on_exit=None,
+    max_exits: int = 20,
+    rflags: int = 0x2,
+    setup=None,
 ) -> SystemRun:
     """Run the guest to its first HLT or Shutdown; `on_exit(vcpu, exit_, index)` may act on each
-    exit (inject an interrupt) and returns True to run on even after an HLT."""
+    exit (inject an interrupt) and returns True to run on even after an HLT; `setup(vcpu)` runs
+    on the new vCPU before its registers are set (as configure_vcpu does: CPUID, MSRs)."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
@@ -182,6 +190,8 @@ def run_system_guest(
         ram.write(IDT, idt(handlers))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
+        if setup is not None:
+            setup(vcpu)
         enter_long_mode(vcpu, CODE, page_tables_gpa=PAGE_TABLES + 0x10000, write_guest=ram.write, rsp=STACK)
         ram.write(PAGE_TABLES, page_tables())
         sregs = vcpu.get_sregs()

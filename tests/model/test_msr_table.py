@@ -66,3 +66,11 @@ def test_msr_value_refuses_reserved_bits():
     assert reg.read(0x48, False) == 3
     with pytest.raises(MsrFault):
         reg.write(0x48, 0x100, False)
+
+
+def test_replace_takes_over_a_default_handler():
+    table = MsrTable()
+    table.register(0x1B, read=lambda i, host: 1, owner="vcpu apic_base")
+    table.register(0x1B, read=lambda i, host: 2, owner="lapic", replace=True)
+    assert table.read(0x1B, host=False) == 2
+    assert table.handler(0x1B).owner == "lapic"

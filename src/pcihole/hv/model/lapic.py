@@ -127,7 +127,6 @@ APIC_LVT_WRITE_MASKS = {
     APIC_LVT1: LINT_MASK,
     APIC_LVTERR: LVT_MASK,
 }
-# The guest may use TSC-deadline mode (the model's CPUID is to advertise X86_FEATURE_TSC_DEADLINE_TIMER)
 TIMER_MODE_MASK = APIC_LVT_TIMER_PERIODIC | APIC_LVT_TIMER_TSCDEADLINE
 
 APIC_BUS_CYCLE_NS = 1  # APIC_BUS_CYCLE_NS_DEFAULT
@@ -173,6 +172,11 @@ class LocalApic:
         self.target_ns = 0  # lapic_timer.target_expiration (host monotonic ns), 0: none
         self.tscdeadline = 0
         self.timer_mode = APIC_LVT_TIMER_ONESHOT
+        # What KVM derives from the guest's CPUID (kvm_vcpu_after_set_cpuid -> kvm_apic_set_version,
+        # apic->lapic_timer.timer_mode_mask): before KVM_SET_CPUID2 the LVT timer has no mode bits
+        # (one-shot only) and IA32_APIC_BASE refuses x2APIC, as on this host's kernel.
+        self.timer_mode_mask = 0
+        self.x2apic_allowed = False
         self.interrupts_accepted = 0
         self._reset()
 
@@ -192,6 +196,14 @@ class LocalApic:
         self._regs[APIC_SPIV] = 0xFF
         self.irr = self.isr = self.tmr = 0
         self._update_divide_count()
+
+    def set_cpuid(self, *, x2apic: bool, tsc_deadline: bool) -> None:
+        """KVM_SET_CPUID2: periodic mode always, TSC-deadline where CPUID.1:ECX[24] says so."""
+        with self.irqchip.locked():
+            self.timer_mode_mask = APIC_LVT_TIMER_PERIODIC | (
+                APIC_LVT_TIMER_TSCDEADLINE if tsc_deadline else 0
+            )
+            self.x2apic_allowed = x2apic
 
     # --- state the rest of the irqchip asks ----------------------------------------------------------
 
@@ -425,7 +437,7 @@ class LocalApic:
         elif reg == APIC_LVTT:
             if not self.sw_enabled():
                 val |= APIC_LVT_MASKED
-            self._regs[APIC_LVTT] = val & (APIC_LVT_WRITE_MASKS[APIC_LVTT] | TIMER_MODE_MASK)
+            self._regs[APIC_LVTT] = val & (APIC_LVT_WRITE_MASKS[APIC_LVTT] | self.timer_mode_mask)
             self._update_lvtt()
         elif reg == APIC_TMICT:
             if self.timer_mode == APIC_LVT_TIMER_TSCDEADLINE:
@@ -499,7 +511,11 @@ class LocalApic:
 
     def register_msrs(self, msrs: MsrTable) -> None:
         msrs.register(
-            MSR_IA32_APICBASE, read=self._read_apic_base, write=self._write_apic_base, owner="lapic"
+            MSR_IA32_APICBASE,
+            read=self._read_apic_base,
+            write=self._write_apic_base,
+            owner="lapic",
+            replace=True,
         )
         msrs.register(
             MSR_IA32_TSC_DEADLINE, read=self._read_tsc_deadline, write=self._write_tsc_deadline, owner="lapic"
@@ -513,7 +529,7 @@ class LocalApic:
 
     def _write_apic_base(self, index: int, value: int, host: bool) -> None:
         """kvm_set_apic_base -> kvm_lapic_set_base."""
-        reserved = ((1 << 64) - (1 << MAXPHYADDR)) | 0x2FF
+        reserved = ((1 << 64) - (1 << MAXPHYADDR)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
         new_x2, new_en = bool(value & X2APIC_ENABLE), bool(value & MSR_IA32_APICBASE_ENABLE)
         if value & reserved or (new_x2 and not new_en):
             raise MsrFault(f"IA32_APIC_BASE {value:#x}: reserved bits, or x2APIC without enable")

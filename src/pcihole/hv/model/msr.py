@@ -71,11 +71,19 @@ class MsrTable:
         write: MsrWrite = no_write,
         owner: str,
         engine: bool = False,
+        replace: bool = False,
     ) -> MsrHandler:
-        """Own MSRs [first, last] (one MSR when `last` is None). Overlaps are refused, naming both."""
+        """Own MSRs [first, last] (one MSR when `last` is None). Overlaps are refused, naming both,
+        unless `replace`: then the handlers wholly inside [first, last] are dropped first (a local
+        APIC taking IA32_APIC_BASE over from the vCPU's default)."""
         last = first if last is None else last
         if not 0 <= first <= last < MSR_INDEX_LIMIT:
             raise ValueError(f"{owner}: MSR range [{first:#x}, {last:#x}] is not within 32-bit indices")
+        if replace:
+            for old in [h for h in self._handlers if first <= h.first and h.last <= last]:
+                i = self._handlers.index(old)
+                del self._handlers[i]
+                del self._firsts[i]
         i = bisect.bisect_right(self._firsts, last)
         if i > 0 and self._handlers[i - 1].last >= first:
             other = self._handlers[i - 1]

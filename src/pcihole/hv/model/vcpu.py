@@ -77,17 +77,22 @@ from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_ECX,
+    UC_X86_REG_EDX,
     UC_X86_REG_IDTR,
+    UC_X86_REG_RDX,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
+from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_64, EngineState
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
+    GP,
     NMI,
     UD,
     Delivery,
@@ -97,20 +102,28 @@ from pcihole.hv.model.interrupts import (
     interrupt_window_open,
     syscall,
 )
-from pcihole.hv.model.io_bus import IoDevice
+from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
-from pcihole.hv.model.msr import MsrTable
+from pcihole.hv.model.msr import MsrFault, MsrTable
+from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_RUNNABLE,
+    kvm_fpu,
     kvm_regs,
     kvm_sregs,
 )
+from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+# CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
+CPUID_FEATURES = 1
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
+_MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
 KVM_NR_INTERRUPTS = 256
 
 
@@ -185,12 +198,20 @@ class ModelVcpu:
         self._source: InterruptSource | None = None
         self._halted = False
         #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
-        self.lapic: IoDevice | None = None
+        self.lapic: LocalApic | None = None
         #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
         #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
         self.msrs = MsrTable()
         #: The guest TSC (tsc.py): RDTSC, IA32_TSC, and deadlines converted to host time.
         self.tsc = TscClock(vm.tsc_khz)
+        # Guest RDMSR / WRMSR reach self.msrs through the engine's SVM MSR intercept
+        # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
+        self._intercept = MsrIntercept()
+        self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
+        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
+        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id)
+        self._intercept.pass_through(self.engine_msrs.pass_through())
+        self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -221,11 +242,64 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             self._regs = cpu.read_regs(*engine)
+            self.engine_msrs.save(engine[0])
         self._sregs = kvm_sregs.from_buffer_copy(sregs)
         self._requests.add(Request.NEW_ENGINE)
 
     def set_cpuid2(self, cpuid) -> None:
-        """Accepted and ignored: Unicorn's CPUID is its own (the model's guests do not depend on it)."""
+        """Unicorn's CPUID is its own (the model's guests do not depend on it); the table is read
+        for what KVM derives from it (kvm_vcpu_after_set_cpuid): the LAPIC timer modes and x2APIC."""
+        lapic = self.lapic
+        if lapic is None:
+            return
+        for entry in cpuid.entries[: cpuid.nent]:
+            if entry.function == CPUID_FEATURES:
+                lapic.set_cpuid(
+                    x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
+                    tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
+                )
+
+    # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of `indices` up to the first one the vCPU does not have
+        (msr_io stops there and returns the number done; the dict holds those)."""
+        out: dict[int, int] = {}
+        for index in indices:
+            try:
+                out[index] = self.msrs.read(index, host=True)
+            except MsrFault:
+                break
+        return out
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS: each in order; the first refused one ends it, as the kvm backend reports
+        (EINVAL naming the MSR, after the ones before it were set)."""
+        for index, value in msrs.items():
+            try:
+                self.msrs.write(index, value, host=True)
+            except MsrFault as e:
+                raise ModelKvmError(
+                    errno.EINVAL, "KVM_SET_MSRS", f"vcpu={self.id}", f"MSR {index:#x} refused: {e}"
+                ) from e
+
+    def set_fpu(self, fpu: kvm_fpu) -> None:
+        """KVM_SET_FPU: the x87 control word and MXCSR (the registers' contents are not modelled)."""
+        self._fpu = kvm_fpu.from_buffer_copy(fpu)
+        engine = self._live_engine()
+        if engine is not None:
+            cpu.write_fpu(engine[0], self._fpu)
+
+    def _msr_engine(self) -> Uc | None:
+        engine = self._live_engine()
+        return None if engine is None else engine[0]
+
+    def _efer(self) -> int:
+        return self._sregs.efer
+
+    def _set_efer(self, value: int) -> None:
+        # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
+        self._sregs.efer = (value & ~EFER_LMA) | (self._sregs.efer & EFER_LMA)
 
     # --- the coalesced ring (one page per VM, seen through every vCPU as on KVM) -------------------
 
@@ -291,7 +365,7 @@ class ModelVcpu:
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
         self._source = source
 
-    def attach_lapic(self, lapic) -> None:
+    def attach_lapic(self, lapic: LocalApic) -> None:
         """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
         (vcpu_mmio_read / vcpu_mmio_write), the owner of its MSRs, and the interrupt source."""
         self.lapic = lapic
@@ -650,6 +724,9 @@ class ModelVcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
+        if intno == MSR_EXIT:
+            self._on_msr(uc)
+            return
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -657,6 +734,30 @@ class ModelVcpu:
         state.load()
         kind = EventKind.SOFTWARE if state.exception_is_int else EventKind.EXCEPTION
         self._deliver(uc, Event(intno, kind, state.error_code))
+
+    def _on_msr(self, uc: Uc) -> None:
+        """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
+        error_code says which. Done through self.msrs, or #GP(0) (kvm_emulate_rdmsr / wrmsr with
+        ignore_msrs=0: kvm_inject_gp)."""
+        state = self._msr_state
+        assert state is not None
+        state.load()
+        regs = state.regs
+        wide = regs is REGS_64
+        rdx = UC_X86_REG_RDX if wide else UC_X86_REG_EDX
+        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        try:
+            if state.error_code:  # WRMSR: EDX:EAX
+                value = (uc.reg_read(rdx) & 0xFFFFFFFF) << 32 | (uc.reg_read(regs.ax) & 0xFFFFFFFF)
+                self.msrs.write(index, value, host=False)
+            else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
+                value = self.msrs.read(index, host=False)
+                uc.reg_write(regs.ax, value & 0xFFFFFFFF)
+                uc.reg_write(rdx, value >> 32)
+        except MsrFault:
+            self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
+            return
+        uc.reg_write(regs.ip, state.ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
@@ -695,14 +796,21 @@ class ModelVcpu:
                 uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
                 uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
                 uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-                self._delivery = self._engine_state = None
+                self._delivery = self._engine_state = self._msr_state = None
                 if mode is cpu.CpuMode.LONG_64:
                     uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
-                if mode is not cpu.CpuMode.REAL:
-                    state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
-                    if state.layout_ok():
+                state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
+                if state.layout_ok():
+                    # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
+                    # every MSR (unknown ones read 0): the intercept needs that state.
+                    self._intercept.install(uc, state)
+                    self._msr_state = state
+                    if mode is not cpu.CpuMode.REAL:
                         self._engine_state = state
                         self._delivery = Delivery(uc, state, mmu.read_ram)
+                self.engine_msrs.restore(uc)
+                if self._fpu is not None:
+                    cpu.write_fpu(uc, self._fpu)
         if mmu.stale():
             mmu.sync()
         else:
