@@ -59,7 +59,7 @@ def test_reset_registers_and_one_shot_timer(hv):
 2:  pause
     loop 2b
     mov {TMCCT}(%rsi), %eax
-    mov %eax, {RESULTS + 0x10c}
+    mov %eax, {RESULTS + 0x10C}
     mov {ISR + 0x40}(%rsi), %eax
     mov %eax, {RESULTS + 0x110}
     mov {PPR}(%rsi), %eax
