@@ -41,6 +41,7 @@ from .system_guest import (
 LAPIC = 0xFEE00000
 IOAPIC = 0xFEC00000
 HIGH_PD = 0xE000  # the page directory of [3 GiB, 4 GiB), after system_guest's four table pages
+LOG_ENTRIES = 14  # the order log's room: RESULTS + 0x88 .. + 0xf8 (results from 0x100)
 DONE_PORT = 0x80
 REQUEST_PORT = 0x81
 #: Host seconds after which a run that has not finished is kicked and reported as stuck.
@@ -71,7 +72,8 @@ ENABLE_APIC = f"""
 
 def counting_handler(vector: int, slot: int, *, eoi: bool = True, extra: str = "") -> Handler:
     """A handler that counts its vector in RESULTS + 8 * slot, logs it in the order log (RESULTS +
-    0x80: a count at 0x80, vectors from 0x88), runs `extra`, EOIs the LAPIC and returns."""
+    0x80: a count at 0x80, the first LOG_ENTRIES vectors from 0x88: more would overwrite the GDT),
+    runs `extra`, EOIs the LAPIC and returns."""
     return Handler(
         vector,
         f"""
@@ -79,8 +81,10 @@ def counting_handler(vector: int, slot: int, *, eoi: bool = True, extra: str = "
     push %rbx
     incq {RESULTS + 8 * slot}
     mov {RESULTS + 0x80}, %rax
+    cmp ${LOG_ENTRIES}, %rax
+    jae 9f
     movq ${vector}, {RESULTS + 0x88}(,%rax,8)
-    incq {RESULTS + 0x80}
+9:  incq {RESULTS + 0x80}
     {extra}
     {f"movl $0, {EOI}(%rsi)" if eoi else ""}
     pop %rbx
@@ -129,7 +133,7 @@ class IrqchipRun:
 
     def log(self) -> list[int]:
         """The vectors the counting handlers took, in order."""
-        n = self.q(0x10)
+        n = min(self.q(0x10), LOG_ENTRIES)
         return [self.q(0x11 + i) for i in range(n)]
 
     def hlt_exits(self) -> int:
