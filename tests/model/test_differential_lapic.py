@@ -186,3 +186,81 @@ def test_two_pending_vectors_higher_priority_first(hv):
         assert (ppr_in_high, ppr_in_low) == (high & 0xF0, low & 0xF0)
     assert irr_low == 1 << (low % 32) and irr_high == 1 << (high % 32)
     assert ppr_after == 0
+
+
+X2APIC_EOI = "mov $0x80b, %ecx\n xor %eax, %eax\n xor %edx, %edx\n wrmsr\n"
+
+
+@_both
+def test_x2apic_msrs_from_the_guest(hv):
+    """The guest switches to x2APIC (IA32_APIC_BASE bit 10, CPUID offers it), reads its 32-bit ID
+    (0x802) and version (0x803), sends itself vector 0x50 through SELF_IPI (0x83f) and 0x51 through
+    the 64-bit ICR (0x830), EOIs through 0x80b; the xAPIC page then reads all-ones."""
+    body = f"""
+    mov $0x1b, %ecx
+    rdmsr
+    or $0x400, %eax
+    wrmsr
+    mov $0x802, %ecx
+    rdmsr
+    mov %eax, {RESULTS + 0x100}
+    mov $0x803, %ecx
+    rdmsr
+    mov %eax, {RESULTS + 0x104}
+    mov $0x83f, %ecx
+    mov $0x50, %eax
+    xor %edx, %edx
+    wrmsr
+    {"1: pause; cmpq $1, " + str(RESULTS + 0x80) + "; jb 1b"}
+    mov $0x830, %ecx
+    mov $0x40051, %eax
+    xor %edx, %edx
+    wrmsr
+    {"2: pause; cmpq $2, " + str(RESULTS + 0x80) + "; jb 2b"}
+    mov 0x30(%rsi), %eax
+    mov %eax, {RESULTS + 0x108}
+    mov $0x1b, %ecx
+    rdmsr
+    mov %eax, {RESULTS + 0x10c}
+    out %al, $0x80
+"""
+    handlers = [
+        counting_handler(0x50, 0, eoi=False, extra=X2APIC_EOI),
+        counting_handler(0x51, 1, eoi=False, extra=X2APIC_EOI),
+    ]
+    run = run_irqchip_guest(hv, body, handlers)
+    assert not run.stuck, run.exits[-3:]
+    x2apic_id, version, xapic_page, apic_base = (
+        int.from_bytes(run.results[o : o + 4], "little") for o in (0x100, 0x104, 0x108, 0x10C)
+    )
+    assert (x2apic_id, version) == (0, 0x50014)
+    assert run.log() == [0x50, 0x51]
+    assert xapic_page == 0xFFFFFFFF
+    assert apic_base == 0xFEE00D00
+
+
+@_both
+def test_tsc_deadline_written_by_the_guest(hv):
+    """WRMSR IA32_TSC_DEADLINE from the guest, RDTSC + 2,000,000 (2 ms at 1 GHz, or less)."""
+    body = f"""
+    movl ${TIMER_VECTOR | 0x40000}, {LVTT}(%rsi)
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    add $2000000, %rax
+    mov %rax, %rdx
+    shr $32, %rdx
+    mov $0x6e0, %ecx
+    wrmsr
+1:  hlt
+    cmpq $1, {RESULTS}
+    jb 1b
+    mov $0x6e0, %ecx
+    rdmsr
+    mov %eax, {RESULTS + 0x100}
+    out %al, $0x80
+"""
+    run = run_irqchip_guest(hv, body, [counting_handler(TIMER_VECTOR, 0)])
+    assert not run.stuck, run.exits[-3:]
+    assert run.q(0) == 1 and run.log() == [TIMER_VECTOR]
+    assert int.from_bytes(run.results[0x100:0x104], "little") == 0
