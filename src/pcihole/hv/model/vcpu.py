@@ -87,11 +87,13 @@ from unicorn.x86_const import (
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
+    UC_X86_REG_EIP,
     UC_X86_REG_IDTR,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
     UC_X86_REG_RCX,
     UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
@@ -274,7 +276,7 @@ class ModelVcpu:
             uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
             self._cpuid_engine = uc
 
-    def _write_gprs(self, uc: Uc, values: dict[int, int]) -> None:
+    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
         """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
         upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
         followed the guest into long mode reaches only the low halves with uc_reg_write, so there
@@ -282,15 +284,21 @@ class ModelVcpu:
         if self._mode is cpu.CpuMode.LONG_64:
             for index, value in values.items():
                 uc.reg_write(_GPR_IDS_64[index], value)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_RIP, ip)
             return
         state = self._msr_state
         if state is None:
             for index, value in values.items():
                 uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_EIP, ip & 0xFFFFFFFF)
             return
         state.load()
         for index, value in values.items():
             state.set_gpr(index, value)
+        if ip is not None:
+            state.set_ip(ip)
         state.store()
 
     def _on_cpuid(self, uc: Uc, _data: object) -> int:
@@ -800,13 +808,14 @@ class ModelVcpu:
                     uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
                 )
                 self.msrs.write(index, value, host=False)
+                result = {}
             else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
                 value = self.msrs.read(index, host=False)
-                self._write_gprs(uc, {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32})
+                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
         except MsrFault:
             self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
             return
-        uc.reg_write(state.regs.ip, ip + _MSR_INSN_BYTES)
+        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
