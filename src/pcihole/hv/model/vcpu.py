@@ -227,6 +227,7 @@ class ModelVcpu:
         # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
         self._cpuid: CpuidTable | None = None
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
+        self._fast: cpu.FastRegisters | None = None  # of the current engine
         self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
@@ -281,11 +282,12 @@ class ModelVcpu:
         upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
         followed the guest into long mode reaches only the low halves with uc_reg_write, so there
         the engine's state is written instead."""
-        if self._mode is cpu.CpuMode.LONG_64:
+        fast = self._fast
+        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
             for index, value in values.items():
-                uc.reg_write(_GPR_IDS_64[index], value)
+                fast.write(_GPR_IDS_64[index], value)
             if ip is not None:
-                uc.reg_write(UC_X86_REG_RIP, ip)
+                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
             return
         state = self._msr_state
         if state is None:
@@ -306,12 +308,14 @@ class ModelVcpu:
         table = self._cpuid
         if table is None:
             return 0
-        function = uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
-        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        fast = self._fast
+        assert fast is not None
+        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
+        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
         regs = table.lookup(function, index)
         if function == 1:
             apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
-            regs = runtime_adjust(function, regs, uc.reg_read(UC_X86_REG_CR4), apic_base)
+            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
         eax, ebx, ecx, edx = regs
         self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
         return 1
@@ -869,6 +873,7 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
+                self._fast = cpu.FastRegisters(uc)
                 self._hook_tsc(uc)
                 if self._cpuid is not None:
                     self._hook_cpuid(uc)
