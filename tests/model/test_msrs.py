@@ -295,3 +295,30 @@ def read_tsc_64(slot: int) -> str:
     mov %rax, {RESULTS + 16 * slot}
     mov %rdx, {RESULTS + 16 * slot + 8}
     """
+
+
+RESET_MSRS = [0x1B, 0xFE, 0x174, 0x175, 0x176, 0x277, 0x2FF, 0x200, 0x201, 0x250, 0x268, 0xC0000080,
+              0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102,
+              0xC0000103, 0x4B564D00, 0x4B564D01, 0x11, 0x12]  # fmt: skip
+
+
+def reset_values(hv, indices) -> dict[int, int | None]:
+    vm = hv.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        return {i: vcpu.get_msrs([i]).get(i) for i in indices}
+    finally:
+        vm.close()
+
+
+@pytest.mark.kvm
+def test_reset_values_match_kvm(kvm_hv, model_hv):
+    """KVM_GET_MSRS on a fresh vCPU (kvm_vcpu_reset), MSR by MSR."""
+    assert reset_values(model_hv, RESET_MSRS) == reset_values(kvm_hv, RESET_MSRS)
+
+
+def test_reset_values_kvm_vmx_gives(model_hv):
+    """Two reset values this host's KVM (PVM) does not give as upstream KVM's VMX code does, checked
+    against the kernel source: IA32_MISC_ENABLE = PEBS_UNAVAIL | BTS_UNAVAIL (kvm_vcpu_reset;
+    PVM gives fast strings only) and IA32_UCODE_REV = 0x100000000 (vmx_vcpu_create; PVM gives 0)."""
+    assert reset_values(model_hv, [0x1A0, 0x8B]) == {0x1A0: 0x1800, 0x8B: 0x100000000}
