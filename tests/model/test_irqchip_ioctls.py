@@ -4,12 +4,14 @@ local APIC's registers after vCPU creation (kvm_lapic_reset) compared with KVM_G
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 
 import pytest
 
 from pcihole.hv import open_backend
+from pcihole.hv.kvm.cpu_setup import set_lint
 from pcihole.hv.uapi import KvmCap
 from tests.backends import BACKENDS
 
@@ -64,10 +66,9 @@ def test_irqchip_after_a_vcpu_is_einval(hv):
 
 
 def _lapic_registers(hv, vcpu) -> dict[int, int]:
-    if hv.name == "kvm":
-        page = bytes(vcpu.get_lapic())  # the whole page: .regs (c_char) stops at the first NUL
-        return {off: struct.unpack_from("<I", page, off)[0] for off in RESET_REGISTERS}
-    return {off: vcpu.lapic.register(off) for off in RESET_REGISTERS}
+    """KVM_GET_LAPIC's page (the whole of it: .regs, a c_char array, stops at the first NUL)."""
+    page = bytes(vcpu.get_lapic())
+    return {off: struct.unpack_from("<I", page, off)[0] for off in RESET_REGISTERS}
 
 
 @pytest.mark.parametrize("hv", BACKENDS, indirect=True)
@@ -117,3 +118,27 @@ def test_model_vcpu_gets_a_lapic_only_with_the_irqchip():
         assert refused.value.errno == errno.EINVAL
     finally:
         hv.close()
+
+
+@pytest.mark.parametrize("hv", BACKENDS, indirect=True)
+def test_get_set_lapic(hv):
+    """KVM_GET/SET_LAPIC: EINVAL without the irqchip; LINT0 ExtINT / LINT1 NMI (still masked) as the machine sets
+    them (cpu_setup.set_lint) read back; TPR set through the page reads back, PPR follows it."""
+    vm = hv.create_vm()
+    try:
+        plain = vm.create_vcpu(0)
+        assert _errno(plain.get_lapic) == errno.EINVAL
+    finally:
+        vm.close()
+    vm = hv.create_vm()
+    try:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        state = set_lint(vcpu.get_lapic())
+        ctypes.memmove(ctypes.addressof(state) + 0x80, struct.pack("<I", 0x20), 4)  # TPR
+        vcpu.set_lapic(state)
+        page = bytes(vcpu.get_lapic())
+    finally:
+        vm.close()
+    lvt0, lvt1, tpr, ppr = (struct.unpack_from("<I", page, off)[0] for off in (0x350, 0x360, 0x80, 0xA0))
+    assert (lvt0, lvt1, tpr, ppr) == (0x700, 0x10400, 0x20, 0x20)  # set_lint keeps the mask bit

@@ -61,6 +61,11 @@ MSR_IA32_APICBASE_EXTD = 1 << 10
 UCODE_REV_RESET = 0x100000000
 #: kvm_vcpu_reset / the SDM's power-on PAT (WB, WT, UC-, UC, twice).
 PAT_RESET = 0x0007040600070406
+#: kvm_vcpu_reset: IA32_MISC_ENABLE = PEBS_UNAVAIL | BTS_UNAVAIL (the engine's own reset value is
+#: QEMU's, fast strings only).
+MSR_IA32_MISC_ENABLE_BTS_UNAVAIL = 1 << 11
+MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+MISC_ENABLE_RESET = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_MISC_ENABLE_BTS_UNAVAIL
 #: The PAT entry types a write may hold (kvm_pat_valid: 0, 1, 4, 5, 6, 7; 2 and 3 reserved).
 _PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})
 
@@ -110,7 +115,7 @@ class EngineMsrs:
         self._engine = engine  # the live engine, or None
         self._native = native  # MsrIntercept.native of the vCPU
         self._efer, self._set_efer = efer, set_efer  # kvm_sregs.efer while there is no engine
-        self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET}
+        self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET, MSR_IA32_MISC_ENABLE: MISC_ENABLE_RESET}
 
     def read(self, index: int, host: bool) -> int:
         if index == MSR_MTRRCAP:
@@ -153,8 +158,15 @@ class EngineMsrs:
             yield index, False
 
 
-def register_vcpu_msrs(table: MsrTable, engine: EngineMsrs, tsc: TscClock, vcpu_id: int) -> None:
-    """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset)."""
+def register_vcpu_msrs(
+    table: MsrTable,
+    engine: EngineMsrs,
+    tsc: TscClock,
+    vcpu_id: int,
+    on_tsc_write: Callable[[], None] = lambda: None,
+) -> None:
+    """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset).
+    `on_tsc_write` runs after every write of IA32_TSC (KVM_REQ_CLOCK_UPDATE: kvmclock republishes)."""
     owner = "vcpu"
     for index in (*ENGINE_MSRS, MSR_EFER):
         table.register(index, read=engine.read, write=engine.write, owner=owner, engine=True)
@@ -183,6 +195,7 @@ def register_vcpu_msrs(table: MsrTable, engine: EngineMsrs, tsc: TscClock, vcpu_
             tsc.write(value)  # kvm_synchronize_tsc
         else:
             tsc.guest_write(value)
+        on_tsc_write()
 
     table.register(MSR_IA32_TSC, read=read_tsc, write=write_tsc, owner=owner)
 

@@ -78,6 +78,7 @@ APIC_SELF_IPI = 0x3F0
 
 APIC_DEFAULT_PHYS_BASE = 0xFEE00000
 APIC_PAGE_SIZE = 0x1000
+KVM_APIC_REG_SIZE = 0x400  # struct kvm_lapic_state
 MSR_IA32_APICBASE = 0x1B
 MSR_IA32_APICBASE_BSP = 1 << 8
 X2APIC_ENABLE = 1 << 10
@@ -474,6 +475,54 @@ class LocalApic:
             dest_id=icr_high if self.x2apic_mode() else icr_high >> 24,
         )
         self.irqchip.deliver_to_apic(self, irq)
+
+    # --- KVM_GET_LAPIC / KVM_SET_LAPIC --------------------------------------------------------------
+
+    def get_state(self) -> bytes:
+        """kvm_apic_get_state: the 1 KiB register page (xAPIC layout), TMCCT as it reads now."""
+        with self.irqchip.locked():
+            page = bytearray(KVM_APIC_REG_SIZE)
+            offsets = set(self._regs) | set(_READABLE) | {APIC_ARBPRI}
+            for offset in sorted(offsets):
+                if offset + 4 <= KVM_APIC_REG_SIZE:
+                    value = self._read_reg(offset)
+                    page[offset : offset + 4] = (value & U32).to_bytes(4, "little")
+            return bytes(page)
+
+    def set_state(self, page: bytes) -> None:
+        """kvm_apic_set_state: take the register page, recompute PPR, the timer mode and divisor,
+        restart the timer from the page's TMCCT (__start_apic_timer(apic, APIC_TMCCT))."""
+        if len(page) != KVM_APIC_REG_SIZE:
+            raise ValueError(f"a LAPIC register page is {KVM_APIC_REG_SIZE} bytes, not {len(page)}")
+
+        def reg(offset: int) -> int:
+            return int.from_bytes(page[offset : offset + 4], "little")
+
+        with self.irqchip.locked():
+            self._cancel_timer()
+            for offset in list(self._regs):
+                if offset not in (APIC_LVR, APIC_PROCPRI):
+                    self._regs[offset] = reg(offset)
+            self._regs[APIC_SPIV] = reg(APIC_SPIV) & 0x3FF
+            self.irr = sum(reg(APIC_IRR + 0x10 * i) << (32 * i) for i in range(8))
+            self.isr = sum(reg(APIC_ISR + 0x10 * i) << (32 * i) for i in range(8))
+            self.tmr = sum(reg(APIC_TMR + 0x10 * i) << (32 * i) for i in range(8))
+            self._update_ppr()
+            self._update_lvtt()
+            self._update_divide_count()
+            self.tscdeadline = 0
+            if self.timer_mode != APIC_LVT_TIMER_TSCDEADLINE and self._regs[APIC_TMICT]:
+                now = self._tsc().now_ns()
+                self.period_ns = self._regs[APIC_TMICT] * APIC_BUS_CYCLE_NS * self.divide_count
+                self._limit_periodic()
+                first = reg(APIC_TMCCT) * APIC_BUS_CYCLE_NS * self.divide_count
+                if first <= 0 or first > self.period_ns:
+                    first = self.period_ns if self.timer_mode == APIC_LVT_TIMER_PERIODIC else max(first, 0)
+                    first = min(first, self.period_ns)
+                self.target_ns = now + first
+                self.timer.start(self.target_ns)
+            if self._has_extint() or self._apic_interrupt() != -1:
+                self.kick()  # KVM_REQ_EVENT
 
     # --- the xAPIC page (IoDevice: apic_mmio_read / apic_mmio_write) -----------------------------------
 

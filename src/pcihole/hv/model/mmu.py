@@ -144,19 +144,6 @@ class Mmu:
         self._ram_hint = (region.start, region.end, slot.userspace_addr - slot.gpa)
         return ctypes.string_at(slot.userspace_addr + gpa - slot.gpa, size)
 
-    def write_ram(self, gpa: int, data: bytes) -> bool:
-        """KVM's kvm_write_guest for the vCPU's own updates (the kvmclock page): `data` into the
-        RAM slot at `gpa`, dirty-logged; False (nothing written) where [gpa, gpa + len) is not all
-        in one writable RAM slot."""
-        region = self.region_at(gpa)
-        if region.kind is not RegionKind.RAM or gpa + len(data) > region.end:
-            return False
-        slot = region.memslot
-        ctypes.memmove(slot.userspace_addr + gpa - slot.gpa, data, len(data))
-        for gfn in range(gpa >> PAGE_SHIFT, ((gpa + len(data) - 1) >> PAGE_SHIFT) + 1):
-            mark_page_dirty(slot, gfn)
-        return True
-
     def mmio_piece(self, base: int) -> tuple[int, int] | None:
         """[start, end) of the mapped mmio_map piece that starts at `base` (None: not known)."""
         piece = self._pieces.get(base)

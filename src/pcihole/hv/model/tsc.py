@@ -49,6 +49,11 @@ class TscClock:
 
     # --- reading -----------------------------------------------------------------------------------
 
+    @property
+    def epoch_ns(self) -> int:
+        """The host monotonic time at which this TSC read 0 before any write (its creation)."""
+        return self._epoch_ns
+
     def now_ns(self) -> int:
         """The host's monotonic time, in ns, of the clock this TSC counts."""
         return self._now_ns()

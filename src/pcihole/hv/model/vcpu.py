@@ -58,6 +58,7 @@ allows) and stops the engine, so the rest of the block faults instead of touchin
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import threading
 from enum import Enum
@@ -73,22 +74,35 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_INS_RDTSC,
+    UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR4,
+    UC_X86_REG_EAX,
+    UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
+    UC_X86_REG_EIP,
     UC_X86_REG_IDTR,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
     UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, MSR_TSC_AUX, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_64, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -102,6 +116,7 @@ from pcihole.hv.model.interrupts import (
     interrupt_window_open,
     syscall,
 )
+from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
@@ -112,6 +127,7 @@ from pcihole.hv.uapi import (
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_RUNNABLE,
     kvm_fpu,
+    kvm_lapic_state,
     kvm_regs,
     kvm_sregs,
 )
@@ -124,6 +140,13 @@ CPUID_1_ECX_X2APIC = 1 << 21
 CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
+# QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
+_R_EAX, _R_ECX, _R_EDX, _R_EBX = 0, 1, 2, 3
+_GPR_IDS_64 = {_R_EAX: UC_X86_REG_RAX, _R_ECX: UC_X86_REG_RCX, _R_EDX: UC_X86_REG_RDX, _R_EBX: UC_X86_REG_RBX}
+_GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_REG_EDX, _R_EBX: UC_X86_REG_EBX}
+# uc_cb_insn_cpuid_t, which Unicorn's RDTSC / RDTSCP hooks also take (the Python binding offers
+# them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
+_INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
 
 
@@ -209,9 +232,18 @@ class ModelVcpu:
         self._intercept = MsrIntercept()
         self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
         self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
-        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id)
+        #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
+        self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
+        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id, self.kvmclock.update)
+        self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
+        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
+        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
+        self._cpuid: CpuidTable | None = None
+        self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
+        self._fast: cpu.FastRegisters | None = None  # of the current engine
+        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -247,17 +279,94 @@ class ModelVcpu:
         self._requests.add(Request.NEW_ENGINE)
 
     def set_cpuid2(self, cpuid) -> None:
-        """Unicorn's CPUID is its own (the model's guests do not depend on it); the table is read
-        for what KVM derives from it (kvm_vcpu_after_set_cpuid): the LAPIC timer modes and x2APIC."""
+        """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
+        does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
+        zeros: the model's bare test guests do not set one)."""
+        self._cpuid = CpuidTable.from_cpuid2(cpuid)
+        engine = self._live_engine()
+        if engine is not None:
+            self._hook_cpuid(engine[0])
         lapic = self.lapic
-        if lapic is None:
+        if lapic is not None:
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
+            for entry in cpuid.entries[: cpuid.nent]:
+                if entry.function == CPUID_FEATURES:
+                    lapic.set_cpuid(
+                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
+                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
+                    )
+
+    def _hook_cpuid(self, uc: Uc) -> None:
+        if self._cpuid_engine is not uc:
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+            self._cpuid_engine = uc
+
+    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
+        """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
+        upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
+        followed the guest into long mode reaches only the low halves with uc_reg_write, so there
+        the engine's state is written instead."""
+        fast = self._fast
+        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
+            for index, value in values.items():
+                fast.write(_GPR_IDS_64[index], value)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
             return
-        for entry in cpuid.entries[: cpuid.nent]:
-            if entry.function == CPUID_FEATURES:
-                lapic.set_cpuid(
-                    x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
-                    tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
-                )
+        state = self._msr_state
+        if state is None:
+            for index, value in values.items():
+                uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_EIP, ip & 0xFFFFFFFF)
+            return
+        state.load()
+        for index, value in values.items():
+            state.set_gpr(index, value)
+        if ip is not None:
+            state.set_ip(ip)
+        state.store()
+
+    def _on_cpuid(self, uc: Uc, _data: object) -> int:
+        """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
+        table = self._cpuid
+        if table is None:
+            return 0
+        fast = self._fast
+        assert fast is not None
+        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
+        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        regs = table.lookup(function, index)
+        if function == 1:
+            apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
+            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
+        eax, ebx, ecx, edx = regs
+        self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
+        return 1
+
+    def _hook_tsc(self, uc: Uc) -> None:
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC)."""
+        for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
+            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
+            self._insn_thunks.append(thunk)
+            handle = uc_hook_h()
+            err = uclib.uc_hook_add(
+                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
+                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
+            )  # fmt: skip
+            if err:
+                raise UcError(err)
+
+    def _on_rdtsc(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32})
+        return 1
+
+    def _on_rdtscp(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        aux = self.engine_msrs.read(MSR_TSC_AUX, True) & 0xFFFFFFFF
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
+        return 1
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -371,6 +480,21 @@ class ModelVcpu:
         self.lapic = lapic
         lapic.register_msrs(self.msrs)
         self.attach_interrupt_source(lapic)
+
+    def get_lapic(self) -> kvm_lapic_state:
+        """KVM_GET_LAPIC: the register page; EINVAL without an in-kernel LAPIC (kvm_arch_vcpu_ioctl)."""
+        lapic = self._require_lapic("KVM_GET_LAPIC")
+        return kvm_lapic_state.from_buffer_copy(lapic.get_state())
+
+    def set_lapic(self, state: kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (kvm_apic_set_state)."""
+        lapic = self._require_lapic("KVM_SET_LAPIC")
+        lapic.set_state(bytes(state))
+
+    def _require_lapic(self, ioctl: str) -> LocalApic:
+        if self.lapic is None:
+            raise ModelKvmError(errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)")
+        return self.lapic
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
@@ -742,22 +866,22 @@ class ModelVcpu:
         state = self._msr_state
         assert state is not None
         state.load()
-        regs = state.regs
-        wide = regs is REGS_64
-        rdx = UC_X86_REG_RDX if wide else UC_X86_REG_EDX
+        ip, write = state.ip, state.error_code
         index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
         try:
-            if state.error_code:  # WRMSR: EDX:EAX
-                value = (uc.reg_read(rdx) & 0xFFFFFFFF) << 32 | (uc.reg_read(regs.ax) & 0xFFFFFFFF)
+            if write:  # WRMSR: EDX:EAX
+                value = (uc.reg_read(UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
+                    uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
+                )
                 self.msrs.write(index, value, host=False)
+                result = {}
             else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
                 value = self.msrs.read(index, host=False)
-                uc.reg_write(regs.ax, value & 0xFFFFFFFF)
-                uc.reg_write(rdx, value >> 32)
+                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
         except MsrFault:
             self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
             return
-        uc.reg_write(regs.ip, state.ip + _MSR_INSN_BYTES)
+        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
@@ -811,6 +935,10 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
+                self._fast = cpu.FastRegisters(uc)
+                self._hook_tsc(uc)
+                if self._cpuid is not None:
+                    self._hook_cpuid(uc)
         if mmu.stale():
             mmu.sync()
         else:
