@@ -221,7 +221,7 @@ def test_x2apic_msrs_from_the_guest(hv):
     mov %eax, {RESULTS + 0x108}
     mov $0x1b, %ecx
     rdmsr
-    mov %eax, {RESULTS + 0x10c}
+    mov %eax, {RESULTS + 0x10C}
     out %al, $0x80
 """
     handlers = [

@@ -493,7 +493,9 @@ class ModelVcpu:
 
     def _require_lapic(self, ioctl: str) -> LocalApic:
         if self.lapic is None:
-            raise ModelKvmError(errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)")
+            raise ModelKvmError(
+                errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)"
+            )
         return self.lapic
 
     def get_mp_state(self) -> int:
