@@ -71,15 +71,18 @@ def test_kicks_while_the_timer_fires_then_close_from_another_thread(wait):
 
 
 def test_every_kick_returns_interrupted_while_halted_with_a_timer():
-    """run() returns Interrupted for every kick while the guest sleeps in HLT between timer
-    interrupts; an IOAPIC interrupt then ends it."""
+    """run() returns Interrupted for the kicks while the guest sleeps in HLT between timer
+    interrupts, and never Hlt; an IOAPIC interrupt then ends it."""
     hv = open_backend("model")
     seen: list[object] = []
 
-    def setup(vm, vcpu):
+    def ready(vm, vcpu, code):
+        """The guest has masked the 8259s and programmed pin 5 (a GSI raised before would reach
+        it through the unmasked 8259s as ExtINT vector 5, for which it has no gate)."""
+
         def kick_then_finish():
             for _ in range(3):
-                time.sleep(0.02)
+                time.sleep(0.02)  # ordering only: let ticks arrive between kicks
                 vcpu.kick()
             time.sleep(0.02)
             vm.set_irq_line(5, True)  # the guest's signal to finish (IOAPIC pin 5 -> 0x45)
@@ -90,17 +93,20 @@ def test_every_kick_returns_interrupted_while_halted_with_a_timer():
         "mov $0xff, %al\n out %al, $0x21\n out %al, $0xa1\n"
         "movl $0x1b, (%rdi)\n movl $0, 0x10(%rdi)\n movl $0x1a, (%rdi)\n movl $0x45, 0x10(%rdi)\n"
         + PERIODIC_200US
+        + "out %al, $0x81\n"
         + "1: hlt\n cmpq $1, 0x7008\n jb 1b\n out %al, $0x80\n"
     )
     try:
         run = run_irqchip_guest(
-            hv, body, [counting_handler(TIMER_VECTOR, 0), counting_handler(0x45, 1)], setup=setup
+            hv, body, [counting_handler(TIMER_VECTOR, 0), counting_handler(0x45, 1)], on_request=ready
         )
         seen = run.exits
     finally:
         hv.close()
     assert run.q(0) > 0  # timer interrupts reached the guest meanwhile
-    assert sum(isinstance(e, exits.Interrupted) for e in seen) == 3
+    # each kick ends the run it meets; two that meet the same run (the host thread slower than 20
+    # ms to run again) are one, as KVM's immediate_exit is a flag
+    assert 1 <= sum(isinstance(e, exits.Interrupted) for e in seen) <= 3
     assert not any(isinstance(e, exits.Hlt) for e in seen)
     assert _timer_threads() == []
 
