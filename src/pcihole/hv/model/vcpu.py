@@ -121,7 +121,7 @@ from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_fpu, kvm_regs, kvm_sregs
+from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
@@ -267,6 +267,8 @@ class ModelVcpu:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
         does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
         zeros: the model's bare test guests do not set one)."""
+        if cpuid.nent > KVM_MAX_CPUID_ENTRIES:  # kvm_vcpu_ioctl_set_cpuid2
+            raise ModelKvmError(errno.E2BIG, "KVM_SET_CPUID2", f"vcpu={self.id}, nent={cpuid.nent}")
         self._cpuid = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
         if engine is not None:
