@@ -99,7 +99,7 @@ from unicorn.x86_const import (
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, MSR_TSC_AUX, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
@@ -342,7 +342,8 @@ class ModelVcpu:
 
     def _on_rdtscp(self, uc: Uc) -> int:
         tsc = self.tsc.read()
-        aux = self.engine_msrs.read(MSR_TSC_AUX, True) & 0xFFFFFFFF
+        tsc_aux = self.engine_msrs.tsc_aux
+        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
         self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
         return 1
 
