@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B
 MSR_IA32_UCODE_REV = 0x8B
+MSR_IA32_DEBUGCTLMSR = 0x1D9
 MSR_MTRRCAP = 0xFE
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_IA32_SYSENTER_ESP = 0x175
@@ -217,6 +218,11 @@ def register_vcpu_msrs(
     table.register(MSR_TSC_AUX, read=tsc_aux.read, write=write_tsc_aux, owner=owner)
     #: The RDTSCP hook's source of ECX (the vCPU reads it straight from here).
     engine.tsc_aux = tsc_aux
+
+    # vmx_set_msr, MSR_IA32_DEBUGCTLMSR: only the bits vmx_get_supported_debugctl allows, none here
+    # (no LBR, no bus-lock detection): 0 reads back, anything else is #GP.
+    debugctl = MsrValue(0, writable=0)
+    table.register(MSR_IA32_DEBUGCTLMSR, read=debugctl.read, write=debugctl.write, owner=owner)
 
     ucode = MsrValue(UCODE_REV_RESET)
     table.register(MSR_IA32_UCODE_REV, read=ucode.read, write=write_ucode_rev, owner=owner)
