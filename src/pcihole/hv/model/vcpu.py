@@ -87,7 +87,6 @@ from unicorn.x86_const import (
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
-    UC_X86_REG_EIP,
     UC_X86_REG_IDTR,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
@@ -102,8 +101,9 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
@@ -121,7 +121,7 @@ from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_sregs
+from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_fpu, kvm_regs, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
@@ -227,7 +227,7 @@ class ModelVcpu:
         # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
         self._cpuid: CpuidTable | None = None
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
-        self._fast: cpu.FastRegisters | None = None  # of the current engine
+        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
         self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
@@ -267,8 +267,6 @@ class ModelVcpu:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
         does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
         zeros: the model's bare test guests do not set one)."""
-        if cpuid.nent > KVM_MAX_CPUID_ENTRIES:  # kvm_vcpu_ioctl_set_cpuid2
-            raise ModelKvmError(errno.E2BIG, "KVM_SET_CPUID2", f"vcpu={self.id}, nent={cpuid.nent}")
         self._cpuid = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
         if engine is not None:
@@ -296,7 +294,7 @@ class ModelVcpu:
             for index, value in values.items():
                 uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
             if ip is not None:
-                uc.reg_write(UC_X86_REG_EIP, ip & 0xFFFFFFFF)
+                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
             return
         state.load()
         for index, value in values.items():
@@ -323,7 +321,9 @@ class ModelVcpu:
         return 1
 
     def _hook_tsc(self, uc: Uc) -> None:
-        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC)."""
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
+        gives the engine the register access these hooks and the CPUID hook use."""
+        self._fast = FastRegisters(uc)
         for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
             thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
             self._insn_thunks.append(thunk)
@@ -876,7 +876,6 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
-                self._fast = cpu.FastRegisters(uc)
                 self._hook_tsc(uc)
                 if self._cpuid is not None:
                     self._hook_cpuid(uc)
