@@ -297,7 +297,7 @@ def read_tsc_64(slot: int) -> str:
     """
 
 
-RESET_MSRS = [0x1B, 0xFE, 0x174, 0x175, 0x176, 0x277, 0x2FF, 0x200, 0x201, 0x250, 0x268, 0xC0000080,
+RESET_MSRS = [0x1B, 0xFE, 0x1D9, 0x174, 0x175, 0x176, 0x277, 0x2FF, 0x200, 0x201, 0x250, 0x268, 0xC0000080,
               0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102,
               0xC0000103, 0x4B564D00, 0x4B564D01, 0x11, 0x12]  # fmt: skip
 
@@ -322,3 +322,30 @@ def test_reset_values_kvm_vmx_gives(model_hv):
     against the kernel source: IA32_MISC_ENABLE = PEBS_UNAVAIL | BTS_UNAVAIL (kvm_vcpu_reset;
     PVM gives fast strings only) and IA32_UCODE_REV = 0x100000000 (vmx_vcpu_create; PVM gives 0)."""
     assert reset_values(model_hv, [0x1A0, 0x8B]) == {0x1A0: 0x1800, 0x8B: 0x100000000}
+
+
+def test_a_device_registered_on_a_running_vcpu_sees_the_guest_accesses(model_hv):
+    """A device (here a stand-in for the local APIC's x2APIC range and TSC-deadline MSR) registers
+    its MSRs between two runs, after the engine exists: the guest's next RDMSR / WRMSR reach it."""
+    seen: list[tuple[int, int]] = []
+
+    def on_exit(vcpu, exit_, i):
+        if i == 0:
+            vcpu.msrs.register(
+                0x800, 0x8FF, read=lambda idx, host: idx << 4, write=lambda *a: None, owner="x2apic"
+            )
+            vcpu.msrs.register(
+                0x6E0,
+                read=lambda idx, host: 0,
+                write=lambda idx, v, host: seen.append((idx, v)),
+                owner="lapic",
+            )
+            return True
+        return False
+
+    body = rdmsr(0x802, 0) + "hlt\n" + rdmsr(0x802, 1) + wrmsr(0x6E0, 0x123456789)
+    r = run_system_guest(model_hv, body, [Handler(13, GP_SKIP)], on_exit=on_exit)
+    q = split(r)
+    assert q[GP_COUNT - RESULTS >> 3] == 1  # the first RDMSR, before anyone owned 0x802
+    assert (q[2], q[3]) == (0x8020, 0)
+    assert seen == [(0x6E0, 0x123456789)]

@@ -12,12 +12,10 @@ Anything else raises UnsupportedCpuState naming the register that is out of reac
 
 from __future__ import annotations
 
-import ctypes
 from enum import Enum
 
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3.unicorn import uclib
 
 from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
@@ -129,27 +127,6 @@ def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
             uc.reg_write(reg, getattr(sregs, name).selector)
     write_regs(uc, mode, regs)
     return uc
-
-
-class FastRegisters:
-    """uc_reg_read / uc_reg_write of one engine's integer registers straight through libunicorn,
-    for the hooks that run at every RDTSC and CPUID: the binding's reg_write dispatches on the
-    register's type first (measured: an RDTSC hook writing RAX and RDX took 6.2 us through the
-    binding, 1.9 us this way). A 32-bit register read leaves the buffer's upper half as it was:
-    callers mask."""
-
-    def __init__(self, uc: Uc) -> None:
-        self._uch = uc._uch
-        self._buf = ctypes.c_uint64()
-        self._ref = ctypes.byref(self._buf)
-
-    def read(self, reg: int) -> int:
-        uclib.uc_reg_read(self._uch, reg, self._ref)
-        return self._buf.value
-
-    def write(self, reg: int, value: int) -> None:
-        self._buf.value = value & 0xFFFFFFFFFFFFFFFF
-        uclib.uc_reg_write(self._uch, reg, self._ref)
 
 
 def write_fpu(uc: Uc, fpu: kvm_fpu) -> None:

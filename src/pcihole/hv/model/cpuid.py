@@ -20,6 +20,7 @@ features left out to show the engine refuses them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
 
 from pcihole.hv import uapi
+from pcihole.hv.model.errors import ModelKvmError
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: <asm/kvm.h>)
 #: Leaves whose ECX selects a subleaf (cpuid_function_is_indexed in cpuid.c).
@@ -96,6 +98,10 @@ class CpuidTable:
 
     @classmethod
     def from_cpuid2(cls, cpuid: ctypes.Structure) -> CpuidTable:
+        """The table of a KVM_SET_CPUID2 argument; E2BIG beyond KVM_MAX_CPUID_ENTRIES, as
+        kvm_vcpu_ioctl_set_cpuid2 refuses it before reading the entries."""
+        if cpuid.nent > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise ModelKvmError(errno.E2BIG, "KVM_SET_CPUID2", f"nent={cpuid.nent}")
         return cls(
             [
                 CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)

@@ -87,7 +87,6 @@ from unicorn.x86_const import (
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
-    UC_X86_REG_EIP,
     UC_X86_REG_IDTR,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
@@ -99,11 +98,12 @@ from unicorn.x86_const import (
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, MSR_TSC_AUX, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
@@ -242,7 +242,7 @@ class ModelVcpu:
         # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
         self._cpuid: CpuidTable | None = None
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
-        self._fast: cpu.FastRegisters | None = None  # of the current engine
+        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
         self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ class ModelVcpu:
             for index, value in values.items():
                 uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
             if ip is not None:
-                uc.reg_write(UC_X86_REG_EIP, ip & 0xFFFFFFFF)
+                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
             return
         state.load()
         for index, value in values.items():
@@ -345,7 +345,9 @@ class ModelVcpu:
         return 1
 
     def _hook_tsc(self, uc: Uc) -> None:
-        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC)."""
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
+        gives the engine the register access these hooks and the CPUID hook use."""
+        self._fast = FastRegisters(uc)
         for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
             thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
             self._insn_thunks.append(thunk)
@@ -364,7 +366,8 @@ class ModelVcpu:
 
     def _on_rdtscp(self, uc: Uc) -> int:
         tsc = self.tsc.read()
-        aux = self.engine_msrs.read(MSR_TSC_AUX, True) & 0xFFFFFFFF
+        tsc_aux = self.engine_msrs.tsc_aux
+        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
         self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
         return 1
 
@@ -937,7 +940,6 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
-                self._fast = cpu.FastRegisters(uc)
                 self._hook_tsc(uc)
                 if self._cpuid is not None:
                     self._hook_cpuid(uc)
