@@ -559,6 +559,8 @@ class LocalApic:
     # --- MSRs ---------------------------------------------------------------------------------------
 
     def register_msrs(self, msrs: MsrTable) -> None:
+        # The vCPU keeps IA32_APIC_BASE while it has no LAPIC (cpu_msrs.py, as KVM keeps
+        # vcpu->arch.apic_base); with one, kvm_set_apic_base goes to kvm_lapic_set_base: this takes over.
         msrs.register(
             MSR_IA32_APICBASE,
             read=self._read_apic_base,
