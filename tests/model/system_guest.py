@@ -303,8 +303,11 @@ idtr: .word {256 * 8 - 1}
     return "".join(parts)
 
 
-def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: int = 20) -> SystemRun:
-    """The 32-bit guest, from the PVH entry state, to its first HLT or Shutdown."""
+def run_protected_guest(
+    hv, body: str, handlers: list[Handler], *, max_exits: int = 20, setup=None
+) -> SystemRun:
+    """The 32-bit guest, from the PVH entry state, to its first HLT or Shutdown (`setup(vcpu)` as
+    for run_system_guest)."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
@@ -314,6 +317,8 @@ def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: in
         ram.write(IDT, idt32(handlers))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
+        if setup is not None:
+            setup(vcpu)
         enter_protected_mode_flat(vcpu, CODE, esp=STACK)
         return run_until_halt(vcpu, ram, max_exits=max_exits)
     finally:

@@ -143,3 +143,18 @@ def test_guest_cpuid_matches_kvm_with_the_same_table(kvm_hv, model_hv):
     got_model, got_kvm = answers(model), answers(kvm)
     assert {QUERIES[i]: got_model[i] for i in compared} == {QUERIES[i]: got_kvm[i] for i in compared}
     assert got_model[QUERIES.index((0x20, 1))] == (4, 1, 0x201, 0)  # the rule was exercised
+
+
+def test_set_cpuid2_refuses_more_than_kvm_max_cpuid_entries(model_hv):
+    from pcihole.hv import uapi
+
+    vm = model_hv.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        big = uapi.cpuid2_with(uapi.KVM_MAX_CPUID_ENTRIES + 1)()
+        big.nent = uapi.KVM_MAX_CPUID_ENTRIES + 1
+        with pytest.raises(OSError) as e:
+            vcpu.set_cpuid2(big)
+        assert e.value.errno == 7  # E2BIG, as kvm_vcpu_ioctl_set_cpuid2
+    finally:
+        vm.close()

@@ -96,3 +96,54 @@ def test_kvmclock_msrs_read_back_and_disable(model_hv):
         assert vcpu.get_msrs([MSR_KVM_SYSTEM_TIME_NEW]) == {MSR_KVM_SYSTEM_TIME_NEW: PVTI}
     finally:
         vm.close()
+
+
+COPY_PAGES = f"""
+    mov ${MSR_KVM_SYSTEM_TIME_NEW:#x}, %ecx
+    mov ${PVTI | 1:#x}, %eax
+    xor %edx, %edx
+    wrmsr
+    mov ${MSR_KVM_WALL_CLOCK_NEW:#x}, %ecx
+    mov ${WALL:#x}, %eax
+    wrmsr
+    rdtsc
+    mov %eax, {RESULTS}
+    mov %edx, {RESULTS + 4}
+    mov ${PVTI:#x}, %esi
+    mov ${RESULTS + 0x40:#x}, %edi
+    mov $32, %ecx
+    rep movsb
+    mov ${WALL:#x}, %esi
+    mov ${RESULTS + 0x80:#x}, %edi
+    mov $12, %ecx
+    rep movsb
+    """
+
+
+def pages_as_the_guest_saw_them(hv):
+    run = run_system_guest(hv, COPY_PAGES, [])
+    assert run.exits == [exits.Hlt()], run.exits
+    guest_tsc = struct.unpack_from("<Q", run.results)[0]
+    pvti = PVCLOCK_VCPU_TIME_INFO.unpack_from(run.results, 0x40)
+    wall = PVCLOCK_WALL_CLOCK.unpack_from(run.results, 0x80)
+    return guest_tsc, pvti, wall
+
+
+@pytest.mark.kvm
+def test_kvmclock_pages_as_kvm_fills_them(kvm_hv, model_hv):
+    """The same guest on both: each fills the pages it is given (layout, even versions, a scale
+    whose frequency converts the guest's own TSC into a time after system_time), and the wall clock
+    plus kvmclock is now on both."""
+    for hv in (kvm_hv, model_hv):
+        guest_tsc, (version, _, tsc_timestamp, system_time, mul, shift, flags), wall = (
+            pages_as_the_guest_saw_them(hv)
+        )
+        assert version % 2 == 0 and version > 0, hv.name
+        assert 0 < mul < 1 << 32 and -32 < shift < 32, hv.name
+        khz = pvclock_tsc_khz(mul, shift)
+        assert 100_000 <= khz <= 10_000_000, (hv.name, khz)  # 100 MHz .. 10 GHz
+        assert tsc_timestamp <= guest_tsc, hv.name
+        wall_version, sec, nsec = wall
+        assert wall_version % 2 == 0 and wall_version > 0 and nsec < 10**9, hv.name
+        guest_ns = system_time + pvclock_scale_delta(guest_tsc - tsc_timestamp, mul, shift)
+        assert abs(sec * 10**9 + nsec + guest_ns - time.time_ns()) < 60 * 10**9, hv.name

@@ -11,12 +11,12 @@ backends: the model is a model of KVM, so it takes KVM's types.
 
 What a backend may lack is asked with `check_extension`, as a VMM asks KVM, never with getattr:
 `get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (both backends offer it; the model's
-table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip where KVM_CAP_IRQCHIP
-is (with its LAPIC state: get_lapic / set_lapic) and its PIT where KVM_CAP_PIT2 is (both backends),
-KVM_SET_IDENTITY_MAP_ADDR where KVM_CAP_SET_IDENTITY_MAP_ADDR is (kvm: VMX's real-mode identity
-map; the model has no use for it), the MMIO fill device where KVM_CAP_MMIO_FILL is
-(hv/proposed.py; the model only). Without the capability the method raises an OSError, as a kernel
-without the ioctl would.
+table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip (create_irqchip,
+set_irq_line) and its LAPIC state (get_lapic / set_lapic) where KVM_CAP_IRQCHIP is and its PIT
+where KVM_CAP_PIT2 is (both backends), KVM_SET_IDENTITY_MAP_ADDR where
+KVM_CAP_SET_IDENTITY_MAP_ADDR is (kvm: VMX's real-mode identity map; the model has no use for it),
+the MMIO fill device where KVM_CAP_MMIO_FILL is (hv/proposed.py; the model only). Without the
+capability the method raises an OSError, as a kernel without the ioctl would.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ Two kinds:
   their bits clear). KVM_GET/SET_MSRS reach them through uc.msr_read / uc.msr_write, or, while
   the vCPU has no engine (before its first run, between set_sregs and the next run), through the
   values the vCPU keeps for the next engine (`EngineMsrs`).
-- Python MSRs: IA32_TSC (tsc.py), IA32_APIC_BASE until a local APIC takes it over, the microcode
-  revision, and the checks KVM makes that the engine does not (PAT values, MTRRcap read-only).
+- Python MSRs: IA32_TSC (tsc.py), TSC_AUX (read by the RDTSCP hook at every RDTSCP, which Linux
+  6.1's rdtsc_ordered() uses where RDTSCP is offered; written once per CPU at boot),
+  IA32_APIC_BASE until a local APIC takes it over, the microcode revision, and the checks KVM
+  makes that the engine does not (PAT values, MTRRcap read-only).
 
 What is not here is unknown: #GP(0) on a guest access (KVM with ignore_msrs=0), and the end of
 KVM_GET/SET_MSRS. kvmclock's MSRs are kvmclock.py's.
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B
 MSR_IA32_UCODE_REV = 0x8B
+MSR_IA32_DEBUGCTLMSR = 0x1D9
 MSR_MTRRCAP = 0xFE
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_IA32_SYSENTER_ESP = 0x175
@@ -61,6 +64,11 @@ MSR_IA32_APICBASE_EXTD = 1 << 10
 UCODE_REV_RESET = 0x100000000
 #: kvm_vcpu_reset / the SDM's power-on PAT (WB, WT, UC-, UC, twice).
 PAT_RESET = 0x0007040600070406
+#: kvm_vcpu_reset: IA32_MISC_ENABLE = PEBS_UNAVAIL | BTS_UNAVAIL (the engine's own reset value is
+#: QEMU's, fast strings only).
+MSR_IA32_MISC_ENABLE_BTS_UNAVAIL = 1 << 11
+MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+MISC_ENABLE_RESET = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_MISC_ENABLE_BTS_UNAVAIL
 #: The PAT entry types a write may hold (kvm_pat_valid: 0, 1, 4, 5, 6, 7; 2 and 3 reserved).
 _PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})
 
@@ -88,7 +96,6 @@ ENGINE_MSRS: tuple[int, ...] = (
     MSR_FS_BASE,
     MSR_GS_BASE,
     MSR_KERNEL_GS_BASE,
-    MSR_TSC_AUX,
 )
 #: Read by the engine, written through Python (KVM checks the value; the engine does not).
 ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP)
@@ -110,7 +117,8 @@ class EngineMsrs:
         self._engine = engine  # the live engine, or None
         self._native = native  # MsrIntercept.native of the vCPU
         self._efer, self._set_efer = efer, set_efer  # kvm_sregs.efer while there is no engine
-        self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET}
+        self.tsc_aux: MsrValue | None = None  # IA32_TSC_AUX, a Python MSR (register_vcpu_msrs)
+        self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET, MSR_IA32_MISC_ENABLE: MISC_ENABLE_RESET}
 
     def read(self, index: int, host: bool) -> int:
         if index == MSR_MTRRCAP:
@@ -199,6 +207,22 @@ def register_vcpu_msrs(
         # intel_get_microcode_revision does) is dropped; the host's sets the revision.
         if host:
             ucode.value = value
+
+    def write_tsc_aux(index: int, value: int, host: bool) -> None:
+        # kvm_set_msr_common, MSR_TSC_AUX: a guest write with bits 63:32 set is #GP (Intel).
+        if not host and value >> 32:
+            raise MsrFault(f"TSC_AUX {value:#x}: bits 63:32 are reserved")
+        tsc_aux.value = value
+
+    tsc_aux = MsrValue(0)
+    table.register(MSR_TSC_AUX, read=tsc_aux.read, write=write_tsc_aux, owner=owner)
+    #: The RDTSCP hook's source of ECX (the vCPU reads it straight from here).
+    engine.tsc_aux = tsc_aux
+
+    # vmx_set_msr, MSR_IA32_DEBUGCTLMSR: only the bits vmx_get_supported_debugctl allows, none here
+    # (no LBR, no bus-lock detection): 0 reads back, anything else is #GP.
+    debugctl = MsrValue(0, writable=0)
+    table.register(MSR_IA32_DEBUGCTLMSR, read=debugctl.read, write=debugctl.write, owner=owner)
 
     ucode = MsrValue(UCODE_REV_RESET)
     table.register(MSR_IA32_UCODE_REV, read=ucode.read, write=write_ucode_rev, owner=owner)

@@ -20,6 +20,7 @@ features left out to show the engine refuses them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as x86
 
 from pcihole.hv import uapi
+from pcihole.hv.model.errors import ModelKvmError
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: <asm/kvm.h>)
 #: Leaves whose ECX selects a subleaf (cpuid_function_is_indexed in cpuid.c).
@@ -64,9 +66,9 @@ XSAVE_LEGACY_AND_HEADER = 512 + 64
 X86_CR4_OSXSAVE = 1 << 18
 MSR_IA32_APICBASE_ENABLE = 1 << 11
 
-#: Leaf 1 ECX bits the local APIC model implements (x2APIC MSRs, TSC-deadline timer). The model's
-#: LAPIC sets this when it implements them; until then they are not offered.
-LAPIC_FEATURES = 0
+#: Leaf 1 ECX bits the local APIC model implements (lapic.py): the x2APIC MSRs and the TSC-deadline
+#: timer. A VM without KVM_CREATE_IRQCHIP has no LAPIC, as on KVM, which offers them all the same.
+LAPIC_FEATURES = CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE
 
 _BASIC_MAX = 0xD  # the Broadwell model's highest basic leaf
 _EXTENDED = (0x80000000, 0x80000001, 0x80000002, 0x80000003, 0x80000004, 0x80000005, 0x80000006,
@@ -96,6 +98,10 @@ class CpuidTable:
 
     @classmethod
     def from_cpuid2(cls, cpuid: ctypes.Structure) -> CpuidTable:
+        """The table of a KVM_SET_CPUID2 argument; E2BIG beyond KVM_MAX_CPUID_ENTRIES, as
+        kvm_vcpu_ioctl_set_cpuid2 refuses it before reading the entries."""
+        if cpuid.nent > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise ModelKvmError(errno.E2BIG, "KVM_SET_CPUID2", f"nent={cpuid.nent}")
         return cls(
             [
                 CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)

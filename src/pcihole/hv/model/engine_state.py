@@ -227,6 +227,10 @@ class EngineState:
         engine's uc_reg_write cannot reach once the guest is in long mode."""
         struct.pack_into("<Q", self._data, 8 * index, value & 0xFFFFFFFFFFFFFFFF)
 
+    def set_ip(self, value: int) -> None:
+        """env->eip, all 64 bits (a 32-bit engine's uc_reg_write of EIP cannot set a long-mode RIP)."""
+        struct.pack_into("<Q", self._data, _EIP, value & 0xFFFFFFFFFFFFFFFF)
+
     def clear_old_exception(self) -> None:
         """x86_cpu_do_interrupt's "successfully delivered": no exception in flight.
 

@@ -78,6 +78,7 @@ APIC_SELF_IPI = 0x3F0
 
 APIC_DEFAULT_PHYS_BASE = 0xFEE00000
 APIC_PAGE_SIZE = 0x1000
+KVM_APIC_REG_SIZE = 0x400  # struct kvm_lapic_state
 MSR_IA32_APICBASE = 0x1B
 MSR_IA32_APICBASE_BSP = 1 << 8
 X2APIC_ENABLE = 1 << 10
@@ -127,7 +128,6 @@ APIC_LVT_WRITE_MASKS = {
     APIC_LVT1: LINT_MASK,
     APIC_LVTERR: LVT_MASK,
 }
-# The guest may use TSC-deadline mode (the model's CPUID is to advertise X86_FEATURE_TSC_DEADLINE_TIMER)
 TIMER_MODE_MASK = APIC_LVT_TIMER_PERIODIC | APIC_LVT_TIMER_TSCDEADLINE
 
 APIC_BUS_CYCLE_NS = 1  # APIC_BUS_CYCLE_NS_DEFAULT
@@ -173,6 +173,11 @@ class LocalApic:
         self.target_ns = 0  # lapic_timer.target_expiration (host monotonic ns), 0: none
         self.tscdeadline = 0
         self.timer_mode = APIC_LVT_TIMER_ONESHOT
+        # What KVM derives from the guest's CPUID (kvm_vcpu_after_set_cpuid -> kvm_apic_set_version,
+        # apic->lapic_timer.timer_mode_mask): before KVM_SET_CPUID2 the LVT timer has no mode bits
+        # (one-shot only) and IA32_APIC_BASE refuses x2APIC, as on this host's kernel.
+        self.timer_mode_mask = 0
+        self.x2apic_allowed = False
         self.interrupts_accepted = 0
         self._reset()
 
@@ -192,6 +197,14 @@ class LocalApic:
         self._regs[APIC_SPIV] = 0xFF
         self.irr = self.isr = self.tmr = 0
         self._update_divide_count()
+
+    def set_cpuid(self, *, x2apic: bool, tsc_deadline: bool) -> None:
+        """KVM_SET_CPUID2: periodic mode always, TSC-deadline where CPUID.1:ECX[24] says so."""
+        with self.irqchip.locked():
+            self.timer_mode_mask = APIC_LVT_TIMER_PERIODIC | (
+                APIC_LVT_TIMER_TSCDEADLINE if tsc_deadline else 0
+            )
+            self.x2apic_allowed = x2apic
 
     # --- state the rest of the irqchip asks ----------------------------------------------------------
 
@@ -425,7 +438,7 @@ class LocalApic:
         elif reg == APIC_LVTT:
             if not self.sw_enabled():
                 val |= APIC_LVT_MASKED
-            self._regs[APIC_LVTT] = val & (APIC_LVT_WRITE_MASKS[APIC_LVTT] | TIMER_MODE_MASK)
+            self._regs[APIC_LVTT] = val & (APIC_LVT_WRITE_MASKS[APIC_LVTT] | self.timer_mode_mask)
             self._update_lvtt()
         elif reg == APIC_TMICT:
             if self.timer_mode == APIC_LVT_TIMER_TSCDEADLINE:
@@ -462,6 +475,54 @@ class LocalApic:
             dest_id=icr_high if self.x2apic_mode() else icr_high >> 24,
         )
         self.irqchip.deliver_to_apic(self, irq)
+
+    # --- KVM_GET_LAPIC / KVM_SET_LAPIC --------------------------------------------------------------
+
+    def get_state(self) -> bytes:
+        """kvm_apic_get_state: the 1 KiB register page (xAPIC layout), TMCCT as it reads now."""
+        with self.irqchip.locked():
+            page = bytearray(KVM_APIC_REG_SIZE)
+            offsets = set(self._regs) | set(_READABLE) | {APIC_ARBPRI}
+            for offset in sorted(offsets):
+                if offset + 4 <= KVM_APIC_REG_SIZE:
+                    value = self._read_reg(offset)
+                    page[offset : offset + 4] = (value & U32).to_bytes(4, "little")
+            return bytes(page)
+
+    def set_state(self, page: bytes) -> None:
+        """kvm_apic_set_state: take the register page, recompute PPR, the timer mode and divisor,
+        restart the timer from the page's TMCCT (__start_apic_timer(apic, APIC_TMCCT))."""
+        if len(page) != KVM_APIC_REG_SIZE:
+            raise ValueError(f"a LAPIC register page is {KVM_APIC_REG_SIZE} bytes, not {len(page)}")
+
+        def reg(offset: int) -> int:
+            return int.from_bytes(page[offset : offset + 4], "little")
+
+        with self.irqchip.locked():
+            self._cancel_timer()
+            for offset in list(self._regs):
+                if offset not in (APIC_LVR, APIC_PROCPRI):
+                    self._regs[offset] = reg(offset)
+            self._regs[APIC_SPIV] = reg(APIC_SPIV) & 0x3FF
+            self.irr = sum(reg(APIC_IRR + 0x10 * i) << (32 * i) for i in range(8))
+            self.isr = sum(reg(APIC_ISR + 0x10 * i) << (32 * i) for i in range(8))
+            self.tmr = sum(reg(APIC_TMR + 0x10 * i) << (32 * i) for i in range(8))
+            self._update_ppr()
+            self._update_lvtt()
+            self._update_divide_count()
+            self.tscdeadline = 0
+            if self.timer_mode != APIC_LVT_TIMER_TSCDEADLINE and self._regs[APIC_TMICT]:
+                now = self._tsc().now_ns()
+                self.period_ns = self._regs[APIC_TMICT] * APIC_BUS_CYCLE_NS * self.divide_count
+                self._limit_periodic()
+                first = reg(APIC_TMCCT) * APIC_BUS_CYCLE_NS * self.divide_count
+                if first <= 0 or first > self.period_ns:
+                    first = self.period_ns if self.timer_mode == APIC_LVT_TIMER_PERIODIC else max(first, 0)
+                    first = min(first, self.period_ns)
+                self.target_ns = now + first
+                self.timer.start(self.target_ns)
+            if self._has_extint() or self._apic_interrupt() != -1:
+                self.kick()  # KVM_REQ_EVENT
 
     # --- the xAPIC page (IoDevice: apic_mmio_read / apic_mmio_write) -----------------------------------
 
@@ -519,7 +580,7 @@ class LocalApic:
 
     def _write_apic_base(self, index: int, value: int, host: bool) -> None:
         """kvm_set_apic_base -> kvm_lapic_set_base."""
-        reserved = ((1 << 64) - (1 << MAXPHYADDR)) | 0x2FF
+        reserved = ((1 << 64) - (1 << MAXPHYADDR)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
         new_x2, new_en = bool(value & X2APIC_ENABLE), bool(value & MSR_IA32_APICBASE_ENABLE)
         if value & reserved or (new_x2 and not new_en):
             raise MsrFault(f"IA32_APIC_BASE {value:#x}: reserved bits, or x2APIC without enable")

@@ -12,10 +12,12 @@ A handler raises `MsrFault` for an access the CPU refuses (a reserved bit, a rea
 `msr_info->host_initiated`: KVM_GET/SET_MSRS (True) may do what a guest may not (write a
 read-only MSR to restore it).
 
-MSRs the engine implements itself (EFER, STAR, LSTAR, FS / GS base, PAT, the MTRRs, ...) never
-reach this table on a guest access: vcpu.py lets Unicorn's helper_rdmsr / helper_wrmsr do them
-without a Python call (msr_intercept.py). They are registered here too (as `engine` handlers) so
-that KVM_GET/SET_MSRS and the list of MSRs find them.
+MSRs the engine implements itself (EFER, STAR, LSTAR, FS / GS base, PAT reads, the MTRRs, ...)
+never reach this table on a guest access: vcpu.py lets Unicorn's helper_rdmsr / helper_wrmsr do
+them without a Python call (msr_intercept.py). They are registered here too (as `engine`
+handlers) so that KVM_GET/SET_MSRS find them. Every other MSR is intercepted whether or not
+anyone owns it, so a handler registered at any time, also while the vCPU runs, sees the guest's
+next access.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ class MsrTable:
     def __init__(self) -> None:
         self._handlers: list[MsrHandler] = []  # sorted by first, never overlapping
         self._firsts: list[int] = []
-        self._listeners: list[Callable[[], None]] = []
 
     def register(
         self,
@@ -93,22 +94,12 @@ class MsrTable:
         handler = MsrHandler(first, last, read, write, owner, engine)
         self._handlers.insert(i, handler)
         self._firsts.insert(i, first)
-        self._changed()
         return handler
 
     def unregister(self, handler: MsrHandler) -> None:
         i = self._handlers.index(handler)
         del self._handlers[i]
         del self._firsts[i]
-        self._changed()
-
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """Call `listener` after every register / unregister (the vCPU rebuilds its intercept map)."""
-        self._listeners.append(listener)
-
-    def _changed(self) -> None:
-        for listener in self._listeners:
-            listener()
 
     def handler(self, index: int) -> MsrHandler | None:
         i = bisect.bisect_right(self._firsts, index) - 1

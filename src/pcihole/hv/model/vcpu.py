@@ -94,16 +94,18 @@ from unicorn.x86_const import (
     UC_X86_REG_RBX,
     UC_X86_REG_RCX,
     UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, MSR_TSC_AUX, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
@@ -118,8 +120,8 @@ from pcihole.hv.model.interrupts import (
     interrupt_window_open,
     syscall,
 )
-from pcihole.hv.model.io_bus import IoDevice
 from pcihole.hv.model.kvmclock import KvmClock
+from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
@@ -129,12 +131,17 @@ from pcihole.hv.uapi import (
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_RUNNABLE,
     kvm_fpu,
+    kvm_lapic_state,
     kvm_regs,
     kvm_sregs,
 )
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+# CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
+CPUID_FEATURES = 1
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
 # QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
@@ -231,7 +238,7 @@ class ModelVcpu:
         self._source_waits = False
         self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
         #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
-        self.lapic: IoDevice | None = None
+        self.lapic: LocalApic | None = None
         #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
         #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
         self.msrs = MsrTable()
@@ -252,6 +259,7 @@ class ModelVcpu:
         # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
         self._cpuid: CpuidTable | None = None
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
+        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
         self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
@@ -298,29 +306,45 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             self._hook_cpuid(engine[0])
+        lapic = self.lapic
+        if lapic is not None:
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
+            for entry in cpuid.entries[: cpuid.nent]:
+                if entry.function == CPUID_FEATURES:
+                    lapic.set_cpuid(
+                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
+                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
+                    )
 
     def _hook_cpuid(self, uc: Uc) -> None:
         if self._cpuid_engine is not uc:
             uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
             self._cpuid_engine = uc
 
-    def _write_gprs(self, uc: Uc, values: dict[int, int]) -> None:
+    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
         """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
         upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
         followed the guest into long mode reaches only the low halves with uc_reg_write, so there
         the engine's state is written instead."""
-        if self._mode is cpu.CpuMode.LONG_64:
+        fast = self._fast
+        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
             for index, value in values.items():
-                uc.reg_write(_GPR_IDS_64[index], value)
+                fast.write(_GPR_IDS_64[index], value)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
             return
         state = self._msr_state
         if state is None:
             for index, value in values.items():
                 uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
+            if ip is not None:
+                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
             return
         state.load()
         for index, value in values.items():
             state.set_gpr(index, value)
+        if ip is not None:
+            state.set_ip(ip)
         state.store()
 
     def _on_cpuid(self, uc: Uc, _data: object) -> int:
@@ -328,18 +352,22 @@ class ModelVcpu:
         table = self._cpuid
         if table is None:
             return 0
-        function = uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
-        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        fast = self._fast
+        assert fast is not None
+        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
+        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
         regs = table.lookup(function, index)
         if function == 1:
             apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
-            regs = runtime_adjust(function, regs, uc.reg_read(UC_X86_REG_CR4), apic_base)
+            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
         eax, ebx, ecx, edx = regs
         self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
         return 1
 
     def _hook_tsc(self, uc: Uc) -> None:
-        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC)."""
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
+        gives the engine the register access these hooks and the CPUID hook use."""
+        self._fast = FastRegisters(uc)
         for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
             thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
             self._insn_thunks.append(thunk)
@@ -358,7 +386,8 @@ class ModelVcpu:
 
     def _on_rdtscp(self, uc: Uc) -> int:
         tsc = self.tsc.read()
-        aux = self.engine_msrs.read(MSR_TSC_AUX, True) & 0xFFFFFFFF
+        tsc_aux = self.engine_msrs.tsc_aux
+        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
         self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
         return 1
 
@@ -468,12 +497,29 @@ class ModelVcpu:
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
         self._source = source
 
-    def attach_lapic(self, lapic) -> None:
+    def attach_lapic(self, lapic: LocalApic) -> None:
         """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
         (vcpu_mmio_read / vcpu_mmio_write), the owner of its MSRs, and the interrupt source."""
         self.lapic = lapic
         lapic.register_msrs(self.msrs)
         self.attach_interrupt_source(lapic)
+
+    def get_lapic(self) -> kvm_lapic_state:
+        """KVM_GET_LAPIC: the register page; EINVAL without an in-kernel LAPIC (kvm_arch_vcpu_ioctl)."""
+        lapic = self._require_lapic("KVM_GET_LAPIC")
+        return kvm_lapic_state.from_buffer_copy(lapic.get_state())
+
+    def set_lapic(self, state: kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (kvm_apic_set_state)."""
+        lapic = self._require_lapic("KVM_SET_LAPIC")
+        lapic.set_state(bytes(state))
+
+    def _require_lapic(self, ioctl: str) -> LocalApic:
+        if self.lapic is None:
+            raise ModelKvmError(
+                errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)"
+            )
+        return self.lapic
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
@@ -884,13 +930,14 @@ class ModelVcpu:
                     uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
                 )
                 self.msrs.write(index, value, host=False)
+                result = {}
             else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
                 value = self.msrs.read(index, host=False)
-                self._write_gprs(uc, {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32})
+                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
         except MsrFault:
             self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
             return
-        uc.reg_write(state.regs.ip, ip + _MSR_INSN_BYTES)
+        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""

@@ -192,7 +192,9 @@ class ModelVm:
         """KVM_SET_IDENTITY_MAP_ADDR is VMX's (the real-mode EPT identity map): the model has no use
         for it and does not offer it (check_extension(KVM_CAP_SET_IDENTITY_MAP_ADDR) is 0)."""
         with self._ioctl("KVM_SET_IDENTITY_MAP_ADDR"):
-            raise ModelKvmError(errno.ENOTTY, "KVM_SET_IDENTITY_MAP_ADDR", f"{addr:#x}", "not offered by the model")
+            raise ModelKvmError(
+                errno.ENOTTY, "KVM_SET_IDENTITY_MAP_ADDR", f"{addr:#x}", "not offered by the model"
+            )
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: EEXIST if there is one, EINVAL once a vCPU exists; the PICs on
@@ -235,7 +237,9 @@ class ModelVm:
         with self._ioctl("KVM_IRQ_LINE"):
             chip = self.irqchip
             if chip is None:
-                raise ModelKvmError(errno.ENXIO, "KVM_IRQ_LINE", f"gsi={gsi}, level={int(level)}", "no irqchip")
+                raise ModelKvmError(
+                    errno.ENXIO, "KVM_IRQ_LINE", f"gsi={gsi}, level={int(level)}", "no irqchip"
+                )
             chip.set_irq(KVM_USERSPACE_IRQ_SOURCE_ID, gsi & 0xFFFFFFFF, bool(level))
 
     # --- vCPUs -------------------------------------------------------------------------------------
