@@ -306,5 +306,7 @@ def test_serial_port_device_with_its_ports_and_edge_interrupt(tmp_path):
         "Decode16,",
         {"Range Minimum": 0x3F8, "Range Maximum": 0x3F8, "Alignment": 1, "Length": 8},
     )
-    assert re.search(r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)\s+\{\s+0x00000004,", com1)
+    assert re.search(
+        r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)\s+\{\s+0x00000004,", com1
+    )
     check_recompiles_to_the_same_aml(tmp_path, asl, t.tables["DSDT"])
