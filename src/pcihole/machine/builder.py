@@ -287,7 +287,12 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
     """The machine's ACPI tables; MachineBuildError, naming the machine file, where they do not fit
     in the area the guest finds them in (ACPI_MAX bytes from ACPI_GPA: about 1,500 segments)."""
     try:
-        acpi = build_tables(spec.segments, layout.ACPI_GPA, expanders=expander_buses(spec))
+        acpi = build_tables(
+            spec.segments,
+            layout.ACPI_GPA,
+            expanders=expander_buses(spec),
+            serial_ports=[(COM1_BASE, COM1_IRQ)],
+        )
     except ValueError as e:
         raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e
     if len(acpi.blob) > layout.ACPI_MAX:
