@@ -103,7 +103,7 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
@@ -124,7 +124,7 @@ from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
-from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
+from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
@@ -138,6 +138,7 @@ from pcihole.hv.uapi import (
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+_HLT_BYTES = 1  # helper_hlt's next_eip_addend for the unprefixed F4 compilers and Linux emit
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
 CPUID_FEATURES = 1
 CPUID_1_ECX_X2APIC = 1 << 21
@@ -227,6 +228,8 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        # uc_emu_start calls (each return flushed the translation cache): tests bound it.
+        self.engine_starts = 0
         # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
         # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
         self._deferred: Event | None = None
@@ -639,6 +642,7 @@ class ModelVcpu:
             return exits.IrqWindowOpen()
         try:
             try:
+                self.engine_starts += 1
                 uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
             finally:
                 if self._state not in _LEFT:
@@ -899,6 +903,9 @@ class ModelVcpu:
         if intno == MSR_EXIT:
             self._on_msr(uc)
             return
+        if intno == HLT_EXIT:
+            self._on_hlt(uc)
+            return
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -914,6 +921,35 @@ class ModelVcpu:
             self._stop_for_new_mode(uc)
             return
         self._deliver(uc, event)
+
+    def _on_hlt(self, uc: Uc) -> None:
+        """HLT, intercepted with EIP on it (msr_intercept.py): done here as helper_hlt and do_hlt
+        would (EIP after it, the STI shadow dropped: "needed if sti is just before"), then
+        KVM_EXIT_HLT without an in-kernel source, or with one a sleep inside this callback until
+        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine never leaves
+        emu_start for it, so its translation cache survives an idle guest's every tick."""
+        state = self._msr_state
+        assert state is not None
+        state.load()
+        state.set_ip(state.ip + _HLT_BYTES)
+        state.hflags = state.hflags & ~HF_INHIBIT_IRQ_MASK
+        state.store()
+        if self._source is None:
+            self.exit_to_user(exits.Hlt())
+            return
+        self._halted = True
+        if self._mode_changed(uc):
+            self._stop_for_new_mode(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
+            return
+        while self._halted:
+            exit_ = self._halt(uc)
+            if exit_ is None:
+                break  # woken (the interrupt delivered), or closing
+            self.exit_to_user(exit_)  # a kick: run() returns Interrupted, the vCPU stays halted
+            if self._state in _LEFT:
+                return  # exit_to_user stopped the engine
+        if self._state in _LEFT:
+            self._stop(uc)
 
     def _on_msr(self, uc: Uc) -> None:
         """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
