@@ -103,12 +103,13 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
+    IF,
     NMI,
     UD,
     Delivery,
@@ -724,6 +725,25 @@ class ModelVcpu:
         elif self._window_requested:
             self._request_boundary()  # the window is closed: look again at the next block
 
+    def _still_waiting_for_if(self, uc: Uc) -> bool:
+        """At a block start, before _at_boundary: True if an interrupt still waits for RFLAGS.IF
+        and nothing else is asked (no kick, memslot change, mode change, NMI, injection or window
+        request), so the boundary hook stays armed without the callback. Linux runs long stretches
+        with interrupts off (printk's console writes, spinlocks taken with irqsave) while its timer
+        interrupt waits: this runs at each of those blocks."""
+        mmu = self._mmu
+        return (
+            self._source_waits
+            and not self._requests
+            and not self._nmi_pending
+            and self._injection is None
+            and not self._window_requested
+            and self._state is VcpuState.RUNNING
+            and self._mode is not cpu.CpuMode.PROTECTED_32  # _mode_changed looks there
+            and (mmu is None or not mmu.stale())
+            and not read_flags(uc) & IF
+        )
+
     def _deliver_from_source(self, uc: Uc) -> bool:
         """Deliver the source's interrupt if the guest can take it now; True if it was delivered."""
         state, source = self._engine_state, self._source
@@ -1030,7 +1050,7 @@ class ModelVcpu:
             self._uc, self._mode = uc, mode
             self._requests.discard(Request.NEW_ENGINE)
             self._requests.discard(Request.MODE_CHANGE)
-            self._boundary = BoundaryHook(uc, self._at_boundary)
+            self._boundary = BoundaryHook(uc, self._at_boundary, self._still_waiting_for_if)
             self._emulator = AccessEmulator(self.vm, self, self.id, self.lapic)
             self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
             self._emulator.attach(uc, mmu)
