@@ -12,9 +12,11 @@ A KVM vCPU stops in the middle of an instruction to ask userspace for the value 
 an IN, and finishes the instruction on the next KVM_RUN. The model does the same without leaving
 Unicorn: `run()` switches into a greenlet that runs `emu_start`; a callback that needs userspace
 switches back out with the exit (run() returns it), and the next run() switches in again with the
-bytes complete_read() supplied, which the callback returns to Unicorn (~1 us per exit). Exits that
-end an instruction stream (HLT, a triple fault) stop `emu_start`; the greenlet reports them and,
-on the next run(), starts emulating again from the current RIP.
+bytes complete_read() supplied, which the callback returns to Unicorn (~1 us per exit). HLT is one
+of those too (the SVM HLT intercept, msr_intercept.py), since every return from emu_start flushes
+the translation cache. Exits that end an instruction stream (a triple fault, a new engine) stop
+`emu_start`; the greenlet reports them and, on the next run(), starts emulating again from the
+current RIP.
 
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
@@ -675,7 +677,8 @@ class ModelVcpu:
                 self._requests.discard(Request.KICK)
                 return exits.Interrupted()
             return None  # stopped for nothing the caller must see: go on
-        # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
+        # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
+        # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
         if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
             if self._source is None:
                 return exits.Hlt()
