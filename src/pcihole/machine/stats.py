@@ -36,6 +36,9 @@ class RunStats:
     #: the reads among them (with `exit`, every ECAM read the guest made; with a hole strategy, the
     #: reads of present functions only: absent functions answer without an exit)
     ecam_reads: int = 0
+    #: the absent-function exits by (guest-physical address, size, "read" | "write"), so that a
+    #: guest's probes can be compared with a prediction address by address (tests/linux/)
+    ecam_absent_accesses: Counter[tuple[int, int, str]] = field(default_factory=Counter)
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)
