@@ -1,6 +1,7 @@
-"""One full boot of an unmodified Debian cloud kernel on kvm (the default machine, ro-alias): the
-functions Linux's PCI core enumerates through MCFG are exactly the machine file's, and no ECAM read
-of an absent function exits.
+"""Full boots of an unmodified Debian cloud kernel on kvm: the functions Linux's PCI core enumerates
+through MCFG are exactly the machine file's; on the default machine with ro-alias no ECAM read of an
+absent function exits, and on a multi-segment machine with `exit` the absent-function exits are
+exactly the probes Linux's source says it makes (tests/linux/linux_probes.py), address by address.
 
 Where user space cannot run (this host's software KVM faults on the first syscall), the kernel's own
 enumeration lines are Linux's answer (`pci 0000:00:02.0: [1b36:000c] type 01 class 0x060400`); the
@@ -23,6 +24,7 @@ from pcihole.linux.initramfs import build_initramfs
 from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import load, load_default
+from tests.linux.linux_probes import predicted_absent_probes
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -53,13 +55,13 @@ def kernel_devices(console: str) -> set[tuple[str, int, int, int, int]]:
     }
 
 
-def boot_until_pci_is_done(spec, debian_cloud_kernel):
-    """Boot the kernel on `spec` (kvm, ro-alias) until Linux's PCI core is done (or /init powers off)."""
+def boot_until_pci_is_done(spec, debian_cloud_kernel, strategy="ro-alias"):
+    """Boot the kernel on `spec` (kvm) until Linux's PCI core is done (or /init powers off)."""
     vmlinux, initrd = debian_cloud_kernel
     machine = build_machine(
         spec,
         backend="kvm",
-        strategy="ro-alias",
+        strategy=strategy,
         kernel=vmlinux.read_bytes(),
         kernel_name=str(vmlinux),
         cmdline="console=ttyS0 panic=-1",
@@ -105,10 +107,13 @@ MANY_SEGMENTS = Path(__file__).resolve().parents[2] / "examples" / "many-segment
 def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_kernel):
     """examples/many-segments.toml: five segments of different sizes, one whose first bus is 16, a
     conventional PCI-PCI bridge: Linux accepts every MCFG entry (a PNP0A08 with _SEG/_BBN each) and
-    lists exactly the file's functions, with no exit at an absent one."""
+    lists exactly the file's functions. With `exit` every ECAM access exits, so the exits at absent
+    functions are Linux's probes of them: they must be exactly those its source makes (root-bus and
+    bridge scans of every segment, only device 0 below a PCIe port, the peer-bus scan of segment 0's
+    buses 5-63 with 16-bit reads), address by address, each once."""
     spec = replace(load(MANY_SEGMENTS), ram_mib=RAM_MIB)
     assert any(s.start_bus != 0 for s in spec.segments)
-    result = boot_until_pci_is_done(spec, debian_cloud_kernel)
+    result = boot_until_pci_is_done(spec, debian_cloud_kernel, strategy="exit")
     console = result.serial
     for s in spec.segments:  # acpi_pci_root_add: "PCI Root Bridge [%s] (domain %04x %pR)"
         assert re.search(
@@ -120,9 +125,17 @@ def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_
     }
     assert kernel_devices(console) == expected
     assert not re.search(r"no space for|failed to assign|can't claim", console), console
-    assert result.stats.ecam_absent_exits == 0
+    predicted = predicted_absent_probes(spec.topology)
+    measured = result.stats.ecam_absent_accesses
+    missing, extra = predicted - measured, measured - predicted
+    assert not missing and not extra, (
+        f"{len(missing)} predicted probes not made, e.g. {sorted(missing)[:8]}; "
+        f"{len(extra)} made but not predicted, e.g. {sorted(extra)[:8]}"
+    )
+    assert result.stats.ecam_absent_exits == predicted.total()
     print(
-        f"\nLinux boot of many-segments on kvm/ro-alias: stop {result.stop.reason} after {result.seconds:.0f} s; "
+        f"\nLinux boot of many-segments on kvm/exit: stop {result.stop.reason} after {result.seconds:.0f} s; "
         f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
-        f"(absent {result.stats.ecam_absent_exits})"
+        f"(absent {result.stats.ecam_absent_exits}, predicted {predicted.total()}), "
+        f"port exits {dict(result.stats.io_by_port.most_common(6))}"
     )
