@@ -46,6 +46,8 @@ class RunStats:
     unclaimed_mmio: set[int] = field(default_factory=set)
     #: port-I/O exits per port (the serial console, the PIT when not in the kernel, ...)
     io_by_port: Counter[int] = field(default_factory=Counter)
+    #: port writes KVM appended to the coalesced ring instead of exiting (COM1's THR), per port
+    io_coalesced_by_port: Counter[int] = field(default_factory=Counter)
     #: internal errors the host quirks fixed up and ran on (machine/host_quirks.py), by kind
     quirk_fixups: int = 0
     quirk_fixups_by_kind: Counter[str] = field(default_factory=Counter)
