@@ -499,6 +499,7 @@ def _print_stats(result, file) -> None:
         ("ECAM exits", s.ecam_exits),
         ("config reads (guest)", "-" if result.config_reads is None else result.config_reads),
         ("hole writes coalesced (no exit)", s.coalesced_writes),
+        ("console writes coalesced (no exit)", s.io_coalesced_by_port.total()),
         (
             "scan time (guest TSC)" if result.guest_scan_seconds is not None else "run time (host)",
             f"{result.scan_seconds * 1000:.1f} ms",

@@ -87,6 +87,8 @@ class LinuxBootRow:
     #: how the run ended: pcihole's stop reason ("power-off", "reboot", "timeout", ...), "power-off" for QEMU
     ended: str = ""
     note: str = ""
+    #: port-I/O exits per port ("0x3f8": ...), None for QEMU; on a software KVM almost all are the console
+    io_by_port: dict[str, int] | None = None
 
     @property
     def label(self) -> str:
@@ -148,6 +150,7 @@ def boot_on_pcihole(
         powered_off=report.powered_off,
         ended=str(result.stop.reason),
         note=note,
+        io_by_port={f"{port:#x}": n for port, n in sorted(result.stats.io_by_port.items())},
     )
 
 
