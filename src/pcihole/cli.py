@@ -24,13 +24,13 @@ import threading
 import traceback
 from typing import TYPE_CHECKING
 
+from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_USAGE
 from pcihole.machine.dispatch import SUCCESSFUL_STOPS, Stop, StopReason
 from pcihole.machine.host_quirks import HOST_QUIRKS_CHOICES
 
 if TYPE_CHECKING:
     from pcihole.machine.stop_request import StopRequest
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
 STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
 #: The embedded guest prints only its summary line: one port exit per character would otherwise
@@ -59,7 +59,7 @@ class Signalled(Exception):
 
     def __init__(self, signum: int) -> None:
         super().__init__(self.WORDS.get(signal.Signals(signum), f"signal {signum}"))
-        self.status = 128 + signum
+        self.status = EXIT_SIGNAL_BASE + signum
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except KeyboardInterrupt:
         print("pcihole: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGNAL_BASE + signal.SIGINT
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED

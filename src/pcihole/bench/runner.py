@@ -29,11 +29,11 @@ from pcihole.bench.report import headline_lines, markdown
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import measure_scaling, point_count
 from pcihole.bench.scan import Kernel, add_ratios, scan_default_machine
+from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.builder import default_kernel
 from pcihole.machine.machinefile import load_default
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
 
