@@ -4,8 +4,8 @@ Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero
 (arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
 fails (timeout, triple fault, /dev/kvm missing or not permitted, KVM errors). Never a traceback: an
 error pcihole did not foresee is one line too (`internal error: ...`; -v logs the traceback).
-SIGINT / SIGTERM end `pcihole run` with `pcihole: interrupted` / `pcihole: terminated` and status
-130 / 143 (128 + the signal), the guest stopped and the machine closed first.
+SIGINT / SIGTERM end `pcihole run` and `pcihole bench` with `pcihole: interrupted` / `pcihole:
+terminated` and status 130 / 143 (128 + the signal), the guest stopped and the machine closed first.
 README.md "## Errors" lists them.
 """
 
@@ -548,11 +548,24 @@ def cmd_linux(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """`pcihole bench`. SIGINT and SIGTERM stop it as they stop `pcihole run` (cmd_run): the guest run
+    in progress is kicked, nothing more is measured, no result is written, then Signalled."""
     from pcihole.bench.runner import run_bench
+    from pcihole.host.signals import signals_to_thread
+    from pcihole.machine.stop_request import StopRequest
 
-    return run_bench(
-        out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux
-    )
+    out_dir = _output_dir(args.out, "--out")
+    stops = StopRequest()
+    try:
+        with signals_to_thread(lambda signum: stops.request(Stop(StopReason.SIGNAL, status=int(signum)))):
+            status = run_bench(
+                out_dir=out_dir, quick=args.quick, backends=args.backend, linux=args.linux, stops=stops
+            )
+    except Exception:
+        _raise_if_signalled(stops.stop)  # the signal, not what it made fail, is the outcome
+        raise
+    _raise_if_signalled(stops.stop)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
