@@ -552,10 +552,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     in progress is kicked, nothing more is measured, no result is written, then Signalled."""
     from pcihole.bench.runner import run_bench
     from pcihole.host.signals import signals_to_thread
-    from pcihole.machine.stop_request import StopRequest
+    from pcihole.machine.stop_request import StopRelay
 
     out_dir = _output_dir(args.out, "--out")
-    stops = StopRequest()
+    stops = StopRelay()
     try:
         with signals_to_thread(lambda signum: stops.request(Stop(StopReason.SIGNAL, status=int(signum)))):
             status = run_bench(

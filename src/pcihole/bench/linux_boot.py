@@ -37,7 +37,7 @@ from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.linux.initramfs import build_initramfs
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.machinefile import MachineFile
-from pcihole.machine.stop_request import StopRequest
+from pcihole.machine.stop_request import StopRelay
 
 #: One boot; on a software KVM a boot takes minutes.
 LINUX_TIMEOUT_SECONDS = 1800.0
@@ -106,7 +106,7 @@ def boot_on_pcihole(
     config: Config,
     files: LinuxFiles,
     timeout: float = LINUX_TIMEOUT_SECONDS,
-    stops: StopRequest | None = None,
+    stops: StopRelay | None = None,
 ) -> LinuxBootRow:
     """One Linux boot on pcihole; BenchError if it fails or Linux lists other functions than the machine's."""
     clock = BootClock()
@@ -129,7 +129,9 @@ def boot_on_pcihole(
     with machine:
         clock.restart()
         result = machine.run(
-            timeout=timeout, until_serial=linux_stop_line(machine.quirks.active), stops=stops
+            timeout=timeout,
+            until_serial=linux_stop_line(machine.quirks.active),
+            stops=stops.for_run() if stops else None,
         )
     report = parse_linux_console(result.serial)
     expected = sorted((str(f.bdf), f.vendor, f.device) for f in spec.topology.functions())
@@ -243,7 +245,7 @@ def measure_linux(
     hardware_kvm: bool,
     on_row: Callable[[str], None] = lambda what: None,
     files: LinuxFiles | None = None,
-    stops: StopRequest | None = None,
+    stops: StopRelay | None = None,
 ) -> tuple[list[LinuxBootRow], dict[str, str]]:
     """Every row of the Linux-boot table, and what was skipped or failed (label -> why): one boot that
     fails (minutes into a software-KVM boot) leaves its row out with the reason, not the whole bench."""

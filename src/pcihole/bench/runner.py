@@ -7,7 +7,7 @@ paths go to stdout. Returns the process exit status: 0, or 1 when a measurement 
 stderr saying which), 2 when nothing can be measured.
 
 A stop asked through `stops` (SIGINT / SIGTERM: cli.py hands them to a thread that calls
-StopRequest.request) kicks the guest run in progress, which returns at its next exit; every later
+StopRelay.request) kicks the guest run in progress, which returns at its next exit; every later
 run returns at once, and the next progress step raises BenchStopped, so nothing more is measured.
 The results are written into a temporary directory inside the output directory and moved into
 place only when all of them are complete, so a stopped bench leaves no partial bench.json, bench.md
@@ -43,7 +43,7 @@ from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.builder import default_kernel
 from pcihole.machine.machinefile import load_default
-from pcihole.machine.stop_request import StopRequest
+from pcihole.machine.stop_request import StopRelay
 
 JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
@@ -58,7 +58,7 @@ class _StoppableProgress(Progress):
     runs, and some measurements (the exit path) run a vCPU without a StopRequest: they end at their
     next step instead, which is at most one run later."""
 
-    def __init__(self, total: int, stops: StopRequest) -> None:
+    def __init__(self, total: int, stops: StopRelay) -> None:
         super().__init__(total)
         self._stops = stops
 
@@ -86,7 +86,7 @@ def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool, l
     )
 
 
-def measure(results: BenchResults, progress: Progress, stops: StopRequest | None = None) -> None:
+def measure(results: BenchResults, progress: Progress, stops: StopRelay | None = None) -> None:
     plan, configs, clock = results.plan, results.configs, results.clock
     kernel = Kernel(*default_kernel())
     default_machine = load_default()
@@ -157,12 +157,12 @@ def run_bench(
     quick: bool = False,
     backends: Sequence[str] | None = None,
     linux: bool = False,
-    stops: StopRequest | None = None,
+    stops: StopRelay | None = None,
 ) -> int:
     """Measure and write the results; the exit status. Raises BenchStopped (or the error the kicked
     run ended with) once `stops` was asked, having written nothing."""
     start = time.monotonic()
-    stops = stops if stops is not None else StopRequest()
+    stops = stops if stops is not None else StopRelay()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def run_bench(
     return EXIT_OK
 
 
-def _write_results(results: BenchResults, out: Path, stops: StopRequest) -> list[str]:
+def _write_results(results: BenchResults, out: Path, stops: StopRelay) -> list[str]:
     """Write bench.json, bench.md and the plots into a temporary directory in `out`, then move each
     into `out` (rename(2): atomic) once all are complete and no stop was asked; the plots' names."""
     staging = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))

@@ -14,7 +14,7 @@ from pcihole.bench.plan import BenchPlan
 from pcihole.bench.scan import Kernel, ScanRow, boot_and_scan, row_from_samples
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
-from pcihole.machine.stop_request import StopRequest
+from pcihole.machine.stop_request import StopRelay
 from pcihole.pci import ecam
 from pcihole.pci.synthetic import generate
 
@@ -77,7 +77,7 @@ def measure_scaling(
     kernel: Kernel,
     clock: TscClock,
     on_point: Callable[[str], None] = lambda what: None,
-    stops: StopRequest | None = None,
+    stops: StopRelay | None = None,
 ) -> list[ScalingPoint]:
     points = []
     for sweep, shape in shapes(plan):
