@@ -1,6 +1,6 @@
 """Build a machine from a machine file, step by step (Firecracker's builder.rs):
 
-backend -> VM (+ on kvm the in-kernel irqchip and PIT) -> guest memory (RAM + one hole per ECAM
+backend -> VM (+ the in-kernel irqchip and PIT where the backend has them) -> guest memory (RAM + one hole per ECAM
 window, present functions punched) -> ACPI tables -> kernel (PVH) and initrd -> boot information ->
 vCPU (CPUID, MSRs, FPU, LAPIC as QEMU/Firecracker set them, host quirks) -> buses.
 
@@ -116,14 +116,17 @@ def build_machine(
             raise MachineBuildError(str(e)) from e
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
-        if hv.name == "kvm":
-            step = "create the in-kernel irqchip and PIT"
-            # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
-            # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it.
-            vm.set_identity_map_addr()  # type: ignore[attr-defined]
-            vm.create_irqchip()  # type: ignore[attr-defined]
-            vm.create_pit2()  # type: ignore[attr-defined]
-            irq_lines = vm  # type: ignore[assignment]
+        step = "create the in-kernel irqchip and PIT"
+        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
+        # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it; each
+        # where the backend offers it (the model: irqchip and PIT, no identity map).
+        if vm.check_extension(KvmCap.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr()
+        if vm.check_extension(KvmCap.KVM_CAP_IRQCHIP):
+            vm.create_irqchip()
+            if vm.check_extension(KvmCap.KVM_CAP_PIT2):
+                vm.create_pit2()
+            irq_lines = vm
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes

@@ -117,14 +117,27 @@ from pcihole.hv.model.interrupts import (
     syscall,
 )
 from pcihole.hv.model.kvmclock import KvmClock
+from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_fpu, kvm_regs, kvm_sregs
+from pcihole.hv.uapi import (
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE,
+    kvm_fpu,
+    kvm_lapic_state,
+    kvm_regs,
+    kvm_sregs,
+)
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+# CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
+CPUID_FEATURES = 1
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
 # QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
@@ -207,6 +220,8 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
+        self.lapic: LocalApic | None = None
         #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
         #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
         self.msrs = MsrTable()
@@ -271,6 +286,15 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             self._hook_cpuid(engine[0])
+        lapic = self.lapic
+        if lapic is not None:
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
+            for entry in cpuid.entries[: cpuid.nent]:
+                if entry.function == CPUID_FEATURES:
+                    lapic.set_cpuid(
+                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
+                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
+                    )
 
     def _hook_cpuid(self, uc: Uc) -> None:
         if self._cpuid_engine is not uc:
@@ -452,6 +476,44 @@ class ModelVcpu:
         """An in-kernel interrupt controller (interrupt_source.py): from now on HLT sleeps in run()
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
         self._source = source
+
+    def attach_lapic(self, lapic: LocalApic) -> None:
+        """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
+        (vcpu_mmio_read / vcpu_mmio_write), the owner of its MSRs, and the interrupt source."""
+        self.lapic = lapic
+        lapic.register_msrs(self.msrs)
+        self.attach_interrupt_source(lapic)
+
+    def get_lapic(self) -> kvm_lapic_state:
+        """KVM_GET_LAPIC: the register page; EINVAL without an in-kernel LAPIC (kvm_arch_vcpu_ioctl)."""
+        lapic = self._require_lapic("KVM_GET_LAPIC")
+        return kvm_lapic_state.from_buffer_copy(lapic.get_state())
+
+    def set_lapic(self, state: kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (kvm_apic_set_state)."""
+        lapic = self._require_lapic("KVM_SET_LAPIC")
+        lapic.set_state(bytes(state))
+
+    def _require_lapic(self, ioctl: str) -> LocalApic:
+        if self.lapic is None:
+            raise ModelKvmError(
+                errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)"
+            )
+        return self.lapic
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
+        return KVM_MP_STATE_HALTED if self._halted else KVM_MP_STATE_RUNNABLE
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: RUNNABLE wakes a halted vCPU (it goes on after its HLT); HALTED puts
+        it to sleep at the next entry. Other states (INIT, SIPI) are not modelled: EINVAL."""
+        if mp_state == KVM_MP_STATE_RUNNABLE:
+            self._halted = False
+        elif mp_state == KVM_MP_STATE_HALTED and self._source is not None:
+            self._halted = True
+        else:
+            raise ModelKvmError(errno.EINVAL, "KVM_SET_MP_STATE", f"vcpu={self.id}, {mp_state}")
 
     def interrupt_pending(self) -> None:
         """The source has a new interrupt (any thread): kvm_vcpu_kick after the LAPIC set IRR. The
@@ -783,8 +845,10 @@ class ModelVcpu:
             self.exit_to_user(exits.IoOut(port, size, data))
 
     def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
-        """IN: nothing on the model's PIO bus answers reads, so every IN exits (KVM_EXIT_IO)."""
-        data = self.exit_to_user(exits.IoIn(port, size))
+        """IN: KVM_PIO_BUS devices (the in-kernel PICs, PIT, speaker), else KVM_EXIT_IO (kernel_pio)."""
+        data = self.vm.pio_bus.read(port, size)
+        if data is None:
+            data = self.exit_to_user(exits.IoIn(port, size))
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
@@ -854,7 +918,7 @@ class ModelVcpu:
                 self._uc, self._mode = uc, mode
                 self._requests.discard(Request.NEW_ENGINE)
                 self._boundary = BoundaryHook(uc, self._at_boundary)
-                self._emulator = AccessEmulator(self.vm, self, self.id)
+                self._emulator = AccessEmulator(self.vm, self, self.id, self.lapic)
                 self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
                 self._emulator.attach(uc, mmu)
                 uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
