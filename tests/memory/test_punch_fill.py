@@ -22,7 +22,9 @@ PAGE = ECAM + 7 * MiB + 0x18000  # bus 7, device 3, function 0
 NEIGHBOUR_BELOW = PAGE - 0x1000
 NEIGHBOUR_ABOVE = PAGE + 0x1000
 FAR = ECAM + 200 * MiB
-RESULTS = 0x9000  # u64s: reads of PAGE that saw all-ones, saw the function, bad reads, last bad value, bad addr
+RESULTS = (
+    0x9000  # u64s: reads of PAGE that saw all-ones, saw the function, bad reads, last bad value, bad addr
+)
 SAW_FILL, SAW_FUNCTION = RESULTS, RESULTS + 8  # counted in memory as the guest goes: the host waits on them
 STOP = 0xA000  # the host sets this to 1 when it has done enough punch/fill cycles
 CYCLES = 25
