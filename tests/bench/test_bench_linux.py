@@ -12,11 +12,11 @@ import pytest
 from pcihole.bench.configs import Configs
 from pcihole.bench.errors import BenchError
 from pcihole.bench.host import host_info
-from pcihole.bench.linux_boot import linux_files, measure_linux, with_linux_ram
+from pcihole.bench.linux_boot import LinuxBootRow, linux_files, measure_linux, with_linux_ram
 from pcihole.bench.plan import QUICK
 from pcihole.bench.report import linux_table
 from pcihole.bench.results import BenchResults
-from pcihole.host.tsc import TscUnknown, tsc_clock
+from pcihole.host.tsc import TscClock, TscUnknown, tsc_clock
 from pcihole.linux import MIN_RAM_MIB
 from pcihole.machine.machinefile import load_default
 
@@ -55,3 +55,27 @@ def test_linux_gets_enough_ram():
     spec = load_default()
     assert with_linux_ram(spec).ram_mib == max(spec.ram_mib, MIN_RAM_MIB)
     assert with_linux_ram(with_linux_ram(spec)) == with_linux_ram(spec)
+
+
+def test_the_table_says_how_many_exits_were_the_console():
+    """COM1 is ports 0x3f8-0x3ff: its exits are summed from the row's exits per port, the rest left out."""
+    row = LinuxBootRow(
+        backend="kvm",
+        strategy="exit",
+        boot_seconds=None,
+        run_seconds=1.0,
+        exits={"mmio_read": 1, "mmio_write": 0, "io": 1237, "total": 1238},
+        ecam_reads=1,
+        absent_exits=0,
+        devices=1,
+        source="kernel",
+        powered_off=False,
+        ended="serial-match",
+        io_by_port={"0x3f8": 600, "0x3fd": 601, "0x3f9": 20, "0x3ff": 1, "0x3f7": 5, "0xcf8": 10},
+    )
+    results = BenchResults(
+        QUICK, host_info(), TscClock(1e9, "cpuinfo", None), Configs(), "now", linux_measured=True
+    )
+    results.linux = [row]
+    (line,) = [line for line in linux_table(results) if line.startswith("| kvm / exit |")]
+    assert line.split(" | ")[4] == "1,222"  # 600 + 601 + 20 + 1: not 0x3f7 nor 0xcf8

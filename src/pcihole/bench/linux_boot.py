@@ -40,6 +40,7 @@ from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.linux.initramfs import build_initramfs
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 
 #: One boot; on a software KVM a boot takes minutes.
 LINUX_TIMEOUT_SECONDS = 1800.0
@@ -87,6 +88,8 @@ class LinuxBootRow:
     #: how the run ended: pcihole's stop reason ("power-off", "reboot", "timeout", ...), "power-off" for QEMU
     ended: str = ""
     note: str = ""
+    #: port-I/O exits per port ("0x3f8": ...), None for QEMU; on a software KVM almost all are the console
+    io_by_port: dict[str, int] | None = None
 
     @property
     def label(self) -> str:
@@ -104,7 +107,11 @@ def _check_devices(report: LinuxReport, expected: list[tuple[str, int, int]], wh
 
 
 def boot_on_pcihole(
-    spec: MachineFile, config: Config, files: LinuxFiles, timeout: float = LINUX_TIMEOUT_SECONDS
+    spec: MachineFile,
+    config: Config,
+    files: LinuxFiles,
+    timeout: float = LINUX_TIMEOUT_SECONDS,
+    stops: StopRelay | None = None,
 ) -> LinuxBootRow:
     """One Linux boot on pcihole; BenchError if it fails or Linux lists other functions than the machine's."""
     clock = BootClock()
@@ -126,7 +133,11 @@ def boot_on_pcihole(
         raise BenchError(f"{what}: cannot build the machine: {e}") from e
     with machine:
         clock.restart()
-        result = machine.run(timeout=timeout, until_serial=linux_stop_line(machine.quirks.active))
+        result = machine.run(
+            timeout=timeout,
+            until_serial=linux_stop_line(machine.quirks.active),
+            stops=stops.for_run() if stops else None,
+        )
     report = parse_linux_console(result.serial)
     expected = sorted((str(f.bdf), f.vendor, f.device) for f in spec.topology.functions())
     _check_devices(report, expected, f"{what} ({result.stop.reason})")
@@ -148,6 +159,7 @@ def boot_on_pcihole(
         powered_off=report.powered_off,
         ended=str(result.stop.reason),
         note=note,
+        io_by_port={f"{port:#x}": n for port, n in sorted(result.stats.io_by_port.items())},
     )
 
 
@@ -239,6 +251,7 @@ def measure_linux(
     hardware_kvm: bool,
     on_row: Callable[[str], None] = lambda what: None,
     files: LinuxFiles | None = None,
+    stops: StopRelay | None = None,
 ) -> tuple[list[LinuxBootRow], dict[str, str]]:
     """Every row of the Linux-boot table, and what was skipped or failed (label -> why): one boot that
     fails (minutes into a software-KVM boot) leaves its row out with the reason, not the whole bench."""
@@ -251,7 +264,7 @@ def measure_linux(
             skipped[config.backend] = f"pcihole boots Linux on {', '.join(LINUX_BACKENDS)} only"
             continue
         try:
-            rows.append(boot_on_pcihole(spec, config, files))
+            rows.append(boot_on_pcihole(spec, config, files, stops=stops))
         except BenchError as e:
             skipped[config.label] = f"failed: {e}"
         on_row(config.label)

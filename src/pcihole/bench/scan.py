@@ -21,6 +21,7 @@ from pcihole.host.tsc import TscClock
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 from pcihole.memory.accounting import process_mappings, vm_pte_bytes
 
 #: Quiet (one serial line, not one port exit per character of a device list) and timed.
@@ -58,8 +59,11 @@ class ScanSample:
     process_mappings_growth: int
 
 
-def boot_and_scan(spec: MachineFile, config: Config, kernel: Kernel, clock: TscClock) -> ScanSample:
-    """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails."""
+def boot_and_scan(
+    spec: MachineFile, config: Config, kernel: Kernel, clock: TscClock, stops: StopRelay | None = None
+) -> ScanSample:
+    """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails.
+    `stops` ends the run early (a signal: runner.py)."""
     pte_before, maps_before = vm_pte_bytes(), process_mappings()
     try:
         machine = build_machine(
@@ -73,7 +77,7 @@ def boot_and_scan(spec: MachineFile, config: Config, kernel: Kernel, clock: TscC
     except MachineBuildError as e:
         raise BenchError(f"{config.label}: cannot build {spec.name or spec.path}: {e}") from e
     with machine:
-        result = machine.run(timeout=RUN_TIMEOUT_SECONDS)
+        result = machine.run(timeout=RUN_TIMEOUT_SECONDS, stops=stops.for_run() if stops else None)
         memory_tsc = read_scan_tsc(machine.image, machine.memory.read_guest)
     stop = result.stop
     what = f"{config.label} on {spec.name or spec.path}"
@@ -178,10 +182,11 @@ def scan_default_machine(
     kernel: Kernel,
     clock: TscClock,
     on_run: Callable[[], None] = lambda: None,
+    stops: StopRelay | None = None,
 ) -> ScanRow:
     samples = []
     for _ in range(runs):
-        samples.append(boot_and_scan(spec, config, kernel, clock))
+        samples.append(boot_and_scan(spec, config, kernel, clock, stops))
         on_run()
     return row_from_samples(config, samples)
 

@@ -74,6 +74,11 @@ class Vcpu(Protocol):
         """Consume every entry of the coalesced-MMIO ring (from `first` to `last`), oldest first."""
         ...
 
+    def ring_indices(self) -> tuple[int, int]:
+        """(first, last) of the coalesced-MMIO ring: entries are waiting while they differ. Safe from
+        another thread (two aligned 32-bit loads)."""
+        ...
+
     def close(self) -> None: ...
 
 

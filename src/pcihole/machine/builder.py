@@ -44,7 +44,7 @@ from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, ker
 from pcihole.machine.irq import IrqLine
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
-from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, SerialConsole
+from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
     PAGE_SIZE,
@@ -85,6 +85,29 @@ def choose_backend(name: str) -> tuple[Hypervisor, str]:
     return open_backend(name), "asked for"
 
 
+def _coalesce_console_writes(hv: Hypervisor, vm) -> bool:
+    """Put COM1's THR (port 0x3f8, one byte) in a coalesced PIO zone, where the backend has them.
+
+    A console byte costs a Linux guest two exits: printk's serial8250_console_putchar() polls LSR
+    (wait_for_xmitrdy) and then writes THR. The write needs no answer, so KVM can append it to the
+    coalesced ring instead of exiting (KVM_REGISTER_COALESCED_MMIO with pio = 1, virt/kvm/
+    coalesced_mmio.c), and the run loop hands it to the UART before it handles the next exit, as QEMU
+    drains the ring (kvm_cpu_exec -> kvm_flush_coalesced_mmio_buffer). Every UART access that
+    returns something (LSR, IIR, RBR/DLL, ...) or changes something else (IER, LCR, ...) still exits,
+    so the guest sees the UART exactly as if each write had exited: the LSR read after a write
+    finds the write applied, and a DLL write (LCR.DLAB set) is applied before the LCR write that
+    clears DLAB. What moves is the time the THR write's side effects happen (the byte on the
+    console, the THRE interrupt): to the guest's next exit, or within Machine.run's
+    CONSOLE_FLUSH_SECONDS when it makes none (a THRE interrupt is asynchronous on real hardware
+    too: it follows the character's transmission). The interrupt line takes the same transitions in
+    the same order, so the guest gets the same interrupts.
+    """
+    if hv.check_extension(KvmCap.KVM_CAP_COALESCED_PIO) <= 0:
+        return False
+    vm.register_coalesced_mmio(COM1_BASE + UART_TX, 1, pio=True)
+    return True
+
+
 def build_machine(
     spec: MachineFile,
     *,
@@ -97,10 +120,13 @@ def build_machine(
     initrd: bytes | None = None,
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
+    coalesce_console: bool = True,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
-    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests)."""
+    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
+    With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
+    cost no exit (see `_coalesce_console_writes`)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -232,6 +258,8 @@ def build_machine(
         pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
         pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
         pio.insert(AcpiPowerDevice(), ACPI_POWER_PORT, 1, "ACPI sleep/reset")
+        step = "register COM1's THR as a coalesced PIO zone"
+        console_coalesced = coalesce_console and _coalesce_console_writes(hv, vm)
         return Machine(
             spec=spec,
             hv=hv,
@@ -251,6 +279,7 @@ def build_machine(
             irq_lines=irq_lines,
             cmdline=cmdline,
             initrd_range=initrd_range,
+            console_coalesced=console_coalesced,
         )
     except BaseException as e:
         # The VM (and its vCPU) before the memory it maps: Machine.close says why.
