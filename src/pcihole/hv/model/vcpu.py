@@ -757,15 +757,18 @@ class ModelVcpu:
         self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
         return True
 
-    def _halt(self, uc: Uc) -> exits.VcpuExit | None:
+    def _halt(self, uc: Uc, in_engine: bool = False) -> exits.VcpuExit | None:
         """HLT with an in-kernel source (kvm_vcpu_halt): sleep until it has an interrupt the guest
         can take (then deliver it and go on: None), a KVM_INTERRUPT, a kick (Interrupted; the vCPU
-        stays halted) or close (None)."""
+        stays halted) or close (None). `in_engine` (from the HLT intercept's callback): a memslot
+        change also returns None, the vCPU still halted, for the caller to leave the engine."""
         source = self._source
         assert source is not None
         while True:
             mmu = self._mmu
             if mmu is not None and mmu.stale():
+                if in_engine:
+                    return None
                 # A memslot change waits for this vCPU (sync_memslots): apply it while asleep.
                 mmu.sync()
             with self._sync:
@@ -949,30 +952,33 @@ class ModelVcpu:
         """HLT, intercepted with EIP on it (msr_intercept.py): done here as helper_hlt and do_hlt
         would (EIP after it, the STI shadow dropped: "needed if sti is just before"), then
         KVM_EXIT_HLT without an in-kernel source, or with one a sleep inside this callback until
-        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine never leaves
-        emu_start for it, so its translation cache survives an idle guest's every tick."""
+        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine does not leave
+        emu_start for a wake-up, so its translation cache survives an idle guest's every tick."""
         state = self._msr_state
         assert state is not None
         state.load()
         state.set_ip(state.ip + _HLT_BYTES)
         state.hflags = state.hflags & ~HF_INHIBIT_IRQ_MASK
         state.store()
+        # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
+        # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
+        # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
+        # goes on from there (sleeping on in _halt): measured, pausing in this callback for an
+        # exit and closing the VM then crashed the engine (in mem_unmap, or after the callback
+        # returned), which pausing in an IN / OUT hook does not.
         if self._source is None:
-            self.exit_to_user(exits.Hlt())
+            self._stop_exit = exits.Hlt()
+            self._stop(uc)
             return
         self._halted = True
         if self._mode_changed(uc):
             self._stop_for_new_mode(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
             return
-        while self._halted:
-            exit_ = self._halt(uc)
-            if exit_ is None:
-                break  # woken (the interrupt delivered), or closing
-            self.exit_to_user(exit_)  # a kick: run() returns Interrupted, the vCPU stays halted
-            if self._state in _LEFT:
-                return  # exit_to_user stopped the engine
-        if self._state in _LEFT:
-            self._stop(uc)
+        exit_ = self._halt(uc, in_engine=True)
+        if exit_ is not None:
+            self._stop_exit = exit_  # a kick: run() returns Interrupted, the vCPU stays halted
+        if self._halted or self._state in _LEFT:
+            self._stop(uc)  # a kick, a memslot change or close
 
     def _on_msr(self, uc: Uc) -> None:
         """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
