@@ -41,7 +41,6 @@ KERNEL_FILE_MAX = 512 << 20
 DEFAULT_TIMEOUT = 60.0
 #: A Linux boot takes seconds on hardware KVM, but minutes on a software KVM such as PVM.
 LINUX_TIMEOUT = 1800.0
-LINUX_NOT_ON_MODEL = "the model backend delivers no interrupts (Unicorn), which Linux needs to boot"
 
 
 class UsageError(Exception):
@@ -103,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host-quirks",
         choices=HOST_QUIRKS_CHOICES,
         default="auto",
-        help="workarounds for a software KVM (PVM): auto turns them on only where /sys/module/kvm_pvm exists",
+        help="workarounds for a software KVM (PVM), kvm backend only: auto turns them on only where "
+        "/sys/module/kvm_pvm exists (none on the model)",
     )
     run.add_argument(
         "--timeout",
@@ -227,8 +227,8 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         raise UsageError("--linux boots the cached Debian kernel: give --linux or --kernel, not both")
     if args.linux and args.initrd is not None:
         raise UsageError("--linux brings pcihole's own initramfs: use --kernel with --initrd for another")
-    if args.linux and args.backend == "model":
-        raise UsageError(f"--linux needs the kvm backend: {LINUX_NOT_ON_MODEL}")
+    if args.host_quirks == "pvm" and args.backend == "model":
+        raise UsageError("--host-quirks pvm works around a software KVM: the model backend needs none")
     _not_empty(args.kernel, "--kernel")
     if args.append is not None:
         try:
@@ -401,8 +401,6 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
         quirk_kernel_args=True,
     )
     with machine:
-        if machine.hv.name == "model":  # --backend auto where /dev/kvm does not open
-            raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
         clock.restart()
         result = _run_machine(
             machine,

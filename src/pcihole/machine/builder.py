@@ -1,6 +1,6 @@
 """Build a machine from a machine file, step by step (Firecracker's builder.rs):
 
-backend -> VM (+ on kvm the in-kernel irqchip and PIT) -> guest memory (RAM + one hole per ECAM
+backend -> VM (+ the in-kernel irqchip and PIT where the backend has them) -> guest memory (RAM + one hole per ECAM
 window, present functions punched) -> ACPI tables -> kernel (PVH) and initrd -> boot information ->
 vCPU (CPUID, MSRs, FPU, LAPIC as QEMU/Firecracker set them, host quirks) -> buses.
 
@@ -32,6 +32,7 @@ from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, c
 from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor, InterruptLines
+from pcihole.hv.kvm.cpu_setup import configure_vcpu
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
@@ -116,14 +117,17 @@ def build_machine(
             raise MachineBuildError(str(e)) from e
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
-        if hv.name == "kvm":
-            step = "create the in-kernel irqchip and PIT"
-            # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
-            # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it.
-            vm.set_identity_map_addr()  # type: ignore[attr-defined]
-            vm.create_irqchip()  # type: ignore[attr-defined]
-            vm.create_pit2()  # type: ignore[attr-defined]
-            irq_lines = vm  # type: ignore[assignment]
+        step = "create the in-kernel irqchip and PIT"
+        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
+        # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it; each
+        # where the backend offers it (the model: irqchip and PIT, no identity map).
+        if vm.check_extension(KvmCap.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr()
+        if vm.check_extension(KvmCap.KVM_CAP_IRQCHIP):
+            vm.create_irqchip()
+            if vm.check_extension(KvmCap.KVM_CAP_PIT2):
+                vm.create_pit2()
+            irq_lines = vm
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
@@ -208,12 +212,16 @@ def build_machine(
 
         step = "create the vCPU"
         vcpu = vm.create_vcpu(0)
-        if hv.name == "kvm":
-            from pcihole.hv.kvm.cpu_setup import configure_vcpu
-
-            configure_vcpu(hv, vcpu, hide_features=quirks.hide_features, irqchip=True)
-        elif hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
-            vcpu.set_cpuid2(hv.get_supported_cpuid())
+        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+            # CPUID, MSRs, FPU as QEMU / Firecracker set them, on either backend (the model answers
+            # the same ioctls: hv/model/cpuid.py, cpu_msrs.py); LINT0 / LINT1 where the backend
+            # has an in-kernel LAPIC to hold them.
+            configure_vcpu(
+                hv,
+                vcpu,
+                hide_features=quirks.hide_features,
+                irqchip=bool(vm.check_extension(KvmCap.KVM_CAP_IRQCHIP)),
+            )
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
         stats = RunStats()
@@ -286,6 +294,7 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
             expanders=expander_buses(spec),
             needs=[root_bus_need(spec.topology, s.id, s.root_bus) for s in spec.segments],
             native_hotplug=[has_hotplug_slots(spec.topology, s.id, s.root_bus) for s in spec.segments],
+            serial_ports=[(COM1_BASE, COM1_IRQ)],
         )
     except ValueError as e:
         raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e

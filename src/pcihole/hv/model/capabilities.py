@@ -28,6 +28,10 @@ KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_
 KVM_ADDRESS_SPACE_NUM = 1
 
 MODEL_CAPABILITIES: dict[int, int] = {
+    # KVM_CREATE_IRQCHIP, KVM_IRQ_LINE and KVM_CREATE_PIT2 (irqchip.py). Not KVM_CAP_SET_IDENTITY_MAP_ADDR:
+    # the real-mode identity map is VMX's, which the model's CPU is not.
+    KvmCap.KVM_CAP_IRQCHIP: 1,
+    KvmCap.KVM_CAP_PIT2: 1,
     KvmCap.KVM_CAP_USER_MEMORY: 1,
     KvmCap.KVM_CAP_HLT: 1,
     KvmCap.KVM_CAP_NR_MEMSLOTS: KVM_USER_MEM_SLOTS,
@@ -39,6 +43,8 @@ MODEL_CAPABILITIES: dict[int, int] = {
     KvmCap.KVM_CAP_READONLY_MEM: 1,
     KvmCap.KVM_CAP_MULTI_ADDRESS_SPACE: 0,
     KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_DIRTY_LOG_MANUAL_CAPS,
+    # KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 (cpuid.py).
+    KvmCap.KVM_CAP_EXT_CPUID: 1,
     # The seed's ABI. On a real kernel 187 is KVM_CAP_STEAL_TIME, which also answers 1: a VMM must
     # not probe for PCI_HOLE with check_extension(187) on the kvm backend
     # (Hypervisor.implements_proposed_abi says which ABI a backend speaks).
