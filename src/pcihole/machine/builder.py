@@ -59,6 +59,7 @@ from pcihole.memory import (
     make_strategy,
     page_range,
 )
+from pcihole.pci.bridge_windows import has_hotplug_slots, root_bus_need
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
@@ -320,6 +321,8 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
             spec.segments,
             layout.ACPI_GPA,
             expanders=expander_buses(spec),
+            needs=[root_bus_need(spec.topology, s.id, s.root_bus) for s in spec.segments],
+            native_hotplug=[has_hotplug_slots(spec.topology, s.id, s.root_bus) for s in spec.segments],
             serial_ports=[(COM1_BASE, COM1_IRQ)],
         )
     except ValueError as e:
@@ -366,7 +369,17 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
 
 def expander_buses(spec: MachineFile) -> list[ExpanderBus]:
     """The machine's expander root buses, as the DSDT describes them (acpi/expander_bridge.py)."""
-    return [ExpanderBus(x.bdf.segment, x.bus, x.last_bus) for x in spec.topology.expanders]
+    topology = spec.topology
+    return [
+        ExpanderBus(
+            x.bdf.segment,
+            x.bus,
+            x.last_bus,
+            need=root_bus_need(topology, x.bdf.segment, x.bus),
+            native_hotplug=has_hotplug_slots(topology, x.bdf.segment, x.bus),
+        )
+        for x in topology.expanders
+    ]
 
 
 def e820_map(
