@@ -56,8 +56,8 @@ def headline_lines(results: BenchResults) -> list[str]:
 def scan_table(results: BenchResults) -> list[str]:
     lines = [
         "| backend / strategy | scan ms, median [min–max] | × best | exits: mmio r / w / io / total | ECAM exits "
-        "| absent-function exits | config reads | hole backing | memslots | VmPTE growth |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| absent-function exits | config reads | hole backing | memslots | VmPTE growth | host faults in the run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.scan:
         s = r.scan_seconds
@@ -70,7 +70,7 @@ def scan_table(results: BenchResults) -> list[str]:
             f"| {r.label} | {units.ms(s.median)} [{units.ms(s.min)}–{units.ms(s.max)}] "
             f"| {units.times(r.ratios.get('scan_seconds'))} | {exits} | {units.count(r.ecam_exits)} "
             f"| {units.count(r.absent_exits)} | {units.count(r.config_reads)} | {units.size(r.hole_backing_bytes)} "
-            f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} |"
+            f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} | {units.count(r.host_faults)} |"
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.scan if r.note]
     if results.qemu_skipped:
@@ -154,6 +154,27 @@ def hotplug_table(results: BenchResults) -> list[str]:
     return lines
 
 
+def alias_sweep_table(results: BenchResults) -> list[str]:
+    if not results.alias_sweep:
+        return ["Not measured: no backend here has ro-alias."]
+    lines = [
+        "| backend / strategy | granule | prefault | scan ms, median | × ro-filled (same prefault) "
+        "| host faults in the run | build ms, median | hole backing | hole mappings | memslots | VmPTE growth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rows in results.alias_sweep.values():
+        for a in rows:
+            r = a.row
+            build = r.build_seconds.median if r.build_seconds else None
+            lines.append(
+                f"| {r.label} | {units.size(a.granule) if a.granule else '—'} | {'on' if a.prefault else 'off'} "
+                f"| {units.ms(r.scan_seconds.median)} | {units.times(a.ratio_to_floor)} | {units.count(r.host_faults)} "
+                f"| {units.ms(build)} | {units.size(r.hole_backing_bytes)} | {units.count(r.hole_mappings)} "
+                f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} |"
+            )
+    return lines
+
+
 def _ops(ops: dict[str, int]) -> str:
     return ", ".join(f"{name} {n}" for name, n in ops.items()) or "—"
 
@@ -224,6 +245,16 @@ def markdown(results: BenchResults, plots: list[str]) -> str:
             "## Hot-plug: one function's ECAM page punched (hot-add) and filled (hot-remove)",
             "",
             *hotplug_table(results),
+        ],
+        [
+            "## ro-alias: alias granule and prefault (default machine)",
+            "",
+            "The granule is the fill memfd one alias mapping repeats; prefault fills the host page tables of "
+            "the hole backing when it is mapped, so that the guest's first touch of a hole page costs no host "
+            "page fault (the default is prefault on, granule chosen by the planner: 64 KiB). Host faults are the "
+            "process's minor faults during the run; the build includes mapping and prefaulting the backing.",
+            "",
+            *alias_sweep_table(results),
         ],
         ["## Scaling with the ECAM (one host bridge per segment)", "", *scaling_table(results, SWEEP_ECAM)],
         [

@@ -2,7 +2,7 @@
 bench.json, bench.md and PNG plots into the output directory.
 
 Order: the default machine's scan per backend x strategy, QEMU as a peer, the exit path, hot-plug,
-then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
+ro-alias's granule and prefault sweep, then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
 paths go to stdout. Returns the process exit status: 0, or 1 when a measurement failed (one line on
 stderr saying which), 2 when nothing can be measured.
 """
@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from pcihole.bench import linux_boot, qemu_peer
+from pcihole.bench import alias_sweep, linux_boot, qemu_peer
 from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
@@ -38,15 +38,29 @@ JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
 
 
-def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool, linux_boots: int = 0) -> int:
+def _work_units(
+    plan: BenchPlan,
+    configs: int,
+    backends: int,
+    with_qemu: bool,
+    linux_boots: int = 0,
+    alias_backends: int = 0,
+) -> int:
     return (
         linux_boots
         + configs * plan.scan_runs
         + (plan.qemu_runs if with_qemu else 0)
         + backends
         + configs
+        + alias_backends * alias_sweep.point_count(plan)
         + configs * point_count(plan)
     )
+
+
+def _alias_backends(results: BenchResults) -> list[str]:
+    return [
+        b for b in results.configs.backends if any(c.strategy == "ro-alias" for c in results.configs.of(b))
+    ]
 
 
 def measure(results: BenchResults, progress: Progress) -> None:
@@ -92,6 +106,17 @@ def measure(results: BenchResults, progress: Progress) -> None:
                 measure_hotplug(default_machine, config, plan.hotplug_changes, kernel, writes=writes)
             )
         progress.step(f"hot-plug: {config.label}")
+
+    for backend in _alias_backends(results):
+        progress.note(f"ro-alias granule and prefault: {backend}")
+        results.alias_sweep[backend] = alias_sweep.measure_alias_sweep(
+            default_machine,
+            backend,
+            plan,
+            kernel,
+            clock,
+            on_point=lambda what: progress.step(f"sweep: {what}"),
+        )
 
     for config in configs.configs:
         results.scaling += measure_scaling(
@@ -148,7 +173,12 @@ def run_bench(
         )
     progress = Progress(
         _work_units(
-            plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None, linux_boots
+            plan,
+            len(configs.configs),
+            len(configs.backends),
+            results.qemu_skipped is None,
+            linux_boots,
+            len(_alias_backends(results)),
         )
     )
     try:

@@ -46,10 +46,12 @@ from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    DEFAULT_TUNING,
     PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
+    HoleTuning,
     MemoryMap,
     Mmio,
     Ram,
@@ -96,10 +98,12 @@ def build_machine(
     initrd: bytes | None = None,
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
+    hole_tuning: HoleTuning = DEFAULT_TUNING,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
-    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests)."""
+    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests);
+    `hole_tuning` sets how the hole strategy backs its holes (pcihole bench sweeps it)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -133,7 +137,7 @@ def build_machine(
         holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
         try:
             # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
-            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes, tuning=hole_tuning))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
         if memory.strategy.maps_mirrors:
