@@ -50,6 +50,15 @@ def headline_lines(results: BenchResults) -> list[str]:
             lines.append(
                 f"  - one exit through pcihole costs {units.times(h.exit_path_ratio)} a bare KVM_RUN loop's"
             )
+        if h.exit_over_qemu is not None:
+            bare = (
+                f"; a Python loop that only re-enters KVM_RUN would take {units.times(h.bare_loop_over_qemu)}"
+                if h.bare_loop_over_qemu is not None
+                else ""
+            )
+            lines.append(
+                f"  - the `exit` strategy's scan takes {units.times(h.exit_over_qemu)} QEMU's on this host{bare}"
+            )
     return lines
 
 
