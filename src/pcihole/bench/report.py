@@ -13,12 +13,23 @@ def host_lines(results: BenchResults) -> list[str]:
     reference = f", /proc/cpuinfo says {c.cpuinfo_hz / 1e6:.0f} MHz" if c.cpuinfo_hz else ""
     check = ", ".join(f"{label} {x:.3f}" for label, x in results.tsc_check().items())
     check_text = f"; guest-TSC scan time / host wall time of the run: {check}" if check else ""
+    load = []
+    if h.load_at_start is not None and h.load_at_end is not None:
+        shared = (
+            "other processes shared the CPUs: compare ratios and counts from this run, not absolute times"
+            if max(h.load_at_start, h.load_at_end) > h.cpus / 2
+            else "the CPUs were nearly idle"
+        )
+        load = [
+            f"- load average (1 min): {h.load_at_start:.1f} at the start, {h.load_at_end:.1f} at the end; {shared}"
+        ]
     return [
         f"- CPU: {h.cpu_model} ({h.cpus} CPUs); kernel {h.kernel}; KVM: {h.kvm_flavour}",
         f"- TSC: {c.hz / 1e6:.1f} MHz ({c.source}{reference}){check_text}",
         f"- Python {h.python}; QEMU {h.qemu or 'not installed'}",
         f"- plan: {results.plan.name} ({results.plan.scan_runs} boots per row, {results.plan.scaling_runs} per "
         f"scaling point); run started {results.started}, took {results.seconds:.0f} s",
+        *load,
     ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
 from pcihole.bench.headline import compute_headline
-from pcihole.bench.host import hardware_kvm, host_info
+from pcihole.bench.host import hardware_kvm, host_info, load_average
 from pcihole.bench.hotplug import WRITE_POLICIES, measure_hotplug
 from pcihole.bench.plan import BenchPlan, plan_for
 from pcihole.bench.progress import Progress
@@ -188,6 +189,7 @@ def run_bench(
         print(f"pcihole: error: bench: {e}", file=sys.stderr)
         return EXIT_FAILED
     progress.finish("writing results")
+    results.host = replace(results.host, load_at_end=load_average())
     results.headline = compute_headline(results)
     results.seconds = time.monotonic() - start
 
