@@ -46,6 +46,8 @@ class Headline:
     speedup_over_qemu: float | None = None
     ratio_to_floor: float | None = None
     exit_path_ratio: float | None = None
+    #: the same, measured through the machine's run loop beside the bare loop in one process
+    run_loop_ratio: float | None = None
     #: kvm only: the `exit` strategy's scan / QEMU's scan
     exit_over_qemu: float | None = None
     #: kvm only: (the floor scan + the `exit` row's ECAM exits x the bare loop's exit) / QEMU's scan
@@ -86,6 +88,8 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
         headline.speedup_over_qemu = _quotient(_time(results, "qemu", "exit"), best_time)
     exit_path = next((e for e in results.exit_path if e.backend == backend), None)
     headline.exit_path_ratio = exit_path.ratio if exit_path else None
+    if exit_path is not None and exit_path.breakdown is not None:
+        headline.run_loop_ratio = exit_path.breakdown.run_loop_ratio
     if backend == "kvm":
         qemu = _time(results, "qemu", "exit")
         headline.exit_over_qemu = _quotient(_time(results, backend, "exit"), qemu)
