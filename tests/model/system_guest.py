@@ -169,10 +169,18 @@ REG_NAMES = (
 
 
 def run_system_guest(
-    hv, body: str, handlers: list[Handler], *, on_exit=None, max_exits: int = 20, rflags: int = 0x2
+    hv,
+    body: str,
+    handlers: list[Handler],
+    *,
+    on_exit=None,
+    max_exits: int = 20,
+    rflags: int = 0x2,
+    setup=None,
 ) -> SystemRun:
     """Run the guest to its first HLT or Shutdown; `on_exit(vcpu, exit_, index)` may act on each
-    exit (inject an interrupt) and returns True to run on even after an HLT."""
+    exit (inject an interrupt) and returns True to run on even after an HLT; `setup(vcpu)` runs
+    on the new vCPU before its registers are set (as configure_vcpu does: CPUID, MSRs)."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
@@ -182,6 +190,8 @@ def run_system_guest(
         ram.write(IDT, idt(handlers))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
+        if setup is not None:
+            setup(vcpu)
         enter_long_mode(vcpu, CODE, page_tables_gpa=PAGE_TABLES + 0x10000, write_guest=ram.write, rsp=STACK)
         ram.write(PAGE_TABLES, page_tables())
         sregs = vcpu.get_sregs()
@@ -293,8 +303,11 @@ idtr: .word {256 * 8 - 1}
     return "".join(parts)
 
 
-def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: int = 20) -> SystemRun:
-    """The 32-bit guest, from the PVH entry state, to its first HLT or Shutdown."""
+def run_protected_guest(
+    hv, body: str, handlers: list[Handler], *, max_exits: int = 20, setup=None
+) -> SystemRun:
+    """The 32-bit guest, from the PVH entry state, to its first HLT or Shutdown (`setup(vcpu)` as
+    for run_system_guest)."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
@@ -304,6 +317,8 @@ def run_protected_guest(hv, body: str, handlers: list[Handler], *, max_exits: in
         ram.write(IDT, idt32(handlers))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
+        if setup is not None:
+            setup(vcpu)
         enter_protected_mode_flat(vcpu, CODE, esp=STACK)
         return run_until_halt(vcpu, ram, max_exits=max_exits)
     finally:

@@ -10,9 +10,11 @@ Register state is exchanged as the uapi structs `kvm_regs` / `kvm_sregs` (hv/uap
 backends: the model is a model of KVM, so it takes KVM's types.
 
 What a backend may lack is asked with `check_extension`, as a VMM asks KVM, never with getattr:
-`get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (the model's vCPU is Unicorn's and has no
-CPUID table to offer), the MMIO fill device where KVM_CAP_MMIO_FILL is (hv/proposed.py; the model
-only). Without the capability the method raises an OSError, as a kernel without the ioctl would.
+`get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (both backends offer it; the model's
+table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip's LAPIC state
+(get_lapic / set_lapic) where KVM_CAP_IRQCHIP is, the MMIO fill device where KVM_CAP_MMIO_FILL is
+(hv/proposed.py; the model only). Without the capability the method raises an OSError, as a kernel
+without the ioctl would.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     import ctypes
 
     from pcihole.hv.exits import CoalescedWrite, VcpuExit
-    from pcihole.hv.uapi import kvm_regs, kvm_sregs
+    from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_sregs
 
 
 @runtime_checkable
@@ -41,6 +43,18 @@ class Vcpu(Protocol):
     def get_sregs(self) -> kvm_sregs: ...
     def set_sregs(self, sregs: kvm_sregs) -> None: ...
     def set_cpuid2(self, cpuid: ctypes.Structure) -> None: ...
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of `indices` up to the first MSR the vCPU does not have (the
+        kernel returns how many it read; the dict holds those)."""
+        ...
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS in order; the first MSR refused raises OSError (EINVAL) naming it, after
+        the ones before it were set."""
+        ...
+
+    def set_fpu(self, fpu: kvm_fpu) -> None: ...
 
     def run(self) -> VcpuExit:
         """KVM_RUN until the next exit to userspace, decoded (hv/exits.py)."""

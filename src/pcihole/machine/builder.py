@@ -32,6 +32,7 @@ from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, c
 from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.interface import Hypervisor, InterruptLines
+from pcihole.hv.kvm.cpu_setup import configure_vcpu
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
@@ -211,12 +212,16 @@ def build_machine(
 
         step = "create the vCPU"
         vcpu = vm.create_vcpu(0)
-        if hv.name == "kvm":
-            from pcihole.hv.kvm.cpu_setup import configure_vcpu
-
-            configure_vcpu(hv, vcpu, hide_features=quirks.hide_features, irqchip=True)
-        elif hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
-            vcpu.set_cpuid2(hv.get_supported_cpuid())
+        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
+            # CPUID, MSRs, FPU as QEMU / Firecracker set them, on either backend (the model answers
+            # the same ioctls: hv/model/cpuid.py, cpu_msrs.py); LINT0 / LINT1 where the backend
+            # has an in-kernel LAPIC to hold them.
+            configure_vcpu(
+                hv,
+                vcpu,
+                hide_features=quirks.hide_features,
+                irqchip=bool(vm.check_extension(KvmCap.KVM_CAP_IRQCHIP)),
+            )
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
         stats = RunStats()

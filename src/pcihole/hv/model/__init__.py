@@ -18,7 +18,14 @@ One concept per file:
   guest_memory.py the regions of guest-physical space: what each slot and gap is (RAM, hole, ...)
   mmu.py          a vCPU's Unicorn memory map built from those regions (arch/x86/kvm/mmu/mmu.c)
   emulator_read_write.py  accesses that leave RAM, split and exited as x86.c's emulator_read_write
-  cpu.py          Unicorn set up from kvm_regs / kvm_sregs
+  cpu.py          Unicorn set up from kvm_regs / kvm_sregs; the engine's CPU model
+  cpuid.py        KVM_GET_SUPPORTED_CPUID of the model, and kvm_cpuid's lookup rules
+  msr.py          a vCPU's MSR table: who owns each MSR (devices register theirs)
+  msr_intercept.py  how guest RDMSR / WRMSR reach Python (the engine's SVM MSR intercept)
+  cpu_msrs.py     the MSRs the vCPU owns itself (EFER, STAR, PAT, MTRRs, TSC, APIC_BASE, ...)
+  tsc.py          the guest TSC: a fixed frequency over the host's monotonic clock
+  kvmclock.py     the pvclock pages behind the kvmclock MSRs
+  fast_registers.py  register access for the hooks that run at every RDTSC and CPUID
   boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
   vcpu.py         KVM_RUN, kick, registers, memslot sync, close: one state enum (kvm_main.c's vCPU)
   vm.py, system.py  the Vm / Hypervisor objects

@@ -39,6 +39,8 @@ MODEL_CAPABILITIES: dict[int, int] = {
     KvmCap.KVM_CAP_READONLY_MEM: 1,
     KvmCap.KVM_CAP_MULTI_ADDRESS_SPACE: 0,
     KvmCap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_DIRTY_LOG_MANUAL_CAPS,
+    # KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 (cpuid.py).
+    KvmCap.KVM_CAP_EXT_CPUID: 1,
     # The seed's ABI. On a real kernel 187 is KVM_CAP_STEAL_TIME, which also answers 1: a VMM must
     # not probe for PCI_HOLE with check_extension(187) on the kvm backend
     # (Hypervisor.implements_proposed_abi says which ABI a backend speaks).

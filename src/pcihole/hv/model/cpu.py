@@ -17,10 +17,18 @@ from enum import Enum
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
-from pcihole.hv.uapi import kvm_regs, kvm_segment, kvm_sregs
+from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
 MSR_EFER = 0xC0000080
+#: The engine's CPU model (uc_ctl_set_cpu_model): what TCG executes depends on its feature words
+#: (translate.c checks s->cpuid_*_features before it decodes SMAP's CLAC / STAC, XSAVE, RDRAND,
+#: FSGSBASE, ADX, MOVBE, POPCNT, ...), and Unicorn's cpu.c filters a model's features down to what
+#: TCG implements. Broadwell is the newest model whose filtered words lose nothing Linux 6.1 uses
+#: that TCG runs: SMEP, SMAP, FSGSBASE, ERMS, BMI1/2, ADX, XSAVE / XSAVEOPT, RDRAND, RDTSCP,
+#: POPCNT, MOVBE, AES, PCLMULQDQ (no AVX, PCID or INVPCID: QEMU 5.0's TCG has none of them).
+#: cpuid.py offers the guest exactly the instructions measured to run (tests/model/test_cpuid.py).
+ENGINE_CPU_MODEL = x86.UC_CPU_X86_BROADWELL
 FLAT_LIMIT = 0xFFFFFFFF
 
 
@@ -107,6 +115,8 @@ def cpu_mode(sregs: kvm_sregs) -> CpuMode:
 def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
     """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
     uc = Uc(UC_ARCH_X86, mode.value)
+    # Before anything else touches the CPU (Unicorn creates it on first use): see ENGINE_CPU_MODEL.
+    uc.ctl_set_cpu_model(ENGINE_CPU_MODEL)
     if mode is CpuMode.LONG_64:
         uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
@@ -117,6 +127,12 @@ def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
             uc.reg_write(reg, getattr(sregs, name).selector)
     write_regs(uc, mode, regs)
     return uc
+
+
+def write_fpu(uc: Uc, fpu: kvm_fpu) -> None:
+    """KVM_SET_FPU's control words: FCW and MXCSR."""
+    uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
+    uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
 
 
 def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs) -> None:

@@ -40,6 +40,9 @@ _CR = 424
 _ERROR_CODE = 5384
 _EXCEPTION_IS_INT = 5388
 _OLD_EXCEPTION = 5496
+# The SVM fields after old_exception (cpu.h: uint64_t vm_vmcb, tsc_offset, intercept): msr_intercept.py.
+_VM_VMCB = 5504
+_INTERCEPT = 5520
 
 # QEMU's segment register indices (R_ES, R_CS, R_SS, R_DS, R_FS, R_GS).
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
@@ -52,6 +55,7 @@ HF_SS32_MASK = 1 << 5
 HF_ADDSEG_MASK = 1 << 6
 HF_LMA_MASK = 1 << 14
 HF_CS64_MASK = 1 << 15
+HF_GUEST_MASK = 1 << 21  # "SVM intercepts are active": msr_intercept.py
 # hflags2: HF2_NMI_MASK, "CPU serving NMI": set by delivery, cleared by IRET (helper_iret_*).
 HF2_NMI_MASK = 1 << 2
 
@@ -194,9 +198,31 @@ class EngineState:
         selector, base, limit, flags = struct.unpack_from("<I4xQII", self._data, offset)
         return SegmentCache(selector, base, limit, flags)
 
+    def set_gpr(self, index: int, value: int) -> None:
+        """regs[index] (R_EAX 0, R_ECX 1, R_EDX 2, R_EBX 3, ...), all 64 bits: what a 32-bit
+        engine's uc_reg_write cannot reach once the guest is in long mode."""
+        struct.pack_into("<Q", self._data, 8 * index, value & 0xFFFFFFFFFFFFFFFF)
+
+    def set_ip(self, value: int) -> None:
+        """env->eip, all 64 bits (a 32-bit engine's uc_reg_write of EIP cannot set a long-mode RIP)."""
+        struct.pack_into("<Q", self._data, _EIP, value & 0xFFFFFFFFFFFFFFFF)
+
     def clear_old_exception(self) -> None:
-        """x86_cpu_do_interrupt's "successfully delivered": no exception in flight."""
+        """x86_cpu_do_interrupt's "successfully delivered": no exception in flight.
+
+        exception_is_int is cleared too: Unicorn's cpu_handle_exception moves EIP to
+        exception_next_eip for any exception while it is set, and the MSR intercept's exit
+        (msr_intercept.py), which does not go through raise_interrupt2, would inherit the last
+        INT n's value and lose the RDMSR / WRMSR address."""
         struct.pack_into("<i", self._data, _OLD_EXCEPTION, -1)
+        struct.pack_into("<i", self._data, _EXCEPTION_IS_INT, 0)
+
+    def intercept_msrs(self, vmcb: int, intercept: int) -> None:
+        """SVM guest mode with only the MSR intercept on (msr_intercept.py): HF_GUEST_MASK in
+        hflags, env->vm_vmcb and env->intercept."""
+        struct.pack_into("<Q", self._data, _VM_VMCB, vmcb)
+        struct.pack_into("<Q", self._data, _INTERCEPT, intercept)
+        self.hflags = self.hflags | HF_GUEST_MASK
 
     def segment(self, index: int) -> SegmentCache:
         at = _SEGS + index * _SEGMENT_BYTES

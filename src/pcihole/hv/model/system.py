@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 
-from pcihole.hv.model import capabilities
-from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model import capabilities, cpuid
 from pcihole.hv.model.vm import ModelVm
 
 
@@ -23,9 +21,9 @@ class ModelKvm:
         return capabilities.check_extension(cap)
 
     def get_supported_cpuid(self) -> ctypes.Structure:
-        """Not offered (check_extension(KVM_CAP_EXT_CPUID) is 0): the model's vCPU runs Unicorn's
-        CPUID, which the model does not describe."""
-        raise ModelKvmError(errno.ENOTTY, "KVM_GET_SUPPORTED_CPUID", "", "the model has no CPUID table")
+        """KVM_GET_SUPPORTED_CPUID: what the model's engine executes, plus KVM's paravirtual leaves
+        (hv/model/cpuid.py says which features and why)."""
+        return cpuid.supported_cpuid()
 
     def create_vm(self) -> ModelVm:
         vm = ModelVm()

@@ -58,6 +58,7 @@ allows) and stops the engine, so the rest of the block faults instead of touchin
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import threading
 from enum import Enum
@@ -73,21 +74,39 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_INS_RDTSC,
+    UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR4,
+    UC_X86_REG_EAX,
+    UC_X86_REG_EBX,
+    UC_X86_REG_ECX,
+    UC_X86_REG_EDX,
     UC_X86_REG_IDTR,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
+from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
+    GP,
     NMI,
     UD,
     Delivery,
@@ -97,11 +116,24 @@ from pcihole.hv.model.interrupts import (
     interrupt_window_open,
     syscall,
 )
+from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.mmu import Mmu
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_regs, kvm_sregs
+from pcihole.hv.model.msr import MsrFault, MsrTable
+from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
+from pcihole.hv.model.tsc import TscClock
+from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_fpu, kvm_regs, kvm_sregs
+from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
+_MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
+# QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
+_R_EAX, _R_ECX, _R_EDX, _R_EBX = 0, 1, 2, 3
+_GPR_IDS_64 = {_R_EAX: UC_X86_REG_RAX, _R_ECX: UC_X86_REG_RCX, _R_EDX: UC_X86_REG_RDX, _R_EBX: UC_X86_REG_RBX}
+_GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_REG_EDX, _R_EBX: UC_X86_REG_EBX}
+# uc_cb_insn_cpuid_t, which Unicorn's RDTSC / RDTSCP hooks also take (the Python binding offers
+# them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
+_INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
 
 
@@ -175,6 +207,28 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
+        #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
+        self.msrs = MsrTable()
+        #: The guest TSC (tsc.py): RDTSC, IA32_TSC, and deadlines converted to host time.
+        self.tsc = TscClock(vm.tsc_khz)
+        # Guest RDMSR / WRMSR reach self.msrs through the engine's SVM MSR intercept
+        # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
+        self._intercept = MsrIntercept()
+        self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
+        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
+        #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
+        self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
+        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id, self.kvmclock.update)
+        self.kvmclock.register(self.msrs)
+        self._intercept.pass_through(self.engine_msrs.pass_through())
+        self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
+        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
+        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
+        self._cpuid: CpuidTable | None = None
+        self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
+        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
+        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -205,11 +259,135 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             self._regs = cpu.read_regs(*engine)
+            self.engine_msrs.save(engine[0])
         self._sregs = kvm_sregs.from_buffer_copy(sregs)
         self._requests.add(Request.NEW_ENGINE)
 
     def set_cpuid2(self, cpuid) -> None:
-        """Accepted and ignored: Unicorn's CPUID is its own (the model's guests do not depend on it)."""
+        """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
+        does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
+        zeros: the model's bare test guests do not set one)."""
+        self._cpuid = CpuidTable.from_cpuid2(cpuid)
+        engine = self._live_engine()
+        if engine is not None:
+            self._hook_cpuid(engine[0])
+
+    def _hook_cpuid(self, uc: Uc) -> None:
+        if self._cpuid_engine is not uc:
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+            self._cpuid_engine = uc
+
+    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
+        """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
+        upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
+        followed the guest into long mode reaches only the low halves with uc_reg_write, so there
+        the engine's state is written instead."""
+        fast = self._fast
+        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
+            for index, value in values.items():
+                fast.write(_GPR_IDS_64[index], value)
+            if ip is not None:
+                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
+            return
+        state = self._msr_state
+        if state is None:
+            for index, value in values.items():
+                uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
+            if ip is not None:
+                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
+            return
+        state.load()
+        for index, value in values.items():
+            state.set_gpr(index, value)
+        if ip is not None:
+            state.set_ip(ip)
+        state.store()
+
+    def _on_cpuid(self, uc: Uc, _data: object) -> int:
+        """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
+        table = self._cpuid
+        if table is None:
+            return 0
+        fast = self._fast
+        assert fast is not None
+        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
+        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        regs = table.lookup(function, index)
+        if function == 1:
+            apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
+            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
+        eax, ebx, ecx, edx = regs
+        self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
+        return 1
+
+    def _hook_tsc(self, uc: Uc) -> None:
+        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
+        gives the engine the register access these hooks and the CPUID hook use."""
+        self._fast = FastRegisters(uc)
+        for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
+            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
+            self._insn_thunks.append(thunk)
+            handle = uc_hook_h()
+            err = uclib.uc_hook_add(
+                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
+                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
+            )  # fmt: skip
+            if err:
+                raise UcError(err)
+
+    def _on_rdtsc(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32})
+        return 1
+
+    def _on_rdtscp(self, uc: Uc) -> int:
+        tsc = self.tsc.read()
+        tsc_aux = self.engine_msrs.tsc_aux
+        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
+        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
+        return 1
+
+    # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of `indices` up to the first one the vCPU does not have
+        (msr_io stops there and returns the number done; the dict holds those)."""
+        out: dict[int, int] = {}
+        for index in indices:
+            try:
+                out[index] = self.msrs.read(index, host=True)
+            except MsrFault:
+                break
+        return out
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS: each in order; the first refused one ends it, as the kvm backend reports
+        (EINVAL naming the MSR, after the ones before it were set)."""
+        for index, value in msrs.items():
+            try:
+                self.msrs.write(index, value, host=True)
+            except MsrFault as e:
+                raise ModelKvmError(
+                    errno.EINVAL, "KVM_SET_MSRS", f"vcpu={self.id}", f"MSR {index:#x} refused: {e}"
+                ) from e
+
+    def set_fpu(self, fpu: kvm_fpu) -> None:
+        """KVM_SET_FPU: the x87 control word and MXCSR (the registers' contents are not modelled)."""
+        self._fpu = kvm_fpu.from_buffer_copy(fpu)
+        engine = self._live_engine()
+        if engine is not None:
+            cpu.write_fpu(engine[0], self._fpu)
+
+    def _msr_engine(self) -> Uc | None:
+        engine = self._live_engine()
+        return None if engine is None else engine[0]
+
+    def _efer(self) -> int:
+        return self._sregs.efer
+
+    def _set_efer(self, value: int) -> None:
+        # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
+        self._sregs.efer = (value & ~EFER_LMA) | (self._sregs.efer & EFER_LMA)
 
     # --- the coalesced ring (one page per VM, seen through every vCPU as on KVM) -------------------
 
@@ -611,6 +789,9 @@ class ModelVcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
+        if intno == MSR_EXIT:
+            self._on_msr(uc)
+            return
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -618,6 +799,30 @@ class ModelVcpu:
         state.load()
         kind = EventKind.SOFTWARE if state.exception_is_int else EventKind.EXCEPTION
         self._deliver(uc, Event(intno, kind, state.error_code))
+
+    def _on_msr(self, uc: Uc) -> None:
+        """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
+        error_code says which. Done through self.msrs, or #GP(0) (kvm_emulate_rdmsr / wrmsr with
+        ignore_msrs=0: kvm_inject_gp)."""
+        state = self._msr_state
+        assert state is not None
+        state.load()
+        ip, write = state.ip, state.error_code
+        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
+        try:
+            if write:  # WRMSR: EDX:EAX
+                value = (uc.reg_read(UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
+                    uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
+                )
+                self.msrs.write(index, value, host=False)
+                result = {}
+            else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
+                value = self.msrs.read(index, host=False)
+                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
+        except MsrFault:
+            self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
+            return
+        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
@@ -656,14 +861,24 @@ class ModelVcpu:
                 uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
                 uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
                 uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-                self._delivery = self._engine_state = None
+                self._delivery = self._engine_state = self._msr_state = None
                 if mode is cpu.CpuMode.LONG_64:
                     uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
-                if mode is not cpu.CpuMode.REAL:
-                    state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
-                    if state.layout_ok():
+                state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
+                if state.layout_ok():
+                    # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
+                    # every MSR (unknown ones read 0): the intercept needs that state.
+                    self._intercept.install(uc, state)
+                    self._msr_state = state
+                    if mode is not cpu.CpuMode.REAL:
                         self._engine_state = state
                         self._delivery = Delivery(uc, state, mmu.read_ram)
+                self.engine_msrs.restore(uc)
+                if self._fpu is not None:
+                    cpu.write_fpu(uc, self._fpu)
+                self._hook_tsc(uc)
+                if self._cpuid is not None:
+                    self._hook_cpuid(uc)
         if mmu.stale():
             mmu.sync()
         else:

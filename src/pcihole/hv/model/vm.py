@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import threading
 import time
@@ -14,8 +15,9 @@ from pcihole.hv.model import capabilities, dirty_log, page_levels
 from pcihole.hv.model.coalesced import CoalescedRing, CoalescedZones
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.io_bus import IoBus
-from pcihole.hv.model.memslots import MemslotChange, MemslotTable
+from pcihole.hv.model.memslots import PAGE_SHIFT, MemslotChange, MemslotTable
 from pcihole.hv.model.mmio_fill import MmioFillDevices
+from pcihole.hv.model.tsc import DEFAULT_TSC_KHZ
 from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.hv.uapi import KvmCap
 
@@ -42,6 +44,8 @@ class ModelVm:
         self.vcpus: list[ModelVcpu] = []
         self.closed = False
         self.observer: IoctlObserver | None = None
+        #: The frequency of every vCPU's guest TSC (KVM_SET_TSC_KHZ; tsc.py), fixed at creation.
+        self.tsc_khz = DEFAULT_TSC_KHZ
 
     @contextlib.contextmanager
     def _ioctl(self, ioctl: str, arg: object = None) -> Iterator[None]:
@@ -60,6 +64,27 @@ class ModelVm:
 
     def check_extension(self, cap: int) -> int:
         return capabilities.check_extension(cap)
+
+    def write_guest(self, gpa: int, data: bytes) -> bool:
+        """kvm_write_guest, for what the model itself writes into the guest (the kvmclock pages):
+        `data` at `gpa` through the memslot's host pages, dirty-logged. False, with nothing
+        written, where [gpa, gpa + len) is not all in one writable RAM slot."""
+        with self.memslots_lock:
+            slot = self.memslots.find_gpa(gpa)
+            if slot is None or slot.readonly or slot.pci_hole or gpa + len(data) - 1 > slot.last:
+                return False
+            ctypes.memmove(slot.userspace_addr + gpa - slot.gpa, data, len(data))
+            for gfn in range(gpa >> PAGE_SHIFT, ((gpa + len(data) - 1) >> PAGE_SHIFT) + 1):
+                dirty_log.mark_page_dirty(slot, gfn)
+        return True
+
+    def read_guest(self, gpa: int, size: int) -> bytes | None:
+        """kvm_read_guest within one RAM slot, else None."""
+        with self.memslots_lock:
+            slot = self.memslots.find_gpa(gpa)
+            if slot is None or slot.pci_hole or gpa + size - 1 > slot.last:
+                return None
+            return ctypes.string_at(slot.userspace_addr + gpa - slot.gpa, size)
 
     # --- memory slots ------------------------------------------------------------------------------
 

@@ -1,0 +1,236 @@
+"""The MSRs a model vCPU owns itself (kvm_get_msr_common / kvm_set_msr_common and mtrr.c, for
+what Linux 6.1 touches at boot), registered in its MsrTable (msr.py).
+
+Two kinds:
+- engine MSRs: Unicorn's helper_rdmsr / helper_wrmsr keep them in CPUX86State as KVM keeps them
+  in the VMCS / vcpu->arch, and do guest accesses with no Python call (msr_intercept.py leaves
+  their bits clear). KVM_GET/SET_MSRS reach them through uc.msr_read / uc.msr_write, or, while
+  the vCPU has no engine (before its first run, between set_sregs and the next run), through the
+  values the vCPU keeps for the next engine (`EngineMsrs`).
+- Python MSRs: IA32_TSC (tsc.py), TSC_AUX (read by the RDTSCP hook at every RDTSCP, which Linux
+  6.1's rdtsc_ordered() uses where RDTSCP is offered; written once per CPU at boot),
+  IA32_APIC_BASE until a local APIC takes it over, the microcode revision, and the checks KVM
+  makes that the engine does not (PAT values, MTRRcap read-only).
+
+What is not here is unknown: #GP(0) on a guest access (KVM with ignore_msrs=0), and the end of
+KVM_GET/SET_MSRS. kvmclock's MSRs are kvmclock.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from pcihole.hv.model.msr import MsrFault, MsrTable, MsrValue
+
+if TYPE_CHECKING:
+    from unicorn import Uc
+
+    from pcihole.hv.model.tsc import TscClock
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_UCODE_REV = 0x8B
+MSR_IA32_DEBUGCTLMSR = 0x1D9
+MSR_MTRRCAP = 0xFE
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_PHYS_BASE0 = 0x200  # base / mask pairs 0x200-0x20f (8 variable ranges)
+MSR_MTRR_FIX64K_00000 = 0x250
+MSR_MTRR_FIX16K_80000 = 0x258
+MSR_MTRR_FIX16K_A0000 = 0x259
+MSR_MTRR_FIX4K_C0000 = 0x268  # 0x268-0x26f
+MSR_IA32_CR_PAT = 0x277
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_FS_BASE = 0xC0000100
+MSR_GS_BASE = 0xC0000101
+MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_TSC_AUX = 0xC0000103
+
+#: kvm_vcpu_reset: MSR_IA32_APICBASE = APIC_DEFAULT_PHYS_BASE | enable, plus BSP for vCPU 0.
+APIC_DEFAULT_PHYS_BASE = 0xFEE00000
+MSR_IA32_APICBASE_BSP = 1 << 8
+MSR_IA32_APICBASE_ENABLE = 1 << 11
+MSR_IA32_APICBASE_EXTD = 1 << 10
+#: KVM's vcpu->arch.microcode_version at creation (kvm_arch_vcpu_create: 0x100000000).
+UCODE_REV_RESET = 0x100000000
+#: kvm_vcpu_reset / the SDM's power-on PAT (WB, WT, UC-, UC, twice).
+PAT_RESET = 0x0007040600070406
+#: kvm_vcpu_reset: IA32_MISC_ENABLE = PEBS_UNAVAIL | BTS_UNAVAIL (the engine's own reset value is
+#: QEMU's, fast strings only).
+MSR_IA32_MISC_ENABLE_BTS_UNAVAIL = 1 << 11
+MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+MISC_ENABLE_RESET = MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL | MSR_IA32_MISC_ENABLE_BTS_UNAVAIL
+#: The PAT entry types a write may hold (kvm_pat_valid: 0, 1, 4, 5, 6, 7; 2 and 3 reserved).
+_PAT_VALID_TYPES = frozenset({0, 1, 4, 5, 6, 7})
+
+_MTRR_VAR = tuple(range(MSR_MTRR_PHYS_BASE0, MSR_MTRR_PHYS_BASE0 + 16))
+_MTRR_FIXED = (
+    MSR_MTRR_FIX64K_00000,
+    MSR_MTRR_FIX16K_80000,
+    MSR_MTRR_FIX16K_A0000,
+    *range(MSR_MTRR_FIX4K_C0000, MSR_MTRR_FIX4K_C0000 + 8),
+)
+#: MSRs Unicorn's helpers read and write as KVM does, in both directions, with no Python call.
+#: EFER is among them but is also in kvm_sregs: EngineMsrs treats it apart.
+ENGINE_MSRS: tuple[int, ...] = (
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_MISC_ENABLE,
+    *_MTRR_VAR,
+    *_MTRR_FIXED,
+    MSR_MTRR_DEF_TYPE,
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SYSCALL_MASK,
+    MSR_FS_BASE,
+    MSR_GS_BASE,
+    MSR_KERNEL_GS_BASE,
+)
+#: Read by the engine, written through Python (KVM checks the value; the engine does not).
+ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP)
+#: KVM_GET_MSRS of MTRRcap (kvm_mtrr_get_msr: 0x500 | KVM_NR_VAR_MTRR = WC, fixed, 8 variable), also
+#: what the engine's helper_rdmsr answers where its CPU model has CPUID.MTRR.
+MTRRCAP_VALUE = 0x508
+
+
+class EngineMsrs:
+    """The engine MSRs of one vCPU: in its live engine, else kept here for the next one."""
+
+    def __init__(
+        self,
+        engine: Callable[[], Uc | None],
+        native: Callable[[], AbstractContextManager[None]],
+        efer: Callable[[], int],
+        set_efer: Callable[[int], None],
+    ) -> None:
+        self._engine = engine  # the live engine, or None
+        self._native = native  # MsrIntercept.native of the vCPU
+        self._efer, self._set_efer = efer, set_efer  # kvm_sregs.efer while there is no engine
+        self.tsc_aux: MsrValue | None = None  # IA32_TSC_AUX, a Python MSR (register_vcpu_msrs)
+        self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET, MSR_IA32_MISC_ENABLE: MISC_ENABLE_RESET}
+
+    def read(self, index: int, host: bool) -> int:
+        if index == MSR_MTRRCAP:
+            return MTRRCAP_VALUE
+        uc = self._engine()
+        if uc is None:
+            return self._efer() if index == MSR_EFER else self.saved.get(index, 0)
+        with self._native():
+            return uc.msr_read(index)
+
+    def write(self, index: int, value: int, host: bool) -> None:
+        uc = self._engine()
+        if uc is None:
+            if index == MSR_EFER:
+                self._set_efer(value)
+            else:
+                self.saved[index] = value
+            return
+        with self._native():
+            uc.msr_write(index, value)
+
+    def save(self, uc: Uc) -> None:
+        """The engine is about to be replaced (set_sregs): keep its MSRs for the next one."""
+        with self._native():
+            for index in (*ENGINE_MSRS, MSR_IA32_CR_PAT):
+                self.saved[index] = uc.msr_read(index)
+
+    def restore(self, uc: Uc) -> None:
+        """Load the kept MSRs into a new engine (EFER came with kvm_sregs)."""
+        with self._native():
+            for index, value in self.saved.items():
+                uc.msr_write(index, value)
+
+    def pass_through(self) -> Iterator[tuple[int, bool]]:
+        """The (index, write) accesses the engine does itself (msr_intercept.MsrIntercept)."""
+        for index in (*ENGINE_MSRS, MSR_EFER):
+            yield index, False
+            yield index, True
+        for index in ENGINE_READ_ONLY_NATIVE:
+            yield index, False
+
+
+def register_vcpu_msrs(
+    table: MsrTable,
+    engine: EngineMsrs,
+    tsc: TscClock,
+    vcpu_id: int,
+    on_tsc_write: Callable[[], None] = lambda: None,
+) -> None:
+    """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset).
+    `on_tsc_write` runs after every write of IA32_TSC (KVM_REQ_CLOCK_UPDATE: kvmclock republishes)."""
+    owner = "vcpu"
+    for index in (*ENGINE_MSRS, MSR_EFER):
+        table.register(index, read=engine.read, write=engine.write, owner=owner, engine=True)
+
+    def write_pat(index: int, value: int, host: bool) -> None:
+        # kvm_pat_valid: every byte a valid memory type, else #GP (host writes too: kvm_set_msr_common).
+        if any((value >> (8 * i)) & 0xFF not in _PAT_VALID_TYPES for i in range(8)):
+            raise MsrFault(f"PAT {value:#x}: a reserved memory type")
+        engine.write(index, value, host)
+
+    table.register(MSR_IA32_CR_PAT, read=engine.read, write=write_pat, owner=owner)
+
+    def write_mtrrcap(index: int, value: int, host: bool) -> None:
+        # kvm_mtrr_set_msr refuses MTRRcap (msr_mtrr_valid: not a settable MTRR) -> #GP; a host
+        # write of the same value is accepted (kvm_set_msr_common ignores it for migration).
+        if not host or value != MTRRCAP_VALUE:
+            raise MsrFault("MTRRcap is read-only")
+
+    table.register(MSR_MTRRCAP, read=engine.read, write=write_mtrrcap, owner=owner)
+
+    def read_tsc(index: int, host: bool) -> int:
+        return tsc.read()
+
+    def write_tsc(index: int, value: int, host: bool) -> None:
+        if host:
+            tsc.write(value)  # kvm_synchronize_tsc
+        else:
+            tsc.guest_write(value)
+        on_tsc_write()
+
+    table.register(MSR_IA32_TSC, read=read_tsc, write=write_tsc, owner=owner)
+
+    def write_ucode_rev(index: int, value: int, host: bool) -> None:
+        # kvm_set_msr_common, MSR_IA32_UCODE_REV: the guest's write (0, before CPUID, as Linux's
+        # intel_get_microcode_revision does) is dropped; the host's sets the revision.
+        if host:
+            ucode.value = value
+
+    def write_tsc_aux(index: int, value: int, host: bool) -> None:
+        # kvm_set_msr_common, MSR_TSC_AUX: a guest write with bits 63:32 set is #GP (Intel).
+        if not host and value >> 32:
+            raise MsrFault(f"TSC_AUX {value:#x}: bits 63:32 are reserved")
+        tsc_aux.value = value
+
+    tsc_aux = MsrValue(0)
+    table.register(MSR_TSC_AUX, read=tsc_aux.read, write=write_tsc_aux, owner=owner)
+    #: The RDTSCP hook's source of ECX (the vCPU reads it straight from here).
+    engine.tsc_aux = tsc_aux
+
+    # vmx_set_msr, MSR_IA32_DEBUGCTLMSR: only the bits vmx_get_supported_debugctl allows, none here
+    # (no LBR, no bus-lock detection): 0 reads back, anything else is #GP.
+    debugctl = MsrValue(0, writable=0)
+    table.register(MSR_IA32_DEBUGCTLMSR, read=debugctl.read, write=debugctl.write, owner=owner)
+
+    ucode = MsrValue(UCODE_REV_RESET)
+    table.register(MSR_IA32_UCODE_REV, read=ucode.read, write=write_ucode_rev, owner=owner)
+
+    # Without an in-kernel LAPIC, KVM still keeps vcpu->arch.apic_base (kvm_set_apic_base); a local
+    # APIC model replaces this handler (MsrTable.register(..., replace=True)).
+    apic_base = MsrValue(
+        APIC_DEFAULT_PHYS_BASE | MSR_IA32_APICBASE_ENABLE | (MSR_IA32_APICBASE_BSP if vcpu_id == 0 else 0),
+        writable=0x000000FFFFFFF000 | MSR_IA32_APICBASE_ENABLE | MSR_IA32_APICBASE_BSP,
+    )
+    table.register(MSR_IA32_APICBASE, read=apic_base.read, write=apic_base.write, owner="vcpu apic_base")
