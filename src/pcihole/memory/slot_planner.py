@@ -39,7 +39,7 @@ MAX_SLOT_BYTES = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE
 # Why 64 KiB (`pcihole bench` sweeps 4 KiB .. 2 MiB, bench/alias_sweep.py): it is the kernel's
 # fault-around window (mm/memory.c, fault_around_bytes), so an unpopulated arena takes one host fault
 # per alias mapping, as few as any size gives (4 KiB and 16 KiB aliases take one per probed page:
-# 8,044 and 8,069 faults on a full scan against 4,049); below 64 KiB a 256 MiB hole also needs more
+# 8,069 and 8,068 faults on a full scan against 4,048); below 64 KiB a 256 MiB hole also needs more
 # mappings than the budget, hence more memslots. With the arena prefaulted (HoleTuning) no size
 # faults, and a larger alias only saves mappings (build time) for more backing: 2 MiB is 128x less
 # than ro-filled where 64 KiB is 4,096x less.
