@@ -4,8 +4,8 @@ Errors a user can reach print one line, `pcihole: error: ...`, and exit non-zero
 (arguments, machine files, images, a strategy the backend cannot do), 1 when the guest or the host
 fails (timeout, triple fault, /dev/kvm missing or not permitted, KVM errors). Never a traceback: an
 error pcihole did not foresee is one line too (`internal error: ...`; -v logs the traceback).
-SIGINT / SIGTERM end `pcihole run` with `pcihole: interrupted` / `pcihole: terminated` and status
-130 / 143 (128 + the signal), the guest stopped and the machine closed first.
+SIGINT / SIGTERM end `pcihole run` and `pcihole bench` with `pcihole: interrupted` / `pcihole:
+terminated` and status 130 / 143 (128 + the signal), the guest stopped and the machine closed first.
 README.md "## Errors" lists them.
 """
 
@@ -24,13 +24,13 @@ import threading
 import traceback
 from typing import TYPE_CHECKING
 
+from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_USAGE
 from pcihole.machine.dispatch import SUCCESSFUL_STOPS, Stop, StopReason
 from pcihole.machine.host_quirks import HOST_QUIRKS_CHOICES
 
 if TYPE_CHECKING:
     from pcihole.machine.stop_request import StopRequest
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "kvm", "model")
 STRATEGIES = ("auto", "exit", "ro-filled", "ro-alias", "native", "mmio-bus")
 #: The embedded guest prints only its summary line: one port exit per character would otherwise
@@ -41,7 +41,6 @@ KERNEL_FILE_MAX = 512 << 20
 DEFAULT_TIMEOUT = 60.0
 #: A Linux boot takes seconds on hardware KVM, but minutes on a software KVM such as PVM.
 LINUX_TIMEOUT = 1800.0
-LINUX_NOT_ON_MODEL = "the model backend delivers no interrupts (Unicorn), which Linux needs to boot"
 
 
 class UsageError(Exception):
@@ -59,7 +58,7 @@ class Signalled(Exception):
 
     def __init__(self, signum: int) -> None:
         super().__init__(self.WORDS.get(signal.Signals(signum), f"signal {signum}"))
-        self.status = 128 + signum
+        self.status = EXIT_SIGNAL_BASE + signum
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -103,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host-quirks",
         choices=HOST_QUIRKS_CHOICES,
         default="auto",
-        help="workarounds for a software KVM (PVM): auto turns them on only where /sys/module/kvm_pvm exists",
+        help="workarounds for a software KVM (PVM), kvm backend only: auto turns them on only where "
+        "/sys/module/kvm_pvm exists (none on the model)",
     )
     run.add_argument(
         "--timeout",
@@ -227,8 +227,8 @@ def _run(args: argparse.Namespace, stops: StopRequest) -> int:
         raise UsageError("--linux boots the cached Debian kernel: give --linux or --kernel, not both")
     if args.linux and args.initrd is not None:
         raise UsageError("--linux brings pcihole's own initramfs: use --kernel with --initrd for another")
-    if args.linux and args.backend == "model":
-        raise UsageError(f"--linux needs the kvm backend: {LINUX_NOT_ON_MODEL}")
+    if args.host_quirks == "pvm" and args.backend == "model":
+        raise UsageError("--host-quirks pvm works around a software KVM: the model backend needs none")
     _not_empty(args.kernel, "--kernel")
     if args.append is not None:
         try:
@@ -401,8 +401,6 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
         quirk_kernel_args=True,
     )
     with machine:
-        if machine.hv.name == "model":  # --backend auto where /dev/kvm does not open
-            raise RunFailed(f"--linux: {machine.backend_reason}; {LINUX_NOT_ON_MODEL}")
         clock.restart()
         result = _run_machine(
             machine,
@@ -501,6 +499,7 @@ def _print_stats(result, file) -> None:
         ("ECAM exits", s.ecam_exits),
         ("config reads (guest)", "-" if result.config_reads is None else result.config_reads),
         ("hole writes coalesced (no exit)", s.coalesced_writes),
+        ("console writes coalesced (no exit)", s.io_coalesced_by_port.total()),
         (
             "scan time (guest TSC)" if result.guest_scan_seconds is not None else "run time (host)",
             f"{result.scan_seconds * 1000:.1f} ms",
@@ -548,11 +547,24 @@ def cmd_linux(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """`pcihole bench`. SIGINT and SIGTERM stop it as they stop `pcihole run` (cmd_run): the guest run
+    in progress is kicked, nothing more is measured, no result is written, then Signalled."""
     from pcihole.bench.runner import run_bench
+    from pcihole.host.signals import signals_to_thread
+    from pcihole.machine.stop_request import StopRelay
 
-    return run_bench(
-        out_dir=_output_dir(args.out, "--out"), quick=args.quick, backends=args.backend, linux=args.linux
-    )
+    out_dir = _output_dir(args.out, "--out")
+    stops = StopRelay()
+    try:
+        with signals_to_thread(lambda signum: stops.request(Stop(StopReason.SIGNAL, status=int(signum)))):
+            status = run_bench(
+                out_dir=out_dir, quick=args.quick, backends=args.backend, linux=args.linux, stops=stops
+            )
+    except Exception:
+        _raise_if_signalled(stops.stop)  # the signal, not what it made fail, is the outcome
+        raise
+    _raise_if_signalled(stops.stop)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except KeyboardInterrupt:
         print("pcihole: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGNAL_BASE + signal.SIGINT
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED

@@ -288,3 +288,25 @@ def test_four_segments_fit_the_bios_area():
     t = build_tables(topo.segments, layout.ACPI_GPA)
     assert len(t.blob) < layout.ACPI_MAX == 128 * 1024
     assert len(t.blob) < 2048
+
+
+@needs_iasl
+def test_serial_port_device_with_its_ports_and_edge_interrupt(tmp_path):
+    """COM1 as pcihole's machines describe it: PNP0501 with IO 0x3F8-0x3FF and GSI 4, edge, active
+    high (Linux has no legacy PIC in a hardware-reduced machine, so only this gives the UART an IRQ)."""
+    t = build_tables(SEGMENTS[:1], BASE, serial_ports=[(0x3F8, 4)])
+    asl, _ = disassemble_text(tmp_path, "DSDT", t.tables["DSDT"])
+    found = devices(asl)
+    assert list(found) == ["PCI0", "MBRD", "COM1"]
+    com1 = found["COM1"]
+    assert dict(NAME_EISAID.findall(com1)) == {"_HID": "PNP0501"}
+    assert {k: asl_int(v) for k, v in NAME_INTEGER.findall(com1)} == {"_UID": 0}
+    assert descriptors(com1)[0] == (
+        "IO",
+        "Decode16,",
+        {"Range Minimum": 0x3F8, "Range Maximum": 0x3F8, "Alignment": 1, "Length": 8},
+    )
+    assert re.search(
+        r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)\s+\{\s+0x00000004,", com1
+    )
+    check_recompiles_to_the_same_aml(tmp_path, asl, t.tables["DSDT"])

@@ -78,3 +78,4 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
     for name, png in pngs.items():
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({name})" in markdown
+    assert not list(tmp_path.glob(".bench-*")), "the staging directory of the results was left behind"

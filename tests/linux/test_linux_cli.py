@@ -100,7 +100,22 @@ def test_run_linux_json_lists_the_default_machine(cached):
     assert linux["devices"][0].keys() == data["devices"][0].keys()
 
 
-def test_linux_on_the_model_is_refused_before_anything(tmp_path):
+def test_pvm_quirks_on_the_model_are_refused_before_anything(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": str(tmp_path)}
-    line = one_error(pcihole("run", "--linux", "--backend", "model", env=env), 2)
-    assert "kvm backend" in line and "interrupts" in line
+    line = one_error(pcihole("run", "--linux", "--backend", "model", "--host-quirks", "pvm", env=env), 2)
+    assert "--host-quirks pvm" in line and "model" in line
+
+
+@pytest.mark.slow
+def test_run_linux_on_the_model_lists_the_default_machine_from_init(cached):
+    """`pcihole run --linux --backend model --strategy native --json`: the seed's KVM_MEM_PCI_HOLE
+    slots; user space runs on the model, so the list is /init's (sysfs), and it is the file's."""
+    proc = pcihole("run", "--linux", "--backend", "model", "--strategy", "native", "--json", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    linux = data["linux"]
+    assert (linux["source"], linux["reached_init"], linux["powered_off"]) == ("initramfs", True, True)
+    expected = sorted(str(f.bdf) for f in load_default().topology.functions())
+    assert sorted(d["bdf"] for d in linux["devices"]) == expected
+    assert linux["ecam_absent_exits"] == 0
+    assert linux["boot_seconds"] is not None and linux["boot_seconds"] > 0

@@ -145,7 +145,13 @@ class Poke:
 
 
 def run(
-    kernel: bytes, *, poke=None, initrd: bytes | None = None, host_quirks: str = "auto", timeout: float = 60
+    kernel: bytes,
+    *,
+    poke=None,
+    initrd: bytes | None = None,
+    host_quirks: str = "auto",
+    timeout: float = 60,
+    coalesce_console: bool = True,
 ):
     """Build the default machine with `kernel`, run it; the machine is closed, its memory kept readable
     through `low_memory` (the first 1 MiB) and `initrd_bytes`."""
@@ -157,6 +163,7 @@ def run(
         kernel_name="platform-guest",
         initrd=initrd,
         host_quirks=host_quirks,
+        coalesce_console=coalesce_console,
     )
     with machine:
         device = None
@@ -305,6 +312,94 @@ on_uart:
     assert result.stop.reason == StopReason.DEBUG_EXIT, result.stop
     assert result.stop.status == 0x44_01_02  # vector 0x44, IIR THRI, then IIR no interrupt
     assert machine.serial.irq.raised == 1
+
+
+MESSAGE = b"pcihole: THRE-driven output, 4 bytes per interrupt\n"
+BYTES_PER_INTERRUPT = 4
+
+
+def thre_driven_writer() -> bytes:
+    """A guest that sends MESSAGE as Linux's serial8250 driver does with THRE interrupts: enabling
+    IER.THRI interrupts at once; the handler reads IIR and, for THRI, writes up to 4 bytes to THR,
+    each after reading LSR; when the message is done it clears IER, reads LSR and IIR and reports
+    (interrupts taken, the AND of every LSR it read, the last LSR, the last IIR) on the debug-exit port.
+    Between interrupts it sleeps in HLT, which the in-kernel LAPIC handles without an exit."""
+    return guest(
+        set_gate(0x44, "on_uart")
+        + route_ioapic(4, 0x44)
+        + f"""
+    xor %esi, %esi                       # next byte of the message
+    xor %r12d, %r12d                     # interrupts taken
+    mov $0xff, %r13d                     # AND of every LSR read
+    movb $0x02, %al
+    movw $0x3f9, %dx
+    outb %al, (%dx)                      # IER = THRI: THR is empty, so this interrupts at once
+    sti
+    jmp halt_forever
+on_uart:
+    inc %r12d
+    movw $0x3fa, %dx
+    inb (%dx), %al                       # IIR
+    and $0x0f, %al
+    cmp $0x02, %al                       # THRI?
+    jne 3f
+    mov ${BYTES_PER_INTERRUPT}, %ecx
+1:  movw $0x3fd, %dx
+    inb (%dx), %al                       # LSR: THRE must be set before each byte
+    and %eax, %r13d
+    movb message(%rsi), %al
+    movw $0x3f8, %dx
+    outb %al, (%dx)                      # THR
+    inc %esi
+    cmp ${len(MESSAGE)}, %esi
+    je 2f
+    dec %ecx
+    jnz 1b
+3:  {EOI}
+    iretq
+2:  xor %al, %al
+    movw $0x3f9, %dx
+    outb %al, (%dx)                      # IER = 0: no more THRE interrupts
+    movw $0x3fd, %dx
+    inb (%dx), %al                       # LSR
+    movzbl %al, %ebx
+    movw $0x3fa, %dx
+    inb (%dx), %al                       # IIR: nothing pending
+    movzbl %al, %eax
+    shl $8, %ebx
+    or %ebx, %eax
+    mov %r13d, %ebx
+    shl $16, %ebx
+    or %ebx, %eax
+    mov %r12d, %ebx
+    shl $24, %ebx
+    or %ebx, %eax
+    outl %eax, $0xf4
+message: .ascii "{MESSAGE.decode().replace(chr(10), chr(92) + "n")}"
+"""
+    )
+
+
+def test_coalesced_thr_writes_leave_the_uart_exact():
+    """COM1's THR in a coalesced PIO zone (the default) against every write exiting: the same output,
+    the same LSR and IIR values read by the guest, the same interrupts taken by the guest and the
+    same IRQ line transitions; only the THR writes stop exiting."""
+    kernel = thre_driven_writer()
+    seen = {}
+    for coalesced in (False, True):
+        machine, result, _ = run(kernel, coalesce_console=coalesced)
+        assert result.stop.reason == StopReason.DEBUG_EXIT, (coalesced, result.stop)
+        assert machine.console_coalesced == coalesced
+        thr_exits = result.stats.io_by_port[0x3F8]
+        thr_coalesced = result.stats.io_coalesced_by_port[0x3F8]
+        assert (thr_exits, thr_coalesced) == ((0, len(MESSAGE)) if coalesced else (len(MESSAGE), 0))
+        seen[coalesced] = (bytes(machine.serial.output), result.stop.status, machine.serial.irq.raised)
+    output, status, raised = seen[False]
+    assert output == MESSAGE
+    interrupts, lsr_and, lsr, iir = status >> 24, status >> 16 & 0xFF, status >> 8 & 0xFF, status & 0xFF
+    assert interrupts == -(-len(MESSAGE) // BYTES_PER_INTERRUPT)  # one per 4 bytes, the first from IER
+    assert lsr_and & 0x60 == 0x60 and lsr == 0x60 and iir & 0x0F == 0x01  # THRE|TEMT always, no IRQ left
+    assert seen[True] == seen[False]
 
 
 def test_uart_rx_interrupt_on_input():

@@ -162,3 +162,28 @@ def test_segment_with_bus_range_not_starting_at_zero():
     assert bridge.mmio_read_int(0xE0000000 + (16 << 20), 4) == 0x00081B36
     with pytest.raises(EcamAccessError):
         bridge.mmio_read(0xE0000000, 4)
+
+
+@st.composite
+def segment_sets(draw: st.DrawFn) -> tuple[Segment, ...]:
+    """1 to 8 segments in distinct 256 MiB slots below 4 GiB (a 256-bus window's alignment), each with
+    a random bus range, so windows may touch (bus 255 of one slot, bus 0 of the next) but never overlap."""
+    slots = draw(st.lists(st.integers(0, 15), min_size=1, max_size=8, unique=True))
+    segments = []
+    for i, slot in enumerate(slots):
+        start = draw(st.integers(0, 255))
+        end = draw(st.integers(start, 255))
+        segments.append(Segment(i, slot << 28, start, end))
+    return tuple(segments)
+
+
+@settings(max_examples=300)
+@given(segment_sets(), st.lists(st.integers(0, (1 << 33) - 1), max_size=20))
+def test_segment_at_agrees_with_the_linear_definition(segments, random_gpas):
+    bridge = HostBridge(Topology(segments))
+    edges = {0, (1 << 32) - 1, 1 << 32, (1 << 64) - 1}
+    for s in segments:
+        edges |= {s.window_base - 1, s.window_base, s.window_last, s.window_last + 1}
+    for address in sorted(edges - {-1}) + random_gpas:
+        linear = [s for s in segments if s.window_base <= address <= s.window_last]
+        assert bridge.segment_at(address) == (linear[0] if linear else None), hex(address)

@@ -64,7 +64,16 @@ from . import aml
 from .expander_bridge import ExpanderBus, expander_bridge, main_root_last_bus
 from .mcfg import EcamSegment, decoded_window
 from .pci_windows import MmioWindow, allocate_io_windows, allocate_mem64_windows
-from .resources import dword_memory, memory32_fixed, qword_memory, resource_template, word_bus_number, word_io
+from .resources import (
+    dword_memory,
+    interrupt,
+    io_port,
+    memory32_fixed,
+    qword_memory,
+    resource_template,
+    word_bus_number,
+    word_io,
+)
 from .sdt_header import build_sdt
 
 DSDT_SIGNATURE = b"DSDT"
@@ -75,6 +84,8 @@ DSDT_REVISION = 2
 PCI_EXPRESS_ROOT_BRIDGE = "PNP0A08"
 PCI_BUS = "PNP0A03"
 MOTHERBOARD_RESOURCES = "PNP0C02"
+SERIAL_PORT_16550 = "PNP0501"
+SERIAL_PORT_REGISTERS = 8
 MOTHERBOARD_DEVICE = "MBRD"  # cloud-hypervisor's name for the same device
 SYSTEM_BUS = "\\_SB"
 SOFT_OFF = "\\_S5"
@@ -143,6 +154,23 @@ def motherboard_resources(segments: Sequence[EcamSegment]) -> bytes:
     )
 
 
+def serial_port(index: int, base: int, gsi: int) -> bytes:
+    """Device (COMn) { _HID PNP0501 (16550A-compatible), _UID n, _CRS: its 8 ports and its edge
+    interrupt }, as cloud-hypervisor's and QEMU's DSDTs describe COM1. In a hardware-reduced ACPI
+    machine Linux has no legacy PIC (acpi_generic_reduced_hw_init: null_legacy_pic), so ISA IRQ 4
+    has no Linux interrupt: the legacy 8250 port that assumes it fails request_irq, and every write
+    to the opened tty gets EIO. Described here, 8250_pnp takes the port over with the interrupt
+    acpi_register_gsi maps through the IOAPIC."""
+    return aml.device(
+        f"COM{index + 1}",
+        [
+            aml.name("_HID", aml.integer(aml.eisa_id(SERIAL_PORT_16550))),
+            aml.name("_UID", aml.integer(index)),
+            aml.name("_CRS", resource_template([io_port(base, SERIAL_PORT_REGISTERS), interrupt(gsi)])),
+        ],
+    )
+
+
 def soft_off() -> bytes:
     """Name (\\_S5, Package () { SLP_TYP for PM1a, for PM1b, reserved, reserved }) (§7.4.2)."""
     return aml.name(SOFT_OFF, aml.package([aml.integer(SLP_TYP_S5), *[aml.integer(0)] * 3]))
@@ -152,9 +180,11 @@ def build_dsdt(
     segments: Sequence[EcamSegment],
     windows: Sequence[MmioWindow | None],
     expanders: Sequence[ExpanderBus] = (),
+    serial_ports: Sequence[tuple[int, int]] = (),
 ) -> bytes:
     """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window).
-    Each expander bus gets its own PNP0A08 (expander_bridge.py)."""
+    Each expander bus gets its own PNP0A08 (expander_bridge.py); each (base port, GSI) of
+    `serial_ports` a PNP0501."""
     if len(windows) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(windows)} MMIO windows")
     ids = [s.id for s in segments]
@@ -170,5 +200,6 @@ def build_dsdt(
         for i, (s, w) in enumerate(zip(segments, windows, strict=True))
     ]
     bridges += [expander_bridge(x, i) for i, x in enumerate(expanders)]
-    body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments)]) + soft_off()
+    serial = [serial_port(i, base, gsi) for i, (base, gsi) in enumerate(serial_ports)]
+    body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments), *serial]) + soft_off()
     return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)

@@ -12,15 +12,19 @@ Why these entries:
 - Linux enumerates CPUs from it (acpi_parse_madt_lapic_entries -> acpi_register_lapic). Without a MADT
   it falls back to an MP-table scan of the BIOS areas (CONFIG_X86_MPPARSE), finds none, and runs
   with "APIC: ACPI MADT or MP tables are not detected" (apic_intr_mode_select), a path no VMM tests.
-- On a backend without an irqchip (the model) the IOAPIC's registers read all-ones (unclaimed MMIO,
-  machine/dispatch.py): mp_register_ioapic() -> bad_ioapic_register() prints "I/O APIC 0xfec00000
-  registers return all ones, skipping!" and Linux carries on without it.
+- Both backends have that irqchip (the model's in hv/model/irqchip.py). On a backend without one the
+  IOAPIC's registers would read all-ones (unclaimed MMIO, machine/dispatch.py):
+  mp_register_ioapic() -> bad_ioapic_register() prints "I/O APIC 0xfec00000 registers return all
+  ones, skipping!" and Linux carries on without it.
 
 Interrupt Source Overrides (type 2, §5.2.12.5), as QEMU's build_madt() (hw/i386/acpi-common.c) gives
 them with KVM's in-kernel irqchip: ISA IRQ 0 (the PIT, KVM_CREATE_PIT2) arrives on GSI 2 of the IOAPIC
 (KVM wires the PIT to GSI 0 of the PIC and the IOAPIC's pin 2, like a PC), flags 0 (conforms to the
 bus: edge, active high); IRQ 9 (the SCI on a PC) level-triggered, active high (flags 0x000d).
-Without the override Linux would route the timer to IOAPIC pin 0, where nothing arrives.
+Without the override Linux would route the timer to IOAPIC pin 0. But measured on this host's kernel
+(tests/model/test_differential_ioapic.py), KVM's default routing sends GSI 0 to IOAPIC pin 0: pin 2
+is QEMU's routing (kvm_pc_setup_irq_routing, KVM_SET_GSI_ROUTING), which pcihole does not install,
+so with this override a guest that used the PIT through the IOAPIC would wait on pin 2 in vain.
 
 Flags = 0: PCAT_COMPAT (bit 0) clear, as Firecracker leaves it: the FADT is hardware-reduced, so
 Linux uses null_legacy_pic and never drives the in-kernel 8259s, which stay unused behind LINT0. Processor UID = APIC ID = vCPU index, KVM's default

@@ -5,6 +5,8 @@
     dword_memory      DWord Address Space Descriptor, type 0 (memory)        §6.4.3.5.2
     qword_memory      QWord Address Space Descriptor, type 0 (memory)        §6.4.3.5.1
     memory32_fixed    32-Bit Fixed Memory Range Descriptor                   §6.4.3.4
+    io_port           I/O Port Descriptor (ASL IO(Decode16, ...))            §6.4.2.5
+    interrupt         Extended Interrupt Descriptor (ASL Interrupt())        §6.4.3.6
     resource_template the descriptors and an End Tag (§6.4.2.9) in an AML Buffer (ASL ResourceTemplate())
 
 Linux decodes these in drivers/acpi/resource.c (acpi_dev_resource_address_space ->
@@ -26,8 +28,16 @@ MEMORY32_FIXED_TAG = 0x86
 DWORD_ADDRESS_TAG = 0x87
 WORD_ADDRESS_TAG = 0x88
 QWORD_ADDRESS_TAG = 0x8A
+EXTENDED_INTERRUPT_TAG = 0x89
 # Small item End Tag (§6.4.2.9): type 0xF, length 1 -> 0x79, then a checksum byte.
 END_TAG = 0x79
+# Small item I/O Port Descriptor (§6.4.2.5): type 0x08, length 7 -> 0x47; information bit 0 = 16-bit decode.
+IO_PORT_TAG = 0x47
+IO_DECODE16 = 1 << 0
+# Extended Interrupt Descriptor flags (§6.4.3.6, byte 3): bit 0 consumer, bit 1 edge (_HE), bit 2
+# active-low (_LL), bit 3 shared (_SHR).
+INTERRUPT_CONSUMER = 1 << 0
+INTERRUPT_EDGE = 1 << 1
 
 # Address space descriptors, Resource Type (byte 3).
 RESOURCE_TYPE_MEMORY = 0
@@ -51,6 +61,8 @@ _WORD_ADDRESS = struct.Struct("<BHBBB5H")  # 16 bytes
 _DWORD_ADDRESS = struct.Struct("<BHBBB5I")  # 26 bytes
 _QWORD_ADDRESS = struct.Struct("<BHBBB5Q")  # 46 bytes
 _MEMORY32_FIXED = struct.Struct("<BHBII")  # 12 bytes
+_IO_PORT = struct.Struct("<BBHHBB")  # 8 bytes
+_EXTENDED_INTERRUPT = struct.Struct("<BHBBI")  # 9 bytes, one interrupt
 
 
 def _large(fmt: struct.Struct, tag: int, *fields: int) -> bytes:
@@ -147,6 +159,20 @@ def memory32_fixed(base: int, length: int) -> bytes:
     """ASL Memory32Fixed(ReadWrite, base, length): what check_mcfg_resource() reads first."""
     _range("fixed memory range", base, base + length - 1, 0xFFFFFFFF)
     return _large(_MEMORY32_FIXED, MEMORY32_FIXED_TAG, FIXED_READ_WRITE, base, length)
+
+
+def io_port(base: int, length: int) -> bytes:
+    """ASL IO (Decode16, base, base, 1, length): a fixed block of ports a device decodes."""
+    _range("I/O port range", base, base + length - 1, 0xFFFF)
+    return _IO_PORT.pack(IO_PORT_TAG, IO_DECODE16, base, base, 1, length)
+
+
+def interrupt(gsi: int) -> bytes:
+    """ASL Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }: an ISA-style edge line
+    (Linux's pnpacpi hands it to acpi_register_gsi, which maps it through the IOAPIC)."""
+    _range("GSI", gsi, gsi, 0xFFFFFFFF)
+    fields = (INTERRUPT_CONSUMER | INTERRUPT_EDGE, 1, gsi)
+    return _large(_EXTENDED_INTERRUPT, EXTENDED_INTERRUPT_TAG, *fields)
 
 
 def end_tag(descriptors: bytes) -> bytes:

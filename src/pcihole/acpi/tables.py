@@ -63,15 +63,17 @@ def build_tables(
     mmio_aperture: MmioWindow | None = None,
     expanders: Iterable[ExpanderBus] = (),
     power_port: int | None = ACPI_POWER_PORT,
+    serial_ports: Iterable[tuple[int, int]] = (),
 ) -> AcpiTables:
     """RSDP, XSDT, FADT, DSDT, MADT and MCFG for these segments and `cpus` vCPUs, placed at base_gpa
     (16-byte aligned). The host bridges' BAR windows are carved out of `mmio_aperture` (default
-    [0xC0000000, 0xFEC00000), see pci_windows.py). Each expander bus gets its own PNP0A08."""
+    [0xC0000000, 0xFEC00000), see pci_windows.py). Each expander bus gets its own PNP0A08, each
+    (base port, GSI) of `serial_ports` a PNP0501 16550."""
     if base_gpa < 0 or base_gpa % RSDP_ALIGNMENT:
         raise ValueError(f"ACPI base {base_gpa:#x} must be a {RSDP_ALIGNMENT}-byte aligned address")
     segments = list(segments)
     windows = allocate_windows(segments, mmio_aperture)
-    dsdt = build_dsdt(segments, windows, tuple(expanders))
+    dsdt = build_dsdt(segments, windows, tuple(expanders), tuple(serial_ports))
     madt = build_madt(cpus)
     mcfg = build_mcfg(segments)
     xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only

@@ -21,6 +21,7 @@ from pcihole.bench.scan import Kernel, ScanRow, scan_default_machine
 from pcihole.bench.summary import ratio
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 from pcihole.memory import HoleTuning
 
 PREFAULT_SETTINGS = (False, True)
@@ -63,11 +64,14 @@ def measure_alias_sweep(
     kernel: Kernel,
     clock: TscClock,
     on_point: Callable[[str], None] = lambda what: None,
+    stops: StopRelay | None = None,
 ) -> list[AliasSweepRow]:
     rows = []
     for strategy, tuning in sweep_points(plan):
         config = Config(backend, strategy)
-        scan = scan_default_machine(spec, config, plan.alias_sweep_runs, kernel, clock, tuning=tuning)
+        scan = scan_default_machine(
+            spec, config, plan.alias_sweep_runs, kernel, clock, stops=stops, tuning=tuning
+        )
         rows.append(AliasSweepRow(tuning.alias_granule, tuning.prefault, scan))
         on_point(f"{config.label}, granule {tuning.alias_granule}, prefault {tuning.prefault}")
     floors = {r.prefault: r.row.scan_seconds.median for r in rows if r.granule is None}

@@ -44,6 +44,12 @@ class Progress:
             self.stream.write(line + "\n")
             self.stream.flush()
 
+    def abandon(self) -> None:
+        """End the bar where it is (the bench stopped): on a terminal, the next line starts clean."""
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
     def finish(self, what: str = "done") -> None:
         self.done = self.total
         self._last_tenth = -1

@@ -6,6 +6,7 @@ from pcihole.bench import units
 from pcihole.bench.exit_path import STEPS
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import SWEEP_ECAM, SWEEP_FUNCTIONS
+from pcihole.machine.serial import COM1_BASE, UART_REGISTERS
 
 
 def host_lines(results: BenchResults) -> list[str]:
@@ -217,21 +218,28 @@ def scaling_table(results: BenchResults, sweep: str) -> list[str]:
     return lines
 
 
+def _is_com1(port: int) -> bool:
+    return COM1_BASE <= port < COM1_BASE + UART_REGISTERS
+
+
 def linux_table(results: BenchResults) -> list[str]:
     if not results.linux_measured:
         return ["Not measured: run `pcihole bench --linux` (a boot takes minutes on a software KVM)."]
     lines = [
-        "| backend / strategy | boot to /init | run | exits: mmio r / w / io / total | ECAM reads (exits) "
-        "| absent-function exits | functions | list from | ended |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend / strategy | boot to /init | run | exits: mmio r / w / io / total | of which COM1 "
+        "| ECAM reads (exits) | absent-function exits | functions | list from | ended |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.linux:
         e = r.exits
         exits = f"{e['mmio_read']} / {e['mmio_write']} / {e['io']} / {e['total']}" if e else "—"
         boot = "—" if r.boot_seconds is None else f"{r.boot_seconds:.2f} s"
+        console = None
+        if r.io_by_port is not None:
+            console = sum(n for port, n in r.io_by_port.items() if _is_com1(int(port, 16)))
         lines.append(
-            f"| {r.label} | {boot} | {r.run_seconds:.1f} s | {exits} | {units.count(r.ecam_reads)} "
-            f"| {units.count(r.absent_exits)} | {r.devices} | {r.source} | {r.ended} |"
+            f"| {r.label} | {boot} | {r.run_seconds:.1f} s | {exits} | {units.count(console)} "
+            f"| {units.count(r.ecam_reads)} | {units.count(r.absent_exits)} | {r.devices} | {r.source} | {r.ended} |"
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.linux if r.note]
     notes += [f"- no `{what}` row: {why}" for what, why in results.linux_skipped.items()]

@@ -5,11 +5,21 @@ Order: the default machine's scan per backend x strategy, QEMU as a peer, the ex
 ro-alias's granule and prefault sweep, then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
 paths go to stdout. Returns the process exit status: 0, or 1 when a measurement failed (one line on
 stderr saying which), 2 when nothing can be measured.
+
+A stop asked through `stops` (SIGINT / SIGTERM: cli.py hands them to a thread that calls
+StopRelay.request) kicks the guest run in progress, which returns at its next exit; every later
+run returns at once, and the next progress step raises BenchStopped, so nothing more is measured.
+The results are written into a temporary directory inside the output directory and moved into
+place only when all of them are complete, so a stopped bench leaves no partial bench.json, bench.md
+or plot behind (an earlier run's complete files stay as they were).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,13 +40,40 @@ from pcihole.bench.report import headline_lines, markdown
 from pcihole.bench.results import BenchResults
 from pcihole.bench.scaling import measure_scaling, point_count
 from pcihole.bench.scan import Kernel, add_ratios, scan_default_machine
+from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pcihole.host.tsc import TscUnknown, tsc_clock
 from pcihole.machine.builder import default_kernel
 from pcihole.machine.machinefile import load_default
+from pcihole.machine.stop_request import StopRelay
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"
+
+
+class BenchStopped(Exception):
+    """A stop was asked (a signal): the bench ends without results; the caller says why."""
+
+
+class _StoppableProgress(Progress):
+    """Progress that ends the bench at its next step once a stop was asked. Steps come between guest
+    runs, and some measurements (the exit path) run a vCPU without a StopRequest: they end at their
+    next step instead, which is at most one run later."""
+
+    def __init__(self, total: int, stops: StopRelay) -> None:
+        super().__init__(total)
+        self._stops = stops
+
+    def step(self, what: str, n: int = 1) -> None:
+        self._check()
+        super().step(what, n)
+
+    def note(self, what: str) -> None:
+        self._check()
+        super().note(what)
+
+    def _check(self) -> None:
+        if self._stops.stop is not None:
+            raise BenchStopped
 
 
 def _work_units(
@@ -64,7 +101,7 @@ def _alias_backends(results: BenchResults) -> list[str]:
     ]
 
 
-def measure(results: BenchResults, progress: Progress) -> None:
+def measure(results: BenchResults, progress: Progress, stops: StopRelay | None = None) -> None:
     plan, configs, clock = results.plan, results.configs, results.clock
     kernel = Kernel(*default_kernel())
     default_machine = load_default()
@@ -79,6 +116,7 @@ def measure(results: BenchResults, progress: Progress) -> None:
             kernel,
             clock,
             on_run=partial(progress.step, label),
+            stops=stops,
         )
         results.scan.append(row)
     if results.qemu_skipped is None:
@@ -117,11 +155,17 @@ def measure(results: BenchResults, progress: Progress) -> None:
             kernel,
             clock,
             on_point=lambda what: progress.step(f"sweep: {what}"),
+            stops=stops,
         )
 
     for config in configs.configs:
         results.scaling += measure_scaling(
-            config, plan, kernel, clock, on_point=lambda what: progress.step(f"scaling: {what}")
+            config,
+            plan,
+            kernel,
+            clock,
+            on_point=lambda what: progress.step(f"scaling: {what}"),
+            stops=stops,
         )
 
     if results.linux_measured:
@@ -131,13 +175,21 @@ def measure(results: BenchResults, progress: Progress) -> None:
             configs.configs,
             hardware_kvm(),
             on_row=lambda what: progress.step(f"Linux boot: {what}"),
+            stops=stops,
         )
 
 
 def run_bench(
-    out_dir: str | Path, quick: bool = False, backends: Sequence[str] | None = None, linux: bool = False
+    out_dir: str | Path,
+    quick: bool = False,
+    backends: Sequence[str] | None = None,
+    linux: bool = False,
+    stops: StopRelay | None = None,
 ) -> int:
+    """Measure and write the results; the exit status. Raises BenchStopped (or the error the kicked
+    run ended with) once `stops` was asked, having written nothing."""
     start = time.monotonic()
+    stops = stops if stops is not None else StopRelay()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +224,7 @@ def run_bench(
         linux_boots = (
             sum(c.backend in linux_boot.LINUX_BACKENDS for c in configs.configs) + 1 + hardware_kvm()
         )
-    progress = Progress(
+    progress = _StoppableProgress(
         _work_units(
             plan,
             len(configs.configs),
@@ -180,11 +232,17 @@ def run_bench(
             results.qemu_skipped is None,
             linux_boots,
             len(_alias_backends(results)),
-        )
+        ),
+        stops,
     )
     try:
-        measure(results, progress)
-    except BenchError as e:
+        measure(results, progress, stops)
+    except BaseException as e:
+        if stops.stop is not None:
+            progress.abandon()  # the stop, not what it made fail, is the outcome: the caller says it
+            raise
+        if not isinstance(e, BenchError):
+            raise
         progress.finish("failed")
         print(f"pcihole: error: bench: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -192,21 +250,35 @@ def run_bench(
     results.host = replace(results.host, load_at_end=load_average())
     results.headline = compute_headline(results)
     results.seconds = time.monotonic() - start
-
-    from pcihole.bench.plots import write_plots  # matplotlib is imported only now: it is slow to load
-
-    try:
-        plot_names = write_plots(results, out)
-    except ImportError as e:
-        print(
-            f"pcihole: warning: no plots ({e}; install the 'bench' extra: pip install 'pcihole[bench]')",
-            file=sys.stderr,
-        )
-        plot_names = []
-    results.write_json(out / JSON_NAME)
-    (out / MARKDOWN_NAME).write_text(markdown(results, plot_names))
+    plot_names = _write_results(results, out, stops)
 
     print("\n".join(headline_lines(results)))
     written = [JSON_NAME, MARKDOWN_NAME, *plot_names]
     print(f"\nwrote {', '.join(str(out / n) for n in written)} in {results.seconds:.1f} s")
     return EXIT_OK
+
+
+def _write_results(results: BenchResults, out: Path, stops: StopRelay) -> list[str]:
+    """Write bench.json, bench.md and the plots into a temporary directory in `out`, then move each
+    into `out` (rename(2): atomic) once all are complete and no stop was asked; the plots' names."""
+    staging = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
+    try:
+        from pcihole.bench.plots import write_plots  # matplotlib is imported only now: slow to load
+
+        try:
+            plot_names = write_plots(results, staging)
+        except ImportError as e:
+            print(
+                f"pcihole: warning: no plots ({e}; install the 'bench' extra: pip install 'pcihole[bench]')",
+                file=sys.stderr,
+            )
+            plot_names = []
+        results.write_json(staging / JSON_NAME)
+        (staging / MARKDOWN_NAME).write_text(markdown(results, plot_names))
+        if stops.stop is not None:
+            raise BenchStopped
+        for name in (*plot_names, MARKDOWN_NAME, JSON_NAME):  # bench.json last: it says "complete"
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return plot_names

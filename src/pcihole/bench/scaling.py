@@ -14,6 +14,7 @@ from pcihole.bench.plan import BenchPlan
 from pcihole.bench.scan import Kernel, ScanRow, boot_and_scan, row_from_samples
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 from pcihole.pci import ecam
 from pcihole.pci.synthetic import generate
 
@@ -76,11 +77,12 @@ def measure_scaling(
     kernel: Kernel,
     clock: TscClock,
     on_point: Callable[[str], None] = lambda what: None,
+    stops: StopRelay | None = None,
 ) -> list[ScalingPoint]:
     points = []
     for sweep, shape in shapes(plan):
         spec = shape.machine()
-        samples = [boot_and_scan(spec, config, kernel, clock) for _ in range(plan.scaling_runs)]
+        samples = [boot_and_scan(spec, config, kernel, clock, stops) for _ in range(plan.scaling_runs)]
         points.append(ScalingPoint(sweep, shape, row_from_samples(config, samples)))
         on_point(f"{config.label}: {shape.functions} functions, {shape.segments} x {shape.buses} buses")
     return points

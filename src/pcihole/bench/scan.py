@@ -23,6 +23,7 @@ from pcihole.host.tsc import TscClock
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 from pcihole.memory import DEFAULT_TUNING, HoleTuning
 from pcihole.memory.accounting import process_mappings, vm_pte_bytes
 
@@ -71,9 +72,15 @@ def _minor_faults() -> int:
 
 
 def boot_and_scan(
-    spec: MachineFile, config: Config, kernel: Kernel, clock: TscClock, tuning: HoleTuning = DEFAULT_TUNING
+    spec: MachineFile,
+    config: Config,
+    kernel: Kernel,
+    clock: TscClock,
+    stops: StopRelay | None = None,
+    tuning: HoleTuning = DEFAULT_TUNING,
 ) -> ScanSample:
-    """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails."""
+    """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails.
+    `stops` ends the run early (a signal: runner.py)."""
     pte_before, maps_before = vm_pte_bytes(), process_mappings()
     build_start = time.perf_counter()
     try:
@@ -91,7 +98,7 @@ def boot_and_scan(
     build_seconds = time.perf_counter() - build_start
     with machine:
         faults_before = _minor_faults()
-        result = machine.run(timeout=RUN_TIMEOUT_SECONDS)
+        result = machine.run(timeout=RUN_TIMEOUT_SECONDS, stops=stops.for_run() if stops else None)
         host_faults = _minor_faults() - faults_before
         memory_tsc = read_scan_tsc(machine.image, machine.memory.read_guest)
     stop = result.stop
@@ -205,11 +212,12 @@ def scan_default_machine(
     kernel: Kernel,
     clock: TscClock,
     on_run: Callable[[], None] = lambda: None,
+    stops: StopRelay | None = None,
     tuning: HoleTuning = DEFAULT_TUNING,
 ) -> ScanRow:
     samples = []
     for _ in range(runs):
-        samples.append(boot_and_scan(spec, config, kernel, clock, tuning))
+        samples.append(boot_and_scan(spec, config, kernel, clock, stops, tuning))
         on_run()
     return row_from_samples(config, samples)
 

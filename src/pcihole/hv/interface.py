@@ -11,10 +11,12 @@ backends: the model is a model of KVM, so it takes KVM's types.
 
 What a backend may lack is asked with `check_extension`, as a VMM asks KVM, never with getattr:
 `get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (both backends offer it; the model's
-table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip's LAPIC state
-(get_lapic / set_lapic) where KVM_CAP_IRQCHIP is, the MMIO fill device where KVM_CAP_MMIO_FILL is
-(hv/proposed.py; the model only). Without the capability the method raises an OSError, as a kernel
-without the ioctl would.
+table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip (create_irqchip,
+set_irq_line) and its LAPIC state (get_lapic / set_lapic) where KVM_CAP_IRQCHIP is and its PIT
+where KVM_CAP_PIT2 is (both backends), KVM_SET_IDENTITY_MAP_ADDR where
+KVM_CAP_SET_IDENTITY_MAP_ADDR is (kvm: VMX's real-mode identity map; the model has no use for it),
+the MMIO fill device where KVM_CAP_MMIO_FILL is (hv/proposed.py; the model only). Without the
+capability the method raises an OSError, as a kernel without the ioctl would.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class Vcpu(Protocol):
         """Consume every entry of the coalesced-MMIO ring (from `first` to `last`), oldest first."""
         ...
 
+    def ring_indices(self) -> tuple[int, int]:
+        """(first, last) of the coalesced-MMIO ring: entries are waiting while they differ. Safe from
+        another thread (two aligned 32-bit loads)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -103,6 +110,27 @@ class Vm(Protocol):
         ...
 
     def unregister_mmio_fill(self, addr: int, size: int) -> None: ...
+
+    def set_identity_map_addr(self, addr: int = ...) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR (where check_extension(KVM_CAP_SET_IDENTITY_MAP_ADDR) is
+        non-zero), before any vCPU."""
+        ...
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP (where check_extension(KVM_CAP_IRQCHIP) is non-zero), before any vCPU:
+        the 8259 pair, the IOAPIC at 0xfec00000, a LAPIC in every vCPU created afterwards (which
+        then handles HLT in the kernel). EEXIST the second time, EINVAL after a vCPU."""
+        ...
+
+    def create_pit2(self, flags: int = ...) -> None:
+        """KVM_CREATE_PIT2 (where check_extension(KVM_CAP_PIT2) is): the 8254 on ports 0x40-0x43
+        driving GSI 0; ENOENT without the irqchip, EEXIST the second time."""
+        ...
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """KVM_IRQ_LINE: drive GSI `gsi` (ENXIO without the irqchip)."""
+        ...
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu: ...
     def close(self) -> None: ...
 
@@ -111,8 +139,8 @@ class Vm(Protocol):
 class InterruptLines(Protocol):
     """The interrupt controller's input pins as a device sees them: drive GSI `gsi` high or low.
 
-    On kvm this is the in-kernel IOAPIC + 8259 pair behind KVM_IRQ_LINE (Vm.set_irq_line); a
-    backend without an in-kernel irqchip (the model, today) provides its own implementation.
+    Both backends' Vm is one once create_irqchip() has run: the in-kernel IOAPIC + 8259 pair
+    behind KVM_IRQ_LINE (Vm.set_irq_line; the model's in hv/model/irqchip.py).
     Level semantics: an edge-triggered pin (ISA IRQs) fires on a 0 -> 1 change.
     """
 

@@ -7,7 +7,8 @@ bytes, the data padded to 4 bytes, ending with "TRAILER!!!"), gzipped: the kerne
 
 /init prints one block between marker lines that `console.parse_linux_console` reads; each function
 is one line, so that a printk landing in the middle of the block spoils at most that line (the
-count on the end marker tells):
+count on the end marker tells; /init first lowers the console log level to KERN_EMERG, `dmesg -n 1`,
+so that none does):
 
     pcihole-linux: pci begin
     pcihole-linux: pci 0000:00:1f.0 0x8086 0x2918 0x060100 80
@@ -49,6 +50,10 @@ INIT_SCRIPT = f"""#!/bin/sh
 # pcihole's /init: print what Linux's PCI core found, then power off.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+# Only KERN_EMERG on the console from here (reboot's "Power down" still comes): a kernel message
+# printed while the block below is written lands inside one of its lines (on the model, under
+# load: "hrtimer: interrupt took ... ns"), and the block is then not Linux's answer.
+dmesg -n 1
 echo "{INIT_REACHED}"
 echo "{PCI_BEGIN}"
 n=0

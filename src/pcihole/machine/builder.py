@@ -1,6 +1,6 @@
 """Build a machine from a machine file, step by step (Firecracker's builder.rs):
 
-backend -> VM (+ on kvm the in-kernel irqchip and PIT) -> guest memory (RAM + one hole per ECAM
+backend -> VM (+ the in-kernel irqchip and PIT where the backend has them) -> guest memory (RAM + one hole per ECAM
 window, present functions punched) -> ACPI tables -> kernel (PVH) and initrd -> boot information ->
 vCPU (CPUID, MSRs, FPU, LAPIC as QEMU/Firecracker set them, host quirks) -> buses.
 
@@ -44,7 +44,7 @@ from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, ker
 from pcihole.machine.irq import IrqLine
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
-from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, SerialConsole
+from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
     DEFAULT_TUNING,
@@ -87,6 +87,29 @@ def choose_backend(name: str) -> tuple[Hypervisor, str]:
     return open_backend(name), "asked for"
 
 
+def _coalesce_console_writes(hv: Hypervisor, vm) -> bool:
+    """Put COM1's THR (port 0x3f8, one byte) in a coalesced PIO zone, where the backend has them.
+
+    A console byte costs a Linux guest two exits: printk's serial8250_console_putchar() polls LSR
+    (wait_for_xmitrdy) and then writes THR. The write needs no answer, so KVM can append it to the
+    coalesced ring instead of exiting (KVM_REGISTER_COALESCED_MMIO with pio = 1, virt/kvm/
+    coalesced_mmio.c), and the run loop hands it to the UART before it handles the next exit, as QEMU
+    drains the ring (kvm_cpu_exec -> kvm_flush_coalesced_mmio_buffer). Every UART access that
+    returns something (LSR, IIR, RBR/DLL, ...) or changes something else (IER, LCR, ...) still exits,
+    so the guest sees the UART exactly as if each write had exited: the LSR read after a write
+    finds the write applied, and a DLL write (LCR.DLAB set) is applied before the LCR write that
+    clears DLAB. What moves is the time the THR write's side effects happen (the byte on the
+    console, the THRE interrupt): to the guest's next exit, or within Machine.run's
+    CONSOLE_FLUSH_SECONDS when it makes none (a THRE interrupt is asynchronous on real hardware
+    too: it follows the character's transmission). The interrupt line takes the same transitions in
+    the same order, so the guest gets the same interrupts.
+    """
+    if hv.check_extension(KvmCap.KVM_CAP_COALESCED_PIO) <= 0:
+        return False
+    vm.register_coalesced_mmio(COM1_BASE + UART_TX, 1, pio=True)
+    return True
+
+
 def build_machine(
     spec: MachineFile,
     *,
@@ -99,12 +122,15 @@ def build_machine(
     initrd: bytes | None = None,
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
+    coalesce_console: bool = True,
     hole_tuning: HoleTuning = DEFAULT_TUNING,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
-    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests);
-    `hole_tuning` sets how the hole strategy backs its holes (pcihole bench sweeps it)."""
+    `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
+    With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
+    cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
+    its holes (pcihole bench sweeps it)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -120,14 +146,17 @@ def build_machine(
             raise MachineBuildError(str(e)) from e
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
-        if hv.name == "kvm":
-            step = "create the in-kernel irqchip and PIT"
-            # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
-            # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it.
-            vm.set_identity_map_addr()  # type: ignore[attr-defined]
-            vm.create_irqchip()  # type: ignore[attr-defined]
-            vm.create_pit2()  # type: ignore[attr-defined]
-            irq_lines = vm  # type: ignore[assignment]
+        step = "create the in-kernel irqchip and PIT"
+        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
+        # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it; each
+        # where the backend offers it (the model: irqchip and PIT, no identity map).
+        if vm.check_extension(KvmCap.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr()
+        if vm.check_extension(KvmCap.KVM_CAP_IRQCHIP):
+            vm.create_irqchip()
+            if vm.check_extension(KvmCap.KVM_CAP_PIT2):
+                vm.create_pit2()
+            irq_lines = vm
         step = "set up guest memory"
         host_bridge = HostBridge(spec.topology)
         ram_size = spec.ram_bytes
@@ -233,6 +262,8 @@ def build_machine(
         pio.insert(serial, COM1_BASE, UART_REGISTERS, "COM1")
         pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
         pio.insert(AcpiPowerDevice(), ACPI_POWER_PORT, 1, "ACPI sleep/reset")
+        step = "register COM1's THR as a coalesced PIO zone"
+        console_coalesced = coalesce_console and _coalesce_console_writes(hv, vm)
         return Machine(
             spec=spec,
             hv=hv,
@@ -252,6 +283,7 @@ def build_machine(
             irq_lines=irq_lines,
             cmdline=cmdline,
             initrd_range=initrd_range,
+            console_coalesced=console_coalesced,
         )
     except BaseException as e:
         # The VM (and its vCPU) before the memory it maps: Machine.close says why.
@@ -288,7 +320,12 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
     """The machine's ACPI tables; MachineBuildError, naming the machine file, where they do not fit
     in the area the guest finds them in (ACPI_MAX bytes from ACPI_GPA: about 1,500 segments)."""
     try:
-        acpi = build_tables(spec.segments, layout.ACPI_GPA, expanders=expander_buses(spec))
+        acpi = build_tables(
+            spec.segments,
+            layout.ACPI_GPA,
+            expanders=expander_buses(spec),
+            serial_ports=[(COM1_BASE, COM1_IRQ)],
+        )
     except ValueError as e:
         raise MachineBuildError(f"{spec.path}: cannot build the ACPI tables: {e}") from e
     if len(acpi.blob) > layout.ACPI_MAX:

@@ -69,10 +69,11 @@ class EcamWindow:
         self.host_bridge = host_bridge
         self.stats = stats
 
-    def _count(self, addr: int) -> None:
+    def _count(self, addr: int, size: int, kind: str) -> None:
         self.stats.ecam_exits += 1
         if not self.host_bridge.page_present(addr):
             self.stats.ecam_absent_exits += 1
+            self.stats.ecam_absent_accesses[(addr, size, kind)] += 1
 
     def read(self, addr: int, size: int) -> bytes:
         # _count inlined: this is the exit path of every config read with the `exit` strategy.
@@ -81,10 +82,11 @@ class EcamWindow:
         stats.ecam_reads += 1
         if not self.host_bridge.page_present(addr):
             stats.ecam_absent_exits += 1
+            stats.ecam_absent_accesses[(addr, size, "read")] += 1
         data = self.view.read(addr, size)
         return data if data is not None else self.host_bridge.mmio_read(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        self._count(addr)
+        self._count(addr, len(data), "write")
         if not self.view.write(addr, data):
             self.host_bridge.mmio_write(addr, data)

@@ -16,6 +16,9 @@ from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.stop_request import StopRequest
 
 X86_EFLAGS_IF = 1 << 9
+#: With the console's THR writes coalesced, how long such a write may wait in the ring when the guest
+#: makes no exit after it (it spins, or sleeps in the in-kernel HLT until its THRE interrupt).
+CONSOLE_FLUSH_SECONDS = 0.02
 
 if TYPE_CHECKING:
     from pcihole.boot.elf import ElfImage
@@ -118,6 +121,8 @@ class Machine:
     cmdline: str = ""
     #: (guest-physical start, size) of the initrd, if one was loaded.
     initrd_range: tuple[int, int] | None = None
+    #: COM1's THR writes land in the coalesced ring (builder._coalesce_console_writes).
+    console_coalesced: bool = False
 
     def run(
         self,
@@ -155,6 +160,7 @@ class Machine:
             stops=stops,
             stop_requested=stop_requested,
             idle_check=self._halted_for_good if self.irq_lines is not None else None,
+            flush_ring_within=CONSOLE_FLUSH_SECONDS if self.console_coalesced else None,
         )
         seconds = time.perf_counter() - start
         return RunResult(
@@ -190,8 +196,10 @@ class Machine:
         before = view.counters.hole_writes_coalesced
         rest = view.coalesced(writes)
         self.stats.coalesced_writes += view.counters.hole_writes_coalesced - before
-        for w in rest:  # no zone but the holes' is registered; deliver anything else as a write
-            device = self.mmio.find(w.addr, len(w.data))
+        for w in rest:  # the console's THR (a PIO zone), else nothing but the holes' zones
+            if w.pio:
+                self.stats.io_coalesced_by_port[w.addr] += 1
+            device = (self.pio if w.pio else self.mmio).find(w.addr, len(w.data))
             if device is not None:
                 device.write(w.addr, w.data)
 

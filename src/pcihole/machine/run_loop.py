@@ -21,6 +21,7 @@ def run_until_stop(
     stop_requested: Callable[[], Stop | None] | None = None,
     idle_check: Callable[[], Stop | None] | None = None,
     idle_interval: float = 0.25,
+    flush_ring_within: float | None = None,
 ) -> Stop:
     """Run `vcpu` until the handler says stop, `timeout` seconds pass (a guest that runs away), or
     someone asks through `stops` (a signal): that Stop is returned at the next exit.
@@ -28,6 +29,11 @@ def run_until_stop(
     The coalesced-MMIO ring is drained at every exit, before the exit itself is handled, as QEMU
     does (kvm_cpu_exec -> kvm_flush_coalesced_mmio_buffer): the ring holds writes that happened
     before the exiting access, and a full ring makes writes exit again.
+
+    With `flush_ring_within`, a guest that writes into the ring and then makes no exit (it spins, or
+    sleeps in the in-kernel HLT waiting for the interrupt its writes will raise) still has its writes
+    delivered within about that many seconds: a thread looks at the ring's indices and kicks the vCPU
+    out of KVM_RUN while entries wait (the console's THR writes are coalesced: Machine.run).
     """
     if stops is None:
         stops = StopRequest()
@@ -38,11 +44,17 @@ def run_until_stop(
     # with IF clear ends the run as HLT did without the irqchip).
     stop_idle = threading.Event()
     kicker = None
-    if idle_check is not None:
+    if idle_check is not None or flush_ring_within is not None:
+        tick = idle_interval if flush_ring_within is None else min(idle_interval, flush_ring_within)
+        idle_every = max(1, round(idle_interval / tick))
 
         def kick_periodically() -> None:
-            while not stop_idle.wait(idle_interval):
-                vcpu.kick()
+            ticks = 0
+            while not stop_idle.wait(tick):
+                ticks += 1
+                idle_due = idle_check is not None and ticks % idle_every == 0
+                if idle_due or (flush_ring_within is not None and _ring_waiting(vcpu)):
+                    vcpu.kick()
 
         kicker = threading.Thread(target=kick_periodically, name="pcihole-idle-kick", daemon=True)
         kicker.start()
@@ -89,3 +101,8 @@ def run_until_stop(
         stops.detach()
         if timer is not None:
             timer.cancel()
+
+
+def _ring_waiting(vcpu: Vcpu) -> bool:
+    first, last = vcpu.ring_indices()
+    return first != last

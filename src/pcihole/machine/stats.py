@@ -36,6 +36,9 @@ class RunStats:
     #: the reads among them (with `exit`, every ECAM read the guest made; with a hole strategy, the
     #: reads of present functions only: absent functions answer without an exit)
     ecam_reads: int = 0
+    #: the absent-function exits by (guest-physical address, size, "read" | "write"), so that a
+    #: guest's probes can be compared with a prediction address by address (tests/linux/)
+    ecam_absent_accesses: Counter[tuple[int, int, str]] = field(default_factory=Counter)
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
     coalesced_writes: int = 0
     #: ports the guest touched that no device claims (each logged once)
@@ -43,6 +46,8 @@ class RunStats:
     unclaimed_mmio: set[int] = field(default_factory=set)
     #: port-I/O exits per port (the serial console, the PIT when not in the kernel, ...)
     io_by_port: Counter[int] = field(default_factory=Counter)
+    #: port writes KVM appended to the coalesced ring instead of exiting (COM1's THR), per port
+    io_coalesced_by_port: Counter[int] = field(default_factory=Counter)
     #: internal errors the host quirks fixed up and ran on (machine/host_quirks.py), by kind
     quirk_fixups: int = 0
     quirk_fixups_by_kind: Counter[str] = field(default_factory=Counter)

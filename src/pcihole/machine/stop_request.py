@@ -40,3 +40,33 @@ class StopRequest:
     def detach(self) -> None:
         with self._lock:
             self._vcpu = None
+
+
+class StopRelay:
+    """A stop asked from outside (a signal) for a sequence of runs (`pcihole bench`): it stops the run
+    in progress and every later one. Each run gets its own StopRequest from `for_run()`, so that what
+    ends one run (its --timeout watchdog, which requests a TIMEOUT stop on it) does not end the next
+    ones, as a StopRequest shared by all the runs would."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: StopRequest | None = None
+        self.stop: Stop | None = None
+
+    def request(self, stop: Stop) -> None:
+        """Stop the run in progress, if any, and every later one (from any thread, not a handler)."""
+        with self._lock:
+            if self.stop is None:
+                self.stop = stop
+            current = self._current
+        if current is not None:
+            current.request(stop)
+
+    def for_run(self) -> StopRequest:
+        """The StopRequest of the next run (already stopped if a stop was asked)."""
+        run = StopRequest()
+        with self._lock:
+            if self.stop is not None:
+                run.request(self.stop)
+            self._current = run
+        return run

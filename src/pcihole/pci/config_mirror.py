@@ -17,11 +17,18 @@ A page that belongs to no function holds its segment's fill bytes, written befor
 maps it and after its function left, so a guest read of it sees fill bytes or the function's
 bytes, never zeros (hole contract point 5). Only the pages of functions that were ever present
 take host memory (tmpfs allocates a memfd's pages on first write).
+
+The memfd is sealed F_SEAL_SHRINK | F_SEAL_GROW, then F_SEAL_SEAL: its size is fixed when it is made
+(every window, side by side) and nothing resizes it, and a shrink would make the memslots' host pages
+past the new end SIGBUS in the VMM and fault in KVM (mm/memfd.c memfd_add_seals, mm/shmem.c
+shmem_setattr refuse it with EPERM). F_SEAL_WRITE cannot be added: the VMM writes the pages through
+its shared writable mapping (ConfigSpace.attach), which F_SEAL_WRITE forbids (EBUSY while it exists).
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import os
 from collections.abc import Sequence
 
@@ -30,6 +37,9 @@ from pcihole.memory.region import MirrorPage
 
 from .ecam import CONFIG_SPACE_SIZE
 from .topology import Segment
+
+#: What the mirror is sealed with (the module docstring says why not F_SEAL_WRITE).
+MIRROR_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ConfigMirror:
@@ -44,9 +54,10 @@ class ConfigMirror:
             self._file_offsets.append(size)
             size += s.window_size
         self.size = size
-        self.fd = os.memfd_create("pcihole-ecam-mirror", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("pcihole-ecam-mirror", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, MIRROR_SEALS)
             addr = mmap_raw(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
         except BaseException:
             os.close(self.fd)
@@ -96,4 +107,4 @@ class ConfigMirror:
             self.fd = -1
 
 
-__all__ = ["ConfigMirror"]
+__all__ = ["MIRROR_SEALS", "ConfigMirror"]

@@ -39,6 +39,7 @@ exit to the VMM and read all-ones.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class HostBridge:
         self._hotplug_lock = threading.Lock()
         self._topology = topology
         self._segments = tuple(sorted(topology.segments, key=lambda s: s.window_base))
+        self._window_bases = tuple(s.window_base for s in self._segments)  # for segment_at's bisect
         self._functions: dict[int, PciFunction] = {}
         self._listeners: list[PageListener] = []
         self._mirror: ConfigMirror | None = None
@@ -138,9 +140,11 @@ class HostBridge:
         return self._segments
 
     def segment_at(self, gpa: int) -> Segment | None:
-        for segment in self._segments:
-            if segment.window_base <= gpa <= segment.window_last:
-                return segment
+        """The segment whose ECAM window holds `gpa`, or None. Called on every ECAM exit: windows never
+        overlap (Topology.validate), so the only candidate is the last one starting at or below gpa."""
+        i = bisect.bisect_right(self._window_bases, gpa) - 1
+        if i >= 0 and gpa <= self._segments[i].window_last:
+            return self._segments[i]
         return None
 
     def _page_of(self, bdf: Bdf) -> int:

@@ -16,7 +16,19 @@ from enum import Enum
 
 from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
+from unicorn.unicorn_py3.unicorn import UcContext
 
+from pcihole.hv.model.engine_state import (
+    HF_LMA_MASK,
+    R_CS,
+    R_DS,
+    R_ES,
+    R_FS,
+    R_GS,
+    R_SS,
+    EngineState,
+    SegmentCache,
+)
 from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
@@ -112,11 +124,17 @@ def cpu_mode(sregs: kvm_sregs) -> CpuMode:
     return CpuMode.PROTECTED_32
 
 
-def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
-    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+def empty_engine(mode: CpuMode) -> Uc:
+    """A Unicorn engine in `mode` with the model's CPU and nothing else."""
     uc = Uc(UC_ARCH_X86, mode.value)
     # Before anything else touches the CPU (Unicorn creates it on first use): see ENGINE_CPU_MODEL.
     uc.ctl_set_cpu_model(ENGINE_CPU_MODEL)
+    return uc
+
+
+def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
+    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+    uc = empty_engine(mode)
     if mode is CpuMode.LONG_64:
         uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
@@ -135,14 +153,67 @@ def write_fpu(uc: Uc, fpu: kvm_fpu) -> None:
     uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
 
 
-def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs) -> None:
+# kvm_regs' names in the order of QEMU's env->regs[] (R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP,
+# R_ESI, R_EDI, R_R8..R_R15), as the uc_context copy holds them.
+_QEMU_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{i}" for i in range(8, 16)))
+
+
+def live_mode(uc: Uc, mode: CpuMode, state: EngineState | None) -> CpuMode:
+    """The mode the guest runs in now, which is not always the mode `uc` was created in.
+
+    Unicorn fixes an engine's mode at uc_open: it selects the register ids uc_reg_read and
+    uc_reg_write serve and the width uc_emu_start writes the start address with. The CPU under it
+    follows the guest: a UC_MODE_32 engine enters long mode when the guest sets CR0.PG with
+    EFER.LME (QEMU's cpu_x86_update_cr0 sets HF_LMA) and runs 64-bit code after a far jump to a
+    64-bit CS, as Linux's PVH entry does (pvh_start_xen), but its RAX / RIP / RSP read 0 through
+    the API and EAX the low half. HF_LMA in hflags (through the uc_context copy) says which it is;
+    CR0.PG, which the 32-bit API reads, rules long mode out cheaply first.
+    """
+    if state is None or (mode is not CpuMode.LONG_64 and not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PG):
+        return mode
+    state.load()
+    if state.hflags & HF_LMA_MASK:
+        return CpuMode.LONG_64
+    return CpuMode.PROTECTED_32 if state.cr(0) & X86_CR0_PE else CpuMode.REAL
+
+
+def carry_state(old: Uc, new: Uc, context: UcContext | None = None) -> None:
+    """Give engine `new` all of `old`'s CPU state, or the `context` saved from it earlier: what
+    uc_context_save copies (CPUX86State up to end_reset_fields: registers, segments with their
+    hidden parts, control and descriptor-table registers, MSRs, FPU / SSE state, hflags). Memory
+    and hooks are the caller's."""
+    new.context_restore(context if context is not None else old.context_save())
+
+
+def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs, state: EngineState | None = None) -> None:
+    """KVM_SET_REGS into `uc`; `state` (the engine's EngineState) lets a 32-bit engine that the
+    guest took into long mode get all 64 bits (through the uc_context copy: see live_mode)."""
+    if mode is not CpuMode.LONG_64 and live_mode(uc, mode, state) is CpuMode.LONG_64:
+        assert state is not None
+        uc.reg_write(x86.UC_X86_REG_EFLAGS, regs.rflags)
+        # The API's EIP write is what makes a callback's change of RIP take effect (Unicorn
+        # leaves the translation block: quit_request); the copy then sets all 64 bits.
+        uc.reg_write(x86.UC_X86_REG_EIP, regs.rip & 0xFFFFFFFF)
+        state.load()
+        state.set_gprs([getattr(regs, name) for name in _QEMU_GPR_ORDER])
+        state.ip = regs.rip
+        state.store()
+        return
     table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
     for name, reg in table:
         uc.reg_write(reg, getattr(regs, name))
 
 
-def read_regs(uc: Uc, mode: CpuMode) -> kvm_regs:
+def read_regs(uc: Uc, mode: CpuMode, state: EngineState | None = None) -> kvm_regs:
+    """KVM_GET_REGS from `uc` (`state`: as for write_regs)."""
     regs = kvm_regs()
+    if mode is not CpuMode.LONG_64 and live_mode(uc, mode, state) is CpuMode.LONG_64:
+        assert state is not None  # live_mode loaded it
+        for name, value in zip(_QEMU_GPR_ORDER, state.gprs(), strict=True):
+            setattr(regs, name, value)
+        regs.rip = state.ip
+        regs.rflags = uc.reg_read(x86.UC_X86_REG_EFLAGS)  # computed from the lazy flags (cc_op)
+        return regs
     table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
     for name, reg in table:
         setattr(regs, name, uc.reg_read(reg))
@@ -157,3 +228,43 @@ def program_counter(uc: Uc, mode: CpuMode) -> int:
     if mode is CpuMode.REAL:
         return (uc.reg_read(x86.UC_X86_REG_CS) << 4) + (ip & 0xFFFF)
     return ip
+
+
+def _kvm_segment(seg: SegmentCache) -> kvm_segment:
+    """QEMU's SegmentCache (flags = the descriptor's high dword, limit already scaled by G) as
+    KVM_GET_SREGS reports a segment (QEMU's own get_seg in target/i386/kvm.c does the same)."""
+    flags = seg.flags
+    present = (flags >> 15) & 1
+    return kvm_segment(
+        base=seg.base,
+        limit=seg.limit,
+        selector=seg.selector,
+        type=(flags >> 8) & 0xF,
+        present=present,
+        dpl=(flags >> 13) & 3,
+        db=(flags >> 22) & 1,
+        s=(flags >> 12) & 1,
+        l=(flags >> 21) & 1,
+        g=(flags >> 23) & 1,
+        avl=(flags >> 20) & 1,
+        unusable=0 if present else 1,
+    )
+
+
+def read_sregs(uc: Uc, state: EngineState, given: kvm_sregs) -> kvm_sregs:
+    """KVM_GET_SREGS from the engine: segments with their hidden parts, descriptor tables, control
+    registers and EFER as the guest left them (it loads its own GDT and switches mode itself);
+    APIC base and the interrupt bitmap as KVM_SET_SREGS `given` them."""
+    state.load()
+    sregs = kvm_sregs.from_buffer_copy(given)
+    for name, index in (("es", R_ES), ("cs", R_CS), ("ss", R_SS), ("ds", R_DS), ("fs", R_FS), ("gs", R_GS)):
+        setattr(sregs, name, _kvm_segment(state.segment(index)))
+    sregs.tr = _kvm_segment(state.table("tr"))
+    sregs.ldt = _kvm_segment(state.table("ldt"))
+    for name in ("gdt", "idt"):
+        table = state.table(name)
+        getattr(sregs, name).base = table.base
+        getattr(sregs, name).limit = table.limit
+    sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4 = (state.cr(n) for n in (0, 2, 3, 4))
+    sregs.efer = uc.msr_read(MSR_EFER)
+    return sregs

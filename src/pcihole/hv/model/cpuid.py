@@ -66,9 +66,9 @@ XSAVE_LEGACY_AND_HEADER = 512 + 64
 X86_CR4_OSXSAVE = 1 << 18
 MSR_IA32_APICBASE_ENABLE = 1 << 11
 
-#: Leaf 1 ECX bits the local APIC model implements (x2APIC MSRs, TSC-deadline timer). The model's
-#: LAPIC sets this when it implements them; until then they are not offered.
-LAPIC_FEATURES = 0
+#: Leaf 1 ECX bits the local APIC model implements (lapic.py): the x2APIC MSRs and the TSC-deadline
+#: timer. A VM without KVM_CREATE_IRQCHIP has no LAPIC, as on KVM, which offers them all the same.
+LAPIC_FEATURES = CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE
 
 _BASIC_MAX = 0xD  # the Broadwell model's highest basic leaf
 _EXTENDED = (0x80000000, 0x80000001, 0x80000002, 0x80000003, 0x80000004, 0x80000005, 0x80000006,

@@ -32,6 +32,7 @@ from pcihole.hv import exits
 from pcihole.hv.model.dirty_log import mark_page_dirty
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.guest_memory import GuestRegion, RegionKind
+from pcihole.hv.model.io_bus import IoDevice
 from pcihole.hv.model.memslots import PAGE_SHIFT, PAGE_SIZE
 from pcihole.hv.model.mmu import MMIO_READ_KINDS, Mmu
 
@@ -66,8 +67,10 @@ def split_at_pages(addr: int, size: int) -> list[tuple[int, int]]:
 class AccessEmulator:
     """The access paths of one engine, as arch/x86/kvm/x86.c takes them. attach() before use."""
 
-    def __init__(self, vm, port: ExitPort, vcpu_id: int) -> None:  # vm: ModelVm (import cycle)
+    def __init__(self, vm, port: ExitPort, vcpu_id: int, lapic: IoDevice | None = None) -> None:
+        # vm: ModelVm (import cycle); lapic: the vCPU's own MMIO device, asked before the bus
         self.vm = vm
+        self._lapic = lapic
         self._port = port
         self._vcpu_id = vcpu_id
         self._mmu: Mmu | None = None
@@ -89,6 +92,22 @@ class AccessEmulator:
     def forget_spans(self) -> None:
         """The memory map changed: no access under way is replayed from the old one."""
         self._read_span = self._write_span = None
+
+    def _bus_read(self, addr: int, length: int) -> bytes | None:
+        """vcpu_mmio_read: the vCPU's LAPIC first, then KVM_MMIO_BUS."""
+        lapic = self._lapic
+        if lapic is not None:
+            data = lapic.read(addr, length)
+            if data is not None:
+                return data
+        return self.vm.mmio_bus.read(addr, length)
+
+    def _bus_write(self, addr: int, data: bytes) -> bool:
+        """vcpu_mmio_write: the vCPU's LAPIC first, then KVM_MMIO_BUS."""
+        lapic = self._lapic
+        if lapic is not None and lapic.write(addr, data):
+            return True
+        return self.vm.mmio_bus.write(addr, data)
 
     # --- the MEM_READ / MEM_WRITE hooks: the whole access ---------------------------------------
 
@@ -116,7 +135,7 @@ class AccessEmulator:
             done = 0
             while done < length:
                 n = min(length - done, _MMIO_CHUNK)
-                data = self.vm.mmio_bus.read(gpa + done, n)
+                data = self._bus_read(gpa + done, n)
                 if data is None:
                     break
                 buf[off + done : off + done + n] = data
@@ -170,7 +189,7 @@ class AccessEmulator:
             done = 0
             while done < length:
                 n = min(length - done, _MMIO_CHUNK)
-                if not self.vm.mmio_bus.write(gpa + done, chunk[done : done + n]):
+                if not self._bus_write(gpa + done, chunk[done : done + n]):
                     break
                 done += n
             if done < length:
@@ -190,7 +209,7 @@ class AccessEmulator:
 
         From an mmio_map callback (in_access, `keep` its piece) or the write-protect hook (not).
         """
-        if not self.vm.mmio_bus.write(addr, data):
+        if not self._bus_write(addr, data):
             self._port.exit_to_user(exits.MmioWrite(addr, data), in_access=in_access, keep=keep)
 
     def on_write_protected(
@@ -235,7 +254,7 @@ class AccessEmulator:
                 return 0
             return int.from_bytes(data[lo - start : hi - start], "little") << (8 * (lo - addr))
         # vcpu_mmio_read for an access no hook took whole (not expected: the hooks cover them all).
-        data = self.vm.mmio_bus.read(addr, size)
+        data = self._bus_read(addr, size)
         if data is None:
             data = self._port.exit_to_user(
                 exits.MmioRead(addr, size), in_access=True, keep=self.mmu.mmio_piece(base)

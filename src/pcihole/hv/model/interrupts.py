@@ -38,6 +38,7 @@ from pcihole.hv.model.engine_state import (
     R_SS,
     EngineState,
     SegmentCache,
+    read_flags,
 )
 
 # Exception vectors (SDM Table 6-1).
@@ -354,8 +355,10 @@ def _cache(selector: int, e1: int, e2: int) -> SegmentCache:
 
 def interrupt_window_open(uc: Uc, state: EngineState) -> bool:
     """An external interrupt can be delivered now: IF set and no STI / MOV SS shadow."""
+    if not read_flags(uc) & IF:  # first, without copying the context
+        return False
     state.load()
-    return bool(uc.reg_read(state.regs.flags) & IF) and not state.hflags & HF_INHIBIT_IRQ_MASK
+    return not state.hflags & HF_INHIBIT_IRQ_MASK
 
 
 def syscall(uc: Uc, state: EngineState, insn_length: int) -> Event | None:

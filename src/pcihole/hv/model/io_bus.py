@@ -5,11 +5,18 @@ compares greater), an access is matched by kvm_io_bus_get_first_dev (a bsearch, 
 the first equal range) and offered to each matching device in turn until one accepts it
 (__kvm_io_bus_write / __kvm_io_bus_read). Registration does not check overlaps: two devices may
 cover the same addresses, and the first in bus order that accepts an access handles it.
+
+A change never edits the bus in place: as kvm_io_bus_register_dev / kvm_io_bus_unregister_dev build a
+new struct kvm_io_bus and publish it with rcu_assign_pointer, register / unregister build a new tuple
+and swap it in, and an access works on the tuple it read once. So a vCPU thread sees the bus whole,
+before or after a change made by another thread (hot-plug), never a list being shortened under its
+bsearch. Changes are serialized by a lock, as the kernel's by kvm->slots_lock.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,41 +66,47 @@ class IoBus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.ranges: list[IoRange] = []
+        self.ranges: tuple[IoRange, ...] = ()  # replaced, never modified (the module docstring)
+        self._changes = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.ranges)
 
     def register(self, addr: int, length: int, dev: IoDevice, ioctl: str, detail: str) -> None:
         """kvm_io_bus_register_dev: ENOSPC past NR_IOBUS_DEVS, no overlap check."""
-        if len(self.ranges) > NR_IOBUS_DEVS - 1:
-            raise ModelKvmError(
-                errno.ENOSPC, ioctl, detail, f"{self.name} already has {NR_IOBUS_DEVS} devices"
-            )
-        new = IoRange(addr & U64, _as_c_int(length), dev)
-        i = 0
-        for i, r in enumerate(self.ranges):  # noqa: B007 - i is the insertion point after the loop
-            if kvm_io_bus_cmp(r.addr, r.len, new.addr, new.len) > 0:
-                break
-        else:
-            i = len(self.ranges)
-        self.ranges.insert(i, new)
+        with self._changes:
+            ranges = self.ranges
+            if len(ranges) > NR_IOBUS_DEVS - 1:
+                raise ModelKvmError(
+                    errno.ENOSPC, ioctl, detail, f"{self.name} already has {NR_IOBUS_DEVS} devices"
+                )
+            new = IoRange(addr & U64, _as_c_int(length), dev)
+            i = 0
+            for i, r in enumerate(ranges):  # noqa: B007 - i is the insertion point after the loop
+                if kvm_io_bus_cmp(r.addr, r.len, new.addr, new.len) > 0:
+                    break
+            else:
+                i = len(ranges)
+            self.ranges = (*ranges[:i], new, *ranges[i:])
 
     def unregister(self, dev: IoDevice) -> bool:
         """kvm_io_bus_unregister_dev: remove the range of `dev`; False if it is not on the bus."""
-        for i, r in enumerate(self.ranges):
-            if r.dev is dev:
-                del self.ranges[i]
-                return True
+        with self._changes:
+            ranges = self.ranges
+            for i, r in enumerate(ranges):
+                if r.dev is dev:
+                    self.ranges = ranges[:i] + ranges[i + 1 :]
+                    return True
         return False
 
-    def _first_dev(self, addr: int, length: int) -> int:
+    @staticmethod
+    def _first_dev(ranges: tuple[IoRange, ...], addr: int, length: int) -> int:
         """kvm_io_bus_get_first_dev: lib/bsearch.c over the ranges, then back to the first match."""
-        base, num = 0, len(self.ranges)
+        base, num = 0, len(ranges)
         found = -1
         while num > 0:
             pivot = base + (num >> 1)
-            r = self.ranges[pivot]
+            r = ranges[pivot]
             result = kvm_io_bus_cmp(addr, length, r.addr, r.len)
             if result == 0:
                 found = pivot
@@ -105,17 +118,17 @@ class IoBus:
         if found < 0:
             return -1
         while found > 0:
-            r = self.ranges[found - 1]
+            r = ranges[found - 1]
             if kvm_io_bus_cmp(addr, length, r.addr, r.len) != 0:
                 break
             found -= 1
         return found
 
     def _matching(self, addr: int, length: int):
-        idx = self._first_dev(addr, length)
+        ranges = self.ranges  # read once: the bus as it is now, whatever another thread changes
+        idx = self._first_dev(ranges, addr, length)
         if idx < 0:
             return
-        ranges = self.ranges
         while idx < len(ranges) and kvm_io_bus_cmp(addr, length, ranges[idx].addr, ranges[idx].len) == 0:
             yield ranges[idx].dev
             idx += 1

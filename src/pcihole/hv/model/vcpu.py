@@ -74,7 +74,7 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
+from unicorn.unicorn_py3.unicorn import UcContext, uc_hook_h, uclib
 from unicorn.x86_const import (
     UC_X86_INS_CPUID,
     UC_X86_INS_IN,
@@ -82,11 +82,13 @@ from unicorn.x86_const import (
     UC_X86_INS_RDTSC,
     UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR2,
     UC_X86_REG_CR4,
     UC_X86_REG_EAX,
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
+    UC_X86_REG_EFLAGS,
     UC_X86_REG_IDTR,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
@@ -112,19 +114,34 @@ from pcihole.hv.model.interrupts import (
     Delivery,
     Event,
     EventKind,
+    Fault,
+    LinearMemory,
     TripleFault,
     interrupt_window_open,
     syscall,
 )
 from pcihole.hv.model.kvmclock import KvmClock
+from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.uapi import KVM_INTERNAL_ERROR_EMULATION, kvm_fpu, kvm_regs, kvm_sregs
+from pcihole.hv.uapi import (
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE,
+    kvm_fpu,
+    kvm_lapic_state,
+    kvm_regs,
+    kvm_sregs,
+)
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+# CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
+CPUID_FEATURES = 1
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
 # QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
@@ -150,6 +167,9 @@ class Request(Enum):
 
     KICK = "kick"  # the running (or next) run() returns Interrupted
     NEW_ENGINE = "new engine"  # set_sregs changed the mode: build a new engine (registers in _regs)
+    # The guest changed the CPU mode itself (a 32-bit engine followed it into long mode): carry
+    # the engine's whole CPU state into an engine of the new mode (cpu.carry_state).
+    MODE_CHANGE = "mode change"
 
 
 _LEFT = (VcpuState.CLOSING, VcpuState.CLOSED)
@@ -207,6 +227,18 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
+        # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
+        self._deferred: Event | None = None
+        # The CPU state (uc_context) of a 32-bit engine in long mode where it was stopped for an
+        # engine of the new mode: the state after emu_start returns is not it (the engine faults
+        # on its end address, (1 << 64) - 1 cut to 0xffffffff, which overwrites CR2 at least).
+        self._switch_context: UcContext | None = None
+        # The source has an interrupt that waited for IF at the last boundary (_at_boundary).
+        self._source_waits = False
+        self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
+        #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
+        self.lapic: LocalApic | None = None
         #: This vCPU's MSRs (msr.py): devices register the MSRs they own (the local APIC: APIC_BASE,
         #: x2APIC, TSC_DEADLINE); a guest access to an MSR nobody owns takes #GP(0).
         self.msrs = MsrTable()
@@ -242,23 +274,26 @@ class ModelVcpu:
     def get_regs(self) -> kvm_regs:
         engine = self._live_engine()
         if engine is not None:
-            return cpu.read_regs(*engine)
+            return cpu.read_regs(*engine, self._engine_state)
         return kvm_regs.from_buffer_copy(self._regs)
 
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            cpu.write_regs(*engine, self._regs)
+            cpu.write_regs(*engine, self._regs, self._engine_state)
 
     def get_sregs(self) -> kvm_sregs:
+        engine, state = self._live_engine(), self._engine_state
+        if engine is not None and state is not None:
+            return cpu.read_sregs(engine[0], state, self._sregs)
         return kvm_sregs.from_buffer_copy(self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
         cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
         engine = self._live_engine()
         if engine is not None:
-            self._regs = cpu.read_regs(*engine)
+            self._regs = cpu.read_regs(*engine, self._engine_state)
             self.engine_msrs.save(engine[0])
         self._sregs = kvm_sregs.from_buffer_copy(sregs)
         self._requests.add(Request.NEW_ENGINE)
@@ -271,6 +306,15 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             self._hook_cpuid(engine[0])
+        lapic = self.lapic
+        if lapic is not None:
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
+            for entry in cpuid.entries[: cpuid.nent]:
+                if entry.function == CPUID_FEATURES:
+                    lapic.set_cpuid(
+                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
+                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
+                    )
 
     def _hook_cpuid(self, uc: Uc) -> None:
         if self._cpuid_engine is not uc:
@@ -453,6 +497,44 @@ class ModelVcpu:
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
         self._source = source
 
+    def attach_lapic(self, lapic: LocalApic) -> None:
+        """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
+        (vcpu_mmio_read / vcpu_mmio_write), the owner of its MSRs, and the interrupt source."""
+        self.lapic = lapic
+        lapic.register_msrs(self.msrs)
+        self.attach_interrupt_source(lapic)
+
+    def get_lapic(self) -> kvm_lapic_state:
+        """KVM_GET_LAPIC: the register page; EINVAL without an in-kernel LAPIC (kvm_arch_vcpu_ioctl)."""
+        lapic = self._require_lapic("KVM_GET_LAPIC")
+        return kvm_lapic_state.from_buffer_copy(lapic.get_state())
+
+    def set_lapic(self, state: kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (kvm_apic_set_state)."""
+        lapic = self._require_lapic("KVM_SET_LAPIC")
+        lapic.set_state(bytes(state))
+
+    def _require_lapic(self, ioctl: str) -> LocalApic:
+        if self.lapic is None:
+            raise ModelKvmError(
+                errno.EINVAL, ioctl, f"vcpu={self.id}", "no in-kernel LAPIC (KVM_CREATE_IRQCHIP)"
+            )
+        return self.lapic
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
+        return KVM_MP_STATE_HALTED if self._halted else KVM_MP_STATE_RUNNABLE
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: RUNNABLE wakes a halted vCPU (it goes on after its HLT); HALTED puts
+        it to sleep at the next entry. Other states (INIT, SIPI) are not modelled: EINVAL."""
+        if mp_state == KVM_MP_STATE_RUNNABLE:
+            self._halted = False
+        elif mp_state == KVM_MP_STATE_HALTED and self._source is not None:
+            self._halted = True
+        else:
+            raise ModelKvmError(errno.EINVAL, "KVM_SET_MP_STATE", f"vcpu={self.id}, {mp_state}")
+
     def interrupt_pending(self) -> None:
         """The source has a new interrupt (any thread): kvm_vcpu_kick after the LAPIC set IRR. The
         vCPU delivers it at its next instruction boundary where IF is set and no STI / MOV SS
@@ -547,12 +629,20 @@ class ModelVcpu:
                 return exit_
         if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
+        if self._deferred is not None:
+            event, self._deferred = self._deferred, None
+            if not self._deliver(uc, event):
+                return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
             return exits.IrqWindowOpen()
         try:
-            uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
+            try:
+                uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
+            finally:
+                if self._state not in _LEFT:
+                    self._after_stop(uc)
         except UcError as e:
             if self._state in _LEFT:
                 return None
@@ -570,7 +660,7 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
-        if Request.NEW_ENGINE in self._requests:
+        if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
         boundary = self._boundary
         if boundary is not None and not boundary.precise and boundary.armed:
@@ -581,8 +671,7 @@ class ModelVcpu:
                 return exits.Interrupted()
             return None  # stopped for nothing the caller must see: go on
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
-        pc = cpu.program_counter(uc, mode)
-        if uc.mem_read(pc - 1, 1)[0] == _HLT_OPCODE:
+        if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
             if self._source is None:
                 return exits.Hlt()
             self._halted = True
@@ -592,17 +681,25 @@ class ModelVcpu:
     def _at_boundary(self, uc: Uc) -> None:
         """The boundary hook's callback: in the vCPU thread, between two instructions."""
         if self._state in _LEFT:  # leave at once, without mapping memory the VMM may be about to free
-            uc.emu_stop()
+            self._stop(uc)
             return
         mmu = self._mmu
         if mmu is not None and mmu.stale():
             mmu.sync(in_callback=True)
-        if Request.KICK in self._requests:
+        if self._mode_changed(uc):
+            # First, whatever else is asked (a kick stays requested for the new engine).
+            self._stop_for_new_mode(uc)
+        elif Request.KICK in self._requests:
             self._requests.discard(Request.KICK)
-            self._stop_exit = exits.Interrupted()
-            uc.emu_stop()
+            # Returned to run()'s caller from here, the engine paused at this boundary as in an
+            # I/O exit, not by stopping it: every return from emu_start flushes the translation
+            # cache (the idle check's kick every 0.25 s cost a retranslation of the kernel's hot
+            # code each time). The next run() resumes here.
+            self.exit_to_user(exits.Interrupted())
+            if self._state not in _LEFT and (self._events_wanted() or Request.KICK in self._requests):
+                self._request_boundary()
         elif Request.NEW_ENGINE in self._requests:
-            uc.emu_stop()
+            self._stop(uc)
         elif self._nmi_pending:
             if self._nmi_allowed(uc):
                 self._deliver_nmi(uc)
@@ -612,9 +709,13 @@ class ModelVcpu:
             self._inject(uc)
         elif self._window_open(uc):
             self._stop_exit = exits.IrqWindowOpen()
-            uc.emu_stop()
-        elif self._source is not None and self._source.has_interrupt():
-            if not self._deliver_from_source(uc):
+            self._stop(uc)
+        elif self._source is not None and (self._source_waits or self._source.has_interrupt()):
+            # While an interrupt waits for IF (Linux runs long stretches with interrupts off) this
+            # runs at every block start: RFLAGS.IF is read first, cheaply (KVM asks the CPU for an
+            # interrupt-window exit instead; Unicorn has no such event).
+            self._source_waits = not self._deliver_from_source(uc)
+            if self._source_waits:
                 self._request_boundary()  # the window is closed: look again at the next block
         elif self._window_requested:
             self._request_boundary()  # the window is closed: look again at the next block
@@ -624,6 +725,8 @@ class ModelVcpu:
         state, source = self._engine_state, self._source
         if source is None or state is None or not interrupt_window_open(uc, state):
             return False
+        if not source.has_interrupt():  # taken meanwhile, or masked by a TPR raised since
+            return True
         self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
         return True
 
@@ -705,13 +808,13 @@ class ModelVcpu:
         if delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             # No IDT: #GP, #DF, triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
             self._stop_exit = exits.Shutdown()
-            uc.emu_stop()
+            self._stop(uc)
             return False
         try:
             delivery.deliver(event)
         except TripleFault:
             self._stop_exit = exits.Shutdown()
-            uc.emu_stop()
+            self._stop(uc)
             return False
         return True
 
@@ -732,7 +835,7 @@ class ModelVcpu:
         assert uc is not None and mmu is not None
         with self._sync:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
-                uc.emu_stop()
+                self._stop(uc)
                 return None
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
@@ -755,13 +858,13 @@ class ModelVcpu:
             # faults (the MMU refuses while leaving) instead of touching freed pages.
             if not in_access or keep is not None:
                 mmu.tear_down(keep)
-            uc.emu_stop()
+            self._stop(uc)
             return None
         if mmu.stale() and (not in_access or keep is not None):
             # The VMM may have freed the host pages of a deleted slot: none of the rest of this
             # translation block may reach them (the next boundary redoes a provisional map).
             mmu.sync(in_callback=True, keep=keep)
-        if mmu.stale() or Request.NEW_ENGINE in self._requests:
+        if mmu.stale() or Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             # In the middle of a memory access: Unicorn holds pointers into the region and the
             # TLB entry of the access under way (a map change frees the one and may resize the
             # TLB under the other), so the next instruction boundary applies the change, and
@@ -774,17 +877,21 @@ class ModelVcpu:
         """(emulator_read_write.ExitPort.) KVM_RUN fails with `error` (the first one, if several)."""
         if self._fault is None:
             self._fault = error
-        uc.emu_stop()
+        self._stop(uc)
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _data: object) -> None:
         """OUT: KVM_PIO_BUS devices (coalesced PIO zones), else KVM_EXIT_IO (kernel_pio)."""
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._mode_changed(uc)
         if not self.vm.pio_bus.write(port, data):
             self.exit_to_user(exits.IoOut(port, size, data))
 
     def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
-        """IN: nothing on the model's PIO bus answers reads, so every IN exits (KVM_EXIT_IO)."""
-        data = self.exit_to_user(exits.IoIn(port, size))
+        """IN: KVM_PIO_BUS devices (the in-kernel PICs, PIT, speaker), else KVM_EXIT_IO (kernel_pio)."""
+        self._mode_changed(uc)
+        data = self.vm.pio_bus.read(port, size)
+        if data is None:
+            data = self.exit_to_user(exits.IoIn(port, size))
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
@@ -798,7 +905,15 @@ class ModelVcpu:
             return
         state.load()
         kind = EventKind.SOFTWARE if state.exception_is_int else EventKind.EXCEPTION
-        self._deliver(uc, Event(intno, kind, state.error_code))
+        event = Event(intno, kind, state.error_code)
+        if self._mode_changed(uc):
+            # This engine's register ids no longer reach RIP / RSP (cpu.live_mode): stop here (the
+            # exception is between two instructions, RIP where the delivery wants it) and let the
+            # engine of the new mode deliver it first thing.
+            self._deferred = event
+            self._stop_for_new_mode(uc)
+            return
+        self._deliver(uc, event)
 
     def _on_msr(self, uc: Uc) -> None:
         """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
@@ -828,6 +943,10 @@ class ModelVcpu:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
         if self._delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             return False
+        if self._mode_changed(uc):  # as in _on_interrupt
+            self._deferred = Event(UD, EventKind.EXCEPTION)
+            self._stop_for_new_mode(uc)
+            return True
         return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
 
     def _on_syscall(self, uc: Uc, _data: object) -> None:
@@ -850,35 +969,15 @@ class ModelVcpu:
             # set_sregs saved the old engine's registers into self._regs when it asked for this.
             mode = cpu.cpu_mode(self._sregs)
             uc = cpu.new_engine(mode, self._regs, self._sregs)
-            with self._engine_lock:
-                self._uc, self._mode = uc, mode
-                self._requests.discard(Request.NEW_ENGINE)
-                self._boundary = BoundaryHook(uc, self._at_boundary)
-                self._emulator = AccessEmulator(self.vm, self, self.id)
-                self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
-                self._emulator.attach(uc, mmu)
-                uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
-                uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
-                uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-                uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-                self._delivery = self._engine_state = self._msr_state = None
-                if mode is cpu.CpuMode.LONG_64:
-                    uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
-                state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
-                if state.layout_ok():
-                    # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
-                    # every MSR (unknown ones read 0): the intercept needs that state.
-                    self._intercept.install(uc, state)
-                    self._msr_state = state
-                    if mode is not cpu.CpuMode.REAL:
-                        self._engine_state = state
-                        self._delivery = Delivery(uc, state, mmu.read_ram)
-                self.engine_msrs.restore(uc)
-                if self._fpu is not None:
-                    cpu.write_fpu(uc, self._fpu)
-                self._hook_tsc(uc)
-                if self._cpuid is not None:
-                    self._hook_cpuid(uc)
+            mmu = self._install_engine(uc, mode)
+        else:
+            live = cpu.live_mode(uc, mode, self._engine_state)
+            if live is not mode:
+                # The guest changed mode itself (cpu.live_mode): its whole CPU state moves into
+                # an engine of the new mode, whose register ids and emu_start reach all of it.
+                old, uc, mode = uc, cpu.empty_engine(live), live
+                mmu = self._install_engine(uc, mode, carry_from=old)
+            self._requests.discard(Request.MODE_CHANGE)
         if mmu.stale():
             mmu.sync()
         else:
@@ -886,6 +985,125 @@ class ModelVcpu:
             # (ctl_flush_tb is in unicorn_py3's Uc; mypy reads the py2 binding's, which lacks it.)
             uc.ctl_flush_tb()  # type: ignore[attr-defined]
         return uc, mode
+
+    def _install_engine(self, uc: Uc, mode: cpu.CpuMode, carry_from: Uc | None = None) -> Mmu:
+        """Make `uc` this vCPU's engine: its memory map, exits, hooks and delivery; with
+        `carry_from`, the CPU state of that engine (cpu.carry_state), once the fresh engine's
+        layout is checked (EngineState.layout_ok wants a fresh engine)."""
+        with self._engine_lock:
+            self._uc, self._mode = uc, mode
+            self._requests.discard(Request.NEW_ENGINE)
+            self._requests.discard(Request.MODE_CHANGE)
+            self._boundary = BoundaryHook(uc, self._at_boundary)
+            self._emulator = AccessEmulator(self.vm, self, self.id, self.lapic)
+            self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
+            self._emulator.attach(uc, mmu)
+            uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
+            uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
+            uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+            uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+            self._delivery = self._engine_state = self._msr_state = None
+            if mode is cpu.CpuMode.LONG_64:
+                uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
+            state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
+            layout_ok = state.layout_ok()
+            if carry_from is not None:
+                # The whole CPU state, the engine-kept MSRs and FPU with it; the intercept below
+                # is turned on again for this engine (its pages are mapped per engine).
+                context, self._switch_context = self._switch_context, None
+                cpu.carry_state(carry_from, uc, context)
+                if layout_ok:
+                    # old_exception is not architectural: QEMU resets it when an exception is
+                    # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
+                    # would turn the next contributory fault into #DF (check_exception).
+                    state.load()
+                    state.clear_old_exception()
+                    state.store()
+            if layout_ok:
+                # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
+                # every MSR (unknown ones read 0): the intercept needs that state.
+                self._intercept.install(uc, state)
+                self._msr_state = state
+                if mode is not cpu.CpuMode.REAL:
+                    self._engine_state = state
+                    self._delivery = Delivery(uc, state, mmu.read_ram)
+            if carry_from is None:
+                self.engine_msrs.restore(uc)
+                if self._fpu is not None:
+                    cpu.write_fpu(uc, self._fpu)
+            self._hook_tsc(uc)
+            if self._cpuid is not None:
+                self._hook_cpuid(uc)
+        return mmu
+
+    def _mode_changed(self, uc: Uc) -> bool:
+        """From a callback: True if the guest took this 32-bit engine into long mode
+        (cpu.live_mode); the vCPU then stops at the next instruction boundary for an engine of the
+        new mode (Request.MODE_CHANGE). Only 32-bit engines are checked: a 64-bit guest that
+        leaves long mode is followed at the next emu_start (_prepare_engine)."""
+        mode = self._mode
+        if mode is not cpu.CpuMode.PROTECTED_32:
+            return False
+        if Request.MODE_CHANGE not in self._requests:
+            if cpu.live_mode(uc, mode, self._engine_state) is mode:
+                return False
+            self._requests.add(Request.MODE_CHANGE)
+            self._request_boundary()
+        return True
+
+    def _stop(self, uc: Uc) -> None:
+        """uc_emu_stop from a callback, remembering CR2 for _after_stop."""
+        self._cr2_at_stop = uc.reg_read(UC_X86_REG_CR2)
+        uc.emu_stop()
+
+    def _after_stop(self, uc: Uc) -> None:
+        """Undo what Unicorn does to the CPU as emu_start returns. Measured (unicorn 2.1.4): it
+        faults on the address before emu_start's end, (1 << 64) - 1 (a 32-bit engine: 0xffffffff),
+        without calling any hook: CR2 reads 0xff..fe afterwards and QEMU's old_exception is #PF,
+        which would make the guest's next #PF a #DF (check_exception). A guest kicked between a #PF
+        and its handler's read of CR2 must still read the fault's address, as on KVM."""
+        cr2, self._cr2_at_stop = self._cr2_at_stop, None
+        if cr2 is not None:
+            uc.reg_write(UC_X86_REG_CR2, cr2)
+        state = self._engine_state
+        if state is not None:
+            state.load()
+            state.clear_old_exception()
+            state.store()
+
+    def _stop_for_new_mode(self, uc: Uc) -> None:
+        """From a callback at an instruction boundary (or an exception's): keep the CPU state as it
+        is here for the engine of the new mode, and stop."""
+        # The arithmetic flags live in TCG's lazy cc_src / cc_op until something computes them:
+        # measured, a context saved in a block hook carries stale ones (RFLAGS read 0x2 in the new
+        # engine, 0x86 in the old). Reading and writing RFLAGS through the API stores them in
+        # env->eflags (cpu_load_eflags, CC_OP_EFLAGS) first.
+        uc.reg_write(UC_X86_REG_EFLAGS, uc.reg_read(UC_X86_REG_EFLAGS))
+        self._switch_context = uc.context_save()
+        uc.emu_stop()
+
+    def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
+        """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
+        None where it cannot be read."""
+        state = self._engine_state
+        if state is None:
+            try:
+                return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
+            except UcError:
+                return None
+        rip = cpu.read_regs(uc, mode, state).rip
+        if mode is cpu.CpuMode.LONG_64 or cpu.live_mode(uc, mode, state) is cpu.CpuMode.LONG_64:
+            state.load()
+            mmu = self._mmu
+            assert mmu is not None
+            try:
+                return LinearMemory(uc, state, mmu.read_ram).read(rip - 1, 1)[0]
+            except Fault:
+                return None
+        try:
+            return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
+        except UcError:
+            return None
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""

@@ -14,12 +14,23 @@ from pcihole.hv import uapi
 from pcihole.hv.model import capabilities, dirty_log, page_levels
 from pcihole.hv.model.coalesced import CoalescedRing, CoalescedZones
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.model.i8254 import (
+    KVM_PIT_BASE_ADDRESS,
+    KVM_PIT_MEM_LENGTH,
+    KVM_SPEAKER_BASE_ADDRESS,
+    KVM_SPEAKER_LENGTH,
+    Pit,
+)
+from pcihole.hv.model.i8259 import PIC_PORTS
 from pcihole.hv.model.io_bus import IoBus
+from pcihole.hv.model.ioapic import IOAPIC_MEM_LENGTH
+from pcihole.hv.model.irqchip import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
+from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.memslots import PAGE_SHIFT, MemslotChange, MemslotTable
 from pcihole.hv.model.mmio_fill import MmioFillDevices
 from pcihole.hv.model.tsc import DEFAULT_TSC_KHZ
 from pcihole.hv.model.vcpu import ModelVcpu
-from pcihole.hv.uapi import KvmCap
+from pcihole.hv.uapi import KVM_PIT_SPEAKER_DUMMY, KvmCap
 
 if TYPE_CHECKING:
     from pcihole.hv.interface import IoctlObserver
@@ -46,6 +57,8 @@ class ModelVm:
         self.observer: IoctlObserver | None = None
         #: The frequency of every vCPU's guest TSC (KVM_SET_TSC_KHZ; tsc.py), fixed at creation.
         self.tsc_khz = DEFAULT_TSC_KHZ
+        #: KVM_CREATE_IRQCHIP's PICs and IOAPIC, and KVM_CREATE_PIT2's PIT (irqchip.py); None before.
+        self.irqchip: Irqchip | None = None
 
     @contextlib.contextmanager
     def _ioctl(self, ioctl: str, arg: object = None) -> Iterator[None]:
@@ -173,6 +186,62 @@ class ModelVm:
         with self._ioctl("KVM_UNREGISTER_MMIO_FILL"):
             self.mmio_fill.unregister(addr, size)
 
+    # --- the in-kernel irqchip (kvm_arch_vm_ioctl) --------------------------------------------------
+
+    def set_identity_map_addr(self, addr: int = 0) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR is VMX's (the real-mode EPT identity map): the model has no use
+        for it and does not offer it (check_extension(KVM_CAP_SET_IDENTITY_MAP_ADDR) is 0)."""
+        with self._ioctl("KVM_SET_IDENTITY_MAP_ADDR"):
+            raise ModelKvmError(
+                errno.ENOTTY, "KVM_SET_IDENTITY_MAP_ADDR", f"{addr:#x}", "not offered by the model"
+            )
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: EEXIST if there is one, EINVAL once a vCPU exists; the PICs on
+        KVM_PIO_BUS (kvm_pic_init: master, slave, ELCR), the IOAPIC on KVM_MMIO_BUS
+        (kvm_ioapic_init), the default routing; vCPUs created afterwards get a LAPIC."""
+        with self._ioctl("KVM_CREATE_IRQCHIP"):
+            if self.irqchip is not None:
+                raise ModelKvmError(errno.EEXIST, "KVM_CREATE_IRQCHIP", "", "the VM has an irqchip")
+            if self.vcpus:
+                raise ModelKvmError(errno.EINVAL, "KVM_CREATE_IRQCHIP", "", "vCPUs were created before")
+            chip = Irqchip()
+            for dev in chip.pic.devices:
+                self.pio_bus.register(dev.base, PIC_PORTS, dev, "KVM_CREATE_IRQCHIP", f"8259 {dev.base:#x}")
+            ioapic = chip.ioapic
+            self.mmio_bus.register(
+                ioapic.base_address, IOAPIC_MEM_LENGTH, ioapic, "KVM_CREATE_IRQCHIP", "IOAPIC"
+            )
+            self.irqchip = chip
+
+    def create_pit2(self, flags: int = KVM_PIT_SPEAKER_DUMMY) -> None:
+        """KVM_CREATE_PIT2: EEXIST if there is one, ENOENT without the irqchip's PIC; ports 0x40-0x43,
+        and 0x61 with KVM_PIT_SPEAKER_DUMMY (kvm_create_pit)."""
+        with self._ioctl("KVM_CREATE_PIT2"):
+            chip = self.irqchip
+            if chip is not None and chip.pit is not None:
+                raise ModelKvmError(errno.EEXIST, "KVM_CREATE_PIT2", f"flags={flags:#x}", "the VM has a PIT")
+            if chip is None:
+                raise ModelKvmError(errno.ENOENT, "KVM_CREATE_PIT2", f"flags={flags:#x}", "no in-kernel PIC")
+            pit = Pit(chip, flags)
+            self.pio_bus.register(KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH, pit, "KVM_CREATE_PIT2", "PIT")
+            if pit.speaker is not None:
+                self.pio_bus.register(
+                    KVM_SPEAKER_BASE_ADDRESS, KVM_SPEAKER_LENGTH, pit.speaker, "KVM_CREATE_PIT2", "speaker"
+                )
+            chip.pit = pit
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """KVM_IRQ_LINE (kvm_vm_ioctl_irq_line): ENXIO without an irqchip; a GSI with no route is
+        accepted and does nothing."""
+        with self._ioctl("KVM_IRQ_LINE"):
+            chip = self.irqchip
+            if chip is None:
+                raise ModelKvmError(
+                    errno.ENXIO, "KVM_IRQ_LINE", f"gsi={gsi}, level={int(level)}", "no irqchip"
+                )
+            chip.set_irq(KVM_USERSPACE_IRQ_SOURCE_ID, gsi & 0xFFFFFFFF, bool(level))
+
     # --- vCPUs -------------------------------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
@@ -187,10 +256,19 @@ class ModelVm:
                     errno.EEXIST, "KVM_CREATE_VCPU", f"id={vcpu_id}", "a vCPU with this id exists"
                 )
             vcpu = ModelVcpu(self, vcpu_id)
+            chip = self.irqchip
+            if chip is not None:
+                # kvm_arch_vcpu_create -> kvm_create_lapic: an in-kernel LAPIC, HLT handled in-kernel
+                lapic = LocalApic(chip, vcpu)
+                with chip.locked():
+                    chip.lapics.append(lapic)
+                vcpu.attach_lapic(lapic)
         self.vcpus.append(vcpu)
         return vcpu
 
     def close(self) -> None:
+        if self.irqchip is not None:
+            self.irqchip.close()  # no timer fires into a vCPU being closed
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()

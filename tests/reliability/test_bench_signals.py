@@ -1,0 +1,65 @@
+"""Ctrl-C works in `pcihole bench` as in `pcihole run`: SIGINT ends it with one line `pcihole:
+interrupted` and status 130, SIGTERM with `pcihole: terminated` and 143, no traceback, and no result
+file is left behind, neither a complete-looking one nor the temporary directory they are written in.
+
+Through the real command line in a child process, on each backend alone. The progress bar prints a
+line (stderr, not a terminal) when the first scan row starts; the signal is sent then and half a
+second later (an ordering, not a measurement: into the row's guest runs). A bench --quick takes
+minutes on a software KVM, so a bench the signal did not end would not end within the bound either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.backends import BACKENDS
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+ENV.pop("PCIHOLE_KVM_DEVICE", None)
+SIGNALS = [(signal.SIGINT, 130, "pcihole: interrupted"), (signal.SIGTERM, 143, "pcihole: terminated")]
+#: A file an earlier, complete run left: a stopped bench must leave it as it was.
+EARLIER = '{"earlier": "complete"}\n'
+
+
+def bench_and_signal(out: Path, backend: str, signum: int) -> tuple[int, list[str]]:
+    cmd = [sys.executable, "-m", "pcihole.cli", "bench", "--quick", "--backend", backend, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "scan:" in first, f"the bench did not start its first row: {first!r}"
+        time.sleep(0.5)  # ordering only: into the first row's guest runs
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, [first.rstrip("\n"), *err.splitlines()]
+
+
+@pytest.mark.parametrize("signum, status, line", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_signal_ends_the_bench_with_one_line_its_status_and_no_results(
+    tmp_path, backend, signum, status, line
+):
+    out = tmp_path / "bench-out"
+    out.mkdir()
+    (out / "bench.json").write_text(EARLIER)
+    returncode, err = bench_and_signal(out, backend, signum)
+    text = "\n".join(err)
+    assert "Traceback" not in text and "Exception ignored" not in text and "error" not in text, text
+    assert err[-1] == line, text
+    assert all(e.startswith("pcihole bench [") for e in err[:-1]), text  # progress lines, then the one line
+    assert returncode == status, text
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json"], (
+        "a result or the staging directory was left"
+    )
+    assert (out / "bench.json").read_text() == EARLIER
