@@ -47,10 +47,12 @@ from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    DEFAULT_TUNING,
     PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
+    HoleTuning,
     MemoryMap,
     Mmio,
     Ram,
@@ -122,12 +124,14 @@ def build_machine(
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
     coalesce_console: bool = True,
+    hole_tuning: HoleTuning = DEFAULT_TUNING,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
     `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
     With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
-    cost no exit (see `_coalesce_console_writes`)."""
+    cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
+    its holes (pcihole bench sweeps it)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -164,7 +168,7 @@ def build_machine(
         holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
         try:
             # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
-            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes, tuning=hole_tuning))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
         if memory.strategy.maps_mirrors:
