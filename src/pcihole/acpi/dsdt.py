@@ -56,9 +56,9 @@ Why each piece (docs/linux-ecam.md §2-3):
   but this module accepts) gets a consumer QWordMemory, which check_mcfg_resource also takes.
 - \\_S5 (§7.4.2.6 "\\_S5 (Soft Off)"): SLP_TYP 5. acpi_sleep_init() registers acpi_power_off only when
   S5 is supported, which in hardware-reduced mode also needs the FADT's SLEEP_CONTROL/SLEEP_STATUS
-  registers (fadt.py leaves them zero): until pcihole has such a device, \\_S5 is inert and Linux
-  powers off by halting.
-- No COM1 device (PNP0501): Linux finds 0x3F8 from SERIAL_PORT_DFNS without ACPI.
+  registers (fadt.py points both at machine/acpi_power.py's port).
+- COMn (PNP0501, serial_port()): in a hardware-reduced machine Linux has no legacy PIC, so the
+  8250 driver's SERIAL_PORT_DFNS port has no ISA IRQ 4; the DSDT names the port and its GSI.
 """
 
 from __future__ import annotations
