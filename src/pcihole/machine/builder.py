@@ -48,10 +48,12 @@ from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    DEFAULT_TUNING,
     PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
+    HoleTuning,
     MemoryMap,
     Mmio,
     Ram,
@@ -60,6 +62,7 @@ from pcihole.memory import (
     make_strategy,
     page_range,
 )
+from pcihole.pci.bridge_windows import has_hotplug_slots, root_bus_need
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
@@ -122,12 +125,14 @@ def build_machine(
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
     coalesce_console: bool = True,
+    hole_tuning: HoleTuning = DEFAULT_TUNING,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
     `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
     With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
-    cost no exit (see `_coalesce_console_writes`)."""
+    cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
+    its holes (pcihole bench sweeps it)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -167,7 +172,7 @@ def build_machine(
         holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
         try:
             # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
-            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes, tuning=hole_tuning))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
         if memory.strategy.maps_mirrors:
@@ -324,6 +329,8 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
             spec.segments,
             layout.ACPI_GPA,
             expanders=expander_buses(spec),
+            needs=[root_bus_need(spec.topology, s.id, s.root_bus) for s in spec.segments],
+            native_hotplug=[has_hotplug_slots(spec.topology, s.id, s.root_bus) for s in spec.segments],
             serial_ports=[(COM1_BASE, COM1_IRQ)],
         )
     except ValueError as e:
@@ -370,7 +377,17 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
 
 def expander_buses(spec: MachineFile) -> list[ExpanderBus]:
     """The machine's expander root buses, as the DSDT describes them (acpi/expander_bridge.py)."""
-    return [ExpanderBus(x.bdf.segment, x.bus, x.last_bus) for x in spec.topology.expanders]
+    topology = spec.topology
+    return [
+        ExpanderBus(
+            x.bdf.segment,
+            x.bus,
+            x.last_bus,
+            need=root_bus_need(topology, x.bdf.segment, x.bus),
+            native_hotplug=has_hotplug_slots(topology, x.bdf.segment, x.bus),
+        )
+        for x in topology.expanders
+    ]
 
 
 def e820_map(
