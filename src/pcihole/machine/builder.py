@@ -42,6 +42,7 @@ from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugEx
 from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
 from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, kernel_args
 from pcihole.machine.irq import IrqLine
+from pcihole.machine.irq_routing import pc_irq_routing
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
@@ -148,13 +149,16 @@ def build_machine(
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
         step = "create the in-kernel irqchip and PIT"
-        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
-        # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it; each
-        # where the backend offers it (the model: irqchip and PIT, no identity map).
+        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pc_setup_irq_routing, kvm_pit_init):
+        # identity map and TSS (the Vm sets the TSS) before any vCPU, then the irqchip, a PC's GSI
+        # routing (the PIT on IOAPIC pin 2, as the MADT says), then the PIT that needs the irqchip;
+        # each where the backend offers it (the model: all but the identity map).
         if vm.check_extension(KvmCap.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr()
         if vm.check_extension(KvmCap.KVM_CAP_IRQCHIP):
             vm.create_irqchip()
+            if vm.check_extension(KvmCap.KVM_CAP_IRQ_ROUTING):
+                vm.set_gsi_routing(pc_irq_routing())
             if vm.check_extension(KvmCap.KVM_CAP_PIT2):
                 vm.create_pit2()
             irq_lines = vm
