@@ -96,3 +96,57 @@ def test_the_expander_example_machine_describes_its_expander(tmp_path):
         {"_SEG": 0, "_BBN": x.bus, "_UID": EXPANDER_UID_BASE | x.bus},
         (x.bus, x.last_bus),
     )
+
+
+def ranges_of(block: str) -> dict[str, list[tuple[int, int]]]:
+    """{"WordIO" | "DWordMemory" | "QWordMemory": [(first, last), ...]} of a device's _CRS."""
+    from tests.acpi.test_dsdt import descriptors
+
+    out: dict[str, list[tuple[int, int]]] = {}
+    for kind, flags, fields in descriptors(block):
+        if kind != "WordBusNumber":
+            assert flags.startswith("ResourceProducer"), (kind, flags)
+            out.setdefault(kind, []).append((fields["Range Minimum"], fields["Range Maximum"]))
+    return out
+
+
+@needs_iasl
+def test_the_expander_gets_windows_for_its_bars_carved_from_its_segments(tmp_path):
+    """QEMU's build_crs()/crs_range_set for pxb: the expander's _CRS has I/O, 32-bit and 64-bit windows
+    as large as what is below it needs (pcihole.pci.bridge_windows), and PCI0's _CRS has the rest of
+    the segment's windows, so every address belongs to exactly one root bridge."""
+    from pathlib import Path
+
+    from pcihole.machine.builder import acpi_tables
+    from pcihole.machine.machinefile import load
+    from pcihole.pci.bridge_windows import root_bus_need
+
+    spec = load(Path(__file__).resolve().parents[2] / "examples" / "expander.toml")
+    asl, output = disassemble_text(tmp_path, "DSDT", acpi_tables(spec).tables["DSDT"])
+    assert "error" not in output.lower() and "warning" not in output.lower()
+    found = devices(asl)
+    main, expander = ranges_of(found["PCI0"]), ranges_of(found["X080"])
+    need = root_bus_need(spec.topology, 0, 0x80)
+    (io,), (mem32,), (mem64,) = expander["WordIO"], expander["DWordMemory"], expander["QWordMemory"]
+    assert io[1] - io[0] + 1 == need.io  # whole 4 KiB units
+    for (first, last), wanted in ((mem32, need.mem32), (mem64, need.mem64)):
+        size = last - first + 1
+        assert size >= wanted and size & (size - 1) == 0 and first % size == 0  # a naturally aligned block
+    # Together, PCI0 and X080 cover the segment's windows exactly once (one segment: [0x1000, 0xFFFF],
+    # [3 GiB, ECAM at 0xE0000000), [256 GiB, 512 GiB)).
+    segment_windows = {"WordIO": (0x1000, 0xFFFF), "DWordMemory": (0xC0000000, 0xDFFFFFFF)}
+    segment_windows["QWordMemory"] = (256 << 30, (512 << 30) - 1)
+    for kind, (first, last) in segment_windows.items():
+        pieces = sorted(main[kind] + expander[kind])
+        assert pieces[0][0] == first and pieces[-1][1] == last, (kind, pieces)
+        assert all(a[1] + 1 == b[0] for a, b in zip(pieces, pieces[1:], strict=False)), (kind, pieces)
+    (tmp_path / "recompiled.dsl").write_text(asl)
+    assert "0 Errors, 0 Warnings" in run_iasl(tmp_path, "-on", "recompiled.dsl")
+
+
+def test_expanders_that_need_more_than_their_segment_has_are_refused():
+    from pcihole.pci.bridge_windows import WindowNeed
+
+    greedy = ExpanderBus(0, 0x80, 0x8F, need=WindowNeed(mem32=0x40000000))
+    with pytest.raises(ValueError, match="32-bit memory"):
+        build_tables([Seg(0, 0xE0000000, 0, 255)], BASE, expanders=[greedy])

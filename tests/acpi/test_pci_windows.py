@@ -5,7 +5,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pcihole.acpi import MmioWindow
-from pcihole.acpi.pci_windows import DEFAULT_APERTURE_BASE, DEFAULT_APERTURE_END, allocate_windows
+from pcihole.acpi.pci_windows import (
+    DEFAULT_APERTURE_BASE,
+    DEFAULT_APERTURE_END,
+    allocate_mem64_windows,
+    allocate_windows,
+    carve,
+)
 from tests.acpi.acpi_helpers import Seg
 
 MiB = 1 << 20
@@ -85,3 +91,54 @@ def test_windows_bigger_than_the_aperture_allows_none():
 def test_aperture_must_be_below_4_gib(aperture):
     with pytest.raises(ValueError, match="aperture"):
         allocate_windows([Seg(0, 0xE0000000, 0, 0)], aperture)
+
+
+# --- expanders' blocks and 64-bit windows sized by need ----------------------------------------------
+
+GiB = 1 << 30
+
+
+def test_carve_takes_blocks_from_the_top_and_leaves_the_rest():
+    window = MmioWindow(0xC0000000, 0x20000000)
+    carved = carve(window, [0x800000, 0, 0x2000000], None, "32-bit memory")
+    # Largest first from the top, each aligned to its size; the main root bus keeps the bottom.
+    assert carved.blocks == (MmioWindow(0xDD800000, 0x800000), None, MmioWindow(0xDE000000, 0x2000000))
+    assert carved.free == (MmioWindow(0xC0000000, 0x1D800000),)
+
+
+@given(st.lists(st.integers(0, 12), max_size=6), st.integers(0, 3))
+def test_carved_blocks_and_free_ranges_tile_the_window(orders, io_units):
+    window = MmioWindow(0x1000, 0xF000)
+    sizes = [(1 << o) * 0x100 if o else 0 for o in orders]
+    sizes = [(s + 0xFFF) // 0x1000 * 0x1000 for s in sizes]
+    try:
+        carved = carve(window, sizes, 0x1000, "I/O")
+    except ValueError as e:
+        assert "I/O" in str(e) and sum(sizes) > 0
+        return
+    pieces = sorted([b for b in carved.blocks if b is not None] + list(carved.free), key=lambda w: w.base)
+    assert pieces[0].base == window.base and pieces[-1].last == window.last
+    assert all(a.last + 1 == b.base for a, b in zip(pieces, pieces[1:], strict=False))
+    assert [b.size if b else 0 for b in carved.blocks] == sizes
+    assert all(b.base % 0x1000 == 0 for b in carved.blocks if b)
+
+
+def test_carve_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match=r"need 0x2000 bytes of I/O space"):
+        carve(MmioWindow(0x1000, 0x1000), [0x2000], 0x1000, "I/O")
+    with pytest.raises(ValueError, match="no 32-bit memory window"):
+        carve(None, [0x100000], None, "32-bit memory")
+
+
+def test_mem64_windows_grow_to_what_a_segment_needs():
+    # No need beyond the share: the equal split of [256 GiB, 512 GiB), as before.
+    assert allocate_mem64_windows(2, [0, 1 << 20]) == [
+        MmioWindow(256 * GiB, 128 * GiB),
+        MmioWindow(384 * GiB, 128 * GiB),
+    ]
+    # A GPU server's 1664 GiB: a naturally aligned 2 TiB block, placed first; the other keeps its share.
+    big, small = allocate_mem64_windows(2, [1664 * GiB, 0])
+    assert big == MmioWindow(2048 * GiB, 2048 * GiB)
+    assert small is not None and small.size == 128 * GiB and small.base >= big.base + big.size
+    with pytest.raises(ValueError, match="physical addresses"):
+        allocate_mem64_windows(1, [1 << 46])

@@ -45,6 +45,11 @@ LAYOUTS = {
     uapi.kvm_msrs: (8, {"nmsrs": 0, "pad": 4}),
     uapi.kvm_interrupt: (4, {"irq": 0}),
     uapi.kvm_irq_level: (8, {"irq": 0, "level": 4}),
+    uapi.kvm_irq_routing_irqchip: (8, {"irqchip": 0, "pin": 4}),
+    uapi.kvm_irq_routing_msi: (16, {"address_lo": 0, "address_hi": 4, "data": 8, "devid": 12}),
+    uapi.kvm_irq_routing_entry_u: (32, {"irqchip": 0, "msi": 0, "pad": 0}),
+    uapi.kvm_irq_routing_entry: (48, {"gsi": 0, "type": 4, "flags": 8, "pad": 12, "u": 16}),
+    uapi.kvm_irq_routing: (8, {"nr": 0, "flags": 4}),
     uapi.kvm_mp_state: (4, {"mp_state": 0}),
     uapi.kvm_pit_config: (64, {"flags": 0, "pad": 4}),
     uapi.kvm_lapic_state: (1024, {"regs": 0}),
@@ -85,6 +90,9 @@ def test_flexible_arrays_follow_their_headers():
     assert ctypes.sizeof(uapi.cpuid2_with(3)) == 8 + 3 * 40
     assert uapi.cpuid2_with(3).entries.offset == 8
     assert ctypes.sizeof(uapi.msrs_with(2)) == 8 + 2 * 16
+    assert ctypes.sizeof(uapi.irq_routing_with(3)) == 8 + 3 * 48
+    assert uapi.irq_routing_with(3).entries.offset == 8
+    assert ctypes.alignment(uapi.kvm_irq_routing_entry) == 8
 
 
 def test_coalesced_ring_holds_170_entries_on_4k_pages():
@@ -120,6 +128,7 @@ IOCTLS = {
     "KVM_CREATE_IRQCHIP": 0xAE60,
     "KVM_IRQ_LINE": 0x4008AE61,
     "KVM_CREATE_PIT2": 0x4040AE77,
+    "KVM_SET_GSI_ROUTING": 0x4008AE6A,
     "KVM_TRANSLATE": 0xC018AE85,
     "KVM_GET_LAPIC": 0x8400AE8E,
     "KVM_SET_LAPIC": 0x4400AE8F,

@@ -49,6 +49,18 @@ def test_region_at_finds_the_covering_region_by_bisection():
     assert [r.name for r in m.regions_in(GuestRange(0, 0xFFFFFFFF))] == ["ram", "ecam", "bios"]
 
 
+def test_region_holding_needs_every_byte_in_one_region():
+    m = base_map()
+    assert m.region_holding(16 * MiB - 4, 4).name == "ram"
+    assert m.region_holding(16 * MiB - 2, 4) is None  # the last two bytes are in no region
+    assert m.region_holding(ECAM + 0x12345, 8).name == "ecam"
+    assert m.region_holding(ECAM + 256 * MiB - 1, 1).name == "ecam"
+    assert m.region_holding(ECAM - 1, 2) is None  # one byte before the hole
+    punched = m.punch(GuestRange.from_size(ECAM + 0x8000, 0x1000), Fn(), "fn")
+    assert punched.region_holding(ECAM + 0x8FFC, 4).name == "fn"
+    assert punched.region_holding(ECAM + 0x8FFE, 4) is None  # across the page and the hole after it
+
+
 def test_ram_and_rom_must_be_page_aligned_but_holes_need_not():
     with pytest.raises(ValueError, match="not page aligned"):
         Ram(GuestRange(0, 0x17FF))

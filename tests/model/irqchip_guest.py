@@ -150,14 +150,19 @@ def run_irqchip_guest(
     on_io: Callable | None = None,
     max_exits: int = 10_000,
     setup: Callable | None = None,
+    routing: list | None = None,
 ) -> IrqchipRun:
-    """Run `body` on a new VM with the irqchip (and the PIT), until `out %al, $0x80`."""
+    """Run `body` on a new VM with the irqchip (with `routing` installed by KVM_SET_GSI_ROUTING
+    right after it, as machine/builder.py does; KVM's default without) and the PIT, until
+    `out %al, $0x80`."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     run = IrqchipRun()
     timer = None
     try:
         vm.create_irqchip()
+        if routing is not None:
+            vm.set_gsi_routing(routing)
         if pit:
             vm.create_pit2()
         ram.write(CODE, assemble(guest_source(ENABLE_APIC + body, handlers), bits=64, org=CODE))

@@ -132,8 +132,8 @@ def test_ioapic_edge_masked_and_level_with_remote_irr(hv):
 def test_pit_channel_0_periodic_through_the_ioapic(hv):
     """The PIT in mode 2 at 1 kHz drives GSI 0. Pins 0 and 2 both carry a vector: KVM's default
     routing (no KVM_SET_GSI_ROUTING) sends GSI 0 to IOAPIC pin 0, not to pin 2 where the MADT's
-    interrupt source override (ISA IRQ 0 -> GSI 2, QEMU's routing) says. The read-back status of
-    counter 0 says mode 2, LSB then MSB."""
+    interrupt source override (ISA IRQ 0 -> GSI 2) says: the machine installs QEMU's routing for that
+    (test_differential_irq_routing). The read-back status of counter 0 says mode 2, LSB then MSB."""
     latch = 1193
     body = f"""
     {MASK_PICS}

@@ -7,7 +7,9 @@ xsdt.py         Extended System Description Table
 fadt.py         Fixed ACPI Description Table ("FACP"), hardware-reduced, pointing at the DSDT
 aml.py          a tiny AML encoder (names, integers, PkgLength, Name/Scope/Device/Package/Buffer)
 resources.py    _CRS resource descriptors (bus number, memory windows, fixed memory, end tag)
-pci_windows.py  the 32-bit MMIO window each host bridge offers for BARs
+pci_windows.py  the I/O, 32-bit and 64-bit windows each host bridge offers for BARs, and the
+                expanders' blocks carved from them
+pci_osc.py      _OSC: the native PCIe features a host bridge hands the OS (QEMU's method)
 expander_bridge.py  a PNP0A08 for each PCIe expander bus (QEMU pxb-pcie)
 dsdt.py         Differentiated System Description Table: host bridges, ECAM reservation, \\_S5
 madt.py         Multiple APIC Description Table ("APIC"): local APICs and the I/O APIC

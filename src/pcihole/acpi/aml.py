@@ -7,6 +7,8 @@ Every function returns the bytes of one term; terms compose by concatenation. Wh
     lengths     pkg_length                       §20.2.4 Package Length Encoding
     objects     name, scope, device, package, buffer, string          §20.2.5 Term Objects Encoding
     ids         eisa_id                          §6.1.5 _HID ("EISA type ID ... compressed")
+    methods     method, if_, else_, return_, store, and_, or_, lequal, lnot, create_dword_field,
+                arg, local, to_uuid              §20.2.5.2-4 (the few a host bridge's _OSC uses)
 
 Resource descriptors for _CRS buffers are in resources.py. ACPICA's interpreter (what Linux runs,
 drivers/acpi/acpica/) decodes exactly these encodings; the tests decode them again independently and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import re
 import struct
+import uuid
 from collections.abc import Iterable
 
 # §20.2.3 Data Objects Encoding.
@@ -35,6 +38,25 @@ BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82  # after EXT_OP_PREFIX
+METHOD_OP = 0x14
+CREATE_DWORD_FIELD_OP = 0x8A
+# §20.2.5.3 Statement Opcodes Encoding.
+IF_OP = 0xA0
+ELSE_OP = 0xA1
+RETURN_OP = 0xA4
+# §20.2.5.4 Expression Opcodes Encoding.
+STORE_OP = 0x70
+AND_OP = 0x7B
+OR_OP = 0x7D
+LNOT_OP = 0x92
+LEQUAL_OP = 0x93
+# §20.2.6.1-2 Arg Objects and Local Objects Encoding.
+LOCAL0_OP = 0x60
+ARG0_OP = 0x68
+MAX_LOCAL = 7
+MAX_ARG = 6
+#: §20.2.5.2 MethodFlags: bit 0-2 ArgCount, bit 3 SerializeFlag (0 NotSerialized), bit 4-7 SyncLevel.
+METHOD_SERIALIZED = 1 << 3
 # §20.2.2 Name Objects Encoding.
 ROOT_CHAR = ord("\\")
 PARENT_PREFIX_CHAR = ord("^")
@@ -189,3 +211,86 @@ def package(elements: Iterable[bytes]) -> bytes:
 def buffer(data: bytes) -> bytes:
     """DefBuffer: BufferOp PkgLength BufferSize(TermArg => Integer) ByteList (§20.2.5.4)."""
     return _package_of(bytes([BUFFER_OP]), integer(len(data)) + data)
+
+
+# --- methods ---------------------------------------------------------------------------------------
+#
+# Operands below are already-encoded terms (integer(...), arg(0), local(0), name_string("CDW1"), ...),
+# so a method body reads like its ASL.
+
+
+def method(path: str, arg_count: int, terms: Iterable[bytes], *, serialized: bool = False) -> bytes:
+    """DefMethod: MethodOp PkgLength NameString MethodFlags TermList (§20.2.5.2; ASL Method())."""
+    if not 0 <= arg_count <= MAX_ARG + 1:
+        raise AmlError(f"a method takes 0 to {MAX_ARG + 1} arguments, not {arg_count}")
+    flags = arg_count | (METHOD_SERIALIZED if serialized else 0)
+    return _package_of(bytes([METHOD_OP]), name_string(path) + bytes([flags]) + b"".join(terms))
+
+
+def arg(n: int) -> bytes:
+    """ArgObj: Arg0Op (0x68) .. Arg6Op (0x6E)."""
+    if not 0 <= n <= MAX_ARG:
+        raise AmlError(f"Arg{n} does not exist (Arg0-Arg{MAX_ARG})")
+    return bytes([ARG0_OP + n])
+
+
+def local(n: int) -> bytes:
+    """LocalObj: Local0Op (0x60) .. Local7Op (0x67)."""
+    if not 0 <= n <= MAX_LOCAL:
+        raise AmlError(f"Local{n} does not exist (Local0-Local{MAX_LOCAL})")
+    return bytes([LOCAL0_OP + n])
+
+
+def create_dword_field(source: bytes, byte_index: bytes, field: str) -> bytes:
+    """DefCreateDWordField: CreateDWordFieldOp SourceBuff ByteIndex NameString (§20.2.5.2)."""
+    return bytes([CREATE_DWORD_FIELD_OP]) + source + byte_index + name_string(field)
+
+
+def if_(predicate: bytes, terms: Iterable[bytes]) -> bytes:
+    """DefIfElse's If part: IfOp PkgLength Predicate TermList (§20.2.5.3)."""
+    return _package_of(bytes([IF_OP]), predicate + b"".join(terms))
+
+
+def else_(terms: Iterable[bytes]) -> bytes:
+    """DefElse: ElseOp PkgLength TermList; it must follow an if_() directly (§20.2.5.3)."""
+    return _package_of(bytes([ELSE_OP]), b"".join(terms))
+
+
+def return_(value: bytes) -> bytes:
+    """DefReturn: ReturnOp ArgObject (§20.2.5.3)."""
+    return bytes([RETURN_OP]) + value
+
+
+def store(value: bytes, target: bytes) -> bytes:
+    """DefStore: StoreOp TermArg SuperName (§20.2.5.4; ASL Store(value, target), `target = value`)."""
+    return bytes([STORE_OP]) + value + target
+
+
+def and_(left: bytes, right: bytes, target: bytes) -> bytes:
+    """DefAnd: AndOp Operand Operand Target (§20.2.5.4; ASL And(), `target = left & right`)."""
+    return bytes([AND_OP]) + left + right + target
+
+
+def or_(left: bytes, right: bytes, target: bytes) -> bytes:
+    """DefOr: OrOp Operand Operand Target (§20.2.5.4; ASL Or(), `target = left | right`)."""
+    return bytes([OR_OP]) + left + right + target
+
+
+def lequal(left: bytes, right: bytes) -> bytes:
+    """DefLEqual: LequalOp Operand Operand (§20.2.5.4; ASL `left == right`)."""
+    return bytes([LEQUAL_OP]) + left + right
+
+
+def lnot(operand: bytes) -> bytes:
+    """DefLNot: LnotOp Operand (§20.2.5.4); LNot(LEqual(a, b)) is how iasl encodes `a != b`."""
+    return bytes([LNOT_OP]) + operand
+
+
+def to_uuid(text: str) -> bytes:
+    """ASL ToUUID("33DB4D5B-1FF7-401C-9657-7441C03DD766"): a 16-byte Buffer, the first three groups
+    little-endian and the last two as written (§19.6.142), which is uuid.UUID(...).bytes_le."""
+    try:
+        value = uuid.UUID(text)
+    except ValueError as e:
+        raise AmlError(f"{text!r} is not a UUID") from e
+    return buffer(value.bytes_le)

@@ -19,6 +19,7 @@ In ASL, for one segment 0 with buses 0-255 at 0xE0000000 (the default machine)::
                     QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
                                  0, 0x4000000000, 0x7FFFFFFFFF, 0, 0x4000000000)
                 })
+                Method (_OSC, 4, NotSerialized) { ... }  // pci_osc.py: native PCIe features to the OS
             }
             Device (MBRD) {
                 Name (_HID, EisaId ("PNP0C02"))  // PNP Motherboard Resources
@@ -42,6 +43,10 @@ Why each piece (docs/linux-ecam.md §2-3):
 - The producer WordIO, DWordMemory and QWordMemory are the bridge's I/O, 32-bit and 64-bit BAR
   windows (pci_windows.py), so Linux can give every BAR an address. pcihole routes no port I/O to PCI
   devices: the I/O window only lets Linux assign I/O BARs without errors.
+- _OSC (pci_osc.py, QEMU's method): Linux negotiates native hot-plug, PME, AER and the PCIe
+  capability through it ("_OSC: OS now controls [...]"); without it the platform keeps them.
+- Expander buses (expander_bridge.py) take their windows from the top of their segment's, and the
+  main host bridge's _CRS lists what is left, as QEMU's PCI0 does around its pxb buses.
 - MBRD, _HID PNP0C02, one Memory32Fixed per decoded ECAM window, exactly
   [ecam_base + start_bus MiB, + buses MiB): without conf1 Linux accepts MCFG only in the late pass,
   pci_mmcfg_late_init() -> pci_mmcfg_check_reserved() -> is_mmconf_reserved(is_acpi_reserved), which
@@ -51,19 +56,29 @@ Why each piece (docs/linux-ecam.md §2-3):
   but this module accepts) gets a consumer QWordMemory, which check_mcfg_resource also takes.
 - \\_S5 (§7.4.2.6 "\\_S5 (Soft Off)"): SLP_TYP 5. acpi_sleep_init() registers acpi_power_off only when
   S5 is supported, which in hardware-reduced mode also needs the FADT's SLEEP_CONTROL/SLEEP_STATUS
-  registers (fadt.py leaves them zero): until pcihole has such a device, \\_S5 is inert and Linux
-  powers off by halting.
-- No COM1 device (PNP0501): Linux finds 0x3F8 from SERIAL_PORT_DFNS without ACPI.
+  registers (fadt.py points both at machine/acpi_power.py's port).
+- COMn (PNP0501, serial_port()): in a hardware-reduced machine Linux has no legacy PIC, so the
+  8250 driver's SERIAL_PORT_DFNS port has no ISA IRQ 4; the DSDT names the port and its GSI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pcihole.pci.bridge_windows import WindowNeed
+
 from . import aml
-from .expander_bridge import ExpanderBus, expander_bridge, main_root_last_bus
+from .expander_bridge import ExpanderBus, ExpanderWindows, expander_bridge, main_root_last_bus
 from .mcfg import EcamSegment, decoded_window
-from .pci_windows import MmioWindow, allocate_io_windows, allocate_mem64_windows
+from .pci_osc import osc_method
+from .pci_windows import (
+    IO_WINDOW_GRANULE,
+    MmioWindow,
+    allocate_io_windows,
+    allocate_mem64_windows,
+    carve,
+    power_of_two_at_least,
+)
 from .resources import (
     dword_memory,
     interrupt,
@@ -109,19 +124,19 @@ def host_bridge_name(segment_id: int, position: int) -> str:
 def host_bridge(
     segment: EcamSegment,
     position: int,
-    window: MmioWindow | None,
+    window: MmioWindow | None | Sequence[MmioWindow],
     last_bus: int | None = None,
-    io_window: MmioWindow | None = None,
-    mem64_window: MmioWindow | None = None,
+    io_window: MmioWindow | None | Sequence[MmioWindow] = None,
+    mem64_window: MmioWindow | None | Sequence[MmioWindow] = None,
+    native_hotplug: bool = True,
 ) -> bytes:
-    """`last_bus`: where the bridge's bus range ends when expander buses take the top of the segment."""
+    """`last_bus`: where the bridge's bus range ends when expander buses take the top of the segment.
+    Each window is one range, none, or the ranges left once expanders have taken theirs (QEMU's PCI0
+    _CRS lists the free ranges one descriptor each: crs_replace_with_free_ranges())."""
     descriptors = [word_bus_number(segment.start_bus, segment.end_bus if last_bus is None else last_bus)]
-    if io_window is not None:
-        descriptors.append(word_io(io_window.base, io_window.last))
-    if window is not None:
-        descriptors.append(dword_memory(window.base, window.last))
-    if mem64_window is not None:
-        descriptors.append(qword_memory(mem64_window.base, mem64_window.last))
+    descriptors += [word_io(w.base, w.last) for w in _ranges(io_window)]
+    descriptors += [dword_memory(w.base, w.last) for w in _ranges(window)]
+    descriptors += [qword_memory(w.base, w.last) for w in _ranges(mem64_window)]
     return aml.device(
         host_bridge_name(segment.id, position),
         [
@@ -131,8 +146,17 @@ def host_bridge(
             aml.name("_BBN", aml.integer(segment.start_bus)),
             aml.name("_UID", aml.integer(segment.id)),
             aml.name("_CRS", resource_template(descriptors)),
+            osc_method(native_hotplug),
         ],
     )
+
+
+def _ranges(window: MmioWindow | None | Sequence[MmioWindow]) -> Sequence[MmioWindow]:
+    if window is None:
+        return ()
+    if isinstance(window, MmioWindow):
+        return (window,)
+    return window
 
 
 def ecam_reservation(segment: EcamSegment) -> bytes:
@@ -181,10 +205,14 @@ def build_dsdt(
     windows: Sequence[MmioWindow | None],
     expanders: Sequence[ExpanderBus] = (),
     serial_ports: Sequence[tuple[int, int]] = (),
+    needs: Sequence[WindowNeed] = (),
+    native_hotplug: Sequence[bool] = (),
 ) -> bytes:
     """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window).
-    Each expander bus gets its own PNP0A08 (expander_bridge.py); each (base port, GSI) of
-    `serial_ports` a PNP0501."""
+    Each expander bus gets its own PNP0A08 (expander_bridge.py) with windows for what it needs, cut
+    from its segment's; each (base port, GSI) of `serial_ports` a PNP0501. needs[i]: what segment
+    i's main root bus needs (its 64-bit window grows to hold it; default: nothing);
+    native_hotplug[i]: whether that root bus has hot-pluggable slots (pci_osc.py; default: yes)."""
     if len(windows) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(windows)} MMIO windows")
     ids = [s.id for s in segments]
@@ -193,13 +221,46 @@ def build_dsdt(
         raise ValueError(f"segment ids {sorted(ids)} are not unique")
     for s in segments:
         decoded_window(s)  # checks the bus range
+    needs = [*needs, *[WindowNeed()] * (len(segments) - len(needs))]
+    native_hotplug = [*native_hotplug, *[True] * (len(segments) - len(native_hotplug))]
+    expanders_of: list[list[int]] = [[] for _ in segments]
+    index_of = {s.id: i for i, s in enumerate(segments)}
+    for n, x in enumerate(expanders):
+        if x.segment not in index_of:
+            raise ValueError(f"expander bus {x.bus:#x} is in segment {x.segment}, which is not declared")
+        expanders_of[index_of[x.segment]].append(n)
     io_windows = allocate_io_windows(len(segments))
-    mem64_windows = allocate_mem64_windows(len(segments))
-    bridges = [
-        host_bridge(s, i, w, main_root_last_bus(s, expanders), io_windows[i], mem64_windows[i])
-        for i, (s, w) in enumerate(zip(segments, windows, strict=True))
-    ]
-    bridges += [expander_bridge(x, i) for i, x in enumerate(expanders)]
+    mem64_windows = allocate_mem64_windows(
+        len(segments),
+        [
+            needs[i].mem64 + sum(_block(expanders[n].need.mem64) for n in expanders_of[i])
+            for i in range(len(segments))
+        ],
+    )
+    bridges = []
+    expander_windows: dict[int, ExpanderWindows] = {}
+    for i, s in enumerate(segments):
+        mine = [expanders[n] for n in expanders_of[i]]
+        io = carve(
+            io_windows[i], [_align_up(x.need.io, IO_WINDOW_GRANULE) for x in mine], IO_WINDOW_GRANULE, "I/O"
+        )
+        mem32 = carve(windows[i], [_block(x.need.mem32) for x in mine], None, "32-bit memory")
+        mem64 = carve(mem64_windows[i], [_block(x.need.mem64) for x in mine], None, "64-bit memory")
+        for k, n in enumerate(expanders_of[i]):
+            expander_windows[n] = ExpanderWindows(io.blocks[k], mem32.blocks[k], mem64.blocks[k])
+        main = (io.free, mem32.free, mem64.free) if mine else (io_windows[i], windows[i], mem64_windows[i])
+        last_bus = main_root_last_bus(s, expanders)
+        bridges.append(host_bridge(s, i, main[1], last_bus, main[0], main[2], native_hotplug[i]))
+    bridges += [expander_bridge(x, n, expander_windows[n]) for n, x in enumerate(expanders)]
     serial = [serial_port(i, base, gsi) for i, (base, gsi) in enumerate(serial_ports)]
     body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments), *serial]) + soft_off()
     return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)
+
+
+def _block(need: int) -> int:
+    """A memory block for `need` bytes: a naturally aligned power of two (0 for none)."""
+    return power_of_two_at_least(need) if need else 0
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align

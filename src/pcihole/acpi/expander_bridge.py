@@ -13,14 +13,21 @@ each expander gets, in \\_SB::
         Name (_UID, 0x01000080)                  // see EXPANDER_UID_BASE
         Name (_CRS, ResourceTemplate () {
             WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0x80, 0x8F, 0, 0x10)
+            WordIO (...)  DWordMemory (...)  QWordMemory (...)   // its windows, see below
         })
+        Method (_OSC, 4, NotSerialized) { ... }  // pci_osc.py
     }
 
 and the segment's main host bridge's bus range stops below its lowest expander bus (QEMU:
 "root_bus_limit = bus_num - 1"), so that no two root bridges claim a bus: Linux would refuse the
-second ("busn_res: can not insert ... conflicts with"). No memory window is given to an expander:
-the segment's BAR window belongs to its main host bridge (pci_windows.py), and Linux drops a
-window that two bridges claim; BARs below an expander stay unassigned under Linux.
+second ("busn_res: can not insert ... conflicts with").
+
+Each expander's _CRS also has the I/O, 32-bit and 64-bit memory windows for what is below it
+(WordIO, DWordMemory, QWordMemory after the WordBusNumber, as QEMU's build_crs() writes them), cut
+from its segment's windows (pci_windows.carve()); the main host bridge's _CRS leaves those ranges
+out, as QEMU's PCI0 leaves out every pxb's. And it has the same _OSC as a main host bridge
+(pci_osc.py; QEMU: build_q35_osc_method(true), "Expander bridges do not have ACPI PCI Hot-plug
+enabled").
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pcihole.pci.bridge_windows import WindowNeed
+
 from . import aml
 from .mcfg import EcamSegment
-from .resources import resource_template, word_bus_number
+from .pci_osc import osc_method
+from .pci_windows import MmioWindow
+from .resources import dword_memory, qword_memory, resource_template, word_bus_number, word_io
 
 PCI_EXPRESS_ROOT_BRIDGE = "PNP0A08"
 PCI_BUS = "PNP0A03"
@@ -46,6 +57,10 @@ class ExpanderBus:
     segment: int
     bus: int
     last_bus: int
+    #: what the BARs below it need (pcihole.pci.bridge_windows): the size of its windows
+    need: WindowNeed = WindowNeed()
+    #: hot-pluggable slots below it: _OSC grants native PCIe hot-plug (pci_osc.py)
+    native_hotplug: bool = True
 
     @property
     def uid(self) -> int:
@@ -61,7 +76,25 @@ def expander_name(expander: ExpanderBus, position: int) -> str:
     raise ValueError(f"expander bus {expander.bus:#x} is number {position} of more than 4096: no name left")
 
 
-def expander_bridge(expander: ExpanderBus, position: int) -> bytes:
+@dataclass(frozen=True, slots=True)
+class ExpanderWindows:
+    """An expander's windows, carved from its segment's (None: that kind is not needed)."""
+
+    io: MmioWindow | None = None
+    mem32: MmioWindow | None = None
+    mem64: MmioWindow | None = None
+
+
+def expander_bridge(
+    expander: ExpanderBus, position: int, windows: ExpanderWindows = ExpanderWindows()
+) -> bytes:
+    descriptors = [word_bus_number(expander.bus, expander.last_bus)]
+    if windows.io is not None:
+        descriptors.append(word_io(windows.io.base, windows.io.last))
+    if windows.mem32 is not None:
+        descriptors.append(dword_memory(windows.mem32.base, windows.mem32.last))
+    if windows.mem64 is not None:
+        descriptors.append(qword_memory(windows.mem64.base, windows.mem64.last))
     return aml.device(
         expander_name(expander, position),
         [
@@ -70,7 +103,8 @@ def expander_bridge(expander: ExpanderBus, position: int) -> bytes:
             aml.name("_SEG", aml.integer(expander.segment)),
             aml.name("_BBN", aml.integer(expander.bus)),
             aml.name("_UID", aml.integer(expander.uid)),
-            aml.name("_CRS", resource_template([word_bus_number(expander.bus, expander.last_bus)])),
+            aml.name("_CRS", resource_template(descriptors)),
+            osc_method(expander.native_hotplug),
         ],
     )
 

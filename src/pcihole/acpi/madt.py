@@ -18,13 +18,14 @@ Why these entries:
   ones, skipping!" and Linux carries on without it.
 
 Interrupt Source Overrides (type 2, §5.2.12.5), as QEMU's build_madt() (hw/i386/acpi-common.c) gives
-them with KVM's in-kernel irqchip: ISA IRQ 0 (the PIT, KVM_CREATE_PIT2) arrives on GSI 2 of the IOAPIC
-(KVM wires the PIT to GSI 0 of the PIC and the IOAPIC's pin 2, like a PC), flags 0 (conforms to the
-bus: edge, active high); IRQ 9 (the SCI on a PC) level-triggered, active high (flags 0x000d).
-Without the override Linux would route the timer to IOAPIC pin 0. But measured on this host's kernel
-(tests/model/test_differential_ioapic.py), KVM's default routing sends GSI 0 to IOAPIC pin 0: pin 2
-is QEMU's routing (kvm_pc_setup_irq_routing, KVM_SET_GSI_ROUTING), which pcihole does not install,
-so with this override a guest that used the PIT through the IOAPIC would wait on pin 2 in vain.
+them with KVM's in-kernel irqchip: ISA IRQ 0 (the PIT, KVM_CREATE_PIT2) arrives on GSI 2 of the IOAPIC,
+flags 0 (conforms to the bus: edge, active high); IRQ 9 (the SCI on a PC) level-triggered, active
+high (flags 0x000d). Without the override Linux would route the timer to IOAPIC pin 0.
+The override is true because the machine makes it so: KVM's default routing sends the PIT's GSI 0 to
+IOAPIC pin 0 (measured, tests/model/test_differential_ioapic.py), so machine/builder.py installs
+QEMU's PC routing right after KVM_CREATE_IRQCHIP (machine/irq_routing.py: kvm_pc_setup_irq_routing,
+KVM_SET_GSI_ROUTING; GSI 0 -> IOAPIC pin 2) on every backend that has KVM_CAP_IRQ_ROUTING
+(tests/model/test_differential_irq_routing.py).
 
 Flags = 0: PCAT_COMPAT (bit 0) clear, as Firecracker leaves it: the FADT is hardware-reduced, so
 Linux uses null_legacy_pic and never drives the in-kernel 8259s, which stay unused behind LINT0. Processor UID = APIC ID = vCPU index, KVM's default

@@ -116,6 +116,8 @@ IO_WINDOWS_END = 0x10000  # exclusive
 IO_WINDOW_GRANULE = 0x1000
 MEM64_APERTURE_BASE = 256 * GiB
 MEM64_APERTURE_SIZE = 256 * GiB
+#: Where 64-bit windows must end: 46 physical address bits, within what KVM hosts offer (this one: 48).
+MEM64_LIMIT = 1 << 46
 
 
 def allocate_io_windows(count: int) -> list[MmioWindow | None]:
@@ -132,12 +134,90 @@ def allocate_io_windows(count: int) -> list[MmioWindow | None]:
     return [MmioWindow(IO_WINDOWS_BASE + i * size, size) for i in range(count)]
 
 
-def allocate_mem64_windows(count: int) -> list[MmioWindow | None]:
-    """[256 GiB, 512 GiB) in `count` equal, naturally aligned power-of-two blocks of at least 1 MiB."""
+def allocate_mem64_windows(count: int, needs: Sequence[int] = ()) -> list[MmioWindow | None]:
+    """[256 GiB, 512 GiB) in `count` equal, naturally aligned power-of-two blocks of at least 1 MiB.
+
+    `needs[i]`: bytes segment i's root buses need above 4 GiB (pcihole.pci.bridge_windows). A
+    segment that needs more than its share gets a naturally aligned block of the next power of two,
+    placed with the others from 256 GiB up in decreasing size (a GPU server's 128 GiB BARs need
+    terabytes: Linux clips a window only at the CPU's physical address width, x86_phys_bits)."""
     if count <= 0:
         return []
     size = MEM64_APERTURE_SIZE
     while size * count > MEM64_APERTURE_SIZE and size > MIN_WINDOW:
         size //= 2
-    fits = min(count, MEM64_APERTURE_SIZE // size)
-    return [MmioWindow(MEM64_APERTURE_BASE + i * size, size) for i in range(fits)] + [None] * (count - fits)
+    sizes = [max(size, power_of_two_at_least(n)) for n in [*needs, *[0] * (count - len(needs))][:count]]
+    if all(s == size for s in sizes):
+        fits = min(count, MEM64_APERTURE_SIZE // size)
+        return [MmioWindow(MEM64_APERTURE_BASE + i * size, size) for i in range(fits)] + [None] * (
+            count - fits
+        )
+    out: list[MmioWindow | None] = [None] * count
+    cursor = MEM64_APERTURE_BASE
+    for i in sorted(range(count), key=lambda i: -sizes[i]):
+        cursor = _align_up(cursor, sizes[i])
+        out[i] = MmioWindow(cursor, sizes[i])
+        cursor += sizes[i]
+    if cursor > MEM64_LIMIT:
+        raise ValueError(
+            f"the 64-bit BAR windows would end at {cursor:#x}, beyond the {MEM64_LIMIT.bit_length() - 1}-bit "
+            "physical addresses pcihole offers"
+        )
+    return out
+
+
+def power_of_two_at_least(n: int, minimum: int = MIN_WINDOW) -> int:
+    """The smallest power of two >= n and >= minimum."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+# --- expander buses' windows, carved from their segment's ------------------------------------------
+#
+# QEMU's build_dsdt() gives each pxb root bus, in its _CRS, the ranges its devices use (build_crs():
+# the BARs and bridge windows firmware assigned below it, collected in crs_range_set), and PCI0 the
+# rest of the PCI hole (crs_replace_with_free_ranges()), so no range belongs to two root bridges
+# (Linux would drop the second: "host bridge window ... conflicts"). pcihole has no firmware to
+# assign BARs first, so each expander gets a block as large as what is below it needs
+# (pcihole.pci.bridge_windows), cut from the top of its segment's window, and the segment's main host
+# bridge keeps the rest.
+
+
+@dataclass(frozen=True, slots=True)
+class CarvedWindow:
+    """A window split between expanders (`blocks`, in the order asked) and the main root bus (`free`)."""
+
+    blocks: tuple[MmioWindow | None, ...]
+    free: tuple[MmioWindow, ...]
+
+
+def carve(window: MmioWindow | None, sizes: Sequence[int], align: int | None, what: str) -> CarvedWindow:
+    """Blocks of `sizes` (0: none) from the top of `window`, largest first, each aligned to `align`
+    (None: to its own size, for power-of-two memory blocks); ValueError when they do not fit."""
+    if window is None:
+        if any(sizes):
+            raise ValueError(f"expander buses need {what} space, but their segment has no {what} window")
+        return CarvedWindow(tuple(None for _ in sizes), ())
+    blocks: list[MmioWindow | None] = [None] * len(sizes)
+    free: list[MmioWindow] = []
+    top = window.base + window.size
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = sizes[i]
+        if not size:
+            continue
+        start = (top - size) // (align or size) * (align or size)
+        if start < window.base:
+            raise ValueError(
+                f"expander buses need {sum(sizes):#x} bytes of {what} space; their segment's window "
+                f"[{window.base:#x}, {window.last:#x}] has {window.size:#x}"
+            )
+        if start + size < top:
+            free.append(MmioWindow(start + size, top - start - size))
+        blocks[i] = MmioWindow(start, size)
+        top = start
+    if top > window.base:
+        free.append(MmioWindow(window.base, top - window.base))
+    return CarvedWindow(tuple(blocks), tuple(sorted(free, key=lambda w: w.base)))

@@ -17,10 +17,12 @@ MCFG. Four segments take about 1.1 KiB, far below layout.ACPI_MAX (128 KiB).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+
+from pcihole.pci.bridge_windows import WindowNeed
 
 from .dsdt import DSDT_SIGNATURE, build_dsdt
 from .expander_bridge import ExpanderBus
@@ -64,16 +66,19 @@ def build_tables(
     expanders: Iterable[ExpanderBus] = (),
     power_port: int | None = ACPI_POWER_PORT,
     serial_ports: Iterable[tuple[int, int]] = (),
+    needs: Sequence[WindowNeed] = (),
+    native_hotplug: Sequence[bool] = (),
 ) -> AcpiTables:
     """RSDP, XSDT, FADT, DSDT, MADT and MCFG for these segments and `cpus` vCPUs, placed at base_gpa
     (16-byte aligned). The host bridges' BAR windows are carved out of `mmio_aperture` (default
     [0xC0000000, 0xFEC00000), see pci_windows.py). Each expander bus gets its own PNP0A08, each
-    (base port, GSI) of `serial_ports` a PNP0501 16550."""
+    (base port, GSI) of `serial_ports` a PNP0501 16550. needs[i] and native_hotplug[i]: what
+    segment i's main root bus needs and whether it has hot-pluggable slots (dsdt.build_dsdt())."""
     if base_gpa < 0 or base_gpa % RSDP_ALIGNMENT:
         raise ValueError(f"ACPI base {base_gpa:#x} must be a {RSDP_ALIGNMENT}-byte aligned address")
     segments = list(segments)
     windows = allocate_windows(segments, mmio_aperture)
-    dsdt = build_dsdt(segments, windows, tuple(expanders), tuple(serial_ports))
+    dsdt = build_dsdt(segments, windows, tuple(expanders), tuple(serial_ports), needs, native_hotplug)
     madt = build_madt(cpus)
     mcfg = build_mcfg(segments)
     xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only

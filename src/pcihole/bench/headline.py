@@ -5,7 +5,10 @@
 - the full scan with the backend's best strategy (what `auto` picks): its speed-up over the `exit`
   strategy and over QEMU, and its ratio to the floor (the same scan with every hole backed by real
   memory, i.e. ro-filled);
-- what pcihole adds to an exit (exit_path.py).
+- what pcihole adds to an exit (exit_path.py);
+- on kvm, the `exit` strategy against QEMU (both take one exit per config read), and what a VMM
+  that only re-enters KVM_RUN from Python (the bare loop) would take for the same scan: the floor
+  scan plus one bare exit per config read. Both depend on the host: QEMU's exit path is C.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class Headline:
     speedup_over_qemu: float | None = None
     ratio_to_floor: float | None = None
     exit_path_ratio: float | None = None
+    #: the same, measured through the machine's run loop beside the bare loop in one process
+    run_loop_ratio: float | None = None
+    #: kvm only: the `exit` strategy's scan / QEMU's scan
+    exit_over_qemu: float | None = None
+    #: kvm only: (the floor scan + the `exit` row's ECAM exits x the bare loop's exit) / QEMU's scan
+    bare_loop_over_qemu: float | None = None
 
 
 def _time(results: BenchResults, backend: str, strategy: str) -> float | None:
@@ -79,6 +88,15 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
         headline.speedup_over_qemu = _quotient(_time(results, "qemu", "exit"), best_time)
     exit_path = next((e for e in results.exit_path if e.backend == backend), None)
     headline.exit_path_ratio = exit_path.ratio if exit_path else None
+    if exit_path is not None and exit_path.breakdown is not None:
+        headline.run_loop_ratio = exit_path.breakdown.run_loop_ratio
+    if backend == "kvm":
+        qemu = _time(results, "qemu", "exit")
+        headline.exit_over_qemu = _quotient(_time(results, backend, "exit"), qemu)
+        exit_row, floor = results.row(backend, "exit"), _time(results, backend, "ro-filled")
+        if exit_path is not None and exit_row is not None and exit_row.ecam_exits and floor is not None:
+            bare_scan = floor + exit_row.ecam_exits * exit_path.bare_seconds_per_exit
+            headline.bare_loop_over_qemu = _quotient(bare_scan, qemu)
     return headline
 
 

@@ -25,6 +25,11 @@ class HostInfo:
     kvm_flavour: str
     python: str
     qemu: str | None
+    #: the 1-minute load average when the run started and when it ended (os.getloadavg): above the
+    #: CPU count, other processes were waiting for the CPUs the bench ran on, and only ratios measured
+    #: side by side in this run mean much
+    load_at_start: float | None = None
+    load_at_end: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -81,6 +86,13 @@ def qemu_version(qemu: str | None = None) -> str | None:
     return match.group(1) if match else out.strip().splitlines()[0] if out.strip() else None
 
 
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def host_info() -> HostInfo:
     return HostInfo(
         cpu_model=cpu_model(),
@@ -89,4 +101,5 @@ def host_info() -> HostInfo:
         kvm_flavour=kvm_flavour(),
         python=platform.python_version(),
         qemu=qemu_version(),
+        load_at_start=load_average(),
     )

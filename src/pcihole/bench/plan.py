@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+KiB, MiB = 1 << 10, 1 << 20
+
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -24,6 +26,9 @@ class BenchPlan:
     exit_path_runs: int
     #: QEMU boots (each costs ~2-4 s of firmware around a ~0.1 s scan)
     qemu_runs: int
+    #: ro-alias granules swept (alias_sweep.py), each with and without prefault, and boots per point
+    alias_granules: tuple[int, ...] = ()
+    alias_sweep_runs: int = 1
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -40,6 +45,8 @@ FULL = BenchPlan(
     exit_path_reads=20000,
     exit_path_runs=5,
     qemu_runs=5,
+    alias_granules=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 2 * MiB),
+    alias_sweep_runs=3,
 )
 
 QUICK = BenchPlan(
@@ -53,6 +60,8 @@ QUICK = BenchPlan(
     exit_path_reads=2000,
     exit_path_runs=1,
     qemu_runs=1,
+    alias_granules=(4 * KiB, 64 * KiB, 2 * MiB),
+    alias_sweep_runs=1,
 )
 
 

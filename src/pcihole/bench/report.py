@@ -14,12 +14,23 @@ def host_lines(results: BenchResults) -> list[str]:
     reference = f", /proc/cpuinfo says {c.cpuinfo_hz / 1e6:.0f} MHz" if c.cpuinfo_hz else ""
     check = ", ".join(f"{label} {x:.3f}" for label, x in results.tsc_check().items())
     check_text = f"; guest-TSC scan time / host wall time of the run: {check}" if check else ""
+    load = []
+    if h.load_at_start is not None and h.load_at_end is not None:
+        shared = (
+            "other processes shared the CPUs: compare ratios and counts from this run, not absolute times"
+            if max(h.load_at_start, h.load_at_end) > h.cpus / 2
+            else "the CPUs were nearly idle"
+        )
+        load = [
+            f"- load average (1 min): {h.load_at_start:.1f} at the start, {h.load_at_end:.1f} at the end; {shared}"
+        ]
     return [
         f"- CPU: {h.cpu_model} ({h.cpus} CPUs); kernel {h.kernel}; KVM: {h.kvm_flavour}",
         f"- TSC: {c.hz / 1e6:.1f} MHz ({c.source}{reference}){check_text}",
         f"- Python {h.python}; QEMU {h.qemu or 'not installed'}",
         f"- plan: {results.plan.name} ({results.plan.scan_runs} boots per row, {results.plan.scaling_runs} per "
         f"scaling point); run started {results.started}, took {results.seconds:.0f} s",
+        *load,
     ]
 
 
@@ -47,9 +58,19 @@ def headline_lines(results: BenchResults) -> list[str]:
             parts.append(f"{units.times(h.speedup_over_qemu)} faster than QEMU")
         parts.append(f"{units.times(h.ratio_to_floor)} the floor (ro-filled)")
         lines.append(f"  - full scan with `{h.best_strategy}`: " + ", ".join(parts))
-        if h.exit_path_ratio is not None:
+        if h.exit_path_ratio is not None or h.run_loop_ratio is not None:
             lines.append(
-                f"  - one exit through pcihole costs {units.times(h.exit_path_ratio)} a bare KVM_RUN loop's"
+                f"  - one exit through pcihole's run loop costs {units.times(h.run_loop_ratio)} a bare KVM_RUN "
+                f"loop's in the same process ({units.times(h.exit_path_ratio)} derived from the scans)"
+            )
+        if h.exit_over_qemu is not None:
+            bare = (
+                f"; a Python loop that only re-enters KVM_RUN would take {units.times(h.bare_loop_over_qemu)}"
+                if h.bare_loop_over_qemu is not None
+                else ""
+            )
+            lines.append(
+                f"  - the `exit` strategy's scan takes {units.times(h.exit_over_qemu)} QEMU's on this host{bare}"
             )
     return lines
 
@@ -57,8 +78,8 @@ def headline_lines(results: BenchResults) -> list[str]:
 def scan_table(results: BenchResults) -> list[str]:
     lines = [
         "| backend / strategy | scan ms, median [min–max] | × best | exits: mmio r / w / io / total | ECAM exits "
-        "| absent-function exits | config reads | hole backing | memslots | VmPTE growth |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| absent-function exits | config reads | hole backing | memslots | VmPTE growth | host faults in the run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.scan:
         s = r.scan_seconds
@@ -71,7 +92,7 @@ def scan_table(results: BenchResults) -> list[str]:
             f"| {r.label} | {units.ms(s.median)} [{units.ms(s.min)}–{units.ms(s.max)}] "
             f"| {units.times(r.ratios.get('scan_seconds'))} | {exits} | {units.count(r.ecam_exits)} "
             f"| {units.count(r.absent_exits)} | {units.count(r.config_reads)} | {units.size(r.hole_backing_bytes)} "
-            f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} |"
+            f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} | {units.count(r.host_faults)} |"
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.scan if r.note]
     if results.qemu_skipped:
@@ -117,16 +138,20 @@ def exit_path_table(results: BenchResults) -> list[str]:
         lines += [
             "",
             "Where one exit through pcihole goes, by step (host clock, per exit, median of runs alternated "
-            "with the bare loop in one process):",
+            "with the bare loop in one process). The steps' sum includes the step timers' own cost; the run "
+            "loop column is the same reads through the machine's run loop with no timer inside, and its ratio "
+            "to the bare loop is what pcihole adds to an exit:",
             "",
-            "| backend | " + " | ".join(STEPS) + " | total | bare loop | ratio |",
-            "|---|" + "---|" * (len(STEPS) + 3),
+            "| backend | "
+            + " | ".join(STEPS)
+            + " | steps' sum | run loop, untimed | bare loop | run loop / bare |",
+            "|---|" + "---|" * (len(STEPS) + 4),
         ]
         for b in breakdowns:
             steps = " | ".join(units.us(b.steps.get(s)) for s in STEPS)
             lines.append(
-                f"| {b.backend} | {steps} | {units.us(b.total)} | {units.us(b.bare_seconds_per_exit)} "
-                f"| {units.times(b.ratio)} |"
+                f"| {b.backend} | {steps} | {units.us(b.total)} | {units.us(b.run_loop_seconds_per_exit)} "
+                f"| {units.us(b.bare_seconds_per_exit)} | {units.times(b.run_loop_ratio)} |"
             )
     return lines
 
@@ -148,6 +173,27 @@ def hotplug_table(results: BenchResults) -> list[str]:
             f"| {units.duration(p.seconds.median)} | {f.memslot_creates} / {f.memslot_deletes} | {_ops(f.other_ops)} "
             f"| {units.duration(f.seconds.median)} | {slowest_text} |"
         )
+    return lines
+
+
+def alias_sweep_table(results: BenchResults) -> list[str]:
+    if not results.alias_sweep:
+        return ["Not measured: no backend here has ro-alias."]
+    lines = [
+        "| backend / strategy | granule | prefault | scan ms, median | × ro-filled (same prefault) "
+        "| host faults in the run | build ms, median | hole backing | hole mappings | memslots | VmPTE growth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rows in results.alias_sweep.values():
+        for a in rows:
+            r = a.row
+            build = r.build_seconds.median if r.build_seconds else None
+            lines.append(
+                f"| {r.label} | {units.size(a.granule) if a.granule else '—'} | {'on' if a.prefault else 'off'} "
+                f"| {units.ms(r.scan_seconds.median)} | {units.times(a.ratio_to_floor)} | {units.count(r.host_faults)} "
+                f"| {units.ms(build)} | {units.size(r.hole_backing_bytes)} | {units.count(r.hole_mappings)} "
+                f"| {units.count(r.memslots)} | {units.size(r.vm_pte_growth_bytes)} |"
+            )
     return lines
 
 
@@ -228,6 +274,16 @@ def markdown(results: BenchResults, plots: list[str]) -> str:
             "## Hot-plug: one function's ECAM page punched (hot-add) and filled (hot-remove)",
             "",
             *hotplug_table(results),
+        ],
+        [
+            "## ro-alias: alias granule and prefault (default machine)",
+            "",
+            "The granule is the fill memfd one alias mapping repeats; prefault fills the host page tables of "
+            "the hole backing when it is mapped, so that the guest's first touch of a hole page costs no host "
+            "page fault (the default is prefault on, granule chosen by the planner: 64 KiB). Host faults are the "
+            "process's minor faults during the run; the build includes mapping and prefaulting the backing.",
+            "",
+            *alias_sweep_table(results),
         ],
         ["## Scaling with the ECAM (one host bridge per segment)", "", *scaling_table(results, SWEEP_ECAM)],
         [

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pcihole.bench.alias_sweep import AliasSweepRow
 from pcihole.bench.configs import Configs
 from pcihole.bench.exit_path import ExitPathResult
 from pcihole.bench.headline import Headline
@@ -34,6 +35,8 @@ class BenchResults:
     exit_path: list[ExitPathResult] = field(default_factory=list)
     hotplug: list[HotplugResult] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
+    #: backend -> ro-alias's granule x prefault rows, with their ro-filled floors (alias_sweep.py)
+    alias_sweep: dict[str, list[AliasSweepRow]] = field(default_factory=dict)
     headline: dict[str, Headline] = field(default_factory=dict)
     #: the Linux-boot table (`--linux`): whether it was asked for, its rows, and what was left out
     linux_measured: bool = False
@@ -75,6 +78,7 @@ class BenchResults:
             "exit_path": [e.as_dict() for e in self.exit_path],
             "hotplug": [h.as_dict() for h in self.hotplug],
             "scaling": [p.as_dict() for p in self.scaling],
+            "alias_sweep": {b: [r.as_dict() for r in rows] for b, rows in self.alias_sweep.items()},
             "linux": {
                 "measured": self.linux_measured,
                 "machine": "default, with at least the RAM Linux needs",

@@ -2,7 +2,7 @@
 bench.json, bench.md and PNG plots into the output directory.
 
 Order: the default machine's scan per backend x strategy, QEMU as a peer, the exit path, hot-plug,
-then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
+ro-alias's granule and prefault sweep, then the scaling sweeps (the longest part), then with --linux the Linux boots (linux_boot.py). A progress bar runs on stderr; a short summary and the
 paths go to stdout. Returns the process exit status: 0, or 1 when a measurement failed (one line on
 stderr saying which), 2 when nothing can be measured.
 
@@ -22,16 +22,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from pcihole.bench import linux_boot, qemu_peer
+from pcihole.bench import alias_sweep, linux_boot, qemu_peer
 from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
 from pcihole.bench.headline import compute_headline
-from pcihole.bench.host import hardware_kvm, host_info
+from pcihole.bench.host import hardware_kvm, host_info, load_average
 from pcihole.bench.hotplug import WRITE_POLICIES, measure_hotplug
 from pcihole.bench.plan import BenchPlan, plan_for
 from pcihole.bench.progress import Progress
@@ -75,15 +76,29 @@ class _StoppableProgress(Progress):
             raise BenchStopped
 
 
-def _work_units(plan: BenchPlan, configs: int, backends: int, with_qemu: bool, linux_boots: int = 0) -> int:
+def _work_units(
+    plan: BenchPlan,
+    configs: int,
+    backends: int,
+    with_qemu: bool,
+    linux_boots: int = 0,
+    alias_backends: int = 0,
+) -> int:
     return (
         linux_boots
         + configs * plan.scan_runs
         + (plan.qemu_runs if with_qemu else 0)
         + backends
         + configs
+        + alias_backends * alias_sweep.point_count(plan)
         + configs * point_count(plan)
     )
+
+
+def _alias_backends(results: BenchResults) -> list[str]:
+    return [
+        b for b in results.configs.backends if any(c.strategy == "ro-alias" for c in results.configs.of(b))
+    ]
 
 
 def measure(results: BenchResults, progress: Progress, stops: StopRelay | None = None) -> None:
@@ -130,6 +145,18 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
                 measure_hotplug(default_machine, config, plan.hotplug_changes, kernel, writes=writes)
             )
         progress.step(f"hot-plug: {config.label}")
+
+    for backend in _alias_backends(results):
+        progress.note(f"ro-alias granule and prefault: {backend}")
+        results.alias_sweep[backend] = alias_sweep.measure_alias_sweep(
+            default_machine,
+            backend,
+            plan,
+            kernel,
+            clock,
+            on_point=lambda what: progress.step(f"sweep: {what}"),
+            stops=stops,
+        )
 
     for config in configs.configs:
         results.scaling += measure_scaling(
@@ -199,7 +226,12 @@ def run_bench(
         )
     progress = _StoppableProgress(
         _work_units(
-            plan, len(configs.configs), len(configs.backends), results.qemu_skipped is None, linux_boots
+            plan,
+            len(configs.configs),
+            len(configs.backends),
+            results.qemu_skipped is None,
+            linux_boots,
+            len(_alias_backends(results)),
         ),
         stops,
     )
@@ -215,6 +247,7 @@ def run_bench(
         print(f"pcihole: error: bench: {e}", file=sys.stderr)
         return EXIT_FAILED
     progress.finish("writing results")
+    results.host = replace(results.host, load_at_end=load_average())
     results.headline = compute_headline(results)
     results.seconds = time.monotonic() - start
     plot_names = _write_results(results, out, stops)

@@ -10,6 +10,8 @@ table and of the scaling sweeps (scaling.py pairs each row with the machine shap
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.stop_request import StopRelay
+from pcihole.memory import DEFAULT_TUNING, HoleTuning
 from pcihole.memory.accounting import process_mappings, vm_pte_bytes
 
 #: Quiet (one serial line, not one port exit per character of a device list) and timed.
@@ -57,14 +60,29 @@ class ScanSample:
     hole_mappings: int
     vm_pte_growth_bytes: int
     process_mappings_growth: int
+    #: host page faults (minor) this process took during the run: on a memslot strategy, mostly
+    #: KVM translating the guest's first touch of a hole page whose host page table is not filled yet
+    host_faults: int = 0
+    #: build_machine's wall time: the memory map, the strategy's backing (and its prefault), ACPI
+    build_seconds: float = 0.0
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def boot_and_scan(
-    spec: MachineFile, config: Config, kernel: Kernel, clock: TscClock, stops: StopRelay | None = None
+    spec: MachineFile,
+    config: Config,
+    kernel: Kernel,
+    clock: TscClock,
+    stops: StopRelay | None = None,
+    tuning: HoleTuning = DEFAULT_TUNING,
 ) -> ScanSample:
     """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails.
     `stops` ends the run early (a signal: runner.py)."""
     pte_before, maps_before = vm_pte_bytes(), process_mappings()
+    build_start = time.perf_counter()
     try:
         machine = build_machine(
             spec,
@@ -73,11 +91,15 @@ def boot_and_scan(
             kernel=kernel.image,
             kernel_name=kernel.name,
             cmdline=GUEST_CMDLINE,
+            hole_tuning=tuning,
         )
     except MachineBuildError as e:
         raise BenchError(f"{config.label}: cannot build {spec.name or spec.path}: {e}") from e
+    build_seconds = time.perf_counter() - build_start
     with machine:
+        faults_before = _minor_faults()
         result = machine.run(timeout=RUN_TIMEOUT_SECONDS, stops=stops.for_run() if stops else None)
+        host_faults = _minor_faults() - faults_before
         memory_tsc = read_scan_tsc(machine.image, machine.memory.read_guest)
     stop = result.stop
     what = f"{config.label} on {spec.name or spec.path}"
@@ -109,6 +131,8 @@ def boot_and_scan(
         hole_mappings=result.memory.hole_mappings,
         vm_pte_growth_bytes=result.memory.vm_pte_bytes - pte_before,
         process_mappings_growth=result.memory.process_mappings - maps_before,
+        host_faults=host_faults,
+        build_seconds=build_seconds,
     )
 
 
@@ -135,6 +159,9 @@ class ScanRow:
     #: figure -> value / the best (smallest) value of that figure on the same KVM
     ratios: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
+    #: host page faults during the run (the last boot's; see ScanSample), None where not measured
+    host_faults: int | None = None
+    build_seconds: Summary | None = None
 
     @property
     def label(self) -> str:
@@ -149,6 +176,7 @@ class ScanRow:
         d = dict(self.__dict__)
         d["scan_seconds"] = self.scan_seconds.as_dict()
         d["run_seconds"] = self.run_seconds.as_dict() if self.run_seconds else None
+        d["build_seconds"] = self.build_seconds.as_dict() if self.build_seconds else None
         return d
 
 
@@ -172,6 +200,8 @@ def row_from_samples(config: Config, samples: list[ScanSample]) -> ScanRow:
         hole_mappings=last.hole_mappings,
         vm_pte_growth_bytes=last.vm_pte_growth_bytes,
         process_mappings_growth=last.process_mappings_growth,
+        host_faults=last.host_faults,
+        build_seconds=Summary.of([s.build_seconds for s in samples]),
     )
 
 
@@ -183,10 +213,11 @@ def scan_default_machine(
     clock: TscClock,
     on_run: Callable[[], None] = lambda: None,
     stops: StopRelay | None = None,
+    tuning: HoleTuning = DEFAULT_TUNING,
 ) -> ScanRow:
     samples = []
     for _ in range(runs):
-        samples.append(boot_and_scan(spec, config, kernel, clock, stops))
+        samples.append(boot_and_scan(spec, config, kernel, clock, stops, tuning))
         on_run()
     return row_from_samples(config, samples)
 

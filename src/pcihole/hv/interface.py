@@ -12,8 +12,9 @@ backends: the model is a model of KVM, so it takes KVM's types.
 What a backend may lack is asked with `check_extension`, as a VMM asks KVM, never with getattr:
 `get_supported_cpuid` where KVM_CAP_EXT_CPUID is non-zero (both backends offer it; the model's
 table is what its engine executes, hv/model/cpuid.py), the in-kernel irqchip (create_irqchip,
-set_irq_line) and its LAPIC state (get_lapic / set_lapic) where KVM_CAP_IRQCHIP is and its PIT
-where KVM_CAP_PIT2 is (both backends), KVM_SET_IDENTITY_MAP_ADDR where
+set_irq_line) and its LAPIC state (get_lapic / set_lapic) where KVM_CAP_IRQCHIP is, its PIT
+where KVM_CAP_PIT2 is and its GSI routing (set_gsi_routing) where KVM_CAP_IRQ_ROUTING is (both
+backends), KVM_SET_IDENTITY_MAP_ADDR where
 KVM_CAP_SET_IDENTITY_MAP_ADDR is (kvm: VMX's real-mode identity map; the model has no use for it),
 the MMIO fill device where KVM_CAP_MMIO_FILL is (hv/proposed.py; the model only). Without the
 capability the method raises an OSError, as a kernel without the ioctl would.
@@ -31,9 +32,10 @@ IoctlObserver = Callable[[str, object, float], None]
 
 if TYPE_CHECKING:
     import ctypes
+    from collections.abc import Sequence
 
     from pcihole.hv.exits import CoalescedWrite, VcpuExit
-    from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_sregs
+    from pcihole.hv.uapi import kvm_fpu, kvm_irq_routing_entry, kvm_regs, kvm_sregs
 
 
 @runtime_checkable
@@ -129,6 +131,13 @@ class Vm(Protocol):
 
     def set_irq_line(self, gsi: int, level: bool) -> None:
         """KVM_IRQ_LINE: drive GSI `gsi` (ENXIO without the irqchip)."""
+        ...
+
+    def set_gsi_routing(self, entries: Sequence[kvm_irq_routing_entry], flags: int = 0) -> None:
+        """KVM_SET_GSI_ROUTING (where check_extension(KVM_CAP_IRQ_ROUTING) is non-zero; its value is
+        KVM_MAX_IRQ_ROUTES): `entries` (hv/irq_routing.py) replace the whole routing, KVM's default
+        included. EINVAL without the irqchip, for flags, for a GSI >= KVM_MAX_IRQ_ROUTES, for a pin
+        out of range, for two routes of one GSI to the same chip."""
         ...
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu: ...

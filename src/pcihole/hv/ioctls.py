@@ -64,6 +64,7 @@ class KvmIoctl(IntEnum):
     KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ctypes.c_uint64)
     KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
     KVM_IRQ_LINE = _IOW(KVMIO, 0x61, uapi.kvm_irq_level)
+    KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, uapi.kvm_irq_routing)
     KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, uapi.kvm_pit_config)
     KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, uapi.kvm_coalesced_mmio_zone)
     KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, uapi.kvm_coalesced_mmio_zone)

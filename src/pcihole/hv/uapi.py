@@ -41,6 +41,7 @@ class KvmCap(IntEnum):
     KVM_CAP_EXT_CPUID = 7
     KVM_CAP_NR_VCPUS = 9
     KVM_CAP_NR_MEMSLOTS = 10
+    KVM_CAP_IRQ_ROUTING = 25
     KVM_CAP_COALESCED_MMIO = 15
     KVM_CAP_SYNC_MMU = 16
     KVM_CAP_PIT2 = 33
@@ -272,6 +273,59 @@ def msrs_with(nmsrs: int) -> type[ctypes.Structure]:
 class kvm_irq_level(ctypes.Structure):
     # union { __u32 irq; __s32 status; }: the GSI in, the delivery status out (KVM_IRQ_LINE_STATUS).
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+
+# kvm_irq_routing_entry.type
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+# kvm_irq_routing_entry.u.irqchip.irqchip
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    # union { __u32 pad; __u32 devid; }: devid with KVM_MSI_VALID_DEVID in the entry's flags.
+    _fields_ = [("address_lo", c_uint32), ("address_hi", c_uint32), ("data", c_uint32), ("devid", c_uint32)]
+
+
+class kvm_irq_routing_entry_u(ctypes.Union):
+    # The kernel's union also has s390 adapter, Hyper-V SINT and Xen event channel routes, all
+    # inside pad[8]; the s390 adapter's __u64s give the union (and the entry) 8-byte alignment.
+    _fields_ = [
+        ("irqchip", kvm_irq_routing_irqchip),
+        ("msi", kvm_irq_routing_msi),
+        ("pad", c_uint64 * 4),
+    ]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    _fields_ = [
+        ("gsi", c_uint32),
+        ("type", c_uint32),
+        ("flags", c_uint32),
+        ("pad", c_uint32),
+        ("u", kvm_irq_routing_entry_u),
+    ]
+
+
+class kvm_irq_routing(ctypes.Structure):
+    """KVM_SET_GSI_ROUTING's argument: `nr` entries follow (irq_routing_with)."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+def irq_routing_with(nr: int) -> type[ctypes.Structure]:
+    """struct kvm_irq_routing with room for `nr` entries."""
+
+    class kvm_irq_routing_n(ctypes.Structure):
+        _fields_ = [("nr", c_uint32), ("flags", c_uint32), ("entries", kvm_irq_routing_entry * nr)]
+
+    return kvm_irq_routing_n
 
 
 class kvm_mp_state(ctypes.Structure):

@@ -42,15 +42,18 @@ from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugEx
 from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
 from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, kernel_args
 from pcihole.machine.irq import IrqLine
+from pcihole.machine.irq_routing import pc_irq_routing
 from pcihole.machine.machine import Machine
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, UART_TX, SerialConsole
 from pcihole.machine.stats import RunStats
 from pcihole.memory import (
+    DEFAULT_TUNING,
     PAGE_SIZE,
     GuestMemory,
     GuestRange,
     Hole,
+    HoleTuning,
     MemoryMap,
     Mmio,
     Ram,
@@ -59,6 +62,7 @@ from pcihole.memory import (
     make_strategy,
     page_range,
 )
+from pcihole.pci.bridge_windows import has_hotplug_slots, root_bus_need
 from pcihole.pci.config_page import ConfigPage
 from pcihole.pci.host_bridge import HostBridge
 
@@ -121,12 +125,14 @@ def build_machine(
     host_quirks: str = "auto",
     quirk_kernel_args: bool = False,
     coalesce_console: bool = True,
+    hole_tuning: HoleTuning = DEFAULT_TUNING,
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
     `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
     With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
-    cost no exit (see `_coalesce_console_writes`)."""
+    cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
+    its holes (pcihole bench sweeps it)."""
     try:
         hv, backend_reason = choose_backend(backend)
     except BackendUnavailable as e:
@@ -143,13 +149,16 @@ def build_machine(
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
         step = "create the in-kernel irqchip and PIT"
-        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pit_init): identity map and TSS
-        # (the Vm sets the TSS) before any vCPU, then the irqchip, then the PIT that needs it; each
-        # where the backend offers it (the model: irqchip and PIT, no identity map).
+        # QEMU's order (kvm_arch_init, kvm_irqchip_create, kvm_pc_setup_irq_routing, kvm_pit_init):
+        # identity map and TSS (the Vm sets the TSS) before any vCPU, then the irqchip, a PC's GSI
+        # routing (the PIT on IOAPIC pin 2, as the MADT says), then the PIT that needs the irqchip;
+        # each where the backend offers it (the model: all but the identity map).
         if vm.check_extension(KvmCap.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr()
         if vm.check_extension(KvmCap.KVM_CAP_IRQCHIP):
             vm.create_irqchip()
+            if vm.check_extension(KvmCap.KVM_CAP_IRQ_ROUTING):
+                vm.set_gsi_routing(pc_irq_routing())
             if vm.check_extension(KvmCap.KVM_CAP_PIT2):
                 vm.create_pit2()
             irq_lines = vm
@@ -163,7 +172,7 @@ def build_machine(
         holes = [segment_hole(seg, host_bridge) for seg in host_bridge.segments]
         try:
             # "auto" is chosen for these holes: native cannot fill with anything but 0xff.
-            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes))
+            memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes, tuning=hole_tuning))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
         if memory.strategy.maps_mirrors:
@@ -320,6 +329,8 @@ def acpi_tables(spec: MachineFile) -> AcpiTables:
             spec.segments,
             layout.ACPI_GPA,
             expanders=expander_buses(spec),
+            needs=[root_bus_need(spec.topology, s.id, s.root_bus) for s in spec.segments],
+            native_hotplug=[has_hotplug_slots(spec.topology, s.id, s.root_bus) for s in spec.segments],
             serial_ports=[(COM1_BASE, COM1_IRQ)],
         )
     except ValueError as e:
@@ -366,7 +377,17 @@ def punched_hole(hole: Hole, pages: list[int], host_bridge: HostBridge) -> list[
 
 def expander_buses(spec: MachineFile) -> list[ExpanderBus]:
     """The machine's expander root buses, as the DSDT describes them (acpi/expander_bridge.py)."""
-    return [ExpanderBus(x.bdf.segment, x.bus, x.last_bus) for x in spec.topology.expanders]
+    topology = spec.topology
+    return [
+        ExpanderBus(
+            x.bdf.segment,
+            x.bus,
+            x.last_bus,
+            need=root_bus_need(topology, x.bdf.segment, x.bus),
+            native_hotplug=has_hotplug_slots(topology, x.bdf.segment, x.bus),
+        )
+        for x in topology.expanders
+    ]
 
 
 def e820_map(

@@ -110,14 +110,17 @@ class ExitHandler:
 
     def handle(self, exit: VcpuExit) -> bytes | Stop | None:
         counts = self.stats.exits
+        if type(exit) is MmioRead:
+            # The exit a guest makes by the thousand (every config read with the `exit` strategy),
+            # tested before the match: a class pattern costs about 0.2 us more per exit.
+            addr, size = exit
+            counts.mmio_read += 1
+            device = self.mmio.find(addr, size)
+            if device is None:
+                self._unclaimed_mmio(addr, "read")
+                return OPEN_BUS * size
+            return device.read(addr, size)
         match exit:
-            case MmioRead(addr, size):
-                counts.mmio_read += 1
-                device = self.mmio.find(addr, size)
-                if device is None:
-                    self._unclaimed_mmio(addr, "read")
-                    return OPEN_BUS * size
-                return device.read(addr, size)
             case MmioWrite(addr, data):
                 counts.mmio_write += 1
                 device = self.mmio.find(addr, len(data))

@@ -76,8 +76,13 @@ class EcamWindow:
             self.stats.ecam_absent_accesses[(addr, size, kind)] += 1
 
     def read(self, addr: int, size: int) -> bytes:
-        self._count(addr, size, "read")
-        self.stats.ecam_reads += 1
+        # _count inlined: this is the exit path of every config read with the `exit` strategy.
+        stats = self.stats
+        stats.ecam_exits += 1
+        stats.ecam_reads += 1
+        if not self.host_bridge.page_present(addr):
+            stats.ecam_absent_exits += 1
+            stats.ecam_absent_accesses[(addr, size, "read")] += 1
         data = self.view.read(addr, size)
         return data if data is not None else self.host_bridge.mmio_read(addr, size)
 

@@ -20,7 +20,9 @@ from pcihole.memory.memory_map import MemoryMap, MemoryMapError, OverlapError
 from pcihole.memory.region import Hole, MirrorPage, Mmio, MmioHandler, Ram, Region, Rom
 from pcihole.memory.slot_planner import PlanError
 from pcihole.memory.strategies import (
+    DEFAULT_TUNING,
     STRATEGY_NAMES,
+    HoleTuning,
     StrategyUnavailable,
     available_strategies,
     make_strategy,
@@ -28,6 +30,7 @@ from pcihole.memory.strategies import (
 )
 
 __all__ = [
+    "DEFAULT_TUNING",
     "PAGE_SIZE",
     "STRATEGY_NAMES",
     "AddressOverflow",
@@ -36,6 +39,7 @@ __all__ = [
     "GuestMemory",
     "GuestRange",
     "Hole",
+    "HoleTuning",
     "MapView",
     "MemoryMap",
     "MemoryMapError",

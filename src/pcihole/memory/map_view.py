@@ -28,6 +28,10 @@ from pcihole.memory.memory_map import MemoryMap
 from pcihole.memory.region import Hole, Mmio, Ram, Region, Rom
 from pcihole.memory.strategies.base import HoleLayout, SlotSpec
 
+#: fill byte -> 8 of it (the largest access): a hole read's answer is a slice, not a new bytes
+#: object built from the fill on every exit.
+FILL_BYTES = tuple(bytes((b,)) * 8 for b in range(256))
+
 
 @dataclass(frozen=True)
 class ZoneHistory:
@@ -80,8 +84,8 @@ class MapView:
         """The bytes a guest read that exited (KVM_EXIT_MMIO) sees; None if some byte is in no
         region (the caller decides)."""
         now = self.in_force  # one read of the reference: the whole answer comes from one map
-        r = now.map.region_at(addr)
-        if r is not None and addr + size - 1 <= r.range.last.value:
+        r = now.map.region_holding(addr, size)
+        if r is not None:
             return self._read(now, r, addr, size)
         pieces = self._pieces(now, addr, size)
         if pieces is None:
@@ -91,7 +95,7 @@ class MapView:
     def _read(self, now: MapInForce, r: Region, addr: int, size: int) -> bytes:
         if isinstance(r, Hole):
             self.counters.hole_reads += 1
-            return bytes((r.fill,)) * size
+            return FILL_BYTES[r.fill][:size] if size <= len(FILL_BYTES[0]) else bytes((r.fill,)) * size
         if isinstance(r, Mmio):
             self.counters.mmio_reads += 1
             assert r.handler is not None

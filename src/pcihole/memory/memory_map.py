@@ -30,7 +30,7 @@ class OverlapError(MemoryMapError):
 class MemoryMap:
     """Non-overlapping regions in address order. Gaps are allowed (nothing is there)."""
 
-    __slots__ = ("_regions", "_starts")
+    __slots__ = ("_lasts", "_regions", "_starts")
 
     def __init__(self, regions: Iterable[Region] = ()) -> None:
         ordered = sorted(regions, key=lambda r: r.range)
@@ -39,6 +39,7 @@ class MemoryMap:
                 raise OverlapError(a, b)
         self._regions: tuple[Region, ...] = tuple(ordered)
         self._starts: list[int] = [r.range.start.value for r in ordered]
+        self._lasts: list[int] = [r.range.last.value for r in ordered]
 
     # --- queries -------------------------------------------------------------------------------------
 
@@ -63,6 +64,14 @@ class MemoryMap:
         a = int(addr)
         i = bisect.bisect_right(self._starts, a) - 1
         if i >= 0 and a <= self._regions[i].range.last.value:
+            return self._regions[i]
+        return None
+
+    def region_holding(self, addr: int, size: int) -> Region | None:
+        """The one region holding all of [addr, addr + size), or None (in no region, or across
+        two): the exit path's lookup, on plain ints and the precomputed last bytes."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr + size - 1 <= self._lasts[i]:
             return self._regions[i]
         return None
 

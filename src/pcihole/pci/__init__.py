@@ -21,5 +21,6 @@ it which 4 KiB pages hold present functions (everything else in a segment's wind
     switch_port.py     a switch's upstream and downstream ports (QEMU x3130 / xio3130)
     pci_bridge.py      conventional PCI-PCI bridges (QEMU pci-bridge)
     lspci_tree.py      the tree as lspci -t prints it
+    bridge_windows.py  what each root bus's BARs need of its host bridge's windows (Linux's sizing)
     host_bridge.py     ECAM routing, the hole's read/write policy, hot-plug and page listeners
 """

@@ -36,6 +36,13 @@ _IO = struct.Struct("<BBHIQ")
 _ENTRY = ctypes.sizeof(uapi.kvm_coalesced_mmio)
 _RING_HEADER = ctypes.sizeof(uapi.kvm_coalesced_mmio_ring)
 _RING_ENTRY = struct.Struct("<QII8s")
+# struct kvm_coalesced_mmio_ring: u32 first, u32 last (then the entries)
+_RING_INDICES = struct.Struct("<II")
+_EXIT_REASON = struct.Struct("<I")
+# The two reasons a scan produces by the thousand, as plain ints: comparing with an IntEnum member
+# costs an attribute lookup on the enum class per exit.
+_EXIT_MMIO = int(R.KVM_EXIT_MMIO)
+_EXIT_IO = int(R.KVM_EXIT_IO)
 _OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
 _OFF_REQUEST_INTERRUPT_WINDOW = uapi.kvm_run.request_interrupt_window.offset
 
@@ -197,14 +204,14 @@ class Vcpu:
 
     def _decode(self) -> exits.VcpuExit:
         run = self._run
-        (reason,) = struct.unpack_from("<I", run, _OFF_EXIT_REASON)
-        if reason == R.KVM_EXIT_MMIO:
+        (reason,) = _EXIT_REASON.unpack_from(run, _OFF_EXIT_REASON)
+        if reason == _EXIT_MMIO:
             addr, data, length, is_write = _MMIO.unpack_from(run, _OFF_MMIO)
             if is_write:
                 return exits.MmioWrite(addr, data[:length])
             self._pending_read = (_OFF_MMIO_DATA, length)
             return exits.MmioRead(addr, length)
-        if reason == R.KVM_EXIT_IO:
+        if reason == _EXIT_IO:
             direction, size, port, count, data_offset = _IO.unpack_from(run, _OFF_IO)
             if direction == uapi.KVM_EXIT_IO_OUT:
                 return exits.IoOut(port, size, bytes(run[data_offset : data_offset + size * count]), count)
@@ -249,7 +256,9 @@ class Vcpu:
         if not self._ring:
             return []
         run, base = self._run, self._ring
-        first, last = struct.unpack_from("<II", run, base)
+        first, last = _RING_INDICES.unpack_from(run, base)
+        if first == last:
+            return []
         out: list[exits.CoalescedWrite] = []
         while first != last:
             addr, length, pio, data = _RING_ENTRY.unpack_from(run, base + _RING_HEADER + first * _ENTRY)

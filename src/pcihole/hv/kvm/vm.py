@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 
 from pcihole.hv import uapi
 from pcihole.hv.ioctls import KvmIoctl
+from pcihole.hv.irq_routing import describe
 from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
 from pcihole.hv.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pcihole.hv.interface import IoctlObserver
     from pcihole.hv.kvm.system import Kvm
 
@@ -80,6 +83,16 @@ class Vm:
         """KVM_IRQ_LINE: drive GSI `gsi` to `level`. An edge-triggered IOAPIC pin fires on 0 -> 1."""
         req = uapi.kvm_irq_level(irq=gsi, level=int(level))
         self._ioctl(KvmIoctl.KVM_IRQ_LINE, req, f"gsi={gsi}, level={int(level)}")
+
+    def set_gsi_routing(self, entries: Sequence[uapi.kvm_irq_routing_entry], flags: int = 0) -> None:
+        """KVM_SET_GSI_ROUTING: `entries` replace the whole GSI routing (kvm_set_irq_routing). EINVAL
+        without the irqchip, for flags, a GSI >= KVM_MAX_IRQ_ROUTES, a pin out of range, or two
+        routes of one GSI to the same chip."""
+        routing = uapi.irq_routing_with(len(entries))(nr=len(entries), flags=flags)
+        for i, entry in enumerate(entries):
+            routing.entries[i] = entry
+        shown = ", ".join(describe(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        self._ioctl(KvmIoctl.KVM_SET_GSI_ROUTING, routing, f"nr={len(entries)}, flags={flags:#x}: {shown}")
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int

@@ -8,6 +8,7 @@ Everything else answers 0, which is what the kernel answers for a capability it 
 
 from __future__ import annotations
 
+from pcihole.hv.model.irq_routing import KVM_MAX_IRQ_ROUTES
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM
 from pcihole.hv.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KvmCap
 
@@ -32,6 +33,8 @@ MODEL_CAPABILITIES: dict[int, int] = {
     # the real-mode identity map is VMX's, which the model's CPU is not.
     KvmCap.KVM_CAP_IRQCHIP: 1,
     KvmCap.KVM_CAP_PIT2: 1,
+    # KVM_SET_GSI_ROUTING (irq_routing.py): kvm_vm_ioctl_check_extension_generic answers KVM_MAX_IRQ_ROUTES.
+    KvmCap.KVM_CAP_IRQ_ROUTING: KVM_MAX_IRQ_ROUTES,
     KvmCap.KVM_CAP_USER_MEMORY: 1,
     KvmCap.KVM_CAP_HLT: 1,
     KvmCap.KVM_CAP_NR_MEMSLOTS: KVM_USER_MEM_SLOTS,

@@ -2,11 +2,11 @@
 
 - the 8259 pair (i8259.py) and the IOAPIC (ioapic.py), and a local APIC (lapic.py) in every vCPU
   created afterwards (kvm_arch_vcpu_create -> kvm_create_lapic);
-- the default GSI routing (kvm_setup_default_irq_routing): GSIs 0-15 go to PIC pin gsi and IOAPIC
-  pin gsi, 16-23 to the IOAPIC only. GSI 0 is IOAPIC pin 0: KVM does not remap it to pin 2 (QEMU
-  does, with KVM_SET_GSI_ROUTING in kvm_pc_setup_irq_routing); the model has no SET_GSI_ROUTING;
+- the GSI routing (irq_routing.py): KVM's default (kvm_setup_default_irq_routing: GSIs 0-15 go to
+  PIC pin gsi and IOAPIC pin gsi, 16-23 to the IOAPIC only, so GSI 0 is IOAPIC pin 0) until
+  KVM_SET_GSI_ROUTING replaces it (QEMU's kvm_pc_setup_irq_routing sends GSI 0 to IOAPIC pin 2);
 - kvm_set_irq: a line's level is the OR of its sources (__kvm_irq_line_state; userspace's
-  KVM_IRQ_LINE is source 0, the PIT has its own), handed to each routed pin;
+  KVM_IRQ_LINE is source 0, the PIT has its own), handed to each pin the GSI is routed to;
 - kvm_irq_delivery_to_apic: an interrupt message (IOAPIC redirection entry, ICR) to every LAPIC
   whose destination matches (kvm_apic_match_dest);
 - ack and mask notifiers (kvm_notify_acked_irq, kvm_fire_mask_notifiers), which the PIT listens to.
@@ -24,8 +24,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from pcihole.hv import uapi
 from pcihole.hv.model.i8259 import PicPair
 from pcihole.hv.model.ioapic import Ioapic
+from pcihole.hv.model.irq_routing import IrqRoutingTable, default_routing
 from pcihole.hv.model.lapic_irq import APIC_DM_LOWEST, LapicIrq
 
 if TYPE_CHECKING:
@@ -39,9 +41,9 @@ KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID = 1
 IOAPIC_NUM_PINS = 24
 PIC_NUM_PINS = 16
 # include/uapi/linux/kvm.h: the irqchip ids of a routing entry
-KVM_IRQCHIP_PIC_MASTER = 0
-KVM_IRQCHIP_PIC_SLAVE = 1
-KVM_IRQCHIP_IOAPIC = 2
+KVM_IRQCHIP_PIC_MASTER = uapi.KVM_IRQCHIP_PIC_MASTER
+KVM_IRQCHIP_PIC_SLAVE = uapi.KVM_IRQCHIP_PIC_SLAVE
+KVM_IRQCHIP_IOAPIC = uapi.KVM_IRQCHIP_IOAPIC
 
 
 class Irqchip:
@@ -54,6 +56,8 @@ class Irqchip:
         self.ioapic = Ioapic(self)
         self.pit: Pit | None = None
         self._next_source_id = KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID + 1
+        # kvm->irq_routing: replaced whole (set_routing), read under the lock
+        self.routing: IrqRoutingTable = default_routing()
         # kvm_register_irq_ack_notifier / kvm_register_irq_mask_notifier, by GSI
         self._ack_notifiers: dict[int, list[Callable[[], None]]] = {}
         self._mask_notifiers: dict[int, list[Callable[[bool], None]]] = {}
@@ -89,16 +93,24 @@ class Irqchip:
     # --- GSIs --------------------------------------------------------------------------------------
 
     def set_irq(self, source_id: int, gsi: int, level: bool) -> int:
-        """kvm_set_irq over the default routing: how many LAPICs took it (-1: none, masked or
-        coalesced), as KVM_IRQ_LINE_STATUS reports; a GSI with no route does nothing."""
+        """kvm_set_irq: each pin the GSI is routed to gets the level; how many LAPICs took it (-1:
+        none, masked or coalesced), as KVM_IRQ_LINE_STATUS reports; a GSI with no route does nothing."""
         with self.locked():
             ret = -1
-            if 0 <= gsi < PIC_NUM_PINS:
-                ret = self.pic.set_irq(gsi, source_id, level)  # kvm_set_pic_irq
-            if 0 <= gsi < IOAPIC_NUM_PINS:
-                r = self.ioapic.set_irq(gsi, source_id, level)  # kvm_set_ioapic_irq
+            for chip, pin in self.routing.pins_of(gsi):
+                if chip == KVM_IRQCHIP_IOAPIC:
+                    r = self.ioapic.set_irq(pin, source_id, level)  # kvm_set_ioapic_irq
+                else:
+                    r = self.pic.set_irq(pin, source_id, level)  # kvm_set_pic_irq, pins 0-15
+                if r < 0:
+                    continue
                 ret = r + (0 if ret < 0 else ret)
             return ret
+
+    def set_routing(self, routing: IrqRoutingTable) -> None:
+        """kvm_set_irq_routing's swap (rcu_assign_pointer(kvm->irq_routing, new)), under the lock."""
+        with self.locked():
+            self.routing = routing
 
     def register_ack_notifier(self, gsi: int, notifier: Callable[[], None]) -> None:
         self._ack_notifiers.setdefault(gsi, []).append(notifier)
@@ -107,15 +119,16 @@ class Irqchip:
         self._mask_notifiers.setdefault(gsi, []).append(notifier)
 
     def notify_acked_irq(self, chip: int, pin: int) -> None:
-        """kvm_notify_acked_irq: the guest acknowledged `pin` of `chip` (PIC EOI, IOAPIC EOI). With the
-        default routing GSI = pin on the IOAPIC and the master PIC, pin + 8 on the slave."""
-        gsi = pin + 8 if chip == KVM_IRQCHIP_PIC_SLAVE else pin
-        for notifier in self._ack_notifiers.get(gsi, ()):
+        """kvm_notify_acked_irq: the guest acknowledged `pin` of `chip` (PIC EOI, IOAPIC EOI; a slave
+        PIC's pins count from 0 here); the GSI routed there (kvm_irq_map_chip_pin), if any, is told."""
+        gsi = self.routing.gsi_of(chip, pin)
+        for notifier in self._ack_notifiers.get(gsi, ()) if gsi >= 0 else ():
             notifier()
 
     def fire_mask_notifiers(self, chip: int, pin: int, mask: bool) -> None:
-        gsi = pin + 8 if chip == KVM_IRQCHIP_PIC_SLAVE else pin
-        for notifier in self._mask_notifiers.get(gsi, ()):
+        """kvm_fire_mask_notifiers: `pin` of `chip` was masked or unmasked."""
+        gsi = self.routing.gsi_of(chip, pin)
+        for notifier in self._mask_notifiers.get(gsi, ()) if gsi >= 0 else ():
             notifier(mask)
 
     # --- interrupt messages to local APICs -----------------------------------------------------------

@@ -7,7 +7,7 @@ import ctypes
 import errno
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from pcihole.hv import uapi
@@ -24,6 +24,7 @@ from pcihole.hv.model.i8254 import (
 from pcihole.hv.model.i8259 import PIC_PORTS
 from pcihole.hv.model.io_bus import IoBus
 from pcihole.hv.model.ioapic import IOAPIC_MEM_LENGTH
+from pcihole.hv.model.irq_routing import build_routing
 from pcihole.hv.model.irqchip import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.memslots import PAGE_SHIFT, MemslotChange, MemslotTable
@@ -241,6 +242,17 @@ class ModelVm:
                     errno.ENXIO, "KVM_IRQ_LINE", f"gsi={gsi}, level={int(level)}", "no irqchip"
                 )
             chip.set_irq(KVM_USERSPACE_IRQ_SOURCE_ID, gsi & 0xFFFFFFFF, bool(level))
+
+    def set_gsi_routing(self, entries: Sequence[uapi.kvm_irq_routing_entry], flags: int = 0) -> None:
+        """KVM_SET_GSI_ROUTING: EINVAL without an irqchip (kvm_arch_can_set_irq_routing), then
+        kvm_set_irq_routing's checks (irq_routing.py); the new table replaces the old one whole."""
+        with self._ioctl("KVM_SET_GSI_ROUTING"):
+            chip = self.irqchip
+            if chip is None:
+                raise ModelKvmError(
+                    errno.EINVAL, "KVM_SET_GSI_ROUTING", f"nr={len(entries)}, flags={flags:#x}", "no irqchip"
+                )
+            chip.set_routing(build_routing(entries, flags))
 
     # --- vCPUs -------------------------------------------------------------------------------------
 

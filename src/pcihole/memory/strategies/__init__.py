@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pcihole.memory.strategies.base import HoleLayout, HoleStrategy, SlotSpec, StrategyUnavailable
+from pcihole.memory.strategies.base import (
+    DEFAULT_TUNING,
+    HoleLayout,
+    HoleStrategy,
+    HoleTuning,
+    SlotSpec,
+    StrategyUnavailable,
+)
 from pcihole.memory.strategies.exit import ExitStrategy
 from pcihole.memory.strategies.mmio_bus import MmioBusStrategy
 from pcihole.memory.strategies.native import NativeStrategy
@@ -58,16 +65,24 @@ def available_strategies(hypervisor: Hypervisor, vm: Vm) -> list[str]:
 
 
 def make_strategy(
-    name: str, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None, holes: Sequence[Hole] = ()
+    name: str,
+    hypervisor: Hypervisor,
+    vm: Vm,
+    *,
+    map_budget: int | None = None,
+    holes: Sequence[Hole] = (),
+    tuning: HoleTuning = DEFAULT_TUNING,
 ) -> HoleStrategy:
-    return resolve_strategy(name, hypervisor, vm, holes)(hypervisor, vm, map_budget=map_budget)
+    return resolve_strategy(name, hypervisor, vm, holes)(hypervisor, vm, map_budget=map_budget, tuning=tuning)
 
 
 __all__ = [
+    "DEFAULT_TUNING",
     "AUTO_ORDER",
     "ExitStrategy",
     "HoleLayout",
     "HoleStrategy",
+    "HoleTuning",
     "MmioBusStrategy",
     "NativeStrategy",
     "RoAliasStrategy",

@@ -35,6 +35,29 @@ ZONE_MAX_BYTES = 1 << 31
 ZONE_BUDGET = 512
 
 
+@dataclass(frozen=True, slots=True)
+class HoleTuning:
+    """How a strategy backs its holes on the host; `pcihole bench` sweeps both knobs.
+
+    `prefault`: populate the host page tables of the hole backing when it is mapped (ro-alias,
+    ro-filled; HostMapping.populate_read). Measured on the software-KVM hosts pcihole is benched on:
+    without it, a full scan of a 256-bus hole takes one host page fault per 64 KiB (the kernel's
+    fault-around window, fault_around_bytes), 4,096 faults and about a fifth of the scan's time; with
+    it, none, for about 15 ms of mapping time per 256 MiB (the page tables a full probe would build
+    anyway: VmPTE is the same). Off, the pages fault in on first touch.
+
+    `alias_granule`: the size of ro-alias's fill memfd (one alias mapping), fixed; None lets the
+    planner choose (memory/slot_planner.py: 64 KiB, larger only under the mapping budget).
+    """
+
+    prefault: bool = True
+    alias_granule: int | None = None
+
+
+#: The tuning every strategy gets unless told otherwise.
+DEFAULT_TUNING = HoleTuning()
+
+
 class StrategyUnavailable(RuntimeError):
     """The backend cannot express the strategy; the message names what is missing."""
 
@@ -105,10 +128,18 @@ class HoleStrategy(ABC):
     #: so that a page turning into a function's mirror and back changes no memslot.
     remaps_mirrors: ClassVar[bool] = False
 
-    def __init__(self, hypervisor: Hypervisor, vm: Vm, *, map_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        vm: Vm,
+        *,
+        map_budget: int | None = None,
+        tuning: HoleTuning = DEFAULT_TUNING,
+    ) -> None:
         self.hypervisor = hypervisor
         self.vm = vm
         self.map_budget = map_budget
+        self.tuning = tuning
         self.coalesced = bool(vm.check_extension(KvmCap.KVM_CAP_COALESCED_MMIO))
 
     @classmethod
@@ -183,9 +214,11 @@ def fill_runs(holes: Sequence[Hole]) -> list[tuple[GuestRange, int]]:
 
 
 __all__ = [
+    "DEFAULT_TUNING",
     "FillSpec",
     "HoleLayout",
     "HoleStrategy",
+    "HoleTuning",
     "PageAlias",
     "SlotSpec",
     "StrategyUnavailable",

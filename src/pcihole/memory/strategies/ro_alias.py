@@ -95,16 +95,24 @@ class RoAliasStrategy(HoleStrategy):
             self.map_budget = default_map_budget(max_map_count(), process_mappings() - self.host_mappings())
         return self.map_budget
 
+    def _plan(self, runs: list[tuple[GuestRange, int]], free_slots: int) -> AliasPlan:
+        granule = self.tuning.alias_granule
+        if granule is None:
+            return plan_alias(runs, free_slots=free_slots, map_budget=self.budget())
+        return plan_alias(
+            runs, free_slots=free_slots, map_budget=self.budget(), alias_min=granule, alias_max=granule
+        )
+
     def layout(self, holes: Sequence[Hole], free_slots: int, mirrored: Sequence[Mmio] = ()) -> HoleLayout:
         covered = [m for m in mirrored if m.mirror is not None and m.underlay is not None]
         if covered:
             runs = fill_runs([*holes, *(m.underlay for m in covered if m.underlay is not None)])
-            plan = plan_alias(runs, free_slots=free_slots, map_budget=self.budget())
+            plan = self._plan(runs, free_slots)
             if self._own_arena_mappings(plan, covered) <= self.budget():
                 return self._layout(holes, plan, covered)
             # The own arenas would not fit in the mapping budget: the mirrored pages get slots of
             # their own (GuestMemory adds them), and hot-plug changes slots again.
-        plan = plan_alias(fill_runs(holes), free_slots=free_slots, map_budget=self.budget())
+        plan = self._plan(fill_runs(holes), free_slots)
         return self._layout(holes, plan, [])
 
     @staticmethod
@@ -166,6 +174,8 @@ class RoAliasStrategy(HoleStrategy):
             for offset in range(0, size, alias_size):
                 length = min(alias_size, size - offset)
                 reservation.map_fixed(offset, length, PROT_READ, MAP_SHARED, memfd.fd, 0)
+            if self.tuning.prefault:
+                reservation.populate_read()  # no host fault on the guest's first touch (HoleTuning)
         except BaseException:
             reservation.close()
             self._drop_unused_memfds()

@@ -77,6 +77,8 @@ class RoFilledStrategy(HoleStrategy):
             mapping = HostMapping.reserve(rng.size, name=f"ro-filled {rng}")
             try:
                 mapping.map_fixed(0, rng.size, PROT_READ, MAP_SHARED, memfd.fd)
+                if self.tuning.prefault:
+                    mapping.populate_read()  # as ro-alias does (HoleTuning): the floor is compared alike
             except BaseException:
                 mapping.close()
                 raise
