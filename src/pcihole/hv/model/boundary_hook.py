@@ -23,6 +23,12 @@ cost far too much, so the engine gets two block hooks:
 
 A callback that wants emulation to end calls uc_emu_stop: the block then exits before its first
 instruction, at a clean boundary.
+
+`unchanged`, if given, is asked first at each armed block start: True leaves the hook armed without
+calling the callback. The vCPU polls RFLAGS.IF at every block while an interrupt waits for it, and
+that poll is most of what the hook costs in a Linux boot (half a million block starts): answering
+it in one predicate instead of disarm, callback and re-arm took it from 3.4-4.9 us to about 2 us a
+block (measured in one run, a 200,000-block IF-clear loop).
 """
 
 from __future__ import annotations
@@ -41,9 +47,12 @@ _TYPE = 0
 class BoundaryHook:
     """Arm from any thread; `callback(uc)` then runs once in the emulating thread at a block start."""
 
-    def __init__(self, uc: Uc, callback: Callable[[Uc], None]) -> None:
+    def __init__(
+        self, uc: Uc, callback: Callable[[Uc], None], unchanged: Callable[[Uc], bool] | None = None
+    ) -> None:
         self._uc = uc
         self._callback = callback
+        self._unchanged = unchanged
         handle = uc_hook_h()
         noop = ctypes.cast(uclib.uc_errno, ctypes.c_void_p)
         err = uclib.uc_hook_add(
@@ -76,5 +85,7 @@ class BoundaryHook:
     def _on_block(self, uc: Uc, address: int, size: int, _data: object) -> None:
         if not self.armed:
             return
+        if self._unchanged is not None and self._unchanged(uc):
+            return  # stays armed: the same question at the next block start
         self._disarm()
         self._callback(uc)

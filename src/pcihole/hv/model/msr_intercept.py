@@ -1,4 +1,4 @@
-"""`MsrIntercept`: how guest RDMSR / WRMSR reach Python, through the engine's own SVM MSR intercept.
+"""`MsrIntercept`: how guest RDMSR / WRMSR (and HLT) reach Python, through the engine's own SVM intercepts.
 
 Unicorn 2.1.4 has no instruction hook for RDMSR / WRMSR (x86_insn_hook_validate accepts IN, OUT,
 SYSCALL, SYSENTER, CPUID, RDTSC, RDTSCP only), and its helper_rdmsr / helper_wrmsr answer an MSR
@@ -15,6 +15,11 @@ abandoned with EIP on it, error_code = is_write, and cpu_handle_exception hands 
 EXCP_VMEXIT + SVM_EXIT_MSR (0x17c) to the UC_HOOK_INTR hook. vcpu.py's hook then does the access
 through the vCPU's MsrTable and moves RIP past the 2-byte instruction, or delivers #GP(0).
 
+HLT is intercepted too (SVM_EXIT_HLT): helper_hlt calls cpu_svm_check_intercept_param(env,
+SVM_EXIT_HLT, 0, GETPC()) before it halts, so the UC_HOOK_INTR hook sees exception 0x178 with EIP
+on the HLT, and the vCPU sleeps inside that hook until an interrupt (vcpu.py) instead of letting
+the engine halt: an engine that halts returns from uc_emu_start, and every return flushes the
+translation cache.
 Nothing else is intercepted: every other intercept word stays 0, so CPUID, I/O, CR accesses and
 exceptions behave as before (their checks return at once). The VMCB and the permission map are
 host pages mapped at INTERCEPT_BASE, above the guest-physical space the model gives guests
@@ -43,11 +48,15 @@ PAGE = 0x1000
 INTERCEPT_BASE = PHYS_LIMIT
 # SVM exit codes (target/i386/svm.h) and QEMU's exception number for a VMEXIT (cpu.h EXCP_VMEXIT).
 SVM_EXIT_INTR = 0x060
+SVM_EXIT_HLT = 0x078
 SVM_EXIT_MSR = 0x07C
 EXCP_VMEXIT = 0x100
 #: The exception number UC_HOOK_INTR sees for an intercepted RDMSR / WRMSR.
 MSR_EXIT = EXCP_VMEXIT + SVM_EXIT_MSR
+#: The exception number UC_HOOK_INTR sees for an intercepted HLT.
+HLT_EXIT = EXCP_VMEXIT + SVM_EXIT_HLT
 MSR_INTERCEPT = 1 << (SVM_EXIT_MSR - SVM_EXIT_INTR)
+HLT_INTERCEPT = 1 << (SVM_EXIT_HLT - SVM_EXIT_INTR)
 #: offsetof(struct vmcb, control.msrpm_base_pa) (AMD APM Vol. 2 Table B-1; svm.h vmcb_control_area).
 VMCB_MSRPM_BASE_PA = 0x48
 MSRPM_BYTES = 2 * PAGE  # 3 ranges x 0x2000 MSRs x 2 bits = 6 KiB, in two pages
@@ -97,7 +106,7 @@ class MsrIntercept:
         """Map the pages into a new engine and turn the intercept on (HF_GUEST_MASK, intercept)."""
         uc.mem_map_ptr(INTERCEPT_BASE, _BYTES, UC_PROT_READ, self._addr)
         state.load()
-        state.intercept_msrs(INTERCEPT_BASE + _VMCB, MSR_INTERCEPT)
+        state.intercept_msrs(INTERCEPT_BASE + _VMCB, MSR_INTERCEPT | HLT_INTERCEPT)
         state.store()
 
     @contextmanager

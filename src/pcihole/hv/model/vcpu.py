@@ -12,9 +12,11 @@ A KVM vCPU stops in the middle of an instruction to ask userspace for the value 
 an IN, and finishes the instruction on the next KVM_RUN. The model does the same without leaving
 Unicorn: `run()` switches into a greenlet that runs `emu_start`; a callback that needs userspace
 switches back out with the exit (run() returns it), and the next run() switches in again with the
-bytes complete_read() supplied, which the callback returns to Unicorn (~1 us per exit). Exits that
-end an instruction stream (HLT, a triple fault) stop `emu_start`; the greenlet reports them and,
-on the next run(), starts emulating again from the current RIP.
+bytes complete_read() supplied, which the callback returns to Unicorn (~1 us per exit). HLT is one
+of those too (the SVM HLT intercept, msr_intercept.py), since every return from emu_start flushes
+the translation cache. Exits that end an instruction stream (a triple fault, a new engine) stop
+`emu_start`; the greenlet reports them and, on the next run(), starts emulating again from the
+current RIP.
 
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
@@ -103,12 +105,13 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, REGS_32, EngineState
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
+    IF,
     NMI,
     UD,
     Delivery,
@@ -124,7 +127,7 @@ from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
-from pcihole.hv.model.msr_intercept import MSR_EXIT, MsrIntercept
+from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
@@ -138,6 +141,7 @@ from pcihole.hv.uapi import (
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
+_HLT_BYTES = 1  # helper_hlt's next_eip_addend for the unprefixed F4 compilers and Linux emit
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
 CPUID_FEATURES = 1
 CPUID_1_ECX_X2APIC = 1 << 21
@@ -227,6 +231,8 @@ class ModelVcpu:
         # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
         self._source: InterruptSource | None = None
         self._halted = False
+        # uc_emu_start calls (each return flushed the translation cache): tests bound it.
+        self.engine_starts = 0
         # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
         # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
         self._deferred: Event | None = None
@@ -639,6 +645,7 @@ class ModelVcpu:
             return exits.IrqWindowOpen()
         try:
             try:
+                self.engine_starts += 1
                 uc.emu_start(cpu.program_counter(uc, mode), (1 << 64) - 1)
             finally:
                 if self._state not in _LEFT:
@@ -670,7 +677,8 @@ class ModelVcpu:
                 self._requests.discard(Request.KICK)
                 return exits.Interrupted()
             return None  # stopped for nothing the caller must see: go on
-        # Otherwise emu_start returns by itself only after HLT (there is no end address or count).
+        # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
+        # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
         if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
             if self._source is None:
                 return exits.Hlt()
@@ -720,6 +728,25 @@ class ModelVcpu:
         elif self._window_requested:
             self._request_boundary()  # the window is closed: look again at the next block
 
+    def _still_waiting_for_if(self, uc: Uc) -> bool:
+        """At a block start, before _at_boundary: True if an interrupt still waits for RFLAGS.IF
+        and nothing else is asked (no kick, memslot change, mode change, NMI, injection or window
+        request), so the boundary hook stays armed without the callback. Linux runs long stretches
+        with interrupts off (printk's console writes, spinlocks taken with irqsave) while its timer
+        interrupt waits: this runs at each of those blocks."""
+        mmu = self._mmu
+        return (
+            self._source_waits
+            and not self._requests
+            and not self._nmi_pending
+            and self._injection is None
+            and not self._window_requested
+            and self._state is VcpuState.RUNNING
+            and self._mode is not cpu.CpuMode.PROTECTED_32  # _mode_changed looks there
+            and (mmu is None or not mmu.stale())
+            and not read_flags(uc) & IF
+        )
+
     def _deliver_from_source(self, uc: Uc) -> bool:
         """Deliver the source's interrupt if the guest can take it now; True if it was delivered."""
         state, source = self._engine_state, self._source
@@ -730,15 +757,18 @@ class ModelVcpu:
         self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
         return True
 
-    def _halt(self, uc: Uc) -> exits.VcpuExit | None:
+    def _halt(self, uc: Uc, in_engine: bool = False) -> exits.VcpuExit | None:
         """HLT with an in-kernel source (kvm_vcpu_halt): sleep until it has an interrupt the guest
         can take (then deliver it and go on: None), a KVM_INTERRUPT, a kick (Interrupted; the vCPU
-        stays halted) or close (None)."""
+        stays halted) or close (None). `in_engine` (from the HLT intercept's callback): a memslot
+        change also returns None, the vCPU still halted, for the caller to leave the engine."""
         source = self._source
         assert source is not None
         while True:
             mmu = self._mmu
             if mmu is not None and mmu.stale():
+                if in_engine:
+                    return None
                 # A memslot change waits for this vCPU (sync_memslots): apply it while asleep.
                 mmu.sync()
             with self._sync:
@@ -899,6 +929,9 @@ class ModelVcpu:
         if intno == MSR_EXIT:
             self._on_msr(uc)
             return
+        if intno == HLT_EXIT:
+            self._on_hlt(uc)
+            return
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -914,6 +947,38 @@ class ModelVcpu:
             self._stop_for_new_mode(uc)
             return
         self._deliver(uc, event)
+
+    def _on_hlt(self, uc: Uc) -> None:
+        """HLT, intercepted with EIP on it (msr_intercept.py): done here as helper_hlt and do_hlt
+        would (EIP after it, the STI shadow dropped: "needed if sti is just before"), then
+        KVM_EXIT_HLT without an in-kernel source, or with one a sleep inside this callback until
+        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine does not leave
+        emu_start for a wake-up, so its translation cache survives an idle guest's every tick."""
+        state = self._msr_state
+        assert state is not None
+        state.load()
+        state.set_ip(state.ip + _HLT_BYTES)
+        state.hflags = state.hflags & ~HF_INHIBIT_IRQ_MASK
+        state.store()
+        # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
+        # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
+        # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
+        # goes on from there (sleeping on in _halt): measured, pausing in this callback for an
+        # exit and closing the VM then crashed the engine (in mem_unmap, or after the callback
+        # returned), which pausing in an IN / OUT hook does not.
+        if self._source is None:
+            self._stop_exit = exits.Hlt()
+            self._stop(uc)
+            return
+        self._halted = True
+        if self._mode_changed(uc):
+            self._stop_for_new_mode(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
+            return
+        exit_ = self._halt(uc, in_engine=True)
+        if exit_ is not None:
+            self._stop_exit = exit_  # a kick: run() returns Interrupted, the vCPU stays halted
+        if self._halted or self._state in _LEFT:
+            self._stop(uc)  # a kick, a memslot change or close
 
     def _on_msr(self, uc: Uc) -> None:
         """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
@@ -994,7 +1059,7 @@ class ModelVcpu:
             self._uc, self._mode = uc, mode
             self._requests.discard(Request.NEW_ENGINE)
             self._requests.discard(Request.MODE_CHANGE)
-            self._boundary = BoundaryHook(uc, self._at_boundary)
+            self._boundary = BoundaryHook(uc, self._at_boundary, self._still_waiting_for_if)
             self._emulator = AccessEmulator(self.vm, self, self.id, self.lapic)
             self._mmu = mmu = Mmu(self.vm, uc, self._emulator, self._sync, lambda: self._state in _LEFT)
             self._emulator.attach(uc, mmu)
