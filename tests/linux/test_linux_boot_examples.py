@@ -109,7 +109,23 @@ def check_common(result, console: str, bridges: list[str]) -> None:
         assert found == machine
 
 
-@pytest.mark.parametrize(("backend", "strategy"), BOOTS)
+#: The model's CPU has 40 physical address bits: Unicorn 2.1.4's page walk sets reserved bits from the
+#: compile-time TCG_PHYS_ADDR_BITS (tests/model/test_physical_address_width.py), and the eight
+#: 128 GiB BARs alone fill 2^40 bytes, so Linux rightly ignores the window as not CPU-addressable.
+GPU_SERVER_BOOTS = [
+    pytest.param(
+        *BOOTS[0].values,
+        id=BOOTS[0].id,
+        marks=pytest.mark.skip(
+            reason="the model CPU's 40 physical address bits cannot reach gpu-server's 64-bit window "
+            "(eight 128 GiB BARs fill 2^40 bytes); it boots on kvm"
+        ),
+    ),
+    BOOTS[1],
+]
+
+
+@pytest.mark.parametrize(("backend", "strategy"), GPU_SERVER_BOOTS)
 def test_linux_enumerates_the_gpu_server_and_places_its_128_gib_bars(
     debian_cloud_kernel,  # noqa: F811
     backend,
