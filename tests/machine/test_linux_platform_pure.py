@@ -10,8 +10,7 @@ import struct
 import pytest
 
 from pcihole.boot.pvh import E820_RAM, E820_RESERVED
-from pcihole.hv import exits, uapi
-from pcihole.hv.kvm import cpu_setup
+from pcihole.hv import cpu_setup, exits, uapi
 from pcihole.machine import layout
 from pcihole.machine.acpi_power import ACPI_POWER_PORT, AcpiPowerDevice
 from pcihole.machine.builder import e820_map

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from pcihole.hv import exits
-from pcihole.hv.kvm.cpu_setup import BOOT_MSRS, CPUID_1_ECX_HYPERVISOR, MSR_IA32_TSC, configure_vcpu
+from pcihole.hv.cpu_setup import BOOT_MSRS, CPUID_1_ECX_HYPERVISOR, MSR_IA32_TSC, configure_vcpu
 
 from .system_guest import RESULTS, run_system_guest
 

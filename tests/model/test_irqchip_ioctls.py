@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from pcihole.hv import open_backend
-from pcihole.hv.kvm.cpu_setup import set_lint
+from pcihole.hv.cpu_setup import set_lint
 from pcihole.hv.uapi import KvmCap
 from tests.backends import BACKENDS
 

@@ -31,8 +31,8 @@ from pcihole.guest import REPORT_SYMBOL
 from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, check_symbols
 from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
+from pcihole.hv.cpu_setup import configure_vcpu
 from pcihole.hv.interface import Hypervisor, InterruptLines
-from pcihole.hv.kvm.cpu_setup import configure_vcpu
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout

@@ -1,4 +1,5 @@
-"""A vCPU set up the way QEMU and Firecracker set one up for an x86 guest OS on KVM.
+"""A vCPU set up the way QEMU and Firecracker set one up for an x86 guest OS, through KVM's vCPU
+ioctls: the same calls on either backend (the model answers them as KVM does).
 
 What each step matches:
 
