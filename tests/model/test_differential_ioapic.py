@@ -41,6 +41,28 @@ def redirect(pin: int, low: int, high: int = 0) -> str:
 """
 
 
+def pit_mode2_until_three_interrupts(latch: int = 1193) -> str:
+    """Guest code: the PICs masked, IOAPIC entries 0 and 2 on vectors 0x60 and 0x62, the PIT's
+    counter 0 in mode 2 (rate generator, LSB then MSB: 1193 is 1 kHz), HLT until the order log
+    (counting_handler's count at RESULTS + 0x80) holds three interrupts, then both entries masked."""
+    return f"""
+    {MASK_PICS}
+    {redirect(0, 0x60)}
+    {redirect(2, 0x62)}
+    mov $0x34, %al
+    out %al, $0x43
+    mov ${latch & 0xFF}, %al
+    out %al, $0x40
+    mov ${latch >> 8}, %al
+    out %al, $0x40
+1:  hlt
+    cmpq $3, {RESULTS + 0x80}
+    jb 1b
+    {redirect(0, 0x60 | MASKED)}
+    {redirect(2, 0x62 | MASKED)}
+"""
+
+
 def request(code: int) -> str:
     return f"mov ${code}, %al\n out %al, $0x81\n"
 
@@ -134,22 +156,8 @@ def test_pit_channel_0_periodic_through_the_ioapic(hv):
     routing (no KVM_SET_GSI_ROUTING) sends GSI 0 to IOAPIC pin 0, not to pin 2 where the MADT's
     interrupt source override (ISA IRQ 0 -> GSI 2) says: the machine installs QEMU's routing for that
     (test_differential_irq_routing). The read-back status of counter 0 says mode 2, LSB then MSB."""
-    latch = 1193
     body = f"""
-    {MASK_PICS}
-    {redirect(0, 0x60)}
-    {redirect(2, 0x62)}
-    mov $0x34, %al
-    out %al, $0x43
-    mov ${latch & 0xFF}, %al
-    out %al, $0x40
-    mov ${latch >> 8}, %al
-    out %al, $0x40
-1:  hlt
-    cmpq $3, {RESULTS + 0x80}
-    jb 1b
-    {redirect(0, 0x60 | MASKED)}
-    {redirect(2, 0x62 | MASKED)}
+    {pit_mode2_until_three_interrupts()}
     mov $0xe2, %al
     out %al, $0x43
     in $0x40, %al

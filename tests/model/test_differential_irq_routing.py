@@ -17,7 +17,14 @@ from tests.backends import BACKENDS
 
 from .irqchip_guest import counting_handler, run_irqchip_guest
 from .system_guest import RESULTS
-from .test_differential_ioapic import MASK_PICS, MASKED, lines, redirect, request, spin_until
+from .test_differential_ioapic import (
+    MASK_PICS,
+    lines,
+    pit_mode2_until_three_interrupts,
+    redirect,
+    request,
+    spin_until,
+)
 
 MASTER, SLAVE, IOAPIC = uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM_IRQCHIP_IOAPIC
 
@@ -57,22 +64,8 @@ def test_routing_capability_is_kvm_max_irq_routes(hv):
 def test_pit_reaches_ioapic_pin_2_with_the_pc_routing(hv):
     """The PIT in mode 2 at 1 kHz raises GSI 0: with the PC routing the vector of redirection entry
     2 counts, entry 0's never (test_differential_ioapic has the opposite under KVM's default)."""
-    latch = 1193
     body = f"""
-    {MASK_PICS}
-    {redirect(0, 0x60)}
-    {redirect(2, 0x62)}
-    mov $0x34, %al
-    out %al, $0x43
-    mov ${latch & 0xFF}, %al
-    out %al, $0x40
-    mov ${latch >> 8}, %al
-    out %al, $0x40
-1:  hlt
-    cmpq $3, {RESULTS + 0x80}
-    jb 1b
-    {redirect(0, 0x60 | MASKED)}
-    {redirect(2, 0x62 | MASKED)}
+    {pit_mode2_until_three_interrupts()}
     out %al, $0x80
 """
     handlers = [counting_handler(0x60, 0), counting_handler(0x62, 2)]
