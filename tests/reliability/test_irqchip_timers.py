@@ -10,23 +10,16 @@ the PIT (mode 2) and the LAPIC timer, then spins; SIGINT must end it with one li
 from __future__ import annotations
 
 import errno
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from pcihole.hv import exits, open_backend
-from tests.guest_runner import KERNEL_GPA, pvh_kernel
-from tests.guestasm import assemble
 from tests.model.irqchip_guest import LVTT, TDCR, TMICT, counting_handler, run_irqchip_guest
+from tests.reliability.test_signals import run_and_signal
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 TIMER_VECTOR = 0x40
 # Periodic, every 200 us (KVM's shortest period), delivered to the guest's handler.
 PERIODIC_200US = f"""
@@ -134,25 +127,7 @@ ARMED_AND_SPINNING = """
 def test_ctrl_c_while_the_pit_and_the_lapic_timer_are_armed(tmp_path):
     """32-bit PVH guest: PIT channel 0 at 1 kHz, the LAPIC timer armed (LVT masked: no IDT), then a
     spin; SIGINT ends `pcihole run --backend model` with one line and status 130."""
-    kernel = tmp_path / "armed.elf"
-    kernel.write_bytes(pvh_kernel(assemble(ARMED_AND_SPINNING, org=KERNEL_GPA)))
-    cmd = [sys.executable, "-m", "pcihole.cli", "run", "--backend", "model", "--kernel", str(kernel)]
-    proc = subprocess.Popen(
-        [*cmd, "--timeout", "60"],
-        env=ENV,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.read(1) == "R", "the guest did not start"
-        time.sleep(0.5)  # ordering only: let the timers fire a few times
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
+    returncode, err = run_and_signal(tmp_path, "model", ARMED_AND_SPINNING, signal.SIGINT, timeout="60")
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert err.splitlines() == ["pcihole: interrupted"]
-    assert proc.returncode == 130
+    assert returncode == 130

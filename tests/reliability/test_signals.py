@@ -35,12 +35,16 @@ GUESTS = {
 SIGNALS = [(signal.SIGINT, 130, "pcihole: interrupted"), (signal.SIGTERM, 143, "pcihole: terminated")]
 
 
-def run_and_signal(tmp_path: Path, backend: str, guest: str, signum: int) -> tuple[int, str]:
-    kernel = tmp_path / f"{guest}.elf"
-    kernel.write_bytes(pvh_kernel(assemble(GUESTS[guest], org=KERNEL_GPA)))
+def run_and_signal(
+    tmp_path: Path, backend: str, source: str, signum: int, *, timeout: str = "30"
+) -> tuple[int, str]:
+    """Run the guest `source` (which writes 'R' to the serial port once it is going) through
+    `pcihole run`, send `signum` half a second after the 'R': (exit status, stderr)."""
+    kernel = tmp_path / "guest.elf"
+    kernel.write_bytes(pvh_kernel(assemble(source, org=KERNEL_GPA)))
     cmd = [sys.executable, "-m", "pcihole.cli", "run", "--backend", backend, "--kernel", str(kernel)]
     proc = subprocess.Popen(
-        [*cmd, "--timeout", "30"],
+        [*cmd, "--timeout", timeout],
         env=ENV,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -49,7 +53,9 @@ def run_and_signal(tmp_path: Path, backend: str, guest: str, signum: int) -> tup
     )
     try:
         assert proc.stdout is not None and proc.stdout.read(1) == "R", "the guest did not start"
-        time.sleep(0.5)  # ordering only: let the guest get past its serial exit, into its loop
+        time.sleep(
+            0.5
+        )  # ordering only: let the guest get past its serial exit, into its loop (or timers fire)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -62,7 +68,7 @@ def run_and_signal(tmp_path: Path, backend: str, guest: str, signum: int) -> tup
 @pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_signal_ends_the_run_with_one_line_and_its_status(tmp_path, backend, guest, signum, status, line):
-    returncode, err = run_and_signal(tmp_path, backend, guest, signum)
+    returncode, err = run_and_signal(tmp_path, backend, GUESTS[guest], signum)
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert err.splitlines() == [line]
     assert returncode == status
