@@ -31,7 +31,6 @@ from unicorn.unicorn_py3.unicorn import uclib
 _DATA = 40  # offsetof(struct uc_context, data) (include/uc_priv.h, 64-bit host)
 _CONTEXT_BYTES = 5608  # uc_context_size() of the unicorn 2.1.4 wheel (header + end_reset_fields)
 _EIP = 128
-_EFLAGS = 136
 _HFLAGS = 176
 _SEGS = 184
 _SEGMENT_BYTES = 24  # SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags
@@ -189,10 +188,6 @@ class EngineState:
     @property
     def exception_is_int(self) -> bool:
         return self._i32(_EXCEPTION_IS_INT) != 0
-
-    @property
-    def eflags_raw(self) -> int:
-        return self._u64(_EFLAGS)
 
     @property
     def ip(self) -> int:

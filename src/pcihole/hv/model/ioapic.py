@@ -124,10 +124,6 @@ class Ioapic:
             if not entry & MASKED and self.irr & (1 << pin):
                 self._service(pin)
 
-    def remote_irr(self, pin: int) -> bool:
-        with self.irqchip.locked():
-            return bool(self.redirtbl[pin] & REMOTE_IRR)
-
     # --- registers --------------------------------------------------------------------------------
 
     def _read_indirect(self) -> int:
