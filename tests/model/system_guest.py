@@ -136,18 +136,22 @@ def page_tables() -> bytes:
     return bytes(pml4 + pdpt + pd + pt)
 
 
-def guest_source(body: str, handlers: list[Handler]) -> str:
-    parts = [PROLOGUE, body, "\n    hlt\n"]
+def _source_with_handlers(prologue: str, body: str, handlers: list[Handler], tables: str) -> str:
+    """prologue, body, HLT; each handler at its slot; then the GDTR / IDTR operands (`tables`)."""
+    parts = [prologue, body, "\n    hlt\n"]
     for i, h in enumerate(handlers):
         parts.append(f"\n.org {HANDLERS - CODE + i * HANDLER_BYTES:#x}\n{h.source}\n")
-    parts.append(f"""
-.org {HANDLERS - CODE + len(handlers) * HANDLER_BYTES:#x}
-gdtr: .word {len(gdt()) - 1}
+    parts.append(f"\n.org {HANDLERS - CODE + len(handlers) * HANDLER_BYTES:#x}\n{tables}")
+    return "".join(parts)
+
+
+def guest_source(body: str, handlers: list[Handler]) -> str:
+    tables = f"""gdtr: .word {len(gdt()) - 1}
       .quad {GDT}
 idtr: .word {256 * 16 - 1}
       .quad {IDT}
-""")
-    return "".join(parts)
+"""
+    return _source_with_handlers(PROLOGUE, body, handlers, tables)
 
 
 REG_NAMES = (
@@ -290,17 +294,12 @@ def idt32(handlers: list[Handler]) -> bytes:
 
 
 def protected_guest_source(body: str, handlers: list[Handler]) -> str:
-    parts = [PROTECTED_PROLOGUE, body, "\n    hlt\n"]
-    for i, h in enumerate(handlers):
-        parts.append(f"\n.org {HANDLERS - CODE + i * HANDLER_BYTES:#x}\n{h.source}\n")
-    parts.append(f"""
-.org {HANDLERS - CODE + len(handlers) * HANDLER_BYTES:#x}
-gdtr: .word {len(gdt32()) - 1}
+    tables = f"""gdtr: .word {len(gdt32()) - 1}
       .long {GDT}
 idtr: .word {256 * 8 - 1}
       .long {IDT}
-""")
-    return "".join(parts)
+"""
+    return _source_with_handlers(PROTECTED_PROLOGUE, body, handlers, tables)
 
 
 def run_protected_guest(
