@@ -98,17 +98,10 @@ def test_kvmclock_msrs_read_back_and_disable(model_hv):
         vm.close()
 
 
-COPY_PAGES = f"""
-    mov ${MSR_KVM_SYSTEM_TIME_NEW:#x}, %ecx
-    mov ${PVTI | 1:#x}, %eax
-    xor %edx, %edx
-    wrmsr
-    mov ${MSR_KVM_WALL_CLOCK_NEW:#x}, %ecx
-    mov ${WALL:#x}, %eax
-    wrmsr
-    rdtsc
-    mov %eax, {RESULTS}
-    mov %edx, {RESULTS + 4}
+#: BODY, then copies of the pvclock and wall-clock structures into the results page.
+COPY_PAGES = (
+    BODY
+    + f"""
     mov ${PVTI:#x}, %esi
     mov ${RESULTS + 0x40:#x}, %edi
     mov $32, %ecx
@@ -118,6 +111,7 @@ COPY_PAGES = f"""
     mov $12, %ecx
     rep movsb
     """
+)
 
 
 def pages_as_the_guest_saw_them(hv):
