@@ -27,6 +27,9 @@ STRATEGIES_BY_BACKEND = {
 #: Parametrize a test over both backends (`backend` or, with indirect=True, the `hypervisor` fixture).
 BACKENDS = [pytest.param("model", id="model"), pytest.param("kvm", id="kvm", marks=needs_kvm)]
 
+#: A test run on both backends through tests/conftest.py's `hypervisor` fixture.
+on_both_backends = pytest.mark.parametrize("hypervisor", BACKENDS, indirect=True)
+
 #: Parametrize `("backend", "strategy")` over every strategy of every backend.
 BACKEND_STRATEGIES = [
     pytest.param(b, s, id=f"{b}-{s}", marks=[needs_kvm] if b == "kvm" else [])

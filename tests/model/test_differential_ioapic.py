@@ -4,13 +4,10 @@ IRQ 4 (machine/serial.py) reaching the guest through the IOAPIC on both backends
 
 from __future__ import annotations
 
-import pytest
-
-from pcihole.hv import open_backend
 from pcihole.hv.exits import IoIn, IoOut
 from pcihole.machine.irq import IrqLine
 from pcihole.machine.serial import COM1_BASE, COM1_IRQ, UART_REGISTERS, SerialConsole
-from tests.backends import BACKENDS
+from tests.backends import on_both_backends
 
 from .irqchip_guest import LVT0, counting_handler, run_irqchip_guest
 from .system_guest import RESULTS
@@ -18,17 +15,6 @@ from .system_guest import RESULTS
 MASKED = 1 << 16
 LEVEL = 1 << 15
 REMOTE_IRR = 1 << 14
-
-
-@pytest.fixture
-def hv(request):
-    backend = open_backend(request.param)
-    yield backend
-    backend.close()
-
-
-def _both(test):
-    return pytest.mark.parametrize("hv", BACKENDS, indirect=True)(test)
 
 
 def redirect(pin: int, low: int, high: int = 0) -> str:
@@ -88,8 +74,8 @@ def lines(actions: dict[int, list[tuple[int, bool]]]):
     return on_request
 
 
-@_both
-def test_ioapic_edge_masked_and_level_with_remote_irr(hv):
+@on_both_backends
+def test_ioapic_edge_masked_and_level_with_remote_irr(hypervisor):
     """Pin 4 edge -> vector 0x44 once; pin 5 masked: nothing; pin 6 level: remote IRR is set in the
     handler and cleared by its EOI once the line is low; pin 7 level with the line still high at
     the EOI: delivered again (kvm_ioapic_update_eoi_one), then the second handler lowers it."""
@@ -131,14 +117,14 @@ def test_ioapic_edge_masked_and_level_with_remote_irr(hv):
          5: [(7, True)], 6: [(7, False)]}
     )  # fmt: skip
     handlers = [counting_handler(0x44, 0), counting_handler(0x45, 1), handler6, handler7]
-    run = run_irqchip_guest(hv, body, handlers, on_request=on_request)
+    run = run_irqchip_guest(hypervisor, body, handlers, on_request=on_request)
     assert not run.stuck
     in_service, after_eoi, version = (
         int.from_bytes(run.results[o : o + 4], "little") for o in (0x100, 0x104, 0x108)
     )
     assert version == 0x170011
     assert [run.q(i) for i in range(2)] == [1, 0]
-    if hv.name == "kvm":
+    if hypervisor.name == "kvm":
         # This host's KVM (PVM) clears the LAPIC's ISR when it delivers (PPR and ISR read 0 in the
         # handler: test_differential_lapic), so the IOAPIC sees the EOI while the level line is
         # still high and delivers again: measured [2, 3] where lapic.c / ioapic.c give [1, 2].
@@ -150,8 +136,8 @@ def test_ioapic_edge_masked_and_level_with_remote_irr(hv):
     assert after_eoi == 0x46 | LEVEL
 
 
-@_both
-def test_pit_channel_0_periodic_through_the_ioapic(hv):
+@on_both_backends
+def test_pit_channel_0_periodic_through_the_ioapic(hypervisor):
     """The PIT in mode 2 at 1 kHz drives GSI 0. Pins 0 and 2 both carry a vector: KVM's default
     routing (no KVM_SET_GSI_ROUTING) sends GSI 0 to IOAPIC pin 0, not to pin 2 where the MADT's
     interrupt source override (ISA IRQ 0 -> GSI 2) says: the machine installs QEMU's routing for that
@@ -164,7 +150,9 @@ def test_pit_channel_0_periodic_through_the_ioapic(hv):
     mov %al, {RESULTS + 0x100}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(0x60, 0), counting_handler(0x62, 2)], pit=True)
+    run = run_irqchip_guest(
+        hypervisor, body, [counting_handler(0x60, 0), counting_handler(0x62, 2)], pit=True
+    )
     assert not run.stuck
     assert run.hlt_exits() == 0
     assert run.q(0) >= 3 and run.q(2) == 0
@@ -172,8 +160,8 @@ def test_pit_channel_0_periodic_through_the_ioapic(hv):
     assert not any(isinstance(e, IoOut | IoIn) and e.port in (0x40, 0x43) for e in run.exits)
 
 
-@_both
-def test_speaker_port_gates_counter_2_as_linux_calibration_reads_it(hv):
+@on_both_backends
+def test_speaker_port_gates_counter_2_as_linux_calibration_reads_it(hypervisor):
     """Port 0x61 (KVM_PIT_SPEAKER_DUMMY): gate 2 on, counter 2 in mode 0 with 0xffff; OUT2 (bit 5)
     reads 0 at first and goes to 1 when the count runs out, which is what pit_calibrate_tsc polls."""
     body = """
@@ -194,15 +182,15 @@ def test_speaker_port_gates_counter_2_as_linux_calibration_reads_it(hv):
     mov %al, 0x7101
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [], pit=True)
+    run = run_irqchip_guest(hypervisor, body, [], pit=True)
     assert not run.stuck
     first, last = run.results[0x100], run.results[0x101]
     assert (first & 0x23, last & 0x23) == (0x01, 0x21)  # gate on, data off; OUT2 0 then 1
     assert not any(isinstance(e, IoOut | IoIn) and e.port in (0x42, 0x43, 0x61) for e in run.exits)
 
 
-@_both
-def test_8259_masked_as_linux_leaves_it_delivers_nothing(hv):
+@on_both_backends
+def test_8259_masked_as_linux_leaves_it_delivers_nothing(hypervisor):
     """Linux's init_8259A (ICW1-4, vector bases 0x30 / 0x38, everything masked): GSI 3 latches in the
     master's IRR but is not delivered; unmasked, it arrives as ExtINT through LVT0 (vector 0x33,
     EOI at the PIC); once LVT0 is masked, as Linux masks it when it uses the IOAPIC, nothing."""
@@ -252,7 +240,7 @@ def test_8259_masked_as_linux_leaves_it_delivers_nothing(hv):
 """
     on_request = lines({1: [(3, True), (3, False)]})
     handler = counting_handler(0x33, 0, eoi=False, extra=pic_eoi)
-    run = run_irqchip_guest(hv, body, [handler], on_request=on_request)
+    run = run_irqchip_guest(hypervisor, body, [handler], on_request=on_request)
     assert not run.stuck
     irr_masked, imr, count_while_masked, irr_after = run.results[0x100:0x104]
     assert (irr_masked, imr, count_while_masked) == (0x08, 0xFF, 0)
@@ -262,8 +250,8 @@ def test_8259_masked_as_linux_leaves_it_delivers_nothing(hv):
     assert not any(isinstance(e, IoOut | IoIn) and e.port in ports for e in run.exits)
 
 
-@_both
-def test_uart_irq_4_reaches_the_guest_through_the_ioapic(hv):
+@on_both_backends
+def test_uart_irq_4_reaches_the_guest_through_the_ioapic(hypervisor):
     """machine/serial.py's UART on COM1 with its IRQ line on the VM's irqchip: enabling the THRE
     interrupt, then writing a byte, each raise IRQ 4 -> IOAPIC pin 4 -> vector 0x44; the handler
     reads IIR (THRE, 0x02), which lowers the line."""
@@ -299,7 +287,9 @@ def test_uart_irq_4_reaches_the_guest_through_the_ioapic(hv):
     {SPIN}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(0x44, 0, extra=read_iir)], on_io=on_io, setup=setup)
+    run = run_irqchip_guest(
+        hypervisor, body, [counting_handler(0x44, 0, extra=read_iir)], on_io=on_io, setup=setup
+    )
     assert not run.stuck
     assert run.q(0) == 2
     assert list(run.results[0x100:0x102]) == [0x02, 0x02]  # IIR: THRE pending

@@ -9,11 +9,11 @@ import errno
 
 import pytest
 
-from pcihole.hv import open_backend, uapi
+from pcihole.hv import uapi
 from pcihole.hv.irq_routing import irqchip_route
 from pcihole.hv.uapi import KvmCap
 from pcihole.machine.irq_routing import pc_irq_routing
-from tests.backends import BACKENDS
+from tests.backends import on_both_backends
 
 from .irqchip_guest import counting_handler, run_irqchip_guest
 from .system_guest import RESULTS
@@ -29,17 +29,6 @@ from .test_differential_ioapic import (
 MASTER, SLAVE, IOAPIC = uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM_IRQCHIP_IOAPIC
 
 
-@pytest.fixture
-def hv(request):
-    backend = open_backend(request.param)
-    yield backend
-    backend.close()
-
-
-def _both(test):
-    return pytest.mark.parametrize("hv", BACKENDS, indirect=True)(test)
-
-
 def test_pc_routing_is_qemus_table():
     """kvm_pc_setup_irq_routing(pci_enabled): 7 master routes (no GSI 2), 8 slave, 23 IOAPIC."""
     routes = {(e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) for e in pc_irq_routing()}
@@ -51,17 +40,17 @@ def test_pc_routing_is_qemus_table():
     assert (9, SLAVE, 1) in routes and (9, IOAPIC, 9) in routes and (23, IOAPIC, 23) in routes
 
 
-@_both
-def test_routing_capability_is_kvm_max_irq_routes(hv):
-    vm = hv.create_vm()
+@on_both_backends
+def test_routing_capability_is_kvm_max_irq_routes(hypervisor):
+    vm = hypervisor.create_vm()
     try:
         assert vm.check_extension(KvmCap.KVM_CAP_IRQ_ROUTING) == 4096
     finally:
         vm.close()
 
 
-@_both
-def test_pit_reaches_ioapic_pin_2_with_the_pc_routing(hv):
+@on_both_backends
+def test_pit_reaches_ioapic_pin_2_with_the_pc_routing(hypervisor):
     """The PIT in mode 2 at 1 kHz raises GSI 0: with the PC routing the vector of redirection entry
     2 counts, entry 0's never (test_differential_ioapic has the opposite under KVM's default)."""
     body = f"""
@@ -69,13 +58,13 @@ def test_pit_reaches_ioapic_pin_2_with_the_pc_routing(hv):
     out %al, $0x80
 """
     handlers = [counting_handler(0x60, 0), counting_handler(0x62, 2)]
-    run = run_irqchip_guest(hv, body, handlers, pit=True, routing=pc_irq_routing())
+    run = run_irqchip_guest(hypervisor, body, handlers, pit=True, routing=pc_irq_routing())
     assert not run.stuck
     assert run.q(2) >= 3 and run.q(0) == 0
 
 
-@_both
-def test_irq_line_follows_the_routing(hv):
+@on_both_backends
+def test_irq_line_follows_the_routing(hypervisor):
     """KVM_IRQ_LINE on GSI 0 -> entry 2's vector; on GSI 2 (no route) -> nothing; GSI 9 still pin 9.
     Then a second KVM_SET_GSI_ROUTING (GSI 5 -> IOAPIC pin 0, alone) replaces the table whole:
     GSI 5 -> entry 0's vector, GSI 0 nothing."""
@@ -103,7 +92,7 @@ def test_irq_line_follows_the_routing(hv):
 
     handlers = [counting_handler(0x60, 0), counting_handler(0x62, 2), counting_handler(0x65, 5),
                 counting_handler(0x69, 9)]  # fmt: skip
-    run = run_irqchip_guest(hv, body, handlers, on_request=on_request, routing=pc_irq_routing())
+    run = run_irqchip_guest(hypervisor, body, handlers, on_request=on_request, routing=pc_irq_routing())
     assert not run.stuck
     # GSIs 2 and 9 were raised in one exit: the LAPIC takes the higher vector first, so only the set
     # of the first two is the routing's doing.
@@ -128,10 +117,10 @@ def _bad_tables():
     }
 
 
-@_both
+@on_both_backends
 @pytest.mark.parametrize("case", list(_bad_tables()))
-def test_refused_tables_give_einval_and_keep_the_old_one(hv, case):
-    vm = hv.create_vm()
+def test_refused_tables_give_einval_and_keep_the_old_one(hypervisor, case):
+    vm = hypervisor.create_vm()
     try:
         vm.create_irqchip()
         with pytest.raises(OSError) as e:
@@ -141,12 +130,12 @@ def test_refused_tables_give_einval_and_keep_the_old_one(hv, case):
         vm.close()
 
 
-@_both
-def test_routing_errors_outside_the_entries(hv):
+@on_both_backends
+def test_routing_errors_outside_the_entries(hypervisor):
     """EINVAL without an irqchip (kvm_arch_can_set_irq_routing) and for the routing's flags; an
     empty table, a GSI on the master and the slave at once, two GSIs on one pin, and a GSI above
     23 are all taken."""
-    vm = hv.create_vm()
+    vm = hypervisor.create_vm()
     try:
         with pytest.raises(OSError) as e:
             vm.set_gsi_routing(pc_irq_routing())

@@ -1,13 +1,10 @@
 """The in-kernel local APIC, model vs kvm: the same long-mode guest programs the LAPIC timer (one-shot,
 periodic, TSC-deadline), self-IPIs and TPR, and the results it stores must agree (KVM's lapic.c is
-what both run: the model's hv/model/lapic.py and this host's kernel)."""
+what both run: the model's hypervisor/model/lapic.py and this host's kernel)."""
 
 from __future__ import annotations
 
-import pytest
-
-from pcihole.hv import open_backend
-from tests.backends import BACKENDS
+from tests.backends import on_both_backends
 
 from .irqchip_guest import (
     ICR,
@@ -27,19 +24,8 @@ TIMER_VECTOR = 0x40
 ONE_MS = 1_000_000  # APIC bus cycles at KVM's 1 GHz with divide-by-1
 
 
-@pytest.fixture
-def hv(request):
-    backend = open_backend(request.param)
-    yield backend
-    backend.close()
-
-
-def _both(test):
-    return pytest.mark.parametrize("hv", BACKENDS, indirect=True)(test)
-
-
-@_both
-def test_reset_registers_and_one_shot_timer(hv):
+@on_both_backends
+def test_reset_registers_and_one_shot_timer(hypervisor):
     """ID, version (0x50014), LVT0 (ExtINT on the BSP), then a one-shot timer of 1 ms: its vector
     arrives once, the current count reads 0 after, and ISR / PPR are clear after the EOI."""
     body = f"""
@@ -68,7 +54,7 @@ def test_reset_registers_and_one_shot_timer(hv):
     mov %eax, {RESULTS + 0x118}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(TIMER_VECTOR, 0)])
+    run = run_irqchip_guest(hypervisor, body, [counting_handler(TIMER_VECTOR, 0)])
     assert not run.stuck
     regs = [int.from_bytes(run.results[0x100 + 4 * i : 0x104 + 4 * i], "little") for i in range(7)]
     lapic_id, version, lvt0, tmcct, isr2, ppr, tmict = regs
@@ -77,8 +63,8 @@ def test_reset_registers_and_one_shot_timer(hv):
     assert (tmcct, isr2, ppr, tmict) == (0, 0, 0, ONE_MS)
 
 
-@_both
-def test_periodic_timer_wakes_hlt(hv):
+@on_both_backends
+def test_periodic_timer_wakes_hlt(hypervisor):
     """Periodic, 2 ms: the guest sleeps in HLT (no KVM_EXIT_HLT: the irqchip handles it) and each
     tick wakes it; after three it masks the LVT and stops the count."""
     body = f"""
@@ -94,31 +80,31 @@ def test_periodic_timer_wakes_hlt(hv):
     mov %eax, {RESULTS + 0x100}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(TIMER_VECTOR, 0)])
+    run = run_irqchip_guest(hypervisor, body, [counting_handler(TIMER_VECTOR, 0)])
     assert not run.stuck
     assert run.hlt_exits() == 0
     assert run.q(0) >= 3 and set(run.log()) == {TIMER_VECTOR}
     assert int.from_bytes(run.results[0x100:0x104], "little") == TIMER_VECTOR | 0x30000
 
 
-def _tsc(hv, vcpu) -> int:
+def _tsc(hypervisor, vcpu) -> int:
     """The guest's TSC now (KVM_GET_MSRS of IA32_TSC on kvm; the model's TSC clock)."""
-    return vcpu.get_msrs([0x10])[0x10] if hv.name == "kvm" else vcpu.tsc.read()
+    return vcpu.get_msrs([0x10])[0x10] if hypervisor.name == "kvm" else vcpu.tsc.read()
 
 
-def _set_msr(hv, vcpu, index: int, value: int) -> None:
-    if hv.name == "kvm":
+def _set_msr(hypervisor, vcpu, index: int, value: int) -> None:
+    if hypervisor.name == "kvm":
         vcpu.set_msrs({index: value})
     else:
         vcpu.msrs.write(index, value, host=True)
 
 
-def _get_msr(hv, vcpu, index: int) -> int:
-    return vcpu.get_msrs([index])[index] if hv.name == "kvm" else vcpu.msrs.read(index, host=True)
+def _get_msr(hypervisor, vcpu, index: int) -> int:
+    return vcpu.get_msrs([index])[index] if hypervisor.name == "kvm" else vcpu.msrs.read(index, host=True)
 
 
-@_both
-def test_tsc_deadline_timer(hv):
+@on_both_backends
+def test_tsc_deadline_timer(hypervisor):
     """TSC-deadline mode (LVTT bits 18:17 = 2): at the guest's first request the host writes
     IA32_TSC_DEADLINE (0x6e0) a few ms past the guest's TSC while the guest then sleeps in HLT;
     the vector arrives once, and at the second request the MSR reads 0
@@ -127,8 +113,8 @@ def test_tsc_deadline_timer(hv):
 
     def request(vm, vcpu, code):
         if not deadlines:
-            _set_msr(hv, vcpu, 0x6E0, _tsc(hv, vcpu) + 10_000_000)
-        deadlines.append(_get_msr(hv, vcpu, 0x6E0))
+            _set_msr(hypervisor, vcpu, 0x6E0, _tsc(hypervisor, vcpu) + 10_000_000)
+        deadlines.append(_get_msr(hypervisor, vcpu, 0x6E0))
 
     body = f"""
     movl ${TIMER_VECTOR | 0x40000}, {LVTT}(%rsi)
@@ -139,15 +125,15 @@ def test_tsc_deadline_timer(hv):
     out %al, $0x81
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(TIMER_VECTOR, 0)], on_request=request)
+    run = run_irqchip_guest(hypervisor, body, [counting_handler(TIMER_VECTOR, 0)], on_request=request)
     assert not run.stuck
     assert len(deadlines) == 2 and deadlines[0] != 0 and deadlines[1] == 0
     assert run.hlt_exits() == 0
     assert run.q(0) == 1 and run.log() == [TIMER_VECTOR]
 
 
-@_both
-def test_two_pending_vectors_higher_priority_first(hv):
+@on_both_backends
+def test_two_pending_vectors_higher_priority_first(hypervisor):
     """TPR 0xf0 holds back two self-IPIs (0x50, then 0x90), which wait in IRR; TPR 0 lets them in:
     0x90 first, and 0x50 only after 0x90's EOI (PPR = 0x90 while it is in service)."""
     low, high = 0x50, 0x90
@@ -172,14 +158,14 @@ def test_two_pending_vectors_higher_priority_first(hv):
         counting_handler(low, 0, extra=read_ppr),
         counting_handler(high, 1, extra=read_ppr),
     ]
-    run = run_irqchip_guest(hv, body, handlers)
+    run = run_irqchip_guest(hypervisor, body, handlers)
     assert not run.stuck
     assert run.log() == [high, low]
     # each handler stored PPR at RESULTS + 0x100 + 4 * (its place in the log)
     ppr_in_high, ppr_in_low, irr_low, irr_high, ppr_after = (
         int.from_bytes(run.results[o : o + 4], "little") for o in (0x100, 0x104, 0x140, 0x144, 0x148)
     )
-    if hv.name == "model":
+    if hypervisor.name == "model":
         # SDM 10.8.3.1 and KVM's apic_update_ppr: the in-service vector's class. This host's KVM
         # (PVM) reads PPR 0 and ISR empty inside the handler (measured), so only the order is
         # compared with it.
@@ -191,8 +177,8 @@ def test_two_pending_vectors_higher_priority_first(hv):
 X2APIC_EOI = "mov $0x80b, %ecx\n xor %eax, %eax\n xor %edx, %edx\n wrmsr\n"
 
 
-@_both
-def test_x2apic_msrs_from_the_guest(hv):
+@on_both_backends
+def test_x2apic_msrs_from_the_guest(hypervisor):
     """The guest switches to x2APIC (IA32_APIC_BASE bit 10, CPUID offers it), reads its 32-bit ID
     (0x802) and version (0x803), sends itself vector 0x50 through SELF_IPI (0x83f) and 0x51 through
     the 64-bit ICR (0x830), EOIs through 0x80b; the xAPIC page then reads all-ones."""
@@ -228,7 +214,7 @@ def test_x2apic_msrs_from_the_guest(hv):
         counting_handler(0x50, 0, eoi=False, extra=X2APIC_EOI),
         counting_handler(0x51, 1, eoi=False, extra=X2APIC_EOI),
     ]
-    run = run_irqchip_guest(hv, body, handlers)
+    run = run_irqchip_guest(hypervisor, body, handlers)
     assert not run.stuck, run.exits[-3:]
     x2apic_id, version, xapic_page, apic_base = (
         int.from_bytes(run.results[o : o + 4], "little") for o in (0x100, 0x104, 0x108, 0x10C)
@@ -239,8 +225,8 @@ def test_x2apic_msrs_from_the_guest(hv):
     assert apic_base == 0xFEE00D00
 
 
-@_both
-def test_tsc_deadline_written_by_the_guest(hv):
+@on_both_backends
+def test_tsc_deadline_written_by_the_guest(hypervisor):
     """WRMSR IA32_TSC_DEADLINE from the guest, RDTSC + 2,000,000 (2 ms at 1 GHz, or less)."""
     body = f"""
     movl ${TIMER_VECTOR | 0x40000}, {LVTT}(%rsi)
@@ -260,7 +246,7 @@ def test_tsc_deadline_written_by_the_guest(hv):
     mov %eax, {RESULTS + 0x100}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hv, body, [counting_handler(TIMER_VECTOR, 0)])
+    run = run_irqchip_guest(hypervisor, body, [counting_handler(TIMER_VECTOR, 0)])
     assert not run.stuck, run.exits[-3:]
     assert run.q(0) == 1 and run.log() == [TIMER_VECTOR]
     assert int.from_bytes(run.results[0x100:0x104], "little") == 0

@@ -13,17 +13,10 @@ import pytest
 from pcihole.hv import open_backend
 from pcihole.hv.cpu_setup import set_lint
 from pcihole.hv.uapi import KvmCap
-from tests.backends import BACKENDS
+from tests.backends import on_both_backends
 
 #: The registers kvm_lapic_reset sets, by offset (timer count, ICR and ISR/IRR are zero on both).
 RESET_REGISTERS = (0x20, 0x30, 0x80, 0xD0, 0xE0, 0xF0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380, 0x3E0)
-
-
-@pytest.fixture
-def hv(request):
-    backend = open_backend(request.param)
-    yield backend
-    backend.close()
 
 
 def _errno(call, *args) -> int:
@@ -34,9 +27,9 @@ def _errno(call, *args) -> int:
     return 0
 
 
-@pytest.mark.parametrize("hv", BACKENDS, indirect=True)
-def test_irqchip_ioctls_fail_as_the_kernel_does(hv):
-    vm = hv.create_vm()
+@on_both_backends
+def test_irqchip_ioctls_fail_as_the_kernel_does(hypervisor):
+    vm = hypervisor.create_vm()
     try:
         assert vm.check_extension(KvmCap.KVM_CAP_IRQCHIP) and vm.check_extension(KvmCap.KVM_CAP_PIT2)
         seen = [
@@ -55,9 +48,9 @@ def test_irqchip_ioctls_fail_as_the_kernel_does(hv):
     assert seen == [errno.ENOENT, errno.ENXIO, 0, errno.EEXIST, 0, errno.EEXIST, 0, 0, 0]
 
 
-@pytest.mark.parametrize("hv", BACKENDS, indirect=True)
-def test_irqchip_after_a_vcpu_is_einval(hv):
-    vm = hv.create_vm()
+@on_both_backends
+def test_irqchip_after_a_vcpu_is_einval(hypervisor):
+    vm = hypervisor.create_vm()
     try:
         vm.create_vcpu(0)
         assert _errno(vm.create_irqchip) == errno.EINVAL
@@ -65,20 +58,20 @@ def test_irqchip_after_a_vcpu_is_einval(hv):
         vm.close()
 
 
-def _lapic_registers(hv, vcpu) -> dict[int, int]:
+def _lapic_registers(hypervisor, vcpu) -> dict[int, int]:
     """KVM_GET_LAPIC's page (the whole of it: .regs, a c_char array, stops at the first NUL)."""
     page = bytes(vcpu.get_lapic())
     return {off: struct.unpack_from("<I", page, off)[0] for off in RESET_REGISTERS}
 
 
-@pytest.mark.parametrize("hv", BACKENDS, indirect=True)
-def test_lapic_registers_after_creation(hv):
+@on_both_backends
+def test_lapic_registers_after_creation(hypervisor):
     """kvm_lapic_reset: ID = vCPU id << 24, version 0x50014, every LVT masked but LVT0 of the BSP
     (ExtINT), DFR flat, SVR 0xff, TPR / LDR / TDCR / TMICT 0."""
-    vm = hv.create_vm()
+    vm = hypervisor.create_vm()
     try:
         vm.create_irqchip()
-        regs = [_lapic_registers(hv, vm.create_vcpu(i)) for i in (0, 1)]
+        regs = [_lapic_registers(hypervisor, vm.create_vcpu(i)) for i in (0, 1)]
     finally:
         vm.close()
     masked = 0x10000
@@ -103,11 +96,11 @@ def test_lapic_registers_after_creation(hv):
 
 
 def test_model_vcpu_gets_a_lapic_only_with_the_irqchip():
-    hv = open_backend("model")
+    hypervisor = open_backend("model")
     try:
-        plain = hv.create_vm()
+        plain = hypervisor.create_vm()
         assert plain.create_vcpu(0).lapic is None
-        vm = hv.create_vm()
+        vm = hypervisor.create_vm()
         vm.create_irqchip()
         vcpu = vm.create_vcpu(0)
         assert vcpu.lapic is not None
@@ -117,20 +110,20 @@ def test_model_vcpu_gets_a_lapic_only_with_the_irqchip():
             vcpu.set_msrs({0x1B: 0xFEE00D00})
         assert refused.value.errno == errno.EINVAL
     finally:
-        hv.close()
+        hypervisor.close()
 
 
-@pytest.mark.parametrize("hv", BACKENDS, indirect=True)
-def test_get_set_lapic(hv):
+@on_both_backends
+def test_get_set_lapic(hypervisor):
     """KVM_GET/SET_LAPIC: EINVAL without the irqchip; LINT0 ExtINT / LINT1 NMI (still masked) as the machine sets
     them (cpu_setup.set_lint) read back; TPR set through the page reads back, PPR follows it."""
-    vm = hv.create_vm()
+    vm = hypervisor.create_vm()
     try:
         plain = vm.create_vcpu(0)
         assert _errno(plain.get_lapic) == errno.EINVAL
     finally:
         vm.close()
-    vm = hv.create_vm()
+    vm = hypervisor.create_vm()
     try:
         vm.create_irqchip()
         vcpu = vm.create_vcpu(0)
