@@ -187,6 +187,13 @@ def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | N
         hole = Hole(GuestRange.from_size(target_gpa, 1 << 20), "ecam")
         memory.update(MemoryMap([Ram(GuestRange.from_size(0, RAM_SIZE), "ram"), hole]))
         memory.write_guest(CODE_GPA, LOOP_GUEST)
+    vcpu = _loop_vcpu(hv, vm, reads, target_gpa)
+    return hv, vm, vcpu, memory, ram
+
+
+def _loop_vcpu(hv, vm, reads: int, target_gpa: int):  # type: ignore[no-untyped-def]
+    """vCPU 0 with the backend's CPUID, in flat protected mode at LOOP_GUEST, set to make `reads`
+    4-byte reads of `target_gpa` (ECX, ESI)."""
     vcpu = vm.create_vcpu(0)
     if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
         vcpu.set_cpuid2(hv.get_supported_cpuid())
@@ -194,7 +201,7 @@ def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | N
     regs = vcpu.get_regs()
     regs.rcx, regs.rsi = reads, target_gpa
     vcpu.set_regs(regs)
-    return hv, vm, vcpu, memory, ram
+    return vcpu
 
 
 def _close(hv, vm, vcpu, memory, ram) -> None:  # type: ignore[no-untyped-def]
@@ -334,13 +341,7 @@ def loop_ticks(backend: str, reads: int, target_gpa: int) -> int:
         ram = HostMapping.anonymous(RAM_SIZE, name="exit-path guest RAM")
         ram.write(CODE_GPA, LOOP_GUEST)
         vm.set_user_memory_region(0, 0, 0, RAM_SIZE, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        if hv.check_extension(KvmCap.KVM_CAP_EXT_CPUID):
-            vcpu.set_cpuid2(hv.get_supported_cpuid())
-        enter_protected_mode_flat(vcpu, CODE_GPA)
-        regs = vcpu.get_regs()
-        regs.rcx, regs.rsi = reads, target_gpa
-        vcpu.set_regs(regs)
+        vcpu = _loop_vcpu(hv, vm, reads, target_gpa)
         while True:  # the bare loop: nothing between two KVM_RUNs but completing the read
             exit_ = vcpu.run()
             if type(exit_) is MmioRead:
