@@ -12,6 +12,7 @@ from pcihole.hv.model.cpuid import (
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     CpuidEntry,
     CpuidTable,
+    cpuid2_from,
     supported_cpuid,
     supported_entries,
 )
@@ -117,18 +118,10 @@ PVM_OVERRIDDEN = (1, 7, 0xD)
 def differential_table():
     """The model's table with 0xb (topology) as the highest basic leaf and distinctive subleaves,
     so that every out-of-range query lands on an entry PVM does not override."""
-    from pcihole.hv import uapi
-
     base = [e for e in supported_entries() if e.function != 0xB]
     topology = [CpuidEntry(0xB, 0, SIG, 1, 1, 0x100, 0), CpuidEntry(0xB, 1, SIG, 4, 1, 0x201, 0)]
     entries = [CpuidEntry(0, 0, 0, 0xB, *e.regs[1:]) if e.function == 0 else e for e in base] + topology
-    out = uapi.cpuid2_with(len(entries))()
-    out.nent = len(entries)
-    for i, e in enumerate(entries):
-        out.entries[i] = uapi.kvm_cpuid_entry2(
-            function=e.function, index=e.index, flags=e.flags, eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx
-        )
-    return out
+    return cpuid2_from(entries)
 
 
 @pytest.mark.kvm

@@ -23,6 +23,7 @@ import ctypes
 import errno
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
@@ -239,7 +240,11 @@ def supported_entries() -> tuple[CpuidEntry, ...]:
 
 def supported_cpuid() -> ctypes.Structure:
     """The model's KVM_GET_SUPPORTED_CPUID as a kvm_cpuid2 (uapi.cpuid2_with)."""
-    entries = supported_entries()
+    return cpuid2_from(supported_entries())
+
+
+def cpuid2_from(entries: Sequence[CpuidEntry]) -> ctypes.Structure:
+    """`entries` as the kvm_cpuid2 KVM_SET_CPUID2 takes."""
     out = uapi.cpuid2_with(len(entries))()
     out.nent = len(entries)
     for i, e in enumerate(entries):
