@@ -21,7 +21,8 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode).
+running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode); both
+are in vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
@@ -63,7 +64,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import threading
-from enum import Enum
 
 from greenlet import getcurrent, greenlet
 from unicorn import (
@@ -129,6 +129,7 @@ from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
 from pcihole.hv.model.tsc import TscClock
+from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
@@ -156,24 +157,6 @@ _GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_RE
 # them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
 _INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
-
-
-class VcpuState(Enum):
-    IDLE = "outside the engine"  # between runs: no guest code runs
-    RUNNING = "emulating"  # inside emu_start; a memslot change waits for its next boundary
-    IN_EXIT = "paused in an exit"  # inside emu_start, in a callback; run() returned the exit
-    CLOSING = "leaving the engine for good"  # close(): no more exits, no more mapping
-    CLOSED = "closed"
-
-
-class Request(Enum):
-    """What other threads (or set_sregs) ask of the vCPU, as KVM's kvm_make_request."""
-
-    KICK = "kick"  # the running (or next) run() returns Interrupted
-    NEW_ENGINE = "new engine"  # set_sregs changed the mode: build a new engine (registers in _regs)
-    # The guest changed the CPU mode itself (a 32-bit engine followed it into long mode): carry
-    # the engine's whole CPU state into an engine of the new mode (cpu.carry_state).
-    MODE_CHANGE = "mode change"
 
 
 _LEFT = (VcpuState.CLOSING, VcpuState.CLOSED)
