@@ -29,6 +29,7 @@ One concept per file:
   boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
   vcpu.py         KVM_RUN, kick, registers, memslot sync, close: one state enum (kvm_main.c's vCPU)
   vcpu_state.py   where a vCPU is (VcpuState) and what other threads ask of it (Request)
+  long_mode_switch.py  a 32-bit engine the guest took into long mode, replaced by a 64-bit one
   irqchip.py      KVM_CREATE_IRQCHIP's devices, the default GSI routing, delivery to LAPICs
   lapic.py, lapic_irq.py  a vCPU's local APIC (lapic.c) and the interrupt message it takes
   ioapic.py, i8259.py, i8254.py  the IOAPIC, the 8259 pair, the PIT (ioapic.c, i8259.c, i8254.c)

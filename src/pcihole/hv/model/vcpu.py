@@ -6,6 +6,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - mmu.py: Unicorn's memory map, built from the memslots (arch/x86/kvm/mmu/mmu.c);
 - emulator_read_write.py: accesses that leave RAM, cut and delivered as emulator_read_write does;
 - boundary_hook.py: how another thread stops the vCPU at an instruction boundary (kvm_vcpu_kick);
+- long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
 A KVM vCPU stops in the middle of an instruction to ask userspace for the value of an MMIO read or
@@ -76,7 +77,7 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.unicorn_py3.unicorn import UcContext, uc_hook_h, uclib
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from unicorn.x86_const import (
     UC_X86_INS_CPUID,
     UC_X86_INS_IN,
@@ -90,7 +91,6 @@ from unicorn.x86_const import (
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
-    UC_X86_REG_EFLAGS,
     UC_X86_REG_IDTR,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
@@ -125,6 +125,7 @@ from pcihole.hv.model.interrupts import (
 )
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
+from pcihole.hv.model.long_mode_switch import LongModeSwitch
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
@@ -216,13 +217,8 @@ class ModelVcpu:
         self._halted = False
         # uc_emu_start calls (each return flushed the translation cache): tests bound it.
         self.engine_starts = 0
-        # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
-        # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
-        self._deferred: Event | None = None
-        # The CPU state (uc_context) of a 32-bit engine in long mode where it was stopped for an
-        # engine of the new mode: the state after emu_start returns is not it (the engine faults
-        # on its end address, (1 << 64) - 1 cut to 0xffffffff, which overwrites CR2 at least).
-        self._switch_context: UcContext | None = None
+        # A 32-bit engine the guest took into long mode is replaced by a 64-bit one (long_mode_switch.py).
+        self._long_mode = LongModeSwitch(self._requests, self._request_boundary)
         # The source has an interrupt that waited for IF at the last boundary (_at_boundary).
         self._source_waits = False
         self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
@@ -618,10 +614,9 @@ class ModelVcpu:
                 return exit_
         if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if self._deferred is not None:
-            event, self._deferred = self._deferred, None
-            if not self._deliver(uc, event):
-                return self._stop_exit  # the delivery triple-faulted: Shutdown
+        event = self._long_mode.take_deferred()
+        if event is not None and not self._deliver(uc, event):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
@@ -679,7 +674,7 @@ class ModelVcpu:
             mmu.sync(in_callback=True)
         if self._mode_changed(uc):
             # First, whatever else is asked (a kick stays requested for the new engine).
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc)
         elif Request.KICK in self._requests:
             self._requests.discard(Request.KICK)
             # Returned to run()'s caller from here, the engine paused at this boundary as in an
@@ -926,8 +921,7 @@ class ModelVcpu:
             # This engine's register ids no longer reach RIP / RSP (cpu.live_mode): stop here (the
             # exception is between two instructions, RIP where the delivery wants it) and let the
             # engine of the new mode deliver it first thing.
-            self._deferred = event
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc, deferred=event)
             return
         self._deliver(uc, event)
 
@@ -955,7 +949,7 @@ class ModelVcpu:
             return
         self._halted = True
         if self._mode_changed(uc):
-            self._stop_for_new_mode(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
+            self._long_mode.stop(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
             return
         exit_ = self._halt(uc, in_engine=True)
         if exit_ is not None:
@@ -992,8 +986,7 @@ class ModelVcpu:
         if self._delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             return False
         if self._mode_changed(uc):  # as in _on_interrupt
-            self._deferred = Event(UD, EventKind.EXCEPTION)
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc, deferred=Event(UD, EventKind.EXCEPTION))
             return True
         return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
 
@@ -1056,17 +1049,9 @@ class ModelVcpu:
             state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
             layout_ok = state.layout_ok()
             if carry_from is not None:
-                # The whole CPU state, the engine-kept MSRs and FPU with it; the intercept below
-                # is turned on again for this engine (its pages are mapped per engine).
-                context, self._switch_context = self._switch_context, None
-                cpu.carry_state(carry_from, uc, context)
-                if layout_ok:
-                    # old_exception is not architectural: QEMU resets it when an exception is
-                    # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
-                    # would turn the next contributory fault into #DF (check_exception).
-                    state.load()
-                    state.clear_old_exception()
-                    state.store()
+                # The intercept below is turned on again for this engine (its pages are mapped
+                # per engine).
+                self._long_mode.carry(carry_from, uc, state, layout_ok)
             if layout_ok:
                 # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
                 # every MSR (unknown ones read 0): the intercept needs that state.
@@ -1085,19 +1070,9 @@ class ModelVcpu:
         return mmu
 
     def _mode_changed(self, uc: Uc) -> bool:
-        """From a callback: True if the guest took this 32-bit engine into long mode
-        (cpu.live_mode); the vCPU then stops at the next instruction boundary for an engine of the
-        new mode (Request.MODE_CHANGE). Only 32-bit engines are checked: a 64-bit guest that
-        leaves long mode is followed at the next emu_start (_prepare_engine)."""
-        mode = self._mode
-        if mode is not cpu.CpuMode.PROTECTED_32:
-            return False
-        if Request.MODE_CHANGE not in self._requests:
-            if cpu.live_mode(uc, mode, self._engine_state) is mode:
-                return False
-            self._requests.add(Request.MODE_CHANGE)
-            self._request_boundary()
-        return True
+        """From a callback: True if the guest took this 32-bit engine into long mode; the vCPU then
+        stops for an engine of the new mode (long_mode_switch.py)."""
+        return self._long_mode.changed(uc, self._mode, self._engine_state)
 
     def _stop(self, uc: Uc) -> None:
         """uc_emu_stop from a callback, remembering CR2 for _after_stop."""
@@ -1118,17 +1093,6 @@ class ModelVcpu:
             state.load()
             state.clear_old_exception()
             state.store()
-
-    def _stop_for_new_mode(self, uc: Uc) -> None:
-        """From a callback at an instruction boundary (or an exception's): keep the CPU state as it
-        is here for the engine of the new mode, and stop."""
-        # The arithmetic flags live in TCG's lazy cc_src / cc_op until something computes them:
-        # measured, a context saved in a block hook carries stale ones (RFLAGS read 0x2 in the new
-        # engine, 0x86 in the old). Reading and writing RFLAGS through the API stores them in
-        # env->eflags (cpu_load_eflags, CC_OP_EFLAGS) first.
-        uc.reg_write(UC_X86_REG_EFLAGS, uc.reg_read(UC_X86_REG_EFLAGS))
-        self._switch_context = uc.context_save()
-        uc.emu_stop()
 
     def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
         """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
