@@ -25,6 +25,7 @@ One concept per file:
   cpu_msrs.py     the MSRs the vCPU owns itself (EFER, STAR, PAT, MTRRs, TSC, APIC_BASE, ...)
   tsc.py          the guest TSC: a fixed frequency over the host's monotonic clock
   kvmclock.py     the pvclock pages behind the kvmclock MSRs
+  instruction_hooks.py  CPUID, RDTSC and RDTSCP answered by the vCPU (KVM_SET_CPUID2, guest TSC)
   fast_registers.py  register access for the hooks that run at every RDTSC and CPUID
   boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
   vcpu.py         KVM_RUN, kick, registers, memslot sync, close: one state enum (kvm_main.c's vCPU)

@@ -6,6 +6,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - mmu.py: Unicorn's memory map, built from the memslots (arch/x86/kvm/mmu/mmu.c);
 - emulator_read_write.py: accesses that leave RAM, cut and delivered as emulator_read_write does;
 - boundary_hook.py: how another thread stops the vCPU at an instruction boundary (kvm_vcpu_kick);
+- instruction_hooks.py: CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from the guest TSC;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -62,7 +63,6 @@ allows) and stops the engine, so the rest of the block faults instead of touchin
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import threading
 
@@ -77,37 +77,26 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 from unicorn.x86_const import (
-    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
-    UC_X86_INS_RDTSC,
-    UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_CR4,
     UC_X86_REG_EAX,
-    UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
     UC_X86_REG_IDTR,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RBX,
-    UC_X86_REG_RCX,
-    UC_X86_REG_RDX,
-    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
-from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
+from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState, read_flags
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
-from pcihole.hv.model.fast_registers import FastRegisters
+from pcihole.hv.model.instruction_hooks import R_EAX, R_EDX, InstructionHooks
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     GP,
@@ -150,13 +139,6 @@ CPUID_1_ECX_X2APIC = 1 << 21
 CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
 _MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
-# QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
-_R_EAX, _R_ECX, _R_EDX, _R_EBX = 0, 1, 2, 3
-_GPR_IDS_64 = {_R_EAX: UC_X86_REG_RAX, _R_ECX: UC_X86_REG_RCX, _R_EDX: UC_X86_REG_RDX, _R_EBX: UC_X86_REG_RBX}
-_GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_REG_EDX, _R_EBX: UC_X86_REG_EBX}
-# uc_cb_insn_cpuid_t, which Unicorn's RDTSC / RDTSCP hooks also take (the Python binding offers
-# them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
-_INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
 
 
@@ -240,12 +222,8 @@ class ModelVcpu:
         self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
-        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
-        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
-        self._cpuid: CpuidTable | None = None
-        self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
-        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
-        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
+        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
+        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -287,10 +265,9 @@ class ModelVcpu:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
         does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
         zeros: the model's bare test guests do not set one)."""
-        self._cpuid = CpuidTable.from_cpuid2(cpuid)
+        table = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
-        if engine is not None:
-            self._hook_cpuid(engine[0])
+        self._instructions.set_cpuid(table, None if engine is None else engine[0])
         lapic = self.lapic
         if lapic is not None:
             # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
@@ -300,81 +277,6 @@ class ModelVcpu:
                         x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
                         tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
                     )
-
-    def _hook_cpuid(self, uc: Uc) -> None:
-        if self._cpuid_engine is not uc:
-            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
-            self._cpuid_engine = uc
-
-    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
-        """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
-        upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
-        followed the guest into long mode reaches only the low halves with uc_reg_write, so there
-        the engine's state is written instead."""
-        fast = self._fast
-        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
-            for index, value in values.items():
-                fast.write(_GPR_IDS_64[index], value)
-            if ip is not None:
-                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
-            return
-        state = self._msr_state
-        if state is None:
-            for index, value in values.items():
-                uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
-            if ip is not None:
-                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
-            return
-        state.load()
-        for index, value in values.items():
-            state.set_gpr(index, value)
-        if ip is not None:
-            state.set_ip(ip)
-        state.store()
-
-    def _on_cpuid(self, uc: Uc, _data: object) -> int:
-        """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
-        table = self._cpuid
-        if table is None:
-            return 0
-        fast = self._fast
-        assert fast is not None
-        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
-        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
-        regs = table.lookup(function, index)
-        if function == 1:
-            apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
-            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
-        eax, ebx, ecx, edx = regs
-        self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
-        return 1
-
-    def _hook_tsc(self, uc: Uc) -> None:
-        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
-        gives the engine the register access these hooks and the CPUID hook use."""
-        self._fast = FastRegisters(uc)
-        for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
-            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
-            self._insn_thunks.append(thunk)
-            handle = uc_hook_h()
-            err = uclib.uc_hook_add(
-                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
-                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
-            )  # fmt: skip
-            if err:
-                raise UcError(err)
-
-    def _on_rdtsc(self, uc: Uc) -> int:
-        tsc = self.tsc.read()
-        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32})
-        return 1
-
-    def _on_rdtscp(self, uc: Uc) -> int:
-        tsc = self.tsc.read()
-        tsc_aux = self.engine_msrs.tsc_aux
-        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
-        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
-        return 1
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -975,11 +877,11 @@ class ModelVcpu:
                 result = {}
             else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
                 value = self.msrs.read(index, host=False)
-                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
+                result = {R_EAX: value & 0xFFFFFFFF, R_EDX: value >> 32}
         except MsrFault:
             self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
             return
-        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
+        self._instructions.write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
@@ -1064,9 +966,7 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
-            self._hook_tsc(uc)
-            if self._cpuid is not None:
-                self._hook_cpuid(uc)
+            self._instructions.install(uc, mode, self._msr_state)
         return mmu
 
     def _mode_changed(self, uc: Uc) -> bool:
