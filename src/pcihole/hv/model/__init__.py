@@ -22,6 +22,7 @@ One concept per file:
   cpuid.py        KVM_GET_SUPPORTED_CPUID of the model, and kvm_cpuid's lookup rules
   msr.py          a vCPU's MSR table: who owns each MSR (devices register theirs)
   msr_intercept.py  how guest RDMSR / WRMSR reach Python (the engine's SVM MSR intercept)
+  intercept_exits.py  what a vCPU does when those intercepts fire (RDMSR / WRMSR, HLT)
   cpu_msrs.py     the MSRs the vCPU owns itself (EFER, STAR, PAT, MTRRs, TSC, APIC_BASE, ...)
   tsc.py          the guest TSC: a fixed frequency over the host's monotonic clock
   kvmclock.py     the pvclock pages behind the kvmclock MSRs

@@ -7,6 +7,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - emulator_read_write.py: accesses that leave RAM, cut and delivered as emulator_read_write does;
 - boundary_hook.py: how another thread stops the vCPU at an instruction boundary (kvm_vcpu_kick);
 - instruction_hooks.py: CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from the guest TSC;
+- intercept_exits.py: the guest's RDMSR / WRMSR and HLT, stopped by the engine's SVM intercepts;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -82,9 +83,6 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_EAX,
-    UC_X86_REG_ECX,
-    UC_X86_REG_EDX,
     UC_X86_REG_IDTR,
 )
 
@@ -94,12 +92,12 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, EngineState, read_flags
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
-from pcihole.hv.model.instruction_hooks import R_EAX, R_EDX, InstructionHooks
+from pcihole.hv.model.instruction_hooks import InstructionHooks
+from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
-    GP,
     IF,
     NMI,
     UD,
@@ -117,7 +115,7 @@ from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
-from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
+from pcihole.hv.model.msr_intercept import MsrIntercept
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
@@ -132,13 +130,11 @@ from pcihole.hv.uapi import (
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
-_HLT_BYTES = 1  # helper_hlt's next_eip_addend for the unprefixed F4 compilers and Linux emit
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
 CPUID_FEATURES = 1
 CPUID_1_ECX_X2APIC = 1 << 21
 CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
-_MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
 KVM_NR_INTERRUPTS = 256
 
 
@@ -224,6 +220,10 @@ class ModelVcpu:
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
         # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
         self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
+        # What the intercept's exits do: RDMSR / WRMSR through self.msrs, HLT (intercept_exits.py).
+        self._intercept_exits = InterceptExits(
+            self.msrs, self._instructions.write_gprs, self._deliver, self._on_hlt
+        )
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -806,12 +806,8 @@ class ModelVcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
-        if intno == MSR_EXIT:
-            self._on_msr(uc)
-            return
-        if intno == HLT_EXIT:
-            self._on_hlt(uc)
-            return
+        if self._intercept_exits.dispatch(uc, intno, self._msr_state):
+            return  # an intercepted RDMSR / WRMSR or HLT (intercept_exits.py)
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -828,17 +824,10 @@ class ModelVcpu:
         self._deliver(uc, event)
 
     def _on_hlt(self, uc: Uc) -> None:
-        """HLT, intercepted with EIP on it (msr_intercept.py): done here as helper_hlt and do_hlt
-        would (EIP after it, the STI shadow dropped: "needed if sti is just before"), then
-        KVM_EXIT_HLT without an in-kernel source, or with one a sleep inside this callback until
-        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine does not leave
-        emu_start for a wake-up, so its translation cache survives an idle guest's every tick."""
-        state = self._msr_state
-        assert state is not None
-        state.load()
-        state.set_ip(state.ip + _HLT_BYTES)
-        state.hflags = state.hflags & ~HF_INHIBIT_IRQ_MASK
-        state.store()
+        """HLT, intercepted and stepped over (intercept_exits.py): KVM_EXIT_HLT without an in-kernel
+        source, or with one a sleep inside this callback until the source has an interrupt the
+        guest can take (kvm_vcpu_halt). The engine does not leave emu_start for a wake-up, so its
+        translation cache survives an idle guest's every tick."""
         # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
         # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
         # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
@@ -858,30 +847,6 @@ class ModelVcpu:
             self._stop_exit = exit_  # a kick: run() returns Interrupted, the vCPU stays halted
         if self._halted or self._state in _LEFT:
             self._stop(uc)  # a kick, a memslot change or close
-
-    def _on_msr(self, uc: Uc) -> None:
-        """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
-        error_code says which. Done through self.msrs, or #GP(0) (kvm_emulate_rdmsr / wrmsr with
-        ignore_msrs=0: kvm_inject_gp)."""
-        state = self._msr_state
-        assert state is not None
-        state.load()
-        ip, write = state.ip, state.error_code
-        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
-        try:
-            if write:  # WRMSR: EDX:EAX
-                value = (uc.reg_read(UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
-                    uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
-                )
-                self.msrs.write(index, value, host=False)
-                result = {}
-            else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
-                value = self.msrs.read(index, host=False)
-                result = {R_EAX: value & 0xFFFFFFFF, R_EDX: value >> 32}
-        except MsrFault:
-            self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
-            return
-        self._instructions.write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
