@@ -333,6 +333,18 @@ def _build(spec, args: argparse.Namespace, **what):
         raise UsageError(str(e)) from None
 
 
+def _check(spec, args: argparse.Namespace) -> None:
+    """What _build would refuse before it builds anything (builder.check_machine), as _build says it."""
+    from pcihole.machine.builder import HostUnavailable, MachineBuildError, check_machine
+
+    try:
+        check_machine(spec, args.backend)
+    except HostUnavailable as e:
+        raise RunFailed(str(e)) from None
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+
+
 def _run_machine(machine, kernel_name: str, **how):
     """machine.run(**how); a backend failure while the guest runs is a RunFailed naming the kernel."""
     try:
@@ -374,13 +386,15 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
     from pcihole.linux import MIN_RAM_MIB
     from pcihole.linux.console import BootClock, linux_stop_line, parse_linux_console
 
-    kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
-    if spec.ram_mib < MIN_RAM_MIB:
+    given = spec
+    spec = dataclasses.replace(spec, ram_mib=max(spec.ram_mib, MIN_RAM_MIB))
+    _check(spec, args)  # a machine pcihole refuses is refused before the kernel is fetched
+    if given.ram_mib < MIN_RAM_MIB:
         print(
-            f"pcihole: --linux: {spec.name or spec.path} has {spec.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
+            f"pcihole: --linux: {given.name or given.path} has {given.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
             file=sys.stderr,
         )
-        spec = dataclasses.replace(spec, ram_mib=MIN_RAM_MIB)
+    kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
     # The console goes to stderr as it comes (a boot can take minutes on a software KVM); stdout
     # keeps what Linux found and the statistics.
     err = sys.stderr.buffer

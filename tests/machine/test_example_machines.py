@@ -10,7 +10,7 @@ import pytest
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.guest.report import DEV_NOT_FOLLOWED, DEV_ONE_CHILD, DEV_PEER_SCAN
 from pcihole.machine.builder import build_machine, default_kernel
-from pcihole.machine.machinefile import load
+from pcihole.machine.machinefile import MachineFile, load, loads
 from pcihole.pci.topology import DownstreamPortSpec, RootPortSpec
 
 DEBUG_EXIT = "debug-exit"  # the guest wrote to isa-debug-exit: how the scan guest ends
@@ -20,14 +20,32 @@ BACKENDS = [
     pytest.param("kvm", "ro-alias", marks=pytest.mark.kvm, id="kvm-ro-alias"),
     pytest.param("model", "native", id="model-native"),
 ]
+#: gpu-server's 64-bit window (eight 128 GiB BARs, at 2 TiB) lies beyond the model CPU's 40 physical
+#: address bits: pcihole refuses it there (tests/machine/test_address_width.py), so it boots on kvm only.
+BEYOND_THE_MODEL = "gpu-server"
+SCANS = [
+    pytest.param(path, *backend.values, marks=backend.marks, id=f"{path.stem}-{backend.id}")
+    for path in MACHINES
+    for backend in BACKENDS
+    if not (path.stem == BEYOND_THE_MODEL and backend.values[0] == "model")
+]
+
+
+def gpu_server(backend: str) -> MachineFile:
+    """examples/gpu-server.toml; for the model, with 8 GiB GPU BARs instead of 128 GiB, so that its
+    64-bit window fits the model CPU's 40 address bits (the fabric is the same)."""
+    text = (EXAMPLES / "gpu-server.toml").read_text()
+    if backend == "model":
+        assert text.count("size = 0x2000000000\n") == 8
+        text = text.replace("size = 0x2000000000\n", "size = 0x200000000\n")
+    return loads(text, str(EXAMPLES / "gpu-server.toml"))
 
 
 def test_the_examples_are_there():
     assert {p.name for p in MACHINES} >= {"gpu-server.toml", "expander.toml", "many-segments.toml"}
 
 
-@pytest.mark.parametrize("path", MACHINES, ids=lambda p: p.stem)
-@pytest.mark.parametrize(("backend", "strategy"), BACKENDS)
+@pytest.mark.parametrize(("path", "backend", "strategy"), SCANS)
 def test_the_scan_guest_finds_the_files_fabric(path, backend, strategy):
     spec = load(path)
     image, name = default_kernel()
@@ -63,13 +81,20 @@ def test_the_scan_guest_finds_the_files_fabric(path, backend, strategy):
         assert bool(d.flags & DEV_PEER_SCAN) == ((d.segment, d.bus) in expander_buses), d.bdf
 
 
-@pytest.mark.parametrize("path", MACHINES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.kvm if p.stem == BEYOND_THE_MODEL else (), id=p.stem)
+        for p in MACHINES
+    ],
+)
 def test_run_tree_prints_what_the_guest_found_as_lspci_t(path, capsys):
     from pcihole.cli import main
     from pcihole.pci.host_bridge import HostBridge
     from pcihole.pci.lspci_tree import lspci_tree, tree_devices
 
-    assert main(["run", "--machine", str(path), "--backend", "model", "--strategy", "native", "--tree"]) == 0
+    on = ["kvm"] if path.stem == BEYOND_THE_MODEL else ["model", "--strategy", "native"]
+    assert main(["run", "--machine", str(path), "--backend", *on, "--tree"]) == 0
     out = capsys.readouterr().out
     expected = lspci_tree(tree_devices(HostBridge(load(path).topology)))
     assert out.startswith(expected) and out[len(expected) :].startswith("\nbackend / strategy")
@@ -132,7 +157,7 @@ def test_hotplug_below_a_switch_punches_and_fills_holes_as_below_a_root_port(bac
     from pcihole.pci.bdf import Bdf
     from pcihole.pci.topology import EndpointSpec
 
-    spec = load(EXAMPLES / "gpu-server.toml")
+    spec = gpu_server(backend)
     gone = Bdf(0, 4, 0, 0)  # GPU 1 behind switch 0's downstream port 02:01.0
     audio = EndpointSpec(Bdf(0, 0x0A, 0, 1), 0x10DE, 0x22BA, 0x040300)  # GPU 5's audio function
     image, name = default_kernel()
