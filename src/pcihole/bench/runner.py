@@ -7,8 +7,9 @@ paths go to stdout. Returns the process exit status: 0, or 1 when a measurement 
 stderr saying which), 2 when nothing can be measured.
 
 A stop asked through `stops` (SIGINT / SIGTERM: cli.py hands them to a thread that calls
-StopRelay.request) kicks the guest run in progress, which returns at its next exit; every later
-run returns at once, and the next progress step raises BenchStopped, so nothing more is measured.
+StopRelay.request) kicks the guest run in progress, which returns at its next exit, or terminates
+the QEMU peer in progress (child_process.py); every later run returns at once, and the next
+progress step raises BenchStopped, so nothing more is measured.
 The results are written into a temporary directory inside the output directory and moved into
 place only when all of them are complete, so a stopped bench leaves no partial bench.json, bench.md
 or plot behind (an earlier run's complete files stay as they were).
@@ -124,7 +125,11 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
         try:
             results.scan.append(
                 qemu_peer.scan_on_qemu(
-                    default_machine, plan.qemu_runs, clock, on_run=lambda: progress.step("scan: QEMU")
+                    default_machine,
+                    plan.qemu_runs,
+                    clock,
+                    on_run=lambda: progress.step("scan: QEMU"),
+                    stops=stops,
                 )
             )
         except BenchError as e:
