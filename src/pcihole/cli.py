@@ -312,7 +312,8 @@ def _tree(result, machine) -> str:
         return lspci_tree(tree_devices(machine.host_bridge))
     return lspci_tree(
         TreeDevice(
-            d.segment, d.bus, d.slot, d.function, d.class_code, d.header_type, d.secondary, d.subordinate
+            *(d.address.segment, d.address.bus, d.address.device, d.address.function),
+            *(d.class_code, d.header_type, d.secondary, d.subordinate),
         )
         for d in result.report.devices
     )
@@ -389,12 +390,12 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
     given = spec
     spec = dataclasses.replace(spec, ram_mib=max(spec.ram_mib, MIN_RAM_MIB))
     _check(spec, args)  # a machine pcihole refuses is refused before the kernel is fetched
+    kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
     if given.ram_mib < MIN_RAM_MIB:
         print(
             f"pcihole: --linux: {given.name or given.path} has {given.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
             file=sys.stderr,
         )
-    kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
     # The console goes to stderr as it comes (a boot can take minutes on a software KVM); stdout
     # keeps what Linux found and the statistics.
     err = sys.stderr.buffer

@@ -10,35 +10,23 @@ import pytest
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
 from pcihole.guest.report import DEV_NOT_FOLLOWED, DEV_ONE_CHILD, DEV_PEER_SCAN
 from pcihole.machine.builder import build_machine, default_kernel
-from pcihole.machine.machinefile import MachineFile, load, loads
+from pcihole.machine.machinefile import load
 from pcihole.pci.topology import DownstreamPortSpec, RootPortSpec
+from tests.examples import BEYOND_THE_MODEL, EXAMPLES, load_for
 
 DEBUG_EXIT = "debug-exit"  # the guest wrote to isa-debug-exit: how the scan guest ends
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MACHINES = sorted(EXAMPLES.glob("*.toml"))
 BACKENDS = [
     pytest.param("kvm", "ro-alias", marks=pytest.mark.kvm, id="kvm-ro-alias"),
     pytest.param("model", "native", id="model-native"),
 ]
-#: gpu-server's 64-bit window (eight 128 GiB BARs, at 2 TiB) lies beyond the model CPU's 40 physical
-#: address bits: pcihole refuses it there (tests/machine/test_address_width.py), so it boots on kvm only.
-BEYOND_THE_MODEL = "gpu-server"
+#: Each example on each backend, but gpu-server on kvm only: the model refuses it (tests/examples.py).
 SCANS = [
     pytest.param(path, *backend.values, marks=backend.marks, id=f"{path.stem}-{backend.id}")
     for path in MACHINES
     for backend in BACKENDS
     if not (path.stem == BEYOND_THE_MODEL and backend.values[0] == "model")
 ]
-
-
-def gpu_server(backend: str) -> MachineFile:
-    """examples/gpu-server.toml; for the model, with 8 GiB GPU BARs instead of 128 GiB, so that its
-    64-bit window fits the model CPU's 40 address bits (the fabric is the same)."""
-    text = (EXAMPLES / "gpu-server.toml").read_text()
-    if backend == "model":
-        assert text.count("size = 0x2000000000\n") == 8
-        text = text.replace("size = 0x2000000000\n", "size = 0x200000000\n")
-    return loads(text, str(EXAMPLES / "gpu-server.toml"))
 
 
 def test_the_examples_are_there():
@@ -78,7 +66,7 @@ def test_the_scan_guest_finds_the_files_fabric(path, backend, strategy):
         (x.bdf.segment, b) for x in spec.topology.expanders for b in range(x.bus, x.last_bus + 1)
     }
     for d in result.report.devices:
-        assert bool(d.flags & DEV_PEER_SCAN) == ((d.segment, d.bus) in expander_buses), d.bdf
+        assert bool(d.flags & DEV_PEER_SCAN) == ((d.address.segment, d.address.bus) in expander_buses), d.bdf
 
 
 @pytest.mark.parametrize(
@@ -157,7 +145,7 @@ def test_hotplug_below_a_switch_punches_and_fills_holes_as_below_a_root_port(bac
     from pcihole.pci.bdf import Bdf
     from pcihole.pci.topology import EndpointSpec
 
-    spec = gpu_server(backend)
+    spec = load_for(EXAMPLES / "gpu-server.toml", backend)
     gone = Bdf(0, 4, 0, 0)  # GPU 1 behind switch 0's downstream port 02:01.0
     audio = EndpointSpec(Bdf(0, 0x0A, 0, 1), 0x10DE, 0x22BA, 0x040300)  # GPU 5's audio function
     image, name = default_kernel()
