@@ -15,7 +15,7 @@ window %pR (ignored, not CPU addressable)", iomem_resource.end being 2**x86_phys
 BARs meant for it get no address; and a page table entry pointing at or above the width is a
 reserved-bit page fault (SDM Vol. 3A 4.5.4).
 
-The width is the backend's: on kvm the host's, as KVM_GET_SUPPORTED_CPUID reports it (48 here); on
+The width is the backend's: on kvm the host's, as KVM_GET_SUPPORTED_CPUID reports it; on
 the model 40, the width its engine's page walk enforces (hv/model/cpuid.py; Unicorn's compile-time
 TCG_PHYS_ADDR_BITS). The ranges are RAM and what the ACPI tables hand out
 (AcpiTables.placed_windows): ECAM windows, and every root bridge's 32-bit and 64-bit windows,
