@@ -178,6 +178,9 @@ class ModelVcpu:
         self._stop_exit: exits.VcpuExit | None = None
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
+        # The exit paused in the middle of an instruction, and RIP then (set_regs: _rip_takes).
+        self._exit_kind: type[exits.VcpuExit] | None = None
+        self._exit_rip: int | None = None
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
@@ -244,7 +247,27 @@ class ModelVcpu:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            cpu.write_regs(*engine, self._regs, self._engine_state)
+            cpu.write_regs(*engine, self._regs, self._engine_state, rip=self._rip_takes(self._regs.rip))
+
+    def _rip_takes(self, rip: int) -> bool:
+        """Whether KVM_SET_REGS's RIP moves the guest, in an exit from the middle of an instruction
+        (the engine paused in an IN / OUT hook or an MMIO access, RIP on the instruction):
+        - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the
+          instruction and skip it only if RIP is still where it was at the exit
+          (kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken,
+          the instruction left undone (an IN's data dropped);
+        - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator
+          with EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded
+          (ctxt->_eip): a RIP set meanwhile is overwritten;
+        - an MMIO write: the emulator finished the instruction before the exit, so a RIP moved
+          during it is taken (here, where the engine is still on the instruction, one left
+          unchanged finishes it).
+        Elsewhere (a boundary's Interrupted, an exit after emu_start returned) RIP is taken."""
+        if self._state is not VcpuState.IN_EXIT or self._exit_rip is None:
+            return True
+        if self._exit_kind is exits.MmioRead:
+            return False
+        return rip != self._exit_rip
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -752,11 +775,15 @@ class ModelVcpu:
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
+        if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
+            # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
+            self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
         finally:
+            self._exit_kind = self._exit_rip = None
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
