@@ -286,8 +286,8 @@ class ModelVcpu:
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
-        does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
-        zeros: the model's bare test guests do not set one)."""
+        does (cpuid.py). Before any table is set, every leaf answers zeros, as kvm_cpuid does
+        with no entries."""
         table = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
         self._instructions.set_cpuid(table, None if engine is None else engine[0])
