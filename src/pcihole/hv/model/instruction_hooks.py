@@ -76,6 +76,11 @@ class InstructionHooks:
         self._hook_tsc(uc)
         self._hook_cpuid(uc)
 
+    @property
+    def cpuid(self) -> CpuidTable:
+        """The guest's CPUID table (empty before KVM_SET_CPUID2)."""
+        return self._cpuid
+
     def set_cpuid(self, table: CpuidTable, uc: Uc | None) -> None:
         """KVM_SET_CPUID2's `table` answers CPUID from now on, in the live engine `uc` too."""
         self._cpuid = table

@@ -217,12 +217,20 @@ class ModelVcpu:
         self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
         self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
-        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id, self.kvmclock.update)
+        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
+        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
+        register_vcpu_msrs(
+            self.msrs,
+            self.engine_msrs,
+            self.tsc,
+            vcpu_id,
+            self.kvmclock.update,
+            cpuid=lambda: self._instructions.cpuid,
+            cr0=lambda: self.get_sregs().cr0,
+        )
         self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
-        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
-        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
         # What the intercept's exits do: RDMSR / WRMSR through self.msrs, HLT (intercept_exits.py).
         self._intercept_exits = InterceptExits(
             self.msrs, self._instructions.write_gprs, self._deliver, self._on_hlt
