@@ -104,3 +104,49 @@ def test_set_regs_in_exit_does_not_run_the_instruction_again(kvm_hv, model_hv):
     with_in = VMM_RAX & ~0xFF | read_answer(0x71, 1)[0]
     assert raxes[2] == with_in
     assert kvm_raxes[2] == (VMM_RAX if host_is_pvm() else with_in)
+
+
+MOVE_GUEST = """
+    mov $0xaabbccdd, %eax
+    in $0x71, %al
+    nop
+    nop
+    nop
+    mov $0x11, %ebx
+    hlt
+"""
+IN_AT = CODE_GPA + 5
+
+
+def run_moving_rip(hv):
+    """At the IN's exit the VMM moves RIP past it and the NOPs (+5) and sets RAX, then completes
+    the read: (RIP at the exit, the exit after, final RIP, RAX, RBX)."""
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE_GPA, assemble(MOVE_GUEST, org=CODE_GPA))
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
+        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        first = vcpu.run()
+        assert isinstance(first, exits.IoIn), first
+        regs = vcpu.get_regs()
+        at_exit = regs.rip
+        regs.rip = IN_AT + 5
+        regs.rax = VMM_RAX
+        vcpu.set_regs(regs)
+        vcpu.complete_read(b"\x99")
+        second = vcpu.run()
+        regs = vcpu.get_regs()
+        return at_exit, second, regs.rip, regs.rax, regs.rbx
+    finally:
+        vm.close()
+        ram.close()
+
+
+def test_rip_moved_in_an_in_exit_leaves_the_in_undone(kvm_hv, model_hv):
+    """complete_fast_pio_in: RIP no longer at pio.linear_rip, so the IN is not completed: RAX keeps
+    the VMM's value, and the guest goes on where the VMM put it."""
+    model = run_moving_rip(model_hv)
+    assert model == run_moving_rip(kvm_hv)
+    assert model == (IN_AT, exits.Hlt(), IN_AT + 5 + 6, VMM_RAX, 0x11)

@@ -83,6 +83,7 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
+    UC_X86_REG_EAX,
     UC_X86_REG_IDTR,
 )
 
@@ -181,6 +182,7 @@ class ModelVcpu:
         # The exit paused in the middle of an instruction, and RIP then (set_regs: _rip_takes).
         self._exit_kind: type[exits.VcpuExit] | None = None
         self._exit_rip: int | None = None
+        self._exit_rip_moved = False  # KVM_SET_REGS moved RIP during that exit
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
@@ -255,7 +257,10 @@ class ModelVcpu:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            cpu.write_regs(*engine, self._regs, self._engine_state, rip=self._rip_takes(self._regs.rip))
+            rip = self._rip_takes(self._regs.rip)
+            if rip and self._exit_rip is not None:
+                self._exit_rip_moved = True  # an IN's data is then dropped (_on_in)
+            cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
 
     def _rip_takes(self, rip: int) -> bool:
         """Whether KVM_SET_REGS's RIP moves the guest, in an exit from the middle of an instruction
@@ -786,6 +791,7 @@ class ModelVcpu:
         if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
             # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
             self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
+            self._exit_rip_moved = False
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
@@ -837,6 +843,11 @@ class ModelVcpu:
         data = self.vm.pio_bus.read(port, size)
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
+            if self._exit_rip_moved:
+                # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
+                # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
+                self._exit_rip_moved = False
+                return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
