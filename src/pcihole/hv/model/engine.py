@@ -38,7 +38,8 @@ class Engine:
 def loaded_engine() -> Engine:
     """The engine this process loaded (LIBUNICORN_PATH, else the installed package's library)."""
     library = Path(uclib._name)
-    key, patches = None, ()
+    key: str | None = None
+    patches: tuple[str, ...] = ()
     try:
         lines = (library.parent / MARKER).read_text().split()
     except OSError:
