@@ -92,5 +92,7 @@ def test_the_table_puts_the_model_against_qemu_tcg_with_its_engine():
     )
     results.linux = [row("model", "native", 6.0), row("model", "exit", None), row("qemu", "tcg", 2.4)]
     notes = [line for line in linux_table(results) if "QEMU TCG's" in line]
-    assert notes == [f"- `model / native` to /init: 2.5x QEMU TCG's (target 3x) (engine: {host_info().model_engine})"]
+    assert notes == [
+        f"- `model / native` to /init: 2.5x QEMU TCG's (target 3x) (engine: {host_info().model_engine})"
+    ]
     assert "Unicorn" in (host_info().model_engine or "")
