@@ -183,6 +183,10 @@ class ModelVcpu:
         self._exit_kind: type[exits.VcpuExit] | None = None
         self._exit_rip: int | None = None
         self._exit_rip_moved = False  # KVM_SET_REGS moved RIP during that exit
+        self._exit_regs_set = False  # KVM_SET_REGS during that exit (an MMIO one: _replay)
+        # An MMIO exit whose instruction runs again with the VMM's registers, and its answer
+        # (exit_to_user): the exit the instruction makes again, and what to return without the VMM.
+        self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
@@ -260,6 +264,7 @@ class ModelVcpu:
             rip = self._rip_takes(self._regs.rip)
             if rip and self._exit_rip is not None:
                 self._exit_rip_moved = True  # an IN's data is then dropped (_on_in)
+            self._exit_regs_set = self._exit_rip is not None
             cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
 
     def _rip_takes(self, rip: int) -> bool:
@@ -583,6 +588,8 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
+        if self._replay is not None:
+            return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
         if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
         boundary = self._boundary
@@ -783,6 +790,10 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
+        replay, self._replay = self._replay, None
+        if replay is not None and replay[0] == exit_:
+            return replay[1]  # the instruction again, after KVM_SET_REGS in its exit (below)
+        with self._sync:
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
@@ -791,16 +802,30 @@ class ModelVcpu:
         if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
             # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
             self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
-            self._exit_rip_moved = False
+            self._exit_rip_moved = self._exit_regs_set = False
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
         finally:
+            regs_set = self._exit_regs_set and isinstance(exit_, exits.MmioRead | exits.MmioWrite)
             self._exit_kind = self._exit_rip = None
+            self._exit_regs_set = False
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
+        if regs_set and not self._exit_rip_moved and self._state not in _LEFT:
+            # KVM_SET_REGS in the middle of a memory access: generated code may hold guest
+            # registers in host ones, and the rest of the block would overwrite what the VMM set
+            # (the engine's exit check after an access reloads nothing). So the engine leaves here,
+            # back at the start of the instruction (uc_exit_request_after_access ->
+            # cpu_loop_exit_restore), and runs it again with the VMM's registers; its access is
+            # answered from this exit, as KVM's emulator completes the access it decoded
+            # (complete_emulated_mmio), and RIP ends past the instruction as on KVM. (A VMM that
+            # changed the registers the address is made of gets a new exit for the new address;
+            # KVM's emulator would finish the access it had decoded.)
+            self._replay = (exit_, value)
+            self._stop(uc)
         if self._state in _LEFT:
             # close() while paused in this exit: Unicorn must leave emu_start, and it first runs on
             # to its next exit check (after the next load or store, or at the end of the
