@@ -10,6 +10,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - intercept_exits.py: the guest's RDMSR / WRMSR and HLT, stopped by the engine's SVM intercepts;
 - pending_events.py: KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel interrupt source
   and the sleep in HLT, asked between runs, at instruction boundaries and while halted;
+- mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -114,6 +115,7 @@ from pcihole.hv.model.interrupts import (
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
+from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
@@ -180,14 +182,9 @@ class ModelVcpu:
         self._stop_exit: exits.VcpuExit | None = None
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
-        # The exit paused in the middle of an instruction, and RIP then (set_regs: _rip_takes).
-        self._exit_kind: type[exits.VcpuExit] | None = None
-        self._exit_rip: int | None = None
-        self._exit_rip_moved = False  # KVM_SET_REGS moved RIP during that exit
-        self._exit_regs_set = False  # KVM_SET_REGS during that exit (an MMIO one: _replay)
-        # An MMIO exit whose instruction runs again with the VMM's registers, and its answer
-        # (exit_to_user): the exit the instruction makes again, and what to return without the VMM.
-        self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
+        # The exit paused in the middle of an instruction, what KVM_SET_REGS does during it, and
+        # the MMIO instruction run again after it (mid_instruction_exit.py).
+        self._mid_exit = MidInstructionExit()
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
@@ -256,31 +253,9 @@ class ModelVcpu:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            rip = self._rip_takes(self._regs.rip)
-            if rip and self._exit_rip is not None:
-                self._exit_rip_moved = True  # an IN's data is then dropped (_on_in)
-            self._exit_regs_set = self._exit_rip is not None
+            rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
+            self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
             cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
-
-    def _rip_takes(self, rip: int) -> bool:
-        """Whether KVM_SET_REGS's RIP moves the guest, in an exit from the middle of an instruction
-        (the engine paused in an IN / OUT hook or an MMIO access, RIP on the instruction):
-        - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the
-          instruction and skip it only if RIP is still where it was at the exit
-          (kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken,
-          the instruction left undone (an IN's data dropped);
-        - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator
-          with EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded
-          (ctxt->_eip): a RIP set meanwhile is overwritten;
-        - an MMIO write: the emulator finished the instruction before the exit, so a RIP moved
-          during it is taken (here, where the engine is still on the instruction, one left
-          unchanged finishes it).
-        Elsewhere (a boundary's Interrupted, an exit after emu_start returned) RIP is taken."""
-        if self._state is not VcpuState.IN_EXIT or self._exit_rip is None:
-            return True
-        if self._exit_kind is exits.MmioRead:
-            return False
-        return rip != self._exit_rip
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -577,7 +552,7 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
-        if self._replay is not None:
+        if self._mid_exit.replay_pending:
             return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
         if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
@@ -675,31 +650,27 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
-        replay, self._replay = self._replay, None
-        if replay is not None and replay[0] == exit_:
-            return replay[1]  # the instruction again, after KVM_SET_REGS in its exit (below)
+        replayed, answer = self._mid_exit.take_replay(exit_)
+        if replayed:
+            return answer  # the instruction again, after KVM_SET_REGS in its exit (below)
         with self._sync:
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
-        if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
-            # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
-            self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
-            self._exit_rip_moved = self._exit_regs_set = False
+        # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
+        self._mid_exit.begin(exit_, lambda: self.get_regs().rip)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
         finally:
-            regs_set = self._exit_regs_set and isinstance(exit_, exits.MmioRead | exits.MmioWrite)
-            self._exit_kind = self._exit_rip = None
-            self._exit_regs_set = False
+            replay = self._mid_exit.end(exit_)
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
-        if regs_set and not self._exit_rip_moved and self._state not in _LEFT:
+        if replay and self._state not in _LEFT:
             # KVM_SET_REGS in the middle of a memory access: generated code may hold guest
             # registers in host ones, and the rest of the block would overwrite what the VMM set
             # (the engine's exit check after an access reloads nothing). So the engine leaves here,
@@ -709,7 +680,7 @@ class ModelVcpu:
             # (complete_emulated_mmio), and RIP ends past the instruction as on KVM. (A VMM that
             # changed the registers the address is made of gets a new exit for the new address;
             # KVM's emulator would finish the access it had decoded.)
-            self._replay = (exit_, value)
+            self._mid_exit.replay_later(exit_, value)
             self._stop(uc)
         if self._state in _LEFT:
             # close() while paused in this exit: Unicorn must leave emu_start, and it first runs on
@@ -753,10 +724,10 @@ class ModelVcpu:
         data = self.vm.pio_bus.read(port, size)
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
-            if self._exit_rip_moved:
+            if self._mid_exit.rip_moved:
                 # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
                 # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
-                self._exit_rip_moved = False
+                self._mid_exit.rip_moved = False
                 return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
