@@ -261,7 +261,9 @@ def test_a_read_straddling_an_absent_and_a_present_function_gets_each_byte_right
     with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(STRADDLE_GUEST), run_loop=run_loop) as m:
         result = m.run(timeout=60)
         assert result.stop.reason == StopReason.DEBUG_EXIT, result.stop
-        assert m.memory.read_guest(RESULTS, 4) == bytes([FILL]) * 2 + m.host_bridge.mmio_read(ECAM + 0x8000, 2)
+        assert m.memory.read_guest(RESULTS, 4) == bytes([FILL]) * 2 + m.host_bridge.mmio_read(
+            ECAM + 0x8000, 2
+        )
         # KVM cuts an access that crosses a page into one exit per page (emulator_read_write).
         assert dict(result.stats.ecam_absent_accesses) == {(ECAM + 0x7FFE, 2, "read"): 1}
         assert result.stats.ecam_reads == 2
@@ -344,4 +346,3 @@ def test_a_kick_before_run_makes_the_c_loop_return_at_once():
         exit_ = m.vcpu.run_answering(m.fill_pages)
         assert type(exit_).__name__ == "Interrupted"
         assert m.stats.exits.total == 0  # the guest never ran
-

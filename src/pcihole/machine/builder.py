@@ -32,9 +32,9 @@ from pcihole.guest.report import DEFAULT_MAX_DEVICES, DeviceArea, ReportError, c
 from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.cpu_setup import configure_vcpu
+from pcihole.hv.interface import Hypervisor, InterruptLines
 from pcihole.hv.kvm.c_run_loop import CRunLoop, CRunLoopUnavailable
 from pcihole.hv.kvm.c_run_loop import load as load_c_run_loop
-from pcihole.hv.interface import Hypervisor, InterruptLines
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout

@@ -86,7 +86,9 @@ def build(source: Path = SOURCE, cache: Path | None = None) -> Path:
         return library
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
-        raise CRunLoopUnavailable(f"no C compiler ({compiler!r} not found; install gcc) to build {source.name}")
+        raise CRunLoopUnavailable(
+            f"no C compiler ({compiler!r} not found; install gcc) to build {source.name}"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # Compile beside the target, then rename: a concurrent build or a killed one never leaves a
@@ -101,7 +103,9 @@ def build(source: Path = SOURCE, cache: Path | None = None) -> Path:
                 check=False,
             )
             if done.returncode != 0:
-                first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+                first = next(
+                    (line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()
+                )
                 raise CRunLoopUnavailable(f"{compiler} could not build {source.name}: {first}")
             partial.replace(library)
         finally:
