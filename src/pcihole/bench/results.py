@@ -52,8 +52,16 @@ class BenchResults:
             if r.strategy == "exit" and r.backend != "qemu" and r.run_seconds
         }
 
-    def row(self, backend: str, strategy: str) -> ScanRow | None:
-        return next((r for r in self.scan if r.backend == backend and r.strategy == strategy), None)
+    def row(self, backend: str, strategy: str, run_loop: str = "auto") -> ScanRow | None:
+        """The scan row of backend / strategy with the run loop asked for ("auto": the default loop)."""
+        return next(
+            (
+                r
+                for r in self.scan
+                if r.backend == backend and r.strategy == strategy and r.run_loop_asked == run_loop
+            ),
+            None,
+        )
 
     def as_json(self) -> dict[str, object]:
         return {

@@ -83,10 +83,11 @@ def _work_units(
     with_qemu: bool,
     linux_boots: int = 0,
     alias_backends: int = 0,
+    extra_scan_rows: int = 0,
 ) -> int:
     return (
         linux_boots
-        + configs * plan.scan_runs
+        + (configs + extra_scan_rows) * plan.scan_runs
         + (plan.qemu_runs if with_qemu else 0)
         + backends
         + configs
@@ -106,7 +107,7 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
     kernel = Kernel(*default_kernel())
     default_machine = load_default()
 
-    for config in configs.configs:
+    for config in configs.scan_configs:
         label = f"scan: {config.label}"
         progress.note(label)
         row = scan_default_machine(
@@ -232,6 +233,7 @@ def run_bench(
             results.qemu_skipped is None,
             linux_boots,
             len(_alias_backends(results)),
+            len(configs.scan_configs) - len(configs.configs),
         ),
         stops,
     )
