@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,3 +204,17 @@ class FillPages:
             log = self._log
             self.sink([(log[i].addr, log[i].size) for i in range(count)])
             self.table.count = 0
+
+
+def main() -> int:
+    """`python -m pcihole.hv.kvm.c_run_loop`: build the C loop (bin/setup does); one line either way."""
+    try:
+        print(build())
+    except CRunLoopUnavailable as e:
+        print(f"the C run loop cannot be built: {e}; pcihole will use the Python loop", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
