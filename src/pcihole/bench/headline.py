@@ -56,6 +56,9 @@ class Headline:
     exit_over_qemu: float | None = None
     #: kvm only: the same with the Python loop
     exit_python_loop_over_qemu: float | None = None
+    #: kvm only: both, booted in turn with QEMU (exit_vs_qemu.py): medians of each round's ratio
+    exit_over_qemu_alternated: float | None = None
+    exit_python_loop_over_qemu_alternated: float | None = None
     #: kvm only: (the floor scan + the `exit` row's ECAM exits x the bare loop's exit) / QEMU's scan
     bare_loop_over_qemu: float | None = None
 
@@ -101,6 +104,9 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
     if backend == "kvm":
         qemu = _time(results, "qemu", "exit")
         headline.exit_over_qemu = _quotient(_time(results, backend, "exit"), qemu)
+        if results.exit_vs_qemu is not None:
+            headline.exit_over_qemu_alternated = results.exit_vs_qemu.default_loop_over_qemu
+            headline.exit_python_loop_over_qemu_alternated = results.exit_vs_qemu.python_loop_over_qemu
         python_row = results.row(backend, "exit", run_loop="python")
         if python_row is not None:
             headline.exit_python_loop_over_qemu = _quotient(python_row.scan_seconds.median, qemu)

@@ -85,6 +85,11 @@ def headline_lines(results: BenchResults) -> list[str]:
                 f"  - the `exit` strategy's scan takes {units.times(h.exit_over_qemu)} QEMU's on this host"
                 f"{python_loop}{bare}"
             )
+        if h.exit_over_qemu_alternated is not None:
+            lines.append(
+                f"  - booted in turn with QEMU: the `exit` scan takes {units.times(h.exit_over_qemu_alternated)} "
+                f"QEMU's ({units.times(h.exit_python_loop_over_qemu_alternated)} with the Python loop)"
+            )
     return lines
 
 
@@ -138,7 +143,8 @@ def ratio_table(results: BenchResults) -> list[str]:
 
 def exit_path_table(results: BenchResults) -> list[str]:
     lines = [
-        "| backend | bare KVM_RUN loop, per exit | pcihole `exit` strategy, per dispatched ECAM exit | ratio |",
+        "| backend | bare Python KVM_RUN loop, per exit | pcihole `exit` strategy (default run loop), per "
+        "dispatched ECAM exit | ratio |",
         "|---|---|---|---|",
     ]
     for e in results.exit_path:
@@ -184,6 +190,19 @@ def exit_path_table(results: BenchResults) -> list[str]:
                 f"| {units.times(b.c_run_loop_over_python_bare)} |"
             )
         lines += [f"- no C loop on {b.backend}: {b.c_skipped}" for b in breakdowns if b.c_skipped]
+    v = results.exit_vs_qemu
+    if v is not None:
+        lines += [
+            "",
+            f"The `exit` scan against QEMU's, booted in turn ({v.rounds} rounds of one boot each; "
+            "the ratio is the median of each round's):",
+            "",
+            "| kvm / exit, default loop | kvm / exit, Python loop | qemu / exit | default / QEMU | Python / QEMU |",
+            "|---|---|---|---|---|",
+            f"| {units.ms(v.default_loop_seconds.median)} ms ({v.default_loop} loop) "
+            f"| {units.ms(v.python_loop_seconds.median)} ms | {units.ms(v.qemu_seconds.median)} ms "
+            f"| {units.times(v.default_loop_over_qemu)} | {units.times(v.python_loop_over_qemu)} |",
+        ]
     return lines
 
 

@@ -31,6 +31,7 @@ from pcihole.bench import alias_sweep, linux_boot, qemu_peer
 from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
+from pcihole.bench.exit_vs_qemu import measure_exit_vs_qemu
 from pcihole.bench.headline import compute_headline
 from pcihole.bench.host import hardware_kvm, host_info, load_average
 from pcihole.bench.hotplug import WRITE_POLICIES, measure_hotplug
@@ -88,7 +89,7 @@ def _work_units(
     return (
         linux_boots
         + (configs + extra_scan_rows) * plan.scan_runs
-        + (plan.qemu_runs if with_qemu else 0)
+        + (2 * plan.qemu_runs if with_qemu else 0)  # the QEMU row, then the alternated rounds
         + backends
         + configs
         + alias_backends * alias_sweep.point_count(plan)
@@ -127,6 +128,19 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
                 qemu_peer.scan_on_qemu(
                     default_machine, plan.qemu_runs, clock, on_run=lambda: progress.step("scan: QEMU")
                 )
+            )
+        except BenchError as e:
+            results.qemu_skipped = f"QEMU failed: {e}"
+    if results.qemu_skipped is None:
+        progress.note("exit vs QEMU: a boot of each in turn")
+        try:
+            results.exit_vs_qemu = measure_exit_vs_qemu(
+                default_machine,
+                plan.qemu_runs,
+                kernel,
+                clock,
+                stops,
+                on_round=lambda: progress.step("exit vs QEMU"),
             )
         except BenchError as e:
             results.qemu_skipped = f"QEMU failed: {e}"
