@@ -74,6 +74,11 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
         c_loop = rows[("kvm", "exit")]
         for key in ("exits", "ecam_exits", "absent_exits", "config_reads", "devices"):
             assert python_loop[key] == c_loop[key], key
+        if ("qemu", "exit") in rows:
+            # the alternated rounds ran both loops: the default one is the C loop where it builds
+            v = data["exit_vs_qemu"]
+            assert v["rounds"] >= 1 and v["default_loop"] in ("c", "python")
+            assert v["default_loop"] == c_loop["run_loop"]
     else:
         assert python_loop_rows == []
     # Counts, not times: absent functions never exit where the hole is a memslot.
