@@ -56,7 +56,7 @@ def measure_exit_vs_qemu(
         python.append(
             boot_and_scan(spec, Config("kvm", "exit", run_loop="python"), kernel, clock, stops).scan_seconds
         )
-        qemu.append(scan_on_qemu(spec, 1, clock).scan_seconds.median)
+        qemu.append(scan_on_qemu(spec, 1, clock, stops=stops).scan_seconds.median)
         on_round()
     return ExitVsQemu(
         rounds=len(qemu),
