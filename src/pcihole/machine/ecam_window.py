@@ -15,9 +15,9 @@
   memory map's view (the fill for hole pages, the ConfigPage and so the host bridge for punched
   pages), counted; where the map has no region (it is being torn down), to the host bridge.
 - `FillPagesWiring`: with the C run loop (hv/kvm/run_loop.c), the reads of absent functions that
-  exit are answered in C from a bitmap of present pages per window and the segment's fill; this
-  keeps the bitmap equal to the host bridge's present functions and counts what the C loop answered
-  as EcamWindow.read counts it.
+  exit are answered in C from a bitmap of present pages per window and the segment's fill; the
+  bitmap follows the memory map's punched pages (HotplugWiring sets and clears the bits) and what the
+  C loop answered is counted as EcamWindow.read counts it.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class FillPagesWiring:
 
     def __init__(self, loop: CRunLoop, host_bridge: HostBridge, hotplug: HotplugWiring, stats: RunStats) -> None:
         self.stats = stats
-        self.view_counters = hotplug.memory.view.counters
+        self.view = hotplug.memory.view
         self.fill_pages = FillPages(
             loop, [(s.window_base, s.window_size, s.fill) for s in host_bridge.segments], self._count
         )
@@ -139,7 +139,7 @@ class FillPagesWiring:
         stats.ecam_exits += n
         stats.ecam_reads += n
         stats.ecam_absent_exits += n
-        self.view_counters.hole_reads += n
+        self.view.counters.hole_reads += n
         accesses = stats.ecam_absent_accesses
         for addr, size in reads:
             accesses[(addr, size, "read")] += 1
