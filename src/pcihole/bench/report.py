@@ -28,6 +28,7 @@ def host_lines(results: BenchResults) -> list[str]:
         f"- CPU: {h.cpu_model} ({h.cpus} CPUs); kernel {h.kernel}; KVM: {h.kvm_flavour}",
         f"- TSC: {c.hz / 1e6:.1f} MHz ({c.source}{reference}){check_text}",
         f"- Python {h.python}; QEMU {h.qemu or 'not installed'}",
+        *([f"- the model's CPU engine: {h.model_engine}"] if h.model_engine else []),
         f"- plan: {results.plan.name} ({results.plan.scan_runs} boots per row, {results.plan.scaling_runs} per "
         f"scaling point); run started {results.started}, took {results.seconds:.0f} s",
         *load,
@@ -293,7 +294,21 @@ def linux_table(results: BenchResults) -> list[str]:
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.linux if r.note]
     notes += [f"- no `{what}` row: {why}" for what, why in results.linux_skipped.items()]
+    notes += model_against_tcg(results)
     return lines + ([""] + notes if notes else [])
+
+
+def model_against_tcg(results: BenchResults) -> list[str]:
+    """Each model row's boot to /init against QEMU TCG's in the same run (target: within 3x)."""
+    tcg = next((r for r in results.linux if r.backend == "qemu" and r.strategy == "tcg"), None)
+    if tcg is None or not tcg.boot_seconds:
+        return []
+    engine = f" (engine: {results.host.model_engine})" if results.host.model_engine else ""
+    return [
+        f"- `{r.label}` to /init: {r.boot_seconds / tcg.boot_seconds:.1f}x QEMU TCG's (target 3x){engine}"
+        for r in results.linux
+        if r.backend == "model" and r.boot_seconds is not None
+    ]
 
 
 def markdown(results: BenchResults, plots: list[str]) -> str:
