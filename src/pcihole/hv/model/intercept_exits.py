@@ -7,7 +7,7 @@ takes is finished here as the instruction would have been, so the guest never se
 - RDMSR / WRMSR (MSR_EXIT): done through the vCPU's MsrTable (msr.py), RIP moved past the 2-byte
   instruction, or #GP(0) for an MSR nobody owns (kvm_emulate_rdmsr / wrmsr with ignore_msrs=0);
 - HLT (HLT_EXIT): stepped over as helper_hlt and do_hlt would, then handed to the vCPU, whose
-  halt (KVM_EXIT_HLT, or a sleep until an interrupt) is vcpu.py's: it belongs to the run loop.
+  halt (KVM_EXIT_HLT, or a sleep until an interrupt: pending_events.py) belongs to the run loop.
 """
 
 from __future__ import annotations

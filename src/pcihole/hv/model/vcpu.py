@@ -8,6 +8,9 @@ x86.c's and the MMU's work is in the modules it drives:
 - boundary_hook.py: how another thread stops the vCPU at an instruction boundary (kvm_vcpu_kick);
 - instruction_hooks.py: CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from the guest TSC;
 - intercept_exits.py: the guest's RDMSR / WRMSR and HLT, stopped by the engine's SVM intercepts;
+- pending_events.py: KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel interrupt source
+  and the sleep in HLT, asked between runs, at instruction boundaries and while halted;
+- mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -93,14 +96,13 @@ from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState, read_flags
+from pcihole.hv.model.engine_state import EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.instruction_hooks import InstructionHooks
 from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
     IF,
-    NMI,
     UD,
     Delivery,
     Event,
@@ -108,15 +110,16 @@ from pcihole.hv.model.interrupts import (
     Fault,
     LinearMemory,
     TripleFault,
-    interrupt_window_open,
     syscall,
 )
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
+from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
+from pcihole.hv.model.pending_events import PendingEvents
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
@@ -179,35 +182,24 @@ class ModelVcpu:
         self._stop_exit: exits.VcpuExit | None = None
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
-        # The exit paused in the middle of an instruction, and RIP then (set_regs: _rip_takes).
-        self._exit_kind: type[exits.VcpuExit] | None = None
-        self._exit_rip: int | None = None
-        self._exit_rip_moved = False  # KVM_SET_REGS moved RIP during that exit
-        self._exit_regs_set = False  # KVM_SET_REGS during that exit (an MMIO one: _replay)
-        # An MMIO exit whose instruction runs again with the VMM's registers, and its answer
-        # (exit_to_user): the exit the instruction makes again, and what to return without the VMM.
-        self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
+        # The exit paused in the middle of an instruction, what KVM_SET_REGS does during it, and
+        # the MMIO instruction run again after it (mid_instruction_exit.py).
+        self._mid_exit = MidInstructionExit()
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
         # then a Shutdown, as for a guest with no IDT.
         self._delivery: Delivery | None = None
         self._engine_state: EngineState | None = None
-        # The external interrupt KVM_INTERRUPT queued, delivered at the next entry (None: none),
-        # and kvm_run.request_interrupt_window.
-        self._injection: int | None = None
-        self._window_requested = False
-        self._nmi_pending = False  # KVM_NMI (nmi_queued)
-        # The in-kernel interrupt controller (a future local APIC); with one, HLT sleeps in run()
-        # and `_halted` says the vCPU is in that state (KVM's mp_state HALTED), also across a kick.
-        self._source: InterruptSource | None = None
-        self._halted = False
+        # KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel source and the HLT sleep
+        # (pending_events.py).
+        self._events = PendingEvents(
+            self._requests, self._sync, self._request_boundary, self._deliver, lambda: self._state in _LEFT
+        )
         # uc_emu_start calls (each return flushed the translation cache): tests bound it.
         self.engine_starts = 0
         # A 32-bit engine the guest took into long mode is replaced by a 64-bit one (long_mode_switch.py).
         self._long_mode = LongModeSwitch(self._requests, self._request_boundary)
-        # The source has an interrupt that waited for IF at the last boundary (_at_boundary).
-        self._source_waits = False
         self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
         #: The in-kernel LAPIC (lapic.py) where the VM has an irqchip, else None.
         self.lapic: LocalApic | None = None
@@ -261,31 +253,9 @@ class ModelVcpu:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            rip = self._rip_takes(self._regs.rip)
-            if rip and self._exit_rip is not None:
-                self._exit_rip_moved = True  # an IN's data is then dropped (_on_in)
-            self._exit_regs_set = self._exit_rip is not None
+            rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
+            self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
             cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
-
-    def _rip_takes(self, rip: int) -> bool:
-        """Whether KVM_SET_REGS's RIP moves the guest, in an exit from the middle of an instruction
-        (the engine paused in an IN / OUT hook or an MMIO access, RIP on the instruction):
-        - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the
-          instruction and skip it only if RIP is still where it was at the exit
-          (kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken,
-          the instruction left undone (an IN's data dropped);
-        - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator
-          with EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded
-          (ctxt->_eip): a RIP set meanwhile is overwritten;
-        - an MMIO write: the emulator finished the instruction before the exit, so a RIP moved
-          during it is taken (here, where the engine is still on the instruction, one left
-          unchanged finishes it).
-        Elsewhere (a boundary's Interrupted, an exit after emu_start returned) RIP is taken."""
-        if self._state is not VcpuState.IN_EXIT or self._exit_rip is None:
-            return True
-        if self._exit_kind is exits.MmioRead:
-            return False
-        return rip != self._exit_rip
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -423,7 +393,7 @@ class ModelVcpu:
     def attach_interrupt_source(self, source: InterruptSource) -> None:
         """An in-kernel interrupt controller (interrupt_source.py): from now on HLT sleeps in run()
         until the source has an interrupt the guest can take, as with KVM's in-kernel LAPIC."""
-        self._source = source
+        self._events.source = source
 
     def attach_lapic(self, lapic: LocalApic) -> None:
         """The in-kernel LAPIC (lapic.py) of a VM with KVM_CREATE_IRQCHIP: asked before the MMIO bus
@@ -451,15 +421,15 @@ class ModelVcpu:
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: HALTED while asleep in HLT (in-kernel LAPIC), else RUNNABLE."""
-        return KVM_MP_STATE_HALTED if self._halted else KVM_MP_STATE_RUNNABLE
+        return KVM_MP_STATE_HALTED if self._events.halted else KVM_MP_STATE_RUNNABLE
 
     def set_mp_state(self, mp_state: int) -> None:
         """KVM_SET_MP_STATE: RUNNABLE wakes a halted vCPU (it goes on after its HLT); HALTED puts
         it to sleep at the next entry. Other states (INIT, SIPI) are not modelled: EINVAL."""
         if mp_state == KVM_MP_STATE_RUNNABLE:
-            self._halted = False
-        elif mp_state == KVM_MP_STATE_HALTED and self._source is not None:
-            self._halted = True
+            self._events.halted = False
+        elif mp_state == KVM_MP_STATE_HALTED and self._events.source is not None:
+            self._events.halted = True
         else:
             raise ModelKvmError(errno.EINVAL, "KVM_SET_MP_STATE", f"vcpu={self.id}, {mp_state}")
 
@@ -467,9 +437,7 @@ class ModelVcpu:
         """The source has a new interrupt (any thread): kvm_vcpu_kick after the LAPIC set IRR. The
         vCPU delivers it at its next instruction boundary where IF is set and no STI / MOV SS
         shadow is in force, or wakes from HLT to do so."""
-        self._request_boundary()
-        with self._sync:
-            self._sync.notify_all()
+        self._events.wake()
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt, kvm_queue_interrupt).
@@ -483,24 +451,18 @@ class ModelVcpu:
         """
         if not 0 <= vector < KVM_NR_INTERRUPTS:
             raise ModelKvmError(errno.EINVAL, "KVM_INTERRUPT", f"vcpu={self.id}, irq={vector}")
-        self._injection = vector
-        self._request_boundary()
+        self._events.queue_interrupt(vector)
 
     def nmi(self) -> None:
         """KVM_NMI (no in-kernel irqchip): an NMI (vector 2, whatever IF says) at the next entry or
         instruction boundary where NMIs are not blocked: delivering one blocks them until the
         next IRET (SDM 6.7.1; QEMU's HF2_NMI_MASK, which its IRET clears). Wakes a halted vCPU."""
-        self._nmi_pending = True
-        self._request_boundary()
-        with self._sync:
-            self._sync.notify_all()
+        self._events.queue_nmi()
 
     def request_interrupt_window(self, on: bool) -> None:
         """kvm_run.request_interrupt_window: run() returns IrqWindowOpen once the guest can take an
         external interrupt (RFLAGS.IF set, no STI / MOV SS shadow), at an instruction boundary."""
-        self._window_requested = on
-        if on:
-            self._request_boundary()
+        self._events.request_window(on)
 
     def _set_state(self, state: VcpuState) -> None:
         """Move to `state` (the caller holds _sync) and wake whoever waits on a state change."""
@@ -543,26 +505,28 @@ class ModelVcpu:
     def _emulate_in_engine(self) -> exits.VcpuExit | None:
         uc, mode = self._prepare_engine()
         with self._engine_lock:
-            if Request.KICK in self._requests or self._state in _LEFT or self._events_wanted():
+            if Request.KICK in self._requests or self._state in _LEFT or self._events.wanted():
                 # A kick or close() from another thread that found no engine to arm (it was being
                 # built): stop at the first instruction boundary instead of losing it.
                 assert self._boundary is not None
                 self._boundary.arm()
         self._stop_exit = None
-        if self._halted and self._nmi_pending and self._nmi_allowed(uc):
-            self._halted = False
-        if self._halted:
-            exit_ = self._halt(uc)  # still halted (a kick woke the last run()): sleep on
-            if exit_ is not None or self._halted:
+        events, state = self._events, self._engine_state
+        if events.halted and events.nmi_pending and events.nmi_allowed(state):
+            events.halted = False
+        if events.halted:
+            # Still halted (a kick woke the last run()): sleep on.
+            exit_ = events.halt(uc, state, self._mmu)
+            if exit_ is not None or events.halted:
                 return exit_
-        if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
+        if events.nmi_pending and events.nmi_allowed(state) and not events.deliver_nmi(uc, state):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         event = self._long_mode.take_deferred()
         if event is not None and not self._deliver(uc, event):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if self._injection is not None and not self._inject(uc):
+        if events.injection is not None and not events.inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if self._window_open(uc):
+        if events.window_open(uc, state):
             return exits.IrqWindowOpen()
         try:
             try:
@@ -588,7 +552,7 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
-        if self._replay is not None:
+        if self._mid_exit.replay_pending:
             return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
         if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
@@ -603,10 +567,10 @@ class ModelVcpu:
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
         # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
         if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
-            if self._source is None:
+            if events.source is None:
                 return exits.Hlt()
-            self._halted = True
-            return self._halt(uc)
+            events.halted = True
+            return events.halt(uc, self._engine_state, self._mmu)
         return exits.InternalError(KVM_INTERNAL_ERROR_EMULATION)
 
     def _at_boundary(self, uc: Uc) -> None:
@@ -627,29 +591,13 @@ class ModelVcpu:
             # cache (the idle check's kick every 0.25 s cost a retranslation of the kernel's hot
             # code each time). The next run() resumes here.
             self.exit_to_user(exits.Interrupted())
-            if self._state not in _LEFT and (self._events_wanted() or Request.KICK in self._requests):
+            if self._state not in _LEFT and (self._events.wanted() or Request.KICK in self._requests):
                 self._request_boundary()
         elif Request.NEW_ENGINE in self._requests:
             self._stop(uc)
-        elif self._nmi_pending:
-            if self._nmi_allowed(uc):
-                self._deliver_nmi(uc)
-            else:
-                self._request_boundary()  # blocked until the handler's IRET: look again
-        elif self._injection is not None:
-            self._inject(uc)
-        elif self._window_open(uc):
+        elif self._events.at_boundary(uc, self._engine_state):
             self._stop_exit = exits.IrqWindowOpen()
             self._stop(uc)
-        elif self._source is not None and (self._source_waits or self._source.has_interrupt()):
-            # While an interrupt waits for IF (Linux runs long stretches with interrupts off) this
-            # runs at every block start: RFLAGS.IF is read first, cheaply (KVM asks the CPU for an
-            # interrupt-window exit instead; Unicorn has no such event).
-            self._source_waits = not self._deliver_from_source(uc)
-            if self._source_waits:
-                self._request_boundary()  # the window is closed: look again at the next block
-        elif self._window_requested:
-            self._request_boundary()  # the window is closed: look again at the next block
 
     def _still_waiting_for_if(self, uc: Uc) -> bool:
         """At a block start, before _at_boundary: True if an interrupt still waits for RFLAGS.IF
@@ -659,101 +607,13 @@ class ModelVcpu:
         interrupt waits: this runs at each of those blocks."""
         mmu = self._mmu
         return (
-            self._source_waits
+            self._events.only_source_waits()
             and not self._requests
-            and not self._nmi_pending
-            and self._injection is None
-            and not self._window_requested
             and self._state is VcpuState.RUNNING
             and self._mode is not cpu.CpuMode.PROTECTED_32  # _mode_changed looks there
             and (mmu is None or not mmu.stale())
             and not read_flags(uc) & IF
         )
-
-    def _deliver_from_source(self, uc: Uc) -> bool:
-        """Deliver the source's interrupt if the guest can take it now; True if it was delivered."""
-        state, source = self._engine_state, self._source
-        if source is None or state is None or not interrupt_window_open(uc, state):
-            return False
-        if not source.has_interrupt():  # taken meanwhile, or masked by a TPR raised since
-            return True
-        self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
-        return True
-
-    def _halt(self, uc: Uc, in_engine: bool = False) -> exits.VcpuExit | None:
-        """HLT with an in-kernel source (kvm_vcpu_halt): sleep until it has an interrupt the guest
-        can take (then deliver it and go on: None), a KVM_INTERRUPT, a kick (Interrupted; the vCPU
-        stays halted) or close (None). `in_engine` (from the HLT intercept's callback): a memslot
-        change also returns None, the vCPU still halted, for the caller to leave the engine."""
-        source = self._source
-        assert source is not None
-        while True:
-            mmu = self._mmu
-            if mmu is not None and mmu.stale():
-                if in_engine:
-                    return None
-                # A memslot change waits for this vCPU (sync_memslots): apply it while asleep.
-                mmu.sync()
-            with self._sync:
-                if self._state in _LEFT:
-                    return None
-                if Request.KICK in self._requests:
-                    self._requests.discard(Request.KICK)
-                    return exits.Interrupted()
-                if self._injection is not None or (self._nmi_pending and self._nmi_allowed(uc)):
-                    break
-                state = self._engine_state
-                if source.has_interrupt() and state is not None and interrupt_window_open(uc, state):
-                    break
-                if mmu is None or not mmu.stale():
-                    self._sync.wait()
-        self._halted = False
-        if self._nmi_pending and self._nmi_allowed(uc):
-            self._deliver_nmi(uc)
-        elif self._injection is not None:
-            self._inject(uc)
-        else:
-            self._deliver_from_source(uc)
-        return None
-
-    def _nmi_allowed(self, uc: Uc) -> bool:
-        state = self._engine_state
-        if state is None:
-            return True  # no delivery: _deliver reports the Shutdown
-        state.load()
-        return not state.hflags2 & HF2_NMI_MASK
-
-    def _deliver_nmi(self, uc: Uc) -> bool:
-        """Deliver the pending NMI and block NMIs until the next IRET; False on a triple fault."""
-        self._nmi_pending = False
-        if not self._deliver(uc, Event(NMI, EventKind.EXTERNAL)):
-            return False
-        state = self._engine_state
-        assert state is not None
-        state.load()
-        state.hflags2 |= HF2_NMI_MASK
-        state.store()
-        return True
-
-    def _events_wanted(self) -> bool:
-        source = self._source
-        return (
-            self._nmi_pending
-            or self._injection is not None
-            or self._window_requested
-            or (source is not None and source.has_interrupt())
-        )
-
-    def _inject(self, uc: Uc) -> bool:
-        """Deliver the interrupt KVM_INTERRUPT queued; False if that triple-faulted (Shutdown)."""
-        vector, self._injection = self._injection, None
-        assert vector is not None
-        return self._deliver(uc, Event(vector, EventKind.EXTERNAL))
-
-    def _window_open(self, uc: Uc) -> bool:
-        """An IrqWindowOpen exit is due: requested, and the guest can take an interrupt now."""
-        state = self._engine_state
-        return self._window_requested and state is not None and interrupt_window_open(uc, state)
 
     def _deliver(self, uc: Uc, event: Event) -> bool:
         """Deliver `event` through the IDT; on a triple fault stop with Shutdown (False)."""
@@ -790,31 +650,27 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
-        replay, self._replay = self._replay, None
-        if replay is not None and replay[0] == exit_:
-            return replay[1]  # the instruction again, after KVM_SET_REGS in its exit (below)
+        replayed, answer = self._mid_exit.take_replay(exit_)
+        if replayed:
+            return answer  # the instruction again, after KVM_SET_REGS in its exit (below)
         with self._sync:
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
-        if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
-            # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
-            self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
-            self._exit_rip_moved = self._exit_regs_set = False
+        # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
+        self._mid_exit.begin(exit_, lambda: self.get_regs().rip)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
         finally:
-            regs_set = self._exit_regs_set and isinstance(exit_, exits.MmioRead | exits.MmioWrite)
-            self._exit_kind = self._exit_rip = None
-            self._exit_regs_set = False
+            replay = self._mid_exit.end(exit_)
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
-        if regs_set and not self._exit_rip_moved and self._state not in _LEFT:
+        if replay and self._state not in _LEFT:
             # KVM_SET_REGS in the middle of a memory access: generated code may hold guest
             # registers in host ones, and the rest of the block would overwrite what the VMM set
             # (the engine's exit check after an access reloads nothing). So the engine leaves here,
@@ -824,7 +680,7 @@ class ModelVcpu:
             # (complete_emulated_mmio), and RIP ends past the instruction as on KVM. (A VMM that
             # changed the registers the address is made of gets a new exit for the new address;
             # KVM's emulator would finish the access it had decoded.)
-            self._replay = (exit_, value)
+            self._mid_exit.replay_later(exit_, value)
             self._stop(uc)
         if self._state in _LEFT:
             # close() while paused in this exit: Unicorn must leave emu_start, and it first runs on
@@ -868,10 +724,10 @@ class ModelVcpu:
         data = self.vm.pio_bus.read(port, size)
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
-            if self._exit_rip_moved:
+            if self._mid_exit.rip_moved:
                 # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
                 # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
-                self._exit_rip_moved = False
+                self._mid_exit.rip_moved = False
                 return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
@@ -902,21 +758,22 @@ class ModelVcpu:
         # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
         # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
         # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
-        # goes on from there (sleeping on in _halt): measured, pausing in this callback for an
+        # goes on from there (sleeping on in PendingEvents.halt): measured, pausing in this callback for an
         # exit and closing the VM then crashed the engine (in mem_unmap, or after the callback
         # returned), which pausing in an IN / OUT hook does not.
-        if self._source is None:
+        events = self._events
+        if events.source is None:
             self._stop_exit = exits.Hlt()
             self._stop(uc)
             return
-        self._halted = True
+        events.halted = True
         if self._mode_changed(uc):
             self._long_mode.stop(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
             return
-        exit_ = self._halt(uc, in_engine=True)
+        exit_ = events.halt(uc, self._engine_state, self._mmu, in_engine=True)
         if exit_ is not None:
             self._stop_exit = exit_  # a kick: run() returns Interrupted, the vCPU stays halted
-        if self._halted or self._state in _LEFT:
+        if events.halted or self._state in _LEFT:
             self._stop(uc)  # a kick, a memslot change or close
 
     def _on_invalid(self, uc: Uc, _data: object) -> bool:

@@ -1,0 +1,92 @@
+"""`MidInstructionExit`: an exit from the middle of an instruction, and what KVM_SET_REGS does during it.
+
+The model's MMIO and port-I/O exits pause the engine inside the instruction (in an IN / OUT hook or
+an MMIO access, RIP still on it), where KVM has either finished the instruction already (an MMIO
+write) or will finish it on the next KVM_RUN (a read, port I/O). A VMM that sets the registers in
+between must see what KVM does with them, which depends on the exit:
+- port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the instruction and
+  skip it only if RIP is still where it was at the exit (kvm_is_linear_rip(vcpu,
+  vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken, the instruction left undone (an IN's
+  data dropped: `rip_moved`);
+- an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator with
+  EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded (ctxt->_eip): a RIP
+  set meanwhile is overwritten;
+- an MMIO write: the emulator finished the instruction before the exit, so a RIP moved during it is
+  taken (here, where the engine is still on the instruction, one left unchanged finishes it).
+And registers set during an MMIO exit cannot simply be written into the paused engine: its
+generated code may hold guest registers in host ones and overwrite them. The vCPU (vcpu.py's
+exit_to_user) then stops the engine at the start of the instruction and runs it again with the
+VMM's registers, answering its access from the exit that was already made (`replay`).
+
+This is that bookkeeping, one per vCPU; the run loop says when an exit starts and ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pcihole.hv import exits
+
+_MID_INSTRUCTION = exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut
+_MEMORY_ACCESS = exits.MmioRead | exits.MmioWrite
+
+
+class MidInstructionExit:
+    """The exit a vCPU is paused in, RIP then, and what KVM_SET_REGS did during it."""
+
+    def __init__(self) -> None:
+        # The exit paused in the middle of an instruction, and RIP then (None: no such exit).
+        self._kind: type[exits.VcpuExit] | None = None
+        self._rip: int | None = None
+        #: KVM_SET_REGS moved RIP during that exit (an IN's data is then dropped).
+        self.rip_moved = False
+        self._regs_set = False  # KVM_SET_REGS during that exit (an MMIO one is replayed)
+        # An MMIO exit whose instruction runs again with the VMM's registers, and its answer:
+        # the exit the instruction makes again, and what to return without the VMM.
+        self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
+
+    def rip_takes(self, rip: int, in_exit: bool) -> bool:
+        """Whether KVM_SET_REGS's RIP moves the guest (module docstring); `in_exit`: the vCPU is
+        paused in an exit. Elsewhere (a boundary's Interrupted, an exit after emu_start returned)
+        RIP is taken."""
+        if not in_exit or self._rip is None:
+            return True
+        if self._kind is exits.MmioRead:
+            return False
+        return rip != self._rip
+
+    def registers_set(self, rip_taken: bool) -> None:
+        """KVM_SET_REGS, whose RIP was taken or not (rip_takes)."""
+        if rip_taken and self._rip is not None:
+            self.rip_moved = True
+        self._regs_set = self._rip is not None
+
+    def begin(self, exit_: exits.VcpuExit, rip: Callable[[], int]) -> None:
+        """The vCPU pauses in `exit_`; `rip` reads RIP (asked only for an exit mid-instruction)."""
+        if isinstance(exit_, _MID_INSTRUCTION):
+            self._kind, self._rip = type(exit_), rip()
+            self.rip_moved = self._regs_set = False
+
+    def end(self, exit_: exits.VcpuExit) -> bool:
+        """The vCPU resumes from `exit_`: True if KVM_SET_REGS during this MMIO exit left RIP where
+        the instruction runs again (the caller replays it: replay_later)."""
+        regs_set = self._regs_set and isinstance(exit_, _MEMORY_ACCESS)
+        self._kind = self._rip = None
+        self._regs_set = False
+        return regs_set and not self.rip_moved
+
+    def replay_later(self, exit_: exits.VcpuExit, value: bytes | None) -> None:
+        """The instruction of `exit_` runs again: its access is answered with `value`."""
+        self._replay = (exit_, value)
+
+    @property
+    def replay_pending(self) -> bool:
+        return self._replay is not None
+
+    def take_replay(self, exit_: exits.VcpuExit) -> tuple[bool, bytes | None]:
+        """At an exit: (True, the answer) if it is the replayed instruction's; the replay is spent
+        either way."""
+        replay, self._replay = self._replay, None
+        if replay is not None and replay[0] == exit_:
+            return True, replay[1]
+        return False, None
