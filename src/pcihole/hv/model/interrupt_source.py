@@ -5,7 +5,7 @@ KVM's vCPU asks its in-kernel LAPIC two things (arch/x86/kvm/irq.c): is an inter
 (kvm_cpu_get_interrupt). A device that raises one calls ModelVcpu.interrupt_pending() from any
 thread (kvm_vcpu_kick after setting IRR). With a source attached, HLT no longer exits to the VMM:
 the vCPU sleeps in run() until the source has an interrupt the guest can take (kvm_vcpu_halt).
-The local APIC model is to implement this; tests use a one-vector source.
+The local APIC (lapic.py) implements it; tests also use a one-vector source.
 """
 
 from __future__ import annotations
