@@ -70,6 +70,26 @@ ENABLE_APIC = f"""
 """
 
 
+def tsc_deadline_then_halt(vector: int) -> str:
+    """Guest code: the LAPIC timer in TSC-deadline mode on `vector`, its deadline RDTSC + 20,000,000
+    (20 ms at 1 GHz, or less) written with WRMSR IA32_TSC_DEADLINE, then HLT until slot 0 counts
+    an interrupt (counting_handler(vector, 0))."""
+    return f"""
+    movl ${vector | 0x40000}, {LVTT}(%rsi)
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    add $20000000, %rax
+    mov %rax, %rdx
+    shr $32, %rdx
+    mov $0x6e0, %ecx
+    wrmsr
+1:  hlt
+    cmpq $1, {RESULTS}
+    jb 1b
+"""
+
+
 def counting_handler(vector: int, slot: int, *, eoi: bool = True, extra: str = "") -> Handler:
     """A handler that counts its vector in RESULTS + 8 * slot, logs it in the order log (RESULTS +
     0x80: a count at 0x80, the first LOG_ENTRIES vectors from 0x88: more would overwrite the GDT),

@@ -17,6 +17,7 @@ from .irqchip_guest import (
     TPR,
     counting_handler,
     run_irqchip_guest,
+    tsc_deadline_then_halt,
 )
 from .system_guest import RESULTS
 
@@ -232,25 +233,15 @@ def test_tsc_deadline_written_by_the_guest(hypervisor):
     due before its HLT is taken before it and the HLT sleeps for good, on either backend: the
     deadline leaves a wide margin for the vCPU thread to be preempted (the model's first arm once
     waited for its timer thread to start: tests/model/test_host_timer.py)."""
-    body = f"""
-    movl ${TIMER_VECTOR | 0x40000}, {LVTT}(%rsi)
-    rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    add $20000000, %rax
-    mov %rax, %rdx
-    shr $32, %rdx
-    mov $0x6e0, %ecx
-    wrmsr
-1:  hlt
-    cmpq $1, {RESULTS}
-    jb 1b
+    read_deadline = f"""
     mov $0x6e0, %ecx
     rdmsr
     mov %eax, {RESULTS + 0x100}
     out %al, $0x80
 """
-    run = run_irqchip_guest(hypervisor, body, [counting_handler(TIMER_VECTOR, 0)])
+    run = run_irqchip_guest(
+        hypervisor, tsc_deadline_then_halt(TIMER_VECTOR) + read_deadline, [counting_handler(TIMER_VECTOR, 0)]
+    )
     assert not run.stuck, run.exits[-3:]
     assert run.q(0) == 1 and run.log() == [TIMER_VECTOR]
     assert int.from_bytes(run.results[0x100:0x104], "little") == 0

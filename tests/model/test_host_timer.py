@@ -17,8 +17,7 @@ import pytest
 from pcihole.hv.model.host_timer import HostTimer
 from pcihole.hv.model.system import ModelKvm
 
-from .irqchip_guest import LVTT, counting_handler, run_irqchip_guest
-from .system_guest import RESULTS
+from .irqchip_guest import counting_handler, run_irqchip_guest, tsc_deadline_then_halt
 
 WAIT_S = 30.0  # a failure guard only: the expiries below are due at once
 
@@ -59,21 +58,7 @@ def test_start_arms_without_starting_a_thread(no_new_timer_threads):
 def test_guest_tsc_deadline_arms_without_starting_a_thread(no_new_timer_threads):
     """The guest of test_differential_lapic.py's test_tsc_deadline_written_by_the_guest, whose
     WRMSR is the LAPIC timer's first arm: it must not start a thread."""
-    body = f"""
-    movl $0x40040, {LVTT}(%rsi)
-    rdtsc
-    shl $32, %rdx
-    or %rdx, %rax
-    add $20000000, %rax
-    mov %rax, %rdx
-    shr $32, %rdx
-    mov $0x6e0, %ecx
-    wrmsr
-1:  hlt
-    cmpq $1, {RESULTS}
-    jb 1b
-    out %al, $0x80
-"""
+    body = tsc_deadline_then_halt(0x40) + "    out %al, $0x80\n"
     run = run_irqchip_guest(
         ModelKvm(), body, [counting_handler(0x40, 0)], setup=lambda vm, vcpu: no_new_timer_threads()
     )
