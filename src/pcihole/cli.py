@@ -312,7 +312,8 @@ def _tree(result, machine) -> str:
         return lspci_tree(tree_devices(machine.host_bridge))
     return lspci_tree(
         TreeDevice(
-            d.segment, d.bus, d.slot, d.function, d.class_code, d.header_type, d.secondary, d.subordinate
+            *(d.address.segment, d.address.bus, d.address.device, d.address.function),
+            *(d.class_code, d.header_type, d.secondary, d.subordinate),
         )
         for d in result.report.devices
     )
@@ -327,6 +328,18 @@ def _build(spec, args: argparse.Namespace, **what):
         return build_machine(
             spec, backend=args.backend, strategy=args.strategy, host_quirks=args.host_quirks, **what
         )
+    except HostUnavailable as e:
+        raise RunFailed(str(e)) from None
+    except MachineBuildError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check(spec, args: argparse.Namespace) -> None:
+    """What _build would refuse before it builds anything (builder.check_machine), as _build says it."""
+    from pcihole.machine.builder import HostUnavailable, MachineBuildError, check_machine
+
+    try:
+        check_machine(spec, args.backend)
     except HostUnavailable as e:
         raise RunFailed(str(e)) from None
     except MachineBuildError as e:
@@ -374,13 +387,15 @@ def _run_linux(args: argparse.Namespace, spec, timeout: float | None, stops: Sto
     from pcihole.linux import MIN_RAM_MIB
     from pcihole.linux.console import BootClock, linux_stop_line, parse_linux_console
 
+    given = spec
+    spec = dataclasses.replace(spec, ram_mib=max(spec.ram_mib, MIN_RAM_MIB))
+    _check(spec, args)  # a machine pcihole refuses is refused before the kernel is fetched
     kernel, kernel_name, initrd, cmdline = _linux_inputs(args.append)
-    if spec.ram_mib < MIN_RAM_MIB:
+    if given.ram_mib < MIN_RAM_MIB:
         print(
-            f"pcihole: --linux: {spec.name or spec.path} has {spec.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
+            f"pcihole: --linux: {given.name or given.path} has {given.ram_mib} MiB of RAM; giving Linux {MIN_RAM_MIB} MiB",
             file=sys.stderr,
         )
-        spec = dataclasses.replace(spec, ram_mib=MIN_RAM_MIB)
     # The console goes to stderr as it comes (a boot can take minutes on a software KVM); stdout
     # keeps what Linux found and the statistics.
     err = sys.stderr.buffer

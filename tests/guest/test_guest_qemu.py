@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pcihole.guest.report import ScanStatus, parse_serial, read_report
+from pcihole.guest.report import ScannedDevice, ScanStatus, parse_serial, read_report
 from tests.guest import guest_qemu
 from tests.guest.guest_qemu import Session, flatten_query_pci, needs_qemu, run
+
+
+def bus_slot_function(d: ScannedDevice) -> tuple[int, int, int]:
+    """As QEMU's query-pci names a function."""
+    return d.address.bus, d.address.device, d.address.function
 
 pytestmark = needs_qemu
 
@@ -63,8 +68,8 @@ def test_q35_boot_lists_devices():
     pci_bridge = [d for d in s.devices if (d.vendor, d.device) == (0x1B36, 0x000E)]
     assert len(up) == len(down) == len(pci_bridge) == 1
     # an endpoint behind the switch's downstream port, and one at slot 5 behind the PCI bridge
-    assert any(d.bus > down[0].bus and d.vendor == 0x1AF4 for d in s.devices)
-    assert any(d.slot == 5 and d.bus > pci_bridge[0].bus for d in s.devices)
+    assert any(d.address.bus > down[0].address.bus and d.vendor == 0x1AF4 for d in s.devices)
+    assert any(d.address.device == 5 and d.address.bus > pci_bridge[0].address.bus for d in s.devices)
     # 255 buses minus the 6 found behind bridges are brute-forced: at least 249 * 32 word reads
     assert s.config_reads > 249 * 32
 
@@ -86,13 +91,13 @@ def test_q35_matches_qemu_query_pci_and_memory_report():
         (d["bus"], d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"], d["class_info"]["class"])
         for d in after
     }
-    guest = {(d.bus, d.slot, d.function, d.vendor, d.device, d.class_code >> 8) for d in s.devices}
+    guest = {(*bus_slot_function(d), d.vendor, d.device, d.class_code >> 8) for d in s.devices}
     assert guest == qemu  # query-pci gives base class + subclass, not the programming interface
     assert len(s.devices) == len(after) == 15
 
     # Before firmware ran, QEMU lists only the root bus (bridges have secondary bus 0).
     root = {(d["slot"], d["function"], d["id"]["vendor"], d["id"]["device"]) for d in before}
-    assert root == {(d.slot, d.function, d.vendor, d.device) for d in s.devices if d.bus == 0}
+    assert root == {(*bus_slot_function(d)[1:], d.vendor, d.device) for d in s.devices if d.address.bus == 0}
 
     # The report in guest memory says the same as the serial port.
     assert mem.done and mem.status == 0 and mem.scans == 1

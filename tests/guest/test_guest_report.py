@@ -18,6 +18,7 @@ from pcihole.guest.report import (
     parse_serial,
     status_names,
 )
+from pcihole.pci.bdf import Bdf
 
 DEVICES_GPA = 0x8000
 MEMORY_SIZE = 0x10000
@@ -173,6 +174,6 @@ def test_parse_serial_incomplete_and_malformed():
 
 
 def test_device_equality_ignores_memory_only_fields():
-    a = ScannedDevice(0, 0, 8, 1, 2, 3, 4, 1, False, flags=2, secondary=1, subordinate=1)
-    b = ScannedDevice(0, 0, 8, 1, 2, 3, 4, 1, False)
+    a = ScannedDevice(Bdf(0, 0, 1, 0), 1, 2, 3, 4, 1, False, flags=2, secondary=1, subordinate=1)
+    b = ScannedDevice(Bdf(0, 0, 1, 0), 1, 2, 3, 4, 1, False)
     assert a == b and a.key() == ("0000:00:01.0", 1, 2, 3)

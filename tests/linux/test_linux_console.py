@@ -64,7 +64,7 @@ def test_functions_behind_bridges_and_a_second_host_bridge():
     report = parse_linux_console(console("qemu-q35-pxb.txt"))
     bridges = [d for d in report.devices if d.header_type == 1]
     assert {d.bdf for d in bridges} >= {"0000:00:03.0", "0000:00:03.1", "0000:40:00.0"}
-    assert {d.bus for d in report.devices} == {0x00, 0x01, 0x02, 0x40, 0x41}
+    assert {d.address.bus for d in report.devices} == {0x00, 0x01, 0x02, 0x40, 0x41}
 
 
 def test_without_init_the_kernel_lines_are_linux_answer():
@@ -128,9 +128,7 @@ def test_nothing_found():
 
 def test_json_keys_are_the_scan_guests():
     d = parse_linux_console(console("qemu-q35.txt")).devices[0]
-    scanned = ScannedDevice(
-        d.segment, d.bus, d.devfn, d.vendor, d.device, d.class_code, 0, d.header_type or 0, False
-    )
+    scanned = ScannedDevice(d.address, d.vendor, d.device, d.class_code, 0, d.header_type or 0, False)
     assert device_json(d) == device_json(scanned)
 
 

@@ -43,6 +43,6 @@ def test_linux_lists_what_qemu_has(tmp_path, devices):
     # Linux found q35's ECAM through MCFG.
     assert any("MMCONFIG for domain 0000" in line for line in report.mcfg_lines), report.mcfg_lines
     if devices:
-        assert any(d.bus == 0x41 for d in report.devices), "nothing behind the second host bridge"
+        assert any(d.address.bus == 0x41 for d in report.devices), "nothing behind the second host bridge"
         multi = {d.bdf: d.multifunction for d in report.devices}
         assert multi["0000:00:03.0"] is True and multi["0000:00:03.1"] is False

@@ -190,6 +190,28 @@ def test_speaker_port_gates_counter_2_as_linux_calibration_reads_it(hypervisor):
 
 
 @on_both_backends
+def test_in_kernel_port_devices_take_only_their_own_ports(hypervisor):
+    """Each of the PIT's and 8259s' PIO devices takes the accesses that start at its ports and
+    declines the rest, which exit to userspace: speaker_dev is registered for 0x61-0x64 but
+    speaker_ioport_read answers 0x61 only, and a word read at 0x21 runs past the master's two ports
+    (kvm_io_bus_cmp), while a byte at 0x61, 0x42, 0x21 and 0x4d0 never exits."""
+    body = """
+    in $0x61, %al
+    in $0x62, %al
+    in $0x42, %al
+    in $0x21, %al
+    in $0x21, %ax
+    mov $0x4d0, %dx
+    in %dx, %al
+    out %al, $0x80
+"""
+    run = run_irqchip_guest(hypervisor, body, [], pit=True)
+    assert not run.stuck
+    ins = [(e.port, e.size) for e in run.exits if isinstance(e, IoIn)]
+    assert ins == [(0x62, 1), (0x21, 2)]
+
+
+@on_both_backends
 def test_8259_masked_as_linux_leaves_it_delivers_nothing(hypervisor):
     """Linux's init_8259A (ICW1-4, vector bases 0x30 / 0x38, everything masked): GSI 3 latches in the
     master's IRR but is not delivered; unmasked, it arrives as ExtINT through LVT0 (vector 0x33,

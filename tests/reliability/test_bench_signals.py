@@ -10,6 +10,7 @@ minutes on a software KVM, so a bench the signal did not end would not end withi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,3 +64,65 @@ def test_a_signal_ends_the_bench_with_one_line_its_status_and_no_results(
         "a result or the staging directory was left"
     )
     assert (out / "bench.json").read_text() == EARLIER
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid`, from every thread's /proc children list."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread ended
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The process's arguments, None once it is gone (reaped)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+
+
+def booting_qemu(pid: int) -> bool:
+    """A QEMU booting a guest (not the `--version` the bench asks the host description for)."""
+    args = cmdline(pid) or []
+    return bool(args) and Path(args[0]).name.startswith("qemu-system") and "-kernel" in args
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+def test_sigterm_ends_the_bench_while_qemu_runs_and_qemu_with_it(tmp_path):
+    """SIGTERM sent to pcihole alone (not to its process group, as a terminal sends SIGINT) while the
+    QEMU peer runs: QEMU is terminated, not waited for. The QEMU here is the real one, started paused
+    (-S, through a wrapper earlier in PATH), so it would never end by itself: a bench that waited for
+    it would still be there after the bound, and QEMU after the bench."""
+    import shutil
+
+    from pcihole.bench.qemu_peer import QEMU_BINARY, QEMU_TIMEOUT_SECONDS
+
+    real = shutil.which(QEMU_BINARY)
+    assert real is not None
+    wrapper = tmp_path / "bin" / QEMU_BINARY
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@" -S\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "bench-out"
+    cmd = [sys.executable, "-m", "pcihole.cli", "bench", "--quick", "--backend", "kvm", "--out", str(out)]
+    env = {**ENV, "PATH": f"{wrapper.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        qemu = None
+        while qemu is None and proc.poll() is None:
+            qemu = next((c for c in children(proc.pid) if booting_qemu(c)), None)
+            time.sleep(0.2)  # polling for QEMU's start, not a measurement
+        assert qemu is not None, f"the bench ended before QEMU ran: {proc.communicate()}"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=QEMU_TIMEOUT_SECONDS / 2)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = err.splitlines()
+    assert "Traceback" not in err and "error" not in err, err
+    assert (proc.returncode, lines[-1]) == (143, "pcihole: terminated"), err
+    assert cmdline(qemu) is None, "QEMU outlived the bench"
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []

@@ -9,6 +9,8 @@ aml.py          a tiny AML encoder (names, integers, PkgLength, Name/Scope/Devic
 resources.py    _CRS resource descriptors (bus number, memory windows, fixed memory, end tag)
 pci_windows.py  the I/O, 32-bit and 64-bit windows each host bridge offers for BARs, and the
                 expanders' blocks carved from them
+window_plan.py  which of those windows each root bridge's _CRS produces (main host bridges and
+                expander buses), and every guest-physical range the tables hand out
 pci_osc.py      _OSC: the native PCIe features a host bridge hands the OS (QEMU's method)
 expander_bridge.py  a PNP0A08 for each PCIe expander bus (QEMU pxb-pcie)
 dsdt.py         Differentiated System Description Table: host bridges, ECAM reservation, \\_S5

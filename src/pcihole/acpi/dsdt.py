@@ -68,17 +68,10 @@ from collections.abc import Sequence
 from pcihole.pci.bridge_windows import WindowNeed
 
 from . import aml
-from .expander_bridge import ExpanderBus, ExpanderWindows, expander_bridge, main_root_last_bus
+from .expander_bridge import ExpanderBus, expander_bridge, main_root_last_bus
 from .mcfg import EcamSegment, decoded_window
 from .pci_osc import osc_method
-from .pci_windows import (
-    IO_WINDOW_GRANULE,
-    MmioWindow,
-    allocate_io_windows,
-    allocate_mem64_windows,
-    carve,
-    power_of_two_at_least,
-)
+from .pci_windows import MmioWindow
 from .resources import (
     dword_memory,
     interrupt,
@@ -90,6 +83,7 @@ from .resources import (
     word_io,
 )
 from .sdt_header import build_sdt
+from .window_plan import WindowPlan, plan_windows
 
 DSDT_SIGNATURE = b"DSDT"
 #: §5.2.11.1: the DSDT's revision "also sets the global integer width for the AML interpreter": 2 and
@@ -207,12 +201,15 @@ def build_dsdt(
     serial_ports: Sequence[tuple[int, int]] = (),
     needs: Sequence[WindowNeed] = (),
     native_hotplug: Sequence[bool] = (),
+    *,
+    plan: WindowPlan | None = None,
 ) -> bytes:
     """The DSDT for these segments; windows[i] is segment i's BAR window (None: no memory window).
     Each expander bus gets its own PNP0A08 (expander_bridge.py) with windows for what it needs, cut
     from its segment's; each (base port, GSI) of `serial_ports` a PNP0501. needs[i]: what segment
     i's main root bus needs (its 64-bit window grows to hold it; default: nothing);
-    native_hotplug[i]: whether that root bus has hot-pluggable slots (pci_osc.py; default: yes)."""
+    native_hotplug[i]: whether that root bus has hot-pluggable slots (pci_osc.py; default: yes).
+    `plan`: window_plan.plan_windows(segments, windows, expanders, needs), where the caller keeps it."""
     if len(windows) != len(segments):
         raise ValueError(f"{len(segments)} segments but {len(windows)} MMIO windows")
     ids = [s.id for s in segments]
@@ -221,46 +218,16 @@ def build_dsdt(
         raise ValueError(f"segment ids {sorted(ids)} are not unique")
     for s in segments:
         decoded_window(s)  # checks the bus range
-    needs = [*needs, *[WindowNeed()] * (len(segments) - len(needs))]
     native_hotplug = [*native_hotplug, *[True] * (len(segments) - len(native_hotplug))]
-    expanders_of: list[list[int]] = [[] for _ in segments]
-    index_of = {s.id: i for i, s in enumerate(segments)}
-    for n, x in enumerate(expanders):
-        if x.segment not in index_of:
-            raise ValueError(f"expander bus {x.bus:#x} is in segment {x.segment}, which is not declared")
-        expanders_of[index_of[x.segment]].append(n)
-    io_windows = allocate_io_windows(len(segments))
-    mem64_windows = allocate_mem64_windows(
-        len(segments),
-        [
-            needs[i].mem64 + sum(_block(expanders[n].need.mem64) for n in expanders_of[i])
-            for i in range(len(segments))
-        ],
-    )
+    if plan is None:
+        plan = plan_windows(segments, windows, expanders, needs)
     bridges = []
-    expander_windows: dict[int, ExpanderWindows] = {}
     for i, s in enumerate(segments):
-        mine = [expanders[n] for n in expanders_of[i]]
-        io = carve(
-            io_windows[i], [_align_up(x.need.io, IO_WINDOW_GRANULE) for x in mine], IO_WINDOW_GRANULE, "I/O"
-        )
-        mem32 = carve(windows[i], [_block(x.need.mem32) for x in mine], None, "32-bit memory")
-        mem64 = carve(mem64_windows[i], [_block(x.need.mem64) for x in mine], None, "64-bit memory")
-        for k, n in enumerate(expanders_of[i]):
-            expander_windows[n] = ExpanderWindows(io.blocks[k], mem32.blocks[k], mem64.blocks[k])
-        main = (io.free, mem32.free, mem64.free) if mine else (io_windows[i], windows[i], mem64_windows[i])
+        main = plan.main[i]
         last_bus = main_root_last_bus(s, expanders)
-        bridges.append(host_bridge(s, i, main[1], last_bus, main[0], main[2], native_hotplug[i]))
-    bridges += [expander_bridge(x, n, expander_windows[n]) for n, x in enumerate(expanders)]
+        bridges.append(host_bridge(s, i, main.mem32, last_bus, main.io, main.mem64, native_hotplug[i]))
+    bridges += [expander_bridge(x, n, plan.expanders[n]) for n, x in enumerate(expanders)]
     serial = [serial_port(i, base, gsi) for i, (base, gsi) in enumerate(serial_ports)]
     body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments), *serial]) + soft_off()
     return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)
 
-
-def _block(need: int) -> int:
-    """A memory block for `need` bytes: a naturally aligned power of two (0 for none)."""
-    return power_of_two_at_least(need) if need else 0
-
-
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align

@@ -109,15 +109,17 @@ def allocate_windows(
 #   Linux give I/O BARs an address.
 # - a 64-bit memory window for 64-bit prefetchable BARs, above every RAM pcihole gives a guest:
 #   [256 GiB, 512 GiB) split into naturally aligned power-of-two blocks (QEMU puts its pci-hole64
-#   above RAM too), within 40 physical address bits.
+#   above RAM too), within the model CPU's 40 physical address bits unless a segment needs more.
 
 IO_WINDOWS_BASE = 0x1000
 IO_WINDOWS_END = 0x10000  # exclusive
 IO_WINDOW_GRANULE = 0x1000
 MEM64_APERTURE_BASE = 256 * GiB
 MEM64_APERTURE_SIZE = 256 * GiB
-#: Where 64-bit windows must end: 46 physical address bits, within what KVM hosts offer (this one: 48).
-MEM64_LIMIT = 1 << 46
+#: Where 64-bit windows must end: 52 bits, the most physical address bits an x86 CPU can have (SDM
+#: Vol. 3A 4.1.4, MAXPHYADDR "at most 52"). Whether a machine's vCPU reaches them is the machine's
+#: check (machine/address_width.py): the tables alone have no CPU.
+MEM64_LIMIT = 1 << 52
 
 
 def allocate_io_windows(count: int) -> list[MmioWindow | None]:
@@ -160,8 +162,8 @@ def allocate_mem64_windows(count: int, needs: Sequence[int] = ()) -> list[MmioWi
         cursor += sizes[i]
     if cursor > MEM64_LIMIT:
         raise ValueError(
-            f"the 64-bit BAR windows would end at {cursor:#x}, beyond the {MEM64_LIMIT.bit_length() - 1}-bit "
-            "physical addresses pcihole offers"
+            f"the 64-bit BAR windows would end at {cursor:#x}, beyond the {MEM64_LIMIT.bit_length() - 1} "
+            "physical address bits an x86 CPU can have"
         )
     return out
 

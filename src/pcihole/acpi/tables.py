@@ -28,9 +28,10 @@ from .dsdt import DSDT_SIGNATURE, build_dsdt
 from .expander_bridge import ExpanderBus
 from .fadt import ACPI_POWER_PORT, FADT_LENGTH, FADT_SIGNATURE, build_fadt
 from .madt import MADT_SIGNATURE, build_madt
-from .mcfg import MCFG_SIGNATURE, EcamSegment, build_mcfg
+from .mcfg import MCFG_SIGNATURE, EcamSegment, build_mcfg, decoded_window
 from .pci_windows import MmioWindow, allocate_windows
 from .rsdp import RSDP_ALIGNMENT, RSDP_SIZE, build_rsdp
+from .window_plan import PlacedWindow, plan_windows
 from .xsdt import XSDT_SIGNATURE, build_xsdt, xsdt_size
 
 TABLE_ALIGNMENT = 16
@@ -50,6 +51,9 @@ class AcpiTables:
     tables: dict[str, bytes]
     addresses: dict[str, int]  # signature -> guest-physical address
     pci_windows: tuple[MmioWindow | None, ...] = ()  # each segment's BAR window, as in the DSDT
+    #: every guest-physical range the tables hand out: each segment's ECAM window (MCFG) and each
+    #: root bridge's 32-bit and 64-bit windows (DSDT), in that order
+    placed_windows: tuple[PlacedWindow, ...] = ()
 
     @property
     def rsdp_gpa(self) -> int:
@@ -77,8 +81,10 @@ def build_tables(
     if base_gpa < 0 or base_gpa % RSDP_ALIGNMENT:
         raise ValueError(f"ACPI base {base_gpa:#x} must be a {RSDP_ALIGNMENT}-byte aligned address")
     segments = list(segments)
+    expanders = tuple(expanders)
     windows = allocate_windows(segments, mmio_aperture)
-    dsdt = build_dsdt(segments, windows, tuple(expanders), tuple(serial_ports), needs, native_hotplug)
+    plan = plan_windows(segments, windows, expanders, needs)
+    dsdt = build_dsdt(segments, windows, expanders, tuple(serial_ports), needs, native_hotplug, plan=plan)
     madt = build_madt(cpus)
     mcfg = build_mcfg(segments)
     xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only
@@ -110,6 +116,10 @@ def build_tables(
         tables={name: data for name, (_, data) in placed.items()},
         addresses={name: gpa for name, (gpa, _) in placed.items()},
         pci_windows=tuple(windows),
+        placed_windows=(
+            *(PlacedWindow(f"segment {s.id}'s ECAM window", MmioWindow(*decoded_window(s))) for s in segments),
+            *plan.memory_windows(segments, expanders),
+        ),
     )
 
 

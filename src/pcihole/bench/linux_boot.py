@@ -20,8 +20,6 @@ says where the rest of its time goes.
 
 from __future__ import annotations
 
-import os
-import select
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pcihole.bench import qemu_peer
+from pcihole.bench.child_process import run_child
 from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
 from pcihole.linux import MIN_RAM_MIB
@@ -182,41 +181,30 @@ def qemu_linux_command(spec: MachineFile, files: LinuxFiles, initrd_path: Path, 
 
 
 def boot_on_qemu(
-    spec: MachineFile, files: LinuxFiles, accel: str = "tcg", timeout: float = QEMU_LINUX_TIMEOUT_SECONDS
+    spec: MachineFile,
+    files: LinuxFiles,
+    accel: str = "tcg",
+    timeout: float = QEMU_LINUX_TIMEOUT_SECONDS,
+    stops: StopRelay | None = None,
 ) -> LinuxBootRow:
-    """One boot of the same kernel, initramfs and command line on QEMU q35 with the machine's devices."""
+    """One boot of the same kernel, initramfs and command line on QEMU q35 with the machine's devices;
+    a stop asked through `stops` ends QEMU at once (child_process.py) and the row with a BenchError."""
     with tempfile.TemporaryDirectory(prefix="pcihole-linux-") as tmp:
         initrd_path = Path(tmp) / "initramfs.cpio.gz"
         initrd_path.write_bytes(files.initrd)
         command = qemu_linux_command(spec, files, initrd_path, accel)
+        # The console is read as it comes, so that /init's arrival is timed by the host's clock.
         clock = BootClock()
         try:
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+            proc = run_child(command, timeout=timeout, stops=stops, on_stdout=clock)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"QEMU ({accel}) did not power Linux off in {timeout:g} s") from e
         except OSError as e:
             raise BenchError(f"cannot start QEMU: {e}") from e
-        assert proc.stdout is not None and proc.stderr is not None
-        deadline = time.perf_counter() + timeout
-        try:
-            # Read the console as it comes, so that /init's arrival is timed by the host's clock.
-            while True:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    raise BenchError(f"QEMU ({accel}) did not power Linux off in {timeout:g} s")
-                ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
-                if ready:
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                    if not chunk:
-                        break
-                    clock(chunk)
-            proc.wait(timeout=max(deadline - time.perf_counter(), 1))
-            run_seconds = time.perf_counter() - clock.start
-            stderr = proc.stderr.read().decode(errors="replace")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        run_seconds = time.perf_counter() - clock.start
+        stderr = proc.stderr
+    if proc.stopped:
+        raise BenchError(f"QEMU ({accel}) was stopped")
     report = parse_linux_console(clock.text())
     what = f"Linux on QEMU ({accel})"
     if not report.powered_off:
@@ -273,7 +261,7 @@ def measure_linux(
         return rows, skipped
     for accel in ("tcg", "kvm") if hardware_kvm else ("tcg",):
         try:
-            rows.append(boot_on_qemu(spec, files, accel))
+            rows.append(boot_on_qemu(spec, files, accel, stops=stops))
         except BenchError as e:
             skipped[f"qemu {accel}"] = f"failed: {e}"
         on_row(f"qemu {accel}")

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from pcihole.bench.child_process import run_child
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
 from pcihole.bench.summary import Summary
@@ -27,6 +28,7 @@ from pcihole.guest import IMAGE_PATH
 from pcihole.guest.report import ReportError, parse_serial
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
+from pcihole.machine.stop_request import StopRelay
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: QEMU's isa-debug-exit exits with (value << 1) | 1: the guest writes its status, 0 when clean.
@@ -129,28 +131,32 @@ def qemu_command(spec: MachineFile) -> list[str]:
 
 
 def scan_on_qemu(
-    spec: MachineFile, runs: int, clock: TscClock, on_run: Callable[[], None] = lambda: None
+    spec: MachineFile,
+    runs: int,
+    clock: TscClock,
+    on_run: Callable[[], None] = lambda: None,
+    stops: StopRelay | None = None,
 ) -> ScanRow:
-    """Boot the scan guest `runs` times on QEMU; the row of the scan table (BenchError on failure)."""
+    """Boot the scan guest `runs` times on QEMU; the row of the scan table (BenchError on failure, or
+    when a stop asked through `stops` ended QEMU: child_process.py)."""
     command = qemu_command(spec)
     expected = expected_functions(spec)
     scan_seconds, wall_seconds = [], []
     config_reads = devices = 0
     for _ in range(runs):
         start = time.perf_counter()
+        out = bytearray()
         try:
-            proc = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=QEMU_TIMEOUT_SECONDS,
-                stdin=subprocess.DEVNULL,
-            )
+            proc = run_child(command, timeout=QEMU_TIMEOUT_SECONDS, stops=stops, on_stdout=out.extend)
         except subprocess.TimeoutExpired as e:
             raise BenchError(f"QEMU did not finish in {QEMU_TIMEOUT_SECONDS} s") from e
+        except OSError as e:
+            raise BenchError(f"cannot start QEMU: {e}") from e
+        if proc.stopped:
+            raise BenchError("QEMU was stopped")
         wall_seconds.append(time.perf_counter() - start)
         try:
-            serial = parse_serial(proc.stdout)
+            serial = parse_serial(out.decode(errors="replace"))
         except ReportError as e:
             raise BenchError(f"QEMU's guest output: {e}") from e
         if proc.returncode != QEMU_EXIT_CLEAN or not serial.done or serial.scan_tsc is None:

@@ -7,8 +7,9 @@ paths go to stdout. Returns the process exit status: 0, or 1 when a measurement 
 stderr saying which), 2 when nothing can be measured.
 
 A stop asked through `stops` (SIGINT / SIGTERM: cli.py hands them to a thread that calls
-StopRelay.request) kicks the guest run in progress, which returns at its next exit; every later
-run returns at once, and the next progress step raises BenchStopped, so nothing more is measured.
+StopRelay.request) kicks the guest run in progress, which returns at its next exit, or terminates
+the QEMU peer in progress (child_process.py); every later run returns at once, and the next
+progress step raises BenchStopped, so nothing more is measured.
 The results are written into a temporary directory inside the output directory and moved into
 place only when all of them are complete, so a stopped bench leaves no partial bench.json, bench.md
 or plot behind (an earlier run's complete files stay as they were).
@@ -38,11 +39,11 @@ from pcihole.bench.plan import BenchPlan, plan_for
 from pcihole.bench.progress import Progress
 from pcihole.bench.report import headline_lines, markdown
 from pcihole.bench.results import BenchResults
-from pcihole.bench.scaling import measure_scaling, point_count
+from pcihole.bench.scaling import measure_scaling, point_count, shapes
 from pcihole.bench.scan import Kernel, add_ratios, scan_default_machine
 from pcihole.host.exit_status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pcihole.host.tsc import TscUnknown, tsc_clock
-from pcihole.machine.builder import default_kernel
+from pcihole.machine.builder import HostUnavailable, MachineBuildError, check_machine, default_kernel
 from pcihole.machine.machinefile import load_default
 from pcihole.machine.stop_request import StopRelay
 
@@ -124,7 +125,11 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
         try:
             results.scan.append(
                 qemu_peer.scan_on_qemu(
-                    default_machine, plan.qemu_runs, clock, on_run=lambda: progress.step("scan: QEMU")
+                    default_machine,
+                    plan.qemu_runs,
+                    clock,
+                    on_run=lambda: progress.step("scan: QEMU"),
+                    stops=stops,
                 )
             )
         except BenchError as e:
@@ -203,6 +208,14 @@ def run_bench(
         return EXIT_USAGE
     plan = plan_for(quick)
     try:
+        refused = _refused_machine(configs.backends, plan, linux)
+    except HostUnavailable as e:
+        print(f"pcihole: error: bench: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if refused is not None:
+        print(f"pcihole: error: {refused}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         clock = tsc_clock()
     except TscUnknown as e:
         print(f"pcihole: error: bench: {e}", file=sys.stderr)
@@ -256,6 +269,25 @@ def run_bench(
     written = [JSON_NAME, MARKDOWN_NAME, *plot_names]
     print(f"\nwrote {', '.join(str(out / n) for n in written)} in {results.seconds:.1f} s")
     return EXIT_OK
+
+
+def _refused_machine(backends: Sequence[str], plan: BenchPlan, linux: bool) -> str | None:
+    """Why a machine the bench would build is refused on a backend it measures (the default
+    machine, with Linux's RAM too for --linux, and every scaling machine: builder.check_machine),
+    or None; checked before any guest runs, so a bench never stops halfway over a machine."""
+    default = load_default()
+    machines = [default, *(shape.machine() for _, shape in shapes(plan))]
+    if linux:
+        machines.append(linux_boot.with_linux_ram(default))
+    for backend in backends:
+        for spec in machines:
+            try:
+                check_machine(spec, backend)
+            except HostUnavailable:
+                raise
+            except MachineBuildError as e:
+                return str(e)
+    return None
 
 
 def _write_results(results: BenchResults, out: Path, stops: StopRelay) -> list[str]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 
 from pcihole.boot.elf import ElfImage
+from pcihole.pci.bdf import Bdf
 
 from . import REPORT_SYMBOL
 
@@ -119,9 +120,7 @@ class EcamRegion:
 
 @dataclass(frozen=True)
 class ScannedDevice:
-    segment: int
-    bus: int
-    devfn: int
+    address: Bdf
     vendor: int
     device: int
     class_code: int  # 24 bits: base class, subclass, programming interface
@@ -134,16 +133,9 @@ class ScannedDevice:
     subordinate: int = field(default=0, compare=False)
 
     @property
-    def slot(self) -> int:
-        return self.devfn >> 3
-
-    @property
-    def function(self) -> int:
-        return self.devfn & 7
-
-    @property
     def bdf(self) -> str:
-        return f"{self.segment:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
+        """The address as lspci -D writes it: "0000:00:01.0"."""
+        return str(self.address)
 
     @property
     def header_byte(self) -> int:
@@ -289,9 +281,7 @@ def parse_report(
         )
         devices.append(
             ScannedDevice(
-                seg,
-                bus,
-                devfn,
+                Bdf.from_devfn(seg, bus, devfn),
                 ven,
                 dev,
                 class_rev >> 8,
@@ -362,11 +352,13 @@ def parse_serial(text: str) -> SerialReport:
         if m := _DEVICE_RE.fullmatch(body):
             seg, bus, slot, fn, ven, dev, cls, rev, hdr = m.groups()
             h = int(hdr, 16)
+            try:
+                address = Bdf(int(seg, 16), int(bus, 16), int(slot, 16), int(fn))
+            except ValueError as e:  # a device number above 31
+                raise ReportError(f"unparseable guest line: {line!r}: {e}") from None
             rep.devices.append(
                 ScannedDevice(
-                    int(seg, 16),
-                    int(bus, 16),
-                    int(slot, 16) << 3 | int(fn),
+                    address,
                     int(ven, 16),
                     int(dev, 16),
                     int(cls, 16),

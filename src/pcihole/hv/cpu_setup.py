@@ -107,6 +107,28 @@ def cpuid_signature(table: ctypes.Structure) -> bytes | None:
     return None
 
 
+#: Leaf 0x80000008 EAX[7:0]: the physical address width, MAXPHYADDR (SDM Vol. 2A, CPUID).
+CPUID_ADDRESS_SIZES = 0x80000008
+CPUID_1_EDX_PAE = 1 << 6
+#: Without leaf 0x80000008, MAXPHYADDR is 36 with PAE and 32 without (SDM Vol. 3A 4.1.4; Linux's
+#: get_cpu_address_sizes() starts from the same default).
+MAXPHYADDR_PAE, MAXPHYADDR_NO_PAE = 36, 32
+
+
+def physical_address_bits(table: ctypes.Structure) -> int:
+    """MAXPHYADDR as a vCPU given this CPUID table (a kvm_cpuid2) reports it. normalise_cpuid keeps
+    leaf 0x80000008 as KVM_GET_SUPPORTED_CPUID gives it, so the supported table says what the
+    guest's CPU will: the host's width on kvm, the engine's page walk's on the model."""
+    pae = False
+    for i in range(table.nent):
+        e = table.entries[i]
+        if e.function == CPUID_ADDRESS_SIZES:
+            return e.eax & 0xFF
+        if e.function == 1:
+            pae = bool(e.edx & CPUID_1_EDX_PAE)
+    return MAXPHYADDR_PAE if pae else MAXPHYADDR_NO_PAE
+
+
 # --- MSRs ---------------------------------------------------------------------------------------------
 
 MSR_IA32_TSC = 0x10

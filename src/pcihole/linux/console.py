@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pcihole.linux.initramfs import ECAM_BEGIN, ECAM_END, INIT_REACHED, PCI_BEGIN, PCI_END, PCI_LINE
+from pcihole.pci.bdf import Bdf
 
 # init/main.c run_init_process: pr_info("Run %s as init process\n", init_filename)
 KERNEL_RUN_INIT = "Run /init as init process"
@@ -40,7 +41,8 @@ def linux_stop_line(user_space_cannot_run: bool) -> str | None:
 
 
 _PRINTK_TIME = re.compile(r"^\[\s*(?P<t>\d+\.\d+)\]\s?")
-_BDF = r"(?P<seg>[0-9a-f]{4,}):(?P<bus>[0-9a-f]{2}):(?P<dev>[0-1][0-9a-f])\.(?P<fn>[0-7])"
+#: Four hex digits of domain: an MCFG segment is 16 bits (a wider domain, such as VMD's, is not pcihole's).
+_BDF = r"(?P<seg>[0-9a-f]{4}):(?P<bus>[0-9a-f]{2}):(?P<dev>[0-1][0-9a-f])\.(?P<fn>[0-7])"
 _KERNEL_DEVICE = re.compile(
     rf"\bpci {_BDF}: \[(?P<vendor>[0-9a-f]{{4}}):(?P<device>[0-9a-f]{{4}})\] type (?P<type>[0-9a-f]{{2}}) "
     r"class (?P<cls>0x[0-9a-f]+|0+)\b"
@@ -57,9 +59,7 @@ _ECAM_LINE = re.compile(r"MMCONFIG|MCFG|ECAM")
 class LinuxDevice:
     """One PCI function as Linux listed it (the fields of the scan guest's ScannedDevice that Linux prints)."""
 
-    segment: int
-    bus: int
-    devfn: int
+    address: Bdf
     vendor: int
     device: int
     class_code: int  # 24 bits: base class, subclass, programming interface
@@ -67,16 +67,9 @@ class LinuxDevice:
     multifunction: bool | None = field(default=None, compare=False)  # only the initramfs sees bit 7
 
     @property
-    def slot(self) -> int:
-        return self.devfn >> 3
-
-    @property
-    def function(self) -> int:
-        return self.devfn & 7
-
-    @property
     def bdf(self) -> str:
-        return f"{self.segment:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
+        """The address as Linux and lspci -D write it: "0000:00:01.0"."""
+        return str(self.address)
 
     def as_json(self) -> dict[str, object]:
         """The keys of `pcihole run --json`'s "devices"."""
@@ -110,9 +103,7 @@ def _device(m: re.Match[str], raw_header: bool) -> LinuxDevice:
     ht = m["type"]
     raw = None if ht == "-" else int(ht, 16)
     return LinuxDevice(
-        segment=int(m["seg"], 16),
-        bus=int(m["bus"], 16),
-        devfn=int(m["dev"], 16) << 3 | int(m["fn"]),
+        address=Bdf(int(m["seg"], 16), int(m["bus"], 16), int(m["dev"], 16), int(m["fn"])),
         vendor=int(m["vendor"], 16),
         device=int(m["device"], 16),
         class_code=int(m["cls"], 16),
@@ -121,15 +112,15 @@ def _device(m: re.Match[str], raw_header: bool) -> LinuxDevice:
     )
 
 
-def _sorted(devices: dict[tuple[int, int, int], LinuxDevice]) -> list[LinuxDevice]:
+def _sorted(devices: dict[Bdf, LinuxDevice]) -> list[LinuxDevice]:
     return [devices[k] for k in sorted(devices)]
 
 
 def parse_linux_console(text: str) -> LinuxReport:
     """Read a boot's serial console (kernel messages and /init's block) into a LinuxReport."""
     lines = text.replace("\r", "").split("\n")
-    kernel: dict[tuple[int, int, int], LinuxDevice] = {}
-    block: dict[tuple[int, int, int], LinuxDevice] = {}
+    kernel: dict[Bdf, LinuxDevice] = {}
+    block: dict[Bdf, LinuxDevice] = {}
     in_block = block_done = False
     in_ecam = False
     block_count: int | None = None
@@ -154,14 +145,14 @@ def parse_linux_console(text: str) -> LinuxReport:
             in_ecam = False
         elif in_block and (m := _INIT_DEVICE.search(line)):
             d = _device(m, raw_header=True)
-            block[(d.segment, d.bus, d.devfn)] = d
+            block[d.address] = d
             continue
         if in_ecam and line != ECAM_BEGIN:
             ecam_block.append(line)
             continue
         if m := _KERNEL_DEVICE.search(line):
             d = _device(m, raw_header=False)
-            kernel[(d.segment, d.bus, d.devfn)] = d  # a rescan prints a function again: keep the last
+            kernel[d.address] = d  # a rescan prints a function again: keep the last
         elif KERNEL_RUN_INIT in line:
             reached_init = True
             if t := _PRINTK_TIME.match(line):

@@ -37,6 +37,7 @@ from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
 from pcihole.machine.acpi_power import ACPI_POWER_PORT, AcpiPowerDevice
+from pcihole.machine.address_width import address_width_problem
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
@@ -89,6 +90,16 @@ def choose_backend(name: str) -> tuple[Hypervisor, str]:
     return open_backend(name), "asked for"
 
 
+def _open_backend(name: str) -> tuple[Hypervisor, str]:
+    """choose_backend, its failures a HostUnavailable saying which backend."""
+    try:
+        return choose_backend(name)
+    except BackendUnavailable as e:
+        raise HostUnavailable(f"cannot open the {name} backend: {_without_prefix(str(e), name)}") from e
+    except OSError as e:
+        raise HostUnavailable(f"cannot open the {name} backend: {e}") from e
+
+
 def _coalesce_console_writes(hv: Hypervisor, vm) -> bool:
     """Put COM1's THR (port 0x3f8, one byte) in a coalesced PIO zone, where the backend has them.
 
@@ -133,19 +144,17 @@ def build_machine(
     With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
     cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
     its holes (pcihole bench sweeps it)."""
-    try:
-        hv, backend_reason = choose_backend(backend)
-    except BackendUnavailable as e:
-        raise HostUnavailable(f"cannot open the {backend} backend: {_without_prefix(str(e), backend)}") from e
-    except OSError as e:
-        raise HostUnavailable(f"cannot open the {backend} backend: {e}") from e
+    hv, backend_reason = _open_backend(backend)
     vm = memory = host_bridge = None
-    step = "create the VM"
+    step = "read the vCPU's physical address width"
     try:
         try:
             quirks = choose_host_quirks(host_quirks, hv.name)
         except HostQuirksError as e:
             raise MachineBuildError(str(e)) from e
+        acpi = acpi_tables(spec)
+        refuse_unaddressable(spec, acpi, hv)  # before any VM exists, as QEMU refuses it
+        step = "create the VM"
         vm = hv.create_vm()
         irq_lines: InterruptLines | None = None
         step = "create the in-kernel irqchip and PIT"
@@ -193,7 +202,6 @@ def build_machine(
         host_bridge.add_listener(hotplug)
 
         step = "load the ACPI tables and the kernel"
-        acpi = acpi_tables(spec)
         memory.write_guest(layout.ACPI_GPA, acpi.blob)
 
         try:
@@ -303,6 +311,28 @@ def build_machine(
             # A KVM ioctl or a host mapping failed (EMFILE, ENOMEM, ...): say which step, no traceback.
             raise HostUnavailable(f"cannot {step} on the {hv.name} backend: {e}") from e
         raise
+
+
+def refuse_unaddressable(spec: MachineFile, acpi: AcpiTables, hv: Hypervisor) -> None:
+    """MachineBuildError, naming the machine file and the range, where the backend's vCPU cannot
+    address RAM or a window of the ACPI tables (machine/address_width.py)."""
+    beyond = address_width_problem(spec.ram_bytes, acpi, hv)
+    if beyond is not None:
+        raise MachineBuildError(f"{spec.path}: {beyond}")
+
+
+def check_machine(spec: MachineFile, backend: str = "auto") -> None:
+    """What build_machine refuses before it creates anything (the ACPI tables do not fit, the vCPU
+    cannot address a range), without building: for callers with slow work to do before they build
+    (fetching a kernel, a bench's earlier runs). HostUnavailable where the backend does not open."""
+    acpi = acpi_tables(spec)
+    hv, _ = _open_backend(backend)
+    try:
+        refuse_unaddressable(spec, acpi, hv)
+    except OSError as e:
+        raise HostUnavailable(f"cannot read the vCPU's physical address width on the {hv.name} backend: {e}") from e
+    finally:
+        hv.close()
 
 
 def scan_device_area(spec: MachineFile, image: ElfImage, functions: int) -> DeviceArea:

@@ -61,7 +61,7 @@ class RunResult:
         """What the guest found (the scan guest's report), or the machine's devices for another kernel."""
         if self.report is None:
             return self.machine_devices
-        return sorted(self.report.devices, key=lambda d: (d.segment, d.bus, d.devfn))
+        return sorted(self.report.devices, key=lambda d: d.address)
 
     @property
     def config_reads(self) -> int | None:

@@ -14,6 +14,8 @@ may run in the middle of the vCPU thread's own code (host/signals.py hands signa
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from pcihole.hv.interface import Vcpu
 from pcihole.machine.dispatch import Stop
@@ -51,6 +53,7 @@ class StopRelay:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: StopRequest | None = None
+        self._callbacks: list[Callable[[Stop], None]] = []
         self.stop: Stop | None = None
 
     def request(self, stop: Stop) -> None:
@@ -59,8 +62,26 @@ class StopRelay:
             if self.stop is None:
                 self.stop = stop
             current = self._current
+            callbacks = list(self._callbacks)
         if current is not None:
             current.request(stop)
+        for callback in callbacks:
+            callback(self.stop)
+
+    @contextmanager
+    def calling(self, callback: Callable[[Stop], None]) -> Iterator[None]:
+        """While inside, a stop asked calls `callback(stop)` (from the asking thread), and at once if
+        one was asked already: for what a vCPU kick does not reach, such as a child process."""
+        with self._lock:
+            self._callbacks.append(callback)
+            asked = self.stop
+        try:
+            if asked is not None:
+                callback(asked)
+            yield
+        finally:
+            with self._lock:
+                self._callbacks.remove(callback)
 
     def for_run(self) -> StopRequest:
         """The StopRequest of the next run (already stopped if a stop was asked)."""

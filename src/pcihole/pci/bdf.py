@@ -42,6 +42,11 @@ class Bdf:
         segment, bus, device, function = (int(part, 16) for part in match.groups())
         return cls(segment, bus, device, function)
 
+    @classmethod
+    def from_devfn(cls, segment: int, bus: int, devfn: int) -> Bdf:
+        """From the 8-bit devfn (device << 3 | function) that Linux and the scan guest's report use."""
+        return cls(segment, bus, devfn >> ecam.FUNCTION_BITS, devfn & ecam.FUNCTION_MASK)
+
     @property
     def devfn(self) -> int:
         return (self.device << ecam.FUNCTION_BITS) | self.function

@@ -22,12 +22,16 @@ One concept per file:
   cpuid.py        KVM_GET_SUPPORTED_CPUID of the model, and kvm_cpuid's lookup rules
   msr.py          a vCPU's MSR table: who owns each MSR (devices register theirs)
   msr_intercept.py  how guest RDMSR / WRMSR reach Python (the engine's SVM MSR intercept)
+  intercept_exits.py  what a vCPU does when those intercepts fire (RDMSR / WRMSR, HLT)
   cpu_msrs.py     the MSRs the vCPU owns itself (EFER, STAR, PAT, MTRRs, TSC, APIC_BASE, ...)
   tsc.py          the guest TSC: a fixed frequency over the host's monotonic clock
   kvmclock.py     the pvclock pages behind the kvmclock MSRs
+  instruction_hooks.py  CPUID, RDTSC and RDTSCP answered by the vCPU (KVM_SET_CPUID2, guest TSC)
   fast_registers.py  register access for the hooks that run at every RDTSC and CPUID
   boundary_hook.py  another thread's request, run by the vCPU thread at an instruction boundary
   vcpu.py         KVM_RUN, kick, registers, memslot sync, close: one state enum (kvm_main.c's vCPU)
+  vcpu_state.py   where a vCPU is (VcpuState) and what other threads ask of it (Request)
+  long_mode_switch.py  a 32-bit engine the guest took into long mode, replaced by a 64-bit one
   irqchip.py      KVM_CREATE_IRQCHIP's devices, the default GSI routing, delivery to LAPICs
   lapic.py, lapic_irq.py  a vCPU's local APIC (lapic.c) and the interrupt message it takes
   ioapic.py, i8259.py, i8254.py  the IOAPIC, the 8259 pair, the PIT (ioapic.c, i8259.c, i8254.c)

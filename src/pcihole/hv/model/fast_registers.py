@@ -1,6 +1,6 @@
 """`FastRegisters`: an engine's integer registers read and written straight through libunicorn.
 
-The hooks that run at every RDTSC, RDTSCP and CPUID (vcpu.py) spend most of their time in the
+The hooks that run at every RDTSC, RDTSCP and CPUID (instruction_hooks.py) spend most of their time in the
 binding's reg_read / reg_write, which dispatch on the register's type before calling
 uc_reg_read / uc_reg_write. Calling those with one preallocated 64-bit buffer instead cut an
 RDTSC hook that writes RAX and RDX from 6.2 us to 1.9 us (measured on a bare engine; 15 -> 5 us

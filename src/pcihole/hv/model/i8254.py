@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pcihole.hv.model.host_timer import HostTimer
+from pcihole.hv.model.io_bus import PortRange
 from pcihole.hv.model.lapic import MIN_TIMER_PERIOD_NS
 
 if TYPE_CHECKING:
@@ -60,15 +61,10 @@ class Channel:
         self.count_load_time = time.monotonic_ns()
 
 
-class _SpeakerPort:
-    def __init__(self, pit: Pit) -> None:
-        self.pit = pit
-
-    def read(self, addr: int, length: int) -> bytes | None:
-        return self.pit.speaker_read(addr, length)
-
-    def write(self, addr: int, data: bytes) -> bool:
-        return self.pit.speaker_write(addr, data)
+def _answer(value: int, length: int) -> bytes:
+    """pit_ioport_read / speaker_ioport_read: the low bytes of a u32, at most 4 of them
+    ("if (len > sizeof(ret)) len = sizeof(ret); memcpy(data, (char *)&ret, len)"), zeros after."""
+    return (value & 0xFFFFFFFF).to_bytes(4, "little")[:length].ljust(length, b"\0")
 
 
 class Pit:
@@ -90,7 +86,14 @@ class Pit:
         self.ticks = 0
         irqchip.register_ack_notifier(PIT_GSI, self._ack_irq)
         irqchip.register_mask_notifier(PIT_GSI, self._mask_notifier)
-        self.speaker = _SpeakerPort(self) if flags & KVM_PIT_SPEAKER_DUMMY else None
+        #: The PIO devices kvm_create_pit registers: dev (ports 0x40-0x43) and, with
+        #: KVM_PIT_SPEAKER_DUMMY, speaker_dev (port 0x61 only: speaker_ioport_read's check).
+        self.ports = PortRange(KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH, self.read, self.write)
+        self.speaker = (
+            PortRange(KVM_SPEAKER_BASE_ADDRESS, 1, self.speaker_read, self.speaker_write)
+            if flags & KVM_PIT_SPEAKER_DUMMY
+            else None
+        )
 
     # --- counting (pit_get_count / pit_get_out) -------------------------------------------------
 
@@ -211,9 +214,7 @@ class Pit:
 
     # --- ports 0x40-0x43 (pit_ioport_read / pit_ioport_write) ---------------------------------------
 
-    def read(self, addr: int, length: int) -> bytes | None:
-        if not KVM_PIT_BASE_ADDRESS <= addr < KVM_PIT_BASE_ADDRESS + KVM_PIT_MEM_LENGTH:
-            return None
+    def read(self, addr: int, length: int) -> bytes:
         with self.irqchip.locked():
             channel = addr & 3
             if channel == 3:
@@ -244,11 +245,9 @@ class Pit:
                     c.read_state = RW_STATE_WORD0
                 else:
                     ret = count & 0xFF
-            return (ret & 0xFFFFFFFF).to_bytes(4, "little")[:length].ljust(length, b"\0")
+            return _answer(ret, length)
 
     def write(self, addr: int, data: bytes) -> bool:
-        if not KVM_PIT_BASE_ADDRESS <= addr < KVM_PIT_BASE_ADDRESS + KVM_PIT_MEM_LENGTH:
-            return False
         val = int.from_bytes(data, "little")
         with self.irqchip.locked():
             channel = addr & 3
@@ -289,9 +288,7 @@ class Pit:
 
     # --- port 0x61 (speaker_ioport_read / speaker_ioport_write) -------------------------------------
 
-    def speaker_read(self, addr: int, length: int) -> bytes | None:
-        if addr != KVM_SPEAKER_BASE_ADDRESS:
-            return None
+    def speaker_read(self, addr: int, length: int) -> bytes:
         with self.irqchip.locked():
             refresh_clock = (time.monotonic_ns() >> 14) & 1
             ret = (
@@ -300,11 +297,9 @@ class Pit:
                 | self.get_out(2) << 5
                 | refresh_clock << 4
             )
-            return ret.to_bytes(4, "little")[: min(length, 4)].ljust(length, b"\0")
+            return _answer(ret, length)
 
     def speaker_write(self, addr: int, data: bytes) -> bool:
-        if addr != KVM_SPEAKER_BASE_ADDRESS:
-            return False
         val = int.from_bytes(data, "little")
         with self.irqchip.locked():
             self.speaker_data_on = bool(val & 2)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pcihole.hv.model.io_bus import PortRange
+
 if TYPE_CHECKING:
     from pcihole.hv.model.irqchip import Irqchip
 
@@ -200,24 +202,6 @@ class Pic:
         return self.imr
 
 
-class _Ports:
-    """One of the three PIO devices kvm_pic_init registers (dev_master, dev_slave, dev_eclr)."""
-
-    def __init__(self, pair: PicPair, base: int) -> None:
-        self.pair = pair
-        self.base = base
-
-    def read(self, addr: int, length: int) -> bytes | None:
-        if not self.base <= addr < self.base + PIC_PORTS:
-            return None
-        return self.pair.read(addr, length)
-
-    def write(self, addr: int, data: bytes) -> bool:
-        if not self.base <= addr < self.base + PIC_PORTS:
-            return False
-        return self.pair.write(addr, data)
-
-
 class PicPair:
     """struct kvm_pic: master and slave, their output to LINT0, the per-pin source levels."""
 
@@ -226,7 +210,10 @@ class PicPair:
         self.pics = (Pic(self, 0, 0xF8), Pic(self, 1, 0xDE))
         self.output = False
         self._irq_states = [0] * 16
-        self.devices = [_Ports(self, MASTER_PORT), _Ports(self, SLAVE_PORT), _Ports(self, ELCR_PORT)]
+        #: The three PIO devices kvm_pic_init registers: dev_master, dev_slave, dev_eclr.
+        self.devices = [
+            PortRange(base, PIC_PORTS, self.read, self.write) for base in (MASTER_PORT, SLAVE_PORT, ELCR_PORT)
+        ]
 
     def update_irq(self) -> None:
         """pic_update_irq: the slave's request pulses master IRQ 2; the master's request is INTR."""

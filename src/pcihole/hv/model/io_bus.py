@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,36 @@ class IoDevice(Protocol):
 
     def write(self, addr: int, data: bytes) -> bool: ...
     def read(self, addr: int, length: int) -> bytes | None: ...
+
+
+class PortRange:
+    """One kvm_io_device of a chip with several (the 8259s' dev_master, dev_slave and dev_eclr, the
+    PIT's dev and speaker_dev): it takes the accesses that start in [base, base + count) and hands
+    them to the chip's read / write, and declines the others as the kernel's callbacks do after
+    their range check (picdev_in_range, pit_in_range, "addr != KVM_SPEAKER_BASE_ADDRESS"), so the
+    bus offers them to the next device or exits."""
+
+    def __init__(
+        self,
+        base: int,
+        count: int,
+        read: Callable[[int, int], bytes],
+        write: Callable[[int, bytes], bool],
+    ) -> None:
+        self.base = base
+        self.count = count
+        self._read = read
+        self._write = write
+
+    def read(self, addr: int, length: int) -> bytes | None:
+        if not self.base <= addr < self.base + self.count:
+            return None
+        return self._read(addr, length)
+
+    def write(self, addr: int, data: bytes) -> bool:
+        if not self.base <= addr < self.base + self.count:
+            return False
+        return self._write(addr, data)
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,8 +12,8 @@ permission map (two bits per MSR, read and write, at the physical address the VM
 control.msrpm_base_pa holds) and, for a set bit or an MSR outside the map's three ranges
 (0-0x1fff, 0xc0000000-0xc0001fff, 0xc0010000-0xc0011fff), calls cpu_vmexit: the instruction is
 abandoned with EIP on it, error_code = is_write, and cpu_handle_exception hands exception
-EXCP_VMEXIT + SVM_EXIT_MSR (0x17c) to the UC_HOOK_INTR hook. vcpu.py's hook then does the access
-through the vCPU's MsrTable and moves RIP past the 2-byte instruction, or delivers #GP(0).
+EXCP_VMEXIT + SVM_EXIT_MSR (0x17c) to the UC_HOOK_INTR hook. intercept_exits.py then does the
+access through the vCPU's MsrTable and moves RIP past the 2-byte instruction, or delivers #GP(0).
 
 HLT is intercepted too (SVM_EXIT_HLT): helper_hlt calls cpu_svm_check_intercept_param(env,
 SVM_EXIT_HLT, 0, GETPC()) before it halts, so the UC_HOOK_INTR hook sees exception 0x178 with EIP

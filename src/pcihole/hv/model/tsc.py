@@ -8,7 +8,7 @@ frequency, plus the offset:
 
     guest_tsc(t) = (t - epoch_ns) * khz // 1_000_000 + offset
 
-- RDTSC / RDTSCP and RDMSR(IA32_TSC) read it (vcpu.py); WRMSR(IA32_TSC) and KVM_SET_MSRS move the
+- RDTSC / RDTSCP and RDMSR(IA32_TSC) read it (instruction_hooks.py); WRMSR(IA32_TSC) and KVM_SET_MSRS move the
   offset so that the counter reads the value written (kvm_synchronize_tsc / kvm_vcpu_write_tsc_offset);
   IA32_TSC_ADJUST adds to the offset and to itself (SDM Vol. 3B 17.17.3).
 - A device that arms a deadline in TSC units (the LAPIC's TSC-deadline timer, MSR 0x6e0) converts it

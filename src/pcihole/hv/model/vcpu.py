@@ -6,6 +6,9 @@ x86.c's and the MMU's work is in the modules it drives:
 - mmu.py: Unicorn's memory map, built from the memslots (arch/x86/kvm/mmu/mmu.c);
 - emulator_read_write.py: accesses that leave RAM, cut and delivered as emulator_read_write does;
 - boundary_hook.py: how another thread stops the vCPU at an instruction boundary (kvm_vcpu_kick);
+- instruction_hooks.py: CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from the guest TSC;
+- intercept_exits.py: the guest's RDMSR / WRMSR and HLT, stopped by the engine's SVM intercepts;
+- long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
 A KVM vCPU stops in the middle of an instruction to ask userspace for the value of an MMIO read or
@@ -21,7 +24,8 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode).
+running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode); both
+are in vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
@@ -60,10 +64,8 @@ allows) and stops the engine, so the rest of the block faults instead of touchin
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import threading
-from enum import Enum
 
 from greenlet import getcurrent, greenlet
 from unicorn import (
@@ -76,41 +78,26 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.unicorn_py3.unicorn import UcContext, uc_hook_h, uclib
 from unicorn.x86_const import (
-    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
-    UC_X86_INS_RDTSC,
-    UC_X86_INS_RDTSCP,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_CR4,
-    UC_X86_REG_EAX,
-    UC_X86_REG_EBX,
-    UC_X86_REG_ECX,
-    UC_X86_REG_EDX,
-    UC_X86_REG_EFLAGS,
     UC_X86_REG_IDTR,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RBX,
-    UC_X86_REG_RCX,
-    UC_X86_REG_RDX,
-    UC_X86_REG_RIP,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs, register_vcpu_msrs
-from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
+from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
-from pcihole.hv.model.engine_state import HF2_NMI_MASK, HF_INHIBIT_IRQ_MASK, REGS_32, EngineState, read_flags
+from pcihole.hv.model.engine_state import HF2_NMI_MASK, EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
-from pcihole.hv.model.fast_registers import FastRegisters
+from pcihole.hv.model.instruction_hooks import InstructionHooks
+from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
-    GP,
     IF,
     NMI,
     UD,
@@ -125,10 +112,12 @@ from pcihole.hv.model.interrupts import (
 )
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
+from pcihole.hv.model.long_mode_switch import LongModeSwitch
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
-from pcihole.hv.model.msr_intercept import HLT_EXIT, MSR_EXIT, MsrIntercept
+from pcihole.hv.model.msr_intercept import MsrIntercept
 from pcihole.hv.model.tsc import TscClock
+from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
@@ -141,39 +130,12 @@ from pcihole.hv.uapi import (
 from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
-_HLT_BYTES = 1  # helper_hlt's next_eip_addend for the unprefixed F4 compilers and Linux emit
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
 CPUID_FEATURES = 1
 CPUID_1_ECX_X2APIC = 1 << 21
 CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _SYSCALL_BYTES = 2  # 0f 05: Unicorn's helper_syscall adds it to RIP after the hook
-_MSR_INSN_BYTES = 2  # RDMSR 0f 32, WRMSR 0f 30
-# QEMU's regs[] indices (R_EAX, R_ECX, R_EDX, R_EBX) and the 64-bit / 32-bit Unicorn ids of each.
-_R_EAX, _R_ECX, _R_EDX, _R_EBX = 0, 1, 2, 3
-_GPR_IDS_64 = {_R_EAX: UC_X86_REG_RAX, _R_ECX: UC_X86_REG_RCX, _R_EDX: UC_X86_REG_RDX, _R_EBX: UC_X86_REG_RBX}
-_GPR_IDS_32 = {_R_EAX: UC_X86_REG_EAX, _R_ECX: UC_X86_REG_ECX, _R_EDX: UC_X86_REG_EDX, _R_EBX: UC_X86_REG_EBX}
-# uc_cb_insn_cpuid_t, which Unicorn's RDTSC / RDTSCP hooks also take (the Python binding offers
-# them for CPUID only): int (*)(uc_engine *, void *user_data); non-zero skips the instruction's own work.
-_INSN_SKIP_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 KVM_NR_INTERRUPTS = 256
-
-
-class VcpuState(Enum):
-    IDLE = "outside the engine"  # between runs: no guest code runs
-    RUNNING = "emulating"  # inside emu_start; a memslot change waits for its next boundary
-    IN_EXIT = "paused in an exit"  # inside emu_start, in a callback; run() returned the exit
-    CLOSING = "leaving the engine for good"  # close(): no more exits, no more mapping
-    CLOSED = "closed"
-
-
-class Request(Enum):
-    """What other threads (or set_sregs) ask of the vCPU, as KVM's kvm_make_request."""
-
-    KICK = "kick"  # the running (or next) run() returns Interrupted
-    NEW_ENGINE = "new engine"  # set_sregs changed the mode: build a new engine (registers in _regs)
-    # The guest changed the CPU mode itself (a 32-bit engine followed it into long mode): carry
-    # the engine's whole CPU state into an engine of the new mode (cpu.carry_state).
-    MODE_CHANGE = "mode change"
 
 
 _LEFT = (VcpuState.CLOSING, VcpuState.CLOSED)
@@ -233,13 +195,8 @@ class ModelVcpu:
         self._halted = False
         # uc_emu_start calls (each return flushed the translation cache): tests bound it.
         self.engine_starts = 0
-        # An exception met by a 32-bit engine after the guest took it into long mode, delivered by
-        # the 64-bit engine that replaces it (Request.MODE_CHANGE) before it runs guest code.
-        self._deferred: Event | None = None
-        # The CPU state (uc_context) of a 32-bit engine in long mode where it was stopped for an
-        # engine of the new mode: the state after emu_start returns is not it (the engine faults
-        # on its end address, (1 << 64) - 1 cut to 0xffffffff, which overwrites CR2 at least).
-        self._switch_context: UcContext | None = None
+        # A 32-bit engine the guest took into long mode is replaced by a 64-bit one (long_mode_switch.py).
+        self._long_mode = LongModeSwitch(self._requests, self._request_boundary)
         # The source has an interrupt that waited for IF at the last boundary (_at_boundary).
         self._source_waits = False
         self._cr2_at_stop: int | None = None  # CR2 where a callback stopped the engine (_after_stop)
@@ -261,12 +218,12 @@ class ModelVcpu:
         self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
-        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
-        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
-        self._cpuid: CpuidTable | None = None
-        self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
-        self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
-        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
+        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
+        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
+        # What the intercept's exits do: RDMSR / WRMSR through self.msrs, HLT (intercept_exits.py).
+        self._intercept_exits = InterceptExits(
+            self.msrs, self._instructions.write_gprs, self._deliver, self._on_hlt
+        )
 
     # --- registers ---------------------------------------------------------------------------------
 
@@ -308,10 +265,9 @@ class ModelVcpu:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
         does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
         zeros: the model's bare test guests do not set one)."""
-        self._cpuid = CpuidTable.from_cpuid2(cpuid)
+        table = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
-        if engine is not None:
-            self._hook_cpuid(engine[0])
+        self._instructions.set_cpuid(table, None if engine is None else engine[0])
         lapic = self.lapic
         if lapic is not None:
             # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
@@ -321,81 +277,6 @@ class ModelVcpu:
                         x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
                         tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
                     )
-
-    def _hook_cpuid(self, uc: Uc) -> None:
-        if self._cpuid_engine is not uc:
-            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, UC_X86_INS_CPUID)
-            self._cpuid_engine = uc
-
-    def _write_gprs(self, uc: Uc, values: dict[int, int], ip: int | None = None) -> None:
-        """Set RAX / RCX / RDX / RBX (QEMU's indices) as an instruction's result: all 64 bits (the
-        upper halves cleared, as CPUID, RDTSC and RDMSR do in 64-bit mode). A 32-bit engine that
-        followed the guest into long mode reaches only the low halves with uc_reg_write, so there
-        the engine's state is written instead."""
-        fast = self._fast
-        if self._mode is cpu.CpuMode.LONG_64 and fast is not None:
-            for index, value in values.items():
-                fast.write(_GPR_IDS_64[index], value)
-            if ip is not None:
-                uc.reg_write(UC_X86_REG_RIP, ip)  # through the binding: leaves the block
-            return
-        state = self._msr_state
-        if state is None:
-            for index, value in values.items():
-                uc.reg_write(_GPR_IDS_32[index], value & 0xFFFFFFFF)
-            if ip is not None:
-                uc.reg_write(REGS_32.ip, ip & 0xFFFFFFFF)
-            return
-        state.load()
-        for index, value in values.items():
-            state.set_gpr(index, value)
-        if ip is not None:
-            state.set_ip(ip)
-        state.store()
-
-    def _on_cpuid(self, uc: Uc, _data: object) -> int:
-        """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
-        table = self._cpuid
-        if table is None:
-            return 0
-        fast = self._fast
-        assert fast is not None
-        function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
-        index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
-        regs = table.lookup(function, index)
-        if function == 1:
-            apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
-            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
-        eax, ebx, ecx, edx = regs
-        self._write_gprs(uc, {_R_EAX: eax, _R_EBX: ebx, _R_ECX: ecx, _R_EDX: edx})
-        return 1
-
-    def _hook_tsc(self, uc: Uc) -> None:
-        """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
-        gives the engine the register access these hooks and the CPUID hook use."""
-        self._fast = FastRegisters(uc)
-        for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
-            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
-            self._insn_thunks.append(thunk)
-            handle = uc_hook_h()
-            err = uclib.uc_hook_add(
-                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
-                ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
-            )  # fmt: skip
-            if err:
-                raise UcError(err)
-
-    def _on_rdtsc(self, uc: Uc) -> int:
-        tsc = self.tsc.read()
-        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32})
-        return 1
-
-    def _on_rdtscp(self, uc: Uc) -> int:
-        tsc = self.tsc.read()
-        tsc_aux = self.engine_msrs.tsc_aux
-        aux = tsc_aux.value & 0xFFFFFFFF if tsc_aux is not None else 0
-        self._write_gprs(uc, {_R_EAX: tsc & 0xFFFFFFFF, _R_EDX: tsc >> 32, _R_ECX: aux})
-        return 1
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -635,10 +516,9 @@ class ModelVcpu:
                 return exit_
         if self._nmi_pending and self._nmi_allowed(uc) and not self._deliver_nmi(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if self._deferred is not None:
-            event, self._deferred = self._deferred, None
-            if not self._deliver(uc, event):
-                return self._stop_exit  # the delivery triple-faulted: Shutdown
+        event = self._long_mode.take_deferred()
+        if event is not None and not self._deliver(uc, event):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._injection is not None and not self._inject(uc):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
         if self._window_open(uc):
@@ -696,7 +576,7 @@ class ModelVcpu:
             mmu.sync(in_callback=True)
         if self._mode_changed(uc):
             # First, whatever else is asked (a kick stays requested for the new engine).
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc)
         elif Request.KICK in self._requests:
             self._requests.discard(Request.KICK)
             # Returned to run()'s caller from here, the engine paused at this boundary as in an
@@ -926,12 +806,8 @@ class ModelVcpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
-        if intno == MSR_EXIT:
-            self._on_msr(uc)
-            return
-        if intno == HLT_EXIT:
-            self._on_hlt(uc)
-            return
+        if self._intercept_exits.dispatch(uc, intno, self._msr_state):
+            return  # an intercepted RDMSR / WRMSR or HLT (intercept_exits.py)
         state = self._engine_state
         if state is None:
             self._deliver(uc, Event(intno, EventKind.EXCEPTION))  # Shutdown
@@ -943,23 +819,15 @@ class ModelVcpu:
             # This engine's register ids no longer reach RIP / RSP (cpu.live_mode): stop here (the
             # exception is between two instructions, RIP where the delivery wants it) and let the
             # engine of the new mode deliver it first thing.
-            self._deferred = event
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc, deferred=event)
             return
         self._deliver(uc, event)
 
     def _on_hlt(self, uc: Uc) -> None:
-        """HLT, intercepted with EIP on it (msr_intercept.py): done here as helper_hlt and do_hlt
-        would (EIP after it, the STI shadow dropped: "needed if sti is just before"), then
-        KVM_EXIT_HLT without an in-kernel source, or with one a sleep inside this callback until
-        the source has an interrupt the guest can take (kvm_vcpu_halt). The engine does not leave
-        emu_start for a wake-up, so its translation cache survives an idle guest's every tick."""
-        state = self._msr_state
-        assert state is not None
-        state.load()
-        state.set_ip(state.ip + _HLT_BYTES)
-        state.hflags = state.hflags & ~HF_INHIBIT_IRQ_MASK
-        state.store()
+        """HLT, intercepted and stepped over (intercept_exits.py): KVM_EXIT_HLT without an in-kernel
+        source, or with one a sleep inside this callback until the source has an interrupt the
+        guest can take (kvm_vcpu_halt). The engine does not leave emu_start for a wake-up, so its
+        translation cache survives an idle guest's every tick."""
         # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
         # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
         # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
@@ -972,7 +840,7 @@ class ModelVcpu:
             return
         self._halted = True
         if self._mode_changed(uc):
-            self._stop_for_new_mode(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
+            self._long_mode.stop(uc)  # the engine of the new mode sleeps on (_emulate_in_engine)
             return
         exit_ = self._halt(uc, in_engine=True)
         if exit_ is not None:
@@ -980,37 +848,12 @@ class ModelVcpu:
         if self._halted or self._state in _LEFT:
             self._stop(uc)  # a kick, a memslot change or close
 
-    def _on_msr(self, uc: Uc) -> None:
-        """A guest RDMSR / WRMSR the intercept stopped (msr_intercept.py): EIP is on it and
-        error_code says which. Done through self.msrs, or #GP(0) (kvm_emulate_rdmsr / wrmsr with
-        ignore_msrs=0: kvm_inject_gp)."""
-        state = self._msr_state
-        assert state is not None
-        state.load()
-        ip, write = state.ip, state.error_code
-        index = uc.reg_read(UC_X86_REG_ECX) & 0xFFFFFFFF
-        try:
-            if write:  # WRMSR: EDX:EAX
-                value = (uc.reg_read(UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (
-                    uc.reg_read(UC_X86_REG_EAX) & 0xFFFFFFFF
-                )
-                self.msrs.write(index, value, host=False)
-                result = {}
-            else:  # RDMSR: EDX:EAX, the upper halves of RAX / RDX cleared in 64-bit mode
-                value = self.msrs.read(index, host=False)
-                result = {_R_EAX: value & 0xFFFFFFFF, _R_EDX: value >> 32}
-        except MsrFault:
-            self._deliver(uc, Event(GP, EventKind.EXCEPTION, 0))
-            return
-        self._write_gprs(uc, result, ip=ip + _MSR_INSN_BYTES)
-
     def _on_invalid(self, uc: Uc, _data: object) -> bool:
         """#UD (Unicorn's stop_interrupt): True once delivered; False fails emu_start -> Shutdown."""
         if self._delivery is None or uc.reg_read(UC_X86_REG_IDTR)[2] == 0:
             return False
         if self._mode_changed(uc):  # as in _on_interrupt
-            self._deferred = Event(UD, EventKind.EXCEPTION)
-            self._stop_for_new_mode(uc)
+            self._long_mode.stop(uc, deferred=Event(UD, EventKind.EXCEPTION))
             return True
         return self._deliver(uc, Event(UD, EventKind.EXCEPTION))
 
@@ -1073,17 +916,9 @@ class ModelVcpu:
             state = EngineState(uc, long_mode=mode is cpu.CpuMode.LONG_64)
             layout_ok = state.layout_ok()
             if carry_from is not None:
-                # The whole CPU state, the engine-kept MSRs and FPU with it; the intercept below
-                # is turned on again for this engine (its pages are mapped per engine).
-                context, self._switch_context = self._switch_context, None
-                cpu.carry_state(carry_from, uc, context)
-                if layout_ok:
-                    # old_exception is not architectural: QEMU resets it when an exception is
-                    # delivered (x86_cpu_do_interrupt), which Unicorn never calls; a stale value
-                    # would turn the next contributory fault into #DF (check_exception).
-                    state.load()
-                    state.clear_old_exception()
-                    state.store()
+                # The intercept below is turned on again for this engine (its pages are mapped
+                # per engine).
+                self._long_mode.carry(carry_from, uc, state, layout_ok)
             if layout_ok:
                 # Where the engine's state is out of reach, its own helper_rdmsr / wrmsr do
                 # every MSR (unknown ones read 0): the intercept needs that state.
@@ -1096,25 +931,13 @@ class ModelVcpu:
                 self.engine_msrs.restore(uc)
                 if self._fpu is not None:
                     cpu.write_fpu(uc, self._fpu)
-            self._hook_tsc(uc)
-            if self._cpuid is not None:
-                self._hook_cpuid(uc)
+            self._instructions.install(uc, mode, self._msr_state)
         return mmu
 
     def _mode_changed(self, uc: Uc) -> bool:
-        """From a callback: True if the guest took this 32-bit engine into long mode
-        (cpu.live_mode); the vCPU then stops at the next instruction boundary for an engine of the
-        new mode (Request.MODE_CHANGE). Only 32-bit engines are checked: a 64-bit guest that
-        leaves long mode is followed at the next emu_start (_prepare_engine)."""
-        mode = self._mode
-        if mode is not cpu.CpuMode.PROTECTED_32:
-            return False
-        if Request.MODE_CHANGE not in self._requests:
-            if cpu.live_mode(uc, mode, self._engine_state) is mode:
-                return False
-            self._requests.add(Request.MODE_CHANGE)
-            self._request_boundary()
-        return True
+        """From a callback: True if the guest took this 32-bit engine into long mode; the vCPU then
+        stops for an engine of the new mode (long_mode_switch.py)."""
+        return self._long_mode.changed(uc, self._mode, self._engine_state)
 
     def _stop(self, uc: Uc) -> None:
         """uc_emu_stop from a callback, remembering CR2 for _after_stop."""
@@ -1135,17 +958,6 @@ class ModelVcpu:
             state.load()
             state.clear_old_exception()
             state.store()
-
-    def _stop_for_new_mode(self, uc: Uc) -> None:
-        """From a callback at an instruction boundary (or an exception's): keep the CPU state as it
-        is here for the engine of the new mode, and stop."""
-        # The arithmetic flags live in TCG's lazy cc_src / cc_op until something computes them:
-        # measured, a context saved in a block hook carries stale ones (RFLAGS read 0x2 in the new
-        # engine, 0x86 in the old). Reading and writing RFLAGS through the API stores them in
-        # env->eflags (cpu_load_eflags, CC_OP_EFLAGS) first.
-        uc.reg_write(UC_X86_REG_EFLAGS, uc.reg_read(UC_X86_REG_EFLAGS))
-        self._switch_context = uc.context_save()
-        uc.emu_stop()
 
     def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
         """The byte before RIP (the HLT check), through the guest's page tables where paging is on;

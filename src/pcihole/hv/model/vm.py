@@ -225,7 +225,9 @@ class ModelVm:
             if chip is None:
                 raise ModelKvmError(errno.ENOENT, "KVM_CREATE_PIT2", f"flags={flags:#x}", "no in-kernel PIC")
             pit = Pit(chip, flags)
-            self.pio_bus.register(KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH, pit, "KVM_CREATE_PIT2", "PIT")
+            self.pio_bus.register(
+                KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH, pit.ports, "KVM_CREATE_PIT2", "PIT"
+            )
             if pit.speaker is not None:
                 self.pio_bus.register(
                     KVM_SPEAKER_BASE_ADDRESS, KVM_SPEAKER_LENGTH, pit.speaker, "KVM_CREATE_PIT2", "speaker"
