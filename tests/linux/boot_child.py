@@ -82,7 +82,10 @@ def boot_machine(
         with built:
             result = built.run(timeout=BOOT_TIMEOUT, until_serial=until or None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    record = BootRecord(result, usage.ru_utime, usage.ru_stime)
+    # Run as `-m`, this module is __main__: pickle the class under the name the suite imports it by.
+    from tests.linux.boot_child import BootRecord as Record
+
+    record = Record(result, usage.ru_utime, usage.ru_stime)
     partial = f"{result_path}.partial"
     with open(partial, "wb") as f:
         pickle.dump(record, f)

@@ -17,6 +17,7 @@ import pytest
 
 from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.linux.initramfs import build_initramfs
+from pcihole.machine.dispatch import StopReason
 from tests.linux.boot_pool import ROOT, BootPool, CliBoot, LinuxBoot
 
 #: A boot that runs for a minute or more (the model to /init), long enough to be caught running.
@@ -68,6 +69,20 @@ def test_a_boot_gives_back_what_its_process_printed(tmp_path, kernel_and_initrd)
     assert (data["backend"], data["strategy"]) == ("model", "native")
     assert data["devices"]
     assert str(SCAN) in outcome.tail()
+
+
+def test_a_library_boot_gives_back_its_run(tmp_path, kernel_and_initrd):
+    """The run comes back through the pickle the boot's process wrote, up to the line asked for."""
+    boot = LinuxBoot("default", "model", "native", until="Linux version")
+    pool = BootPool(*kernel_and_initrd, tmp_path, slots=1)
+    try:
+        outcome = pool.outcome(boot)
+    finally:
+        pool.stop()
+    result = outcome.run()
+    assert result.stop.reason == StopReason.SERIAL_MATCH, outcome.tail()
+    assert "Linux version" in result.serial and "Linux version" in outcome.console
+    assert outcome.record.user_seconds > 0
 
 
 def test_stopping_the_pool_kills_the_boots_running_and_starts_no_more(tmp_path, kernel_and_initrd):
