@@ -258,7 +258,11 @@ def pvh_kernel_from_asm(source: str, *, bits: int = 32) -> bytes:
     return pvh_kernel(assemble(source, bits=bits, org=KERNEL_GPA))
 
 
-def machine(toml: str, backend: str, strategy: str, kernel: bytes, name: str = "test-kernel"):
+def machine(
+    toml: str, backend: str, strategy: str, kernel: bytes, name: str = "test-kernel", run_loop: str = "auto"
+):
     """build_machine for a machine given as TOML text (a kvm test carries the kvm mark)."""
     spec: MachineFile = loads(toml, f"<{name}.toml>")
-    return build_machine(spec, backend=backend, strategy=strategy, kernel=kernel, kernel_name=name)
+    return build_machine(
+        spec, backend=backend, strategy=strategy, kernel=kernel, kernel_name=name, run_loop=run_loop
+    )

@@ -48,7 +48,8 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
 
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data.keys() >= TOP_LEVEL_KEYS
-    rows = {(r["backend"], r["strategy"]): r for r in data["scan"]["rows"]}
+    rows = {(r["backend"], r["strategy"]): r for r in data["scan"]["rows"] if r["run_loop_asked"] == "auto"}
+    python_loop_rows = [r for r in data["scan"]["rows"] if r["run_loop_asked"] == "python"]
     expected = {("model", s) for s in MODEL_STRATEGIES}
     if KVM_UNAVAILABLE is None:
         expected |= {("kvm", s) for s in STOCK_KVM_STRATEGIES}
@@ -66,6 +67,20 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
         assert {(p["backend"], p["strategy"]) for p in data["scaling"]} >= strategies
         assert backend in {e["backend"] for e in data["exit_path"]}
         assert backend in data["headline"]
+    if KVM_UNAVAILABLE is None:
+        # kvm's `exit` again with the Python loop: the same counts as with the default (C) loop
+        (python_loop,) = python_loop_rows
+        assert (python_loop["backend"], python_loop["strategy"], python_loop["run_loop"]) == ("kvm", "exit", "python")
+        c_loop = rows[("kvm", "exit")]
+        for key in ("exits", "ecam_exits", "absent_exits", "config_reads", "devices"):
+            assert python_loop[key] == c_loop[key], key
+        if ("qemu", "exit") in rows:
+            # the alternated rounds ran both loops: the default one is the C loop where it builds
+            v = data["exit_vs_qemu"]
+            assert v["rounds"] >= 1 and v["default_loop"] in ("c", "python")
+            assert v["default_loop"] == c_loop["run_loop"]
+    else:
+        assert python_loop_rows == []
     # Counts, not times: absent functions never exit where the hole is a memslot.
     for (_, strategy), row in rows.items():
         if strategy in ("ro-filled", "ro-alias", "native"):

@@ -79,3 +79,20 @@ def test_the_table_says_how_many_exits_were_the_console():
     results.linux = [row]
     (line,) = [line for line in linux_table(results) if line.startswith("| kvm / exit |")]
     assert line.split(" | ")[4] == "1,222"  # 600 + 601 + 20 + 1: not 0x3f7 nor 0xcf8
+
+
+def test_the_table_puts_the_model_against_qemu_tcg_with_its_engine():
+    """Each model row's boot to /init over QEMU TCG's in the same run, and the engine it ran on."""
+
+    def row(backend: str, strategy: str, boot: float | None) -> LinuxBootRow:
+        return LinuxBootRow(backend, strategy, boot, 10.0, None, None, None, 1, "initramfs", True)
+
+    results = BenchResults(
+        QUICK, host_info(), TscClock(1e9, "cpuinfo", None), Configs(), "now", linux_measured=True
+    )
+    results.linux = [row("model", "native", 6.0), row("model", "exit", None), row("qemu", "tcg", 2.4)]
+    notes = [line for line in linux_table(results) if "QEMU TCG's" in line]
+    assert notes == [
+        f"- `model / native` to /init: 2.5x QEMU TCG's (target 3x) (engine: {host_info().model_engine})"
+    ]
+    assert "Unicorn" in (host_info().model_engine or "")

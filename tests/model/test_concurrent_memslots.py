@@ -149,7 +149,10 @@ def test_the_guest_only_ever_sees_a_backing_or_an_mmio_read(model_hv):
 
 
 COUNTER = 0x3000
-N = 300_000
+# Enough iterations for many kicks to land while the guest runs (the patched engine runs this loop
+# at a few ns an iteration); the kicker stops after KICKS interruptions so the loop then ends.
+N = 20_000_000
+KICKS = 50
 
 
 def test_kick_from_another_thread_stops_between_instructions(model_hv):
@@ -161,14 +164,14 @@ def test_kick_from_another_thread_stops_between_instructions(model_hv):
     kicks = [0]
 
     def kicker() -> None:
-        while not done.is_set():
+        while not done.is_set() and interrupted < KICKS:
             run.vcpu.kick()
             kicks[0] += 1
             time.sleep(0.0002)
 
+    interrupted = 0
     thread = threading.Thread(target=kicker, name="kicker")
     thread.start()
-    interrupted = 0
     try:
         while True:
             exit_ = run.vcpu.run()

@@ -151,3 +151,18 @@ def test_set_cpuid2_refuses_more_than_kvm_max_cpuid_entries(model_hv):
         assert e.value.errno == 7  # E2BIG, as kvm_vcpu_ioctl_set_cpuid2
     finally:
         vm.close()
+
+
+@pytest.mark.kvm
+def test_guest_cpuid_before_set_cpuid2_matches_kvm(kvm_hv, model_hv):
+    """No KVM_SET_CPUID2: kvm_cpuid finds no entry, and with no leaf 0 no out-of-range rule
+    applies either, so every leaf reads zeros (the model's engine has a CPU model of its own
+    that must not show through). PVM still answers its overridden leaves with host features."""
+    kvm = run_system_guest(kvm_hv, cpuid_body(), [])
+    model = run_system_guest(model_hv, cpuid_body(), [])
+    assert model.exits == [exits.Hlt()]
+    assert answers(model) == [(0, 0, 0, 0)] * len(QUERIES)
+    if kvm.exits[-1] != exits.Hlt():
+        pytest.skip(f"this host's KVM (PVM) does not run the CPUID guest to its HLT: {kvm.exits[-1]}")
+    compared = [i for i, (leaf, _) in enumerate(QUERIES) if leaf not in PVM_OVERRIDDEN]
+    assert [answers(model)[i] for i in compared] == [answers(kvm)[i] for i in compared]

@@ -101,6 +101,46 @@ def test_irq_line_follows_the_routing(hypervisor):
     assert [run.q(0), run.q(2), run.q(5), run.q(9)] == [1, 1, 0, 1]
 
 
+def msi_route(gsi: int, address_lo: int, data: int) -> uapi.kvm_irq_routing_entry:
+    entry = uapi.kvm_irq_routing_entry(gsi=gsi, type=uapi.KVM_IRQ_ROUTING_MSI)
+    entry.u.msi.address_lo = address_lo
+    entry.u.msi.data = data
+    return entry
+
+
+MSI_BASE = 0xFEE00000  # the MSI address window; bits 19:12 the destination APIC ID
+
+
+@on_both_backends
+def test_msi_routes_reach_the_lapic(hypervisor):
+    """KVM_SET_GSI_ROUTING with MSI entries (kvm_set_routing_entry -> kvm_set_msi), each GSI raised
+    and lowered by KVM_IRQ_LINE: fixed (0x70) and lowest-priority (0x71) messages to APIC ID 0
+    arrive, once each (level 0 sends nothing); one to APIC ID 5 (0x72) and one in logical mode to
+    a LAPIC whose LDR is 0 (0x73) match no LAPIC (kvm_irq_delivery_to_apic)."""
+    body = f"""
+    {MASK_PICS}
+    {request(1)}
+    {spin_until(RESULTS + 0x80, 2)}
+    mov $20000, %ecx
+2:  pause
+    loop 2b
+    out %al, $0x80
+"""
+    routing = [
+        *pc_irq_routing(),
+        msi_route(30, MSI_BASE, 0x70),
+        msi_route(31, MSI_BASE, 0x100 | 0x71),
+        msi_route(32, MSI_BASE | 5 << 12, 0x72),
+        msi_route(33, MSI_BASE | 1 << 12 | 1 << 2, 0x73),
+    ]
+    on_request = lines({1: [(gsi, level) for gsi in (30, 31, 32, 33) for level in (True, False)]})
+    handlers = [counting_handler(0x70 + i, i) for i in range(4)]
+    run = run_irqchip_guest(hypervisor, body, handlers, on_request=on_request, routing=routing)
+    assert not run.stuck
+    assert sorted(run.log()) == [0x70, 0x71]
+    assert [run.q(i) for i in range(4)] == [1, 1, 0, 0]
+
+
 def _bad_tables():
     ok = irqchip_route(4, IOAPIC, 4)
     msi = uapi.kvm_irq_routing_entry(gsi=30, type=uapi.KVM_IRQ_ROUTING_MSI, flags=2)
@@ -113,6 +153,8 @@ def _bad_tables():
         "slave pin 8": [irqchip_route(9, SLAVE, 8)],
         "irqchip 3": [irqchip_route(1, 3, 0)],
         "same chip twice for a gsi": [irqchip_route(1, IOAPIC, 1), irqchip_route(1, IOAPIC, 3)],
+        "msi and irqchip for a gsi": [msi_route(1, MSI_BASE, 0x70), irqchip_route(1, IOAPIC, 1)],
+        "two msis for a gsi": [msi_route(1, MSI_BASE, 0x70), msi_route(1, MSI_BASE, 0x71)],
         "unknown type": [uapi.kvm_irq_routing_entry(gsi=1, type=99)],
     }
 

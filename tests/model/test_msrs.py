@@ -85,6 +85,11 @@ BODY = "\n".join(
 BAD_PAT = wrmsr(MSR_IA32_CR_PAT, 0x0202020202020202)
 
 
+def supported_cpuid_of(hv):
+    """A setup(vcpu) giving the guest KVM_GET_SUPPORTED_CPUID (what a VMM gives it)."""
+    return lambda vcpu: vcpu.set_cpuid2(hv.get_supported_cpuid())
+
+
 def run(hv, extra: str = ""):
     return run_system_guest(hv, BODY + extra, [Handler(13, GP_SKIP)])
 
@@ -199,12 +204,13 @@ def test_protected_mode_msrs_match_kvm(kvm_hv, model_hv):
     mov ${UNKNOWN_MSR:#x}, %ecx
     rdmsr
     """
-    model = run_protected_guest(model_hv, body, [Handler(13, GP_SKIP_32)])
+    # KVM lets the guest set EFER.LME only where its CPUID has long mode (__kvm_valid_efer).
+    model = run_protected_guest(model_hv, body, [Handler(13, GP_SKIP_32)], setup=supported_cpuid_of(model_hv))
     q = split(model)
     assert model.exits == [exits.Hlt()]
     assert q[0] == 0xFEE00900 and q[1] & 0x100  # APIC_BASE; EFER.LME set
     assert q[GP_COUNT - RESULTS >> 3] == 1
-    kvm = run_protected_guest(kvm_hv, body, [Handler(13, GP_SKIP_32)])
+    kvm = run_protected_guest(kvm_hv, body, [Handler(13, GP_SKIP_32)], setup=supported_cpuid_of(kvm_hv))
     if kvm.exits[-1] != exits.Hlt():
         pytest.skip(f"this host's KVM (PVM) does not run the 32-bit MSR guest to its HLT: {kvm.exits[-1]}")
     assert split(kvm) == q
@@ -349,3 +355,109 @@ def test_a_device_registered_on_a_running_vcpu_sees_the_guest_accesses(model_hv)
     assert q[GP_COUNT - RESULTS >> 3] == 1  # the first RDMSR, before anyone owned 0x802
     assert (q[2], q[3]) == (0x8020, 0)
     assert seen == [(0x6E0, 0x123456789)]
+
+
+# --- KVM's checks of the engine MSRs' values (set_efer, kvm_mtrr_valid) -------------------------------
+
+MSR_EFER_ = 0xC0000080
+MSR_MTRR_PHYS_BASE0_ = 0x200
+MSR_MTRR_PHYS_MASK0_ = 0x201
+MSR_MTRR_FIX64K_ = 0x250
+#: (MSR, value, refused): kvm_mtrr_valid's rules, each on both sides of the line.
+MTRR_WRITES = [
+    (MSR_MTRR_DEF_TYPE, 0xC06, False),  # enabled, fixed enabled, WB
+    (MSR_MTRR_DEF_TYPE, 0x1C06, True),  # bit 12: outside 0xcff
+    (MSR_MTRR_DEF_TYPE, 0xC02, True),  # type 2 is reserved
+    (MSR_MTRR_FIX64K_, 0x0606060606060606, False),
+    (MSR_MTRR_FIX64K_, 0x0606060606070606, True),  # type 7 (UC-) only PAT has
+    (MSR_MTRR_PHYS_BASE0_, 0x80000006, False),  # 2 GiB, WB
+    (MSR_MTRR_PHYS_BASE0_, 0x80000106, True),  # bits 11:8 are reserved
+    (MSR_MTRR_PHYS_BASE0_, 1 << 52 | 6, True),  # above any MAXPHYADDR
+    (MSR_MTRR_PHYS_MASK0_, 0xFC0000800, False),  # valid, 1 GiB (within 36 bits)
+    (MSR_MTRR_PHYS_MASK0_, 0xFC0000801, True),  # bits 10:0 reserved
+]
+
+
+def checked_wrmsr(index: int, value: int, slot: int) -> str:
+    """WRMSR, then the #GP count so far into RESULTS slot `slot` (8 bytes each)."""
+    return wrmsr(index, value) + f"mov {GP_COUNT}, %rax\n mov %rax, {RESULTS + 8 * slot}\n"
+
+
+def refusals(run_, n: int) -> list[bool]:
+    """Which of the first n checked_wrmsr steps took a #GP."""
+    q = [struct.unpack_from("<Q", run_.results, 8 * i)[0] for i in range(n)]
+    return [q[i] > (q[i - 1] if i else 0) for i in range(n)]
+
+
+def mtrr_body() -> str:
+    return "".join(checked_wrmsr(index, value, i) for i, (index, value, _) in enumerate(MTRR_WRITES))
+
+
+def test_guest_mtrr_writes_are_checked(model_hv):
+    r = run_system_guest(model_hv, mtrr_body(), [Handler(13, GP_SKIP)], setup=supported_cpuid_of(model_hv))
+    assert r.exits == [exits.Hlt()]
+    assert refusals(r, len(MTRR_WRITES)) == [refused for _, _, refused in MTRR_WRITES]
+
+
+@pytest.mark.kvm
+def test_guest_mtrr_writes_match_kvm(kvm_hv, model_hv):
+    kvm = run_system_guest(kvm_hv, mtrr_body(), [Handler(13, GP_SKIP)], setup=supported_cpuid_of(kvm_hv))
+    if kvm.exits[-1] != exits.Hlt():
+        pytest.skip(f"this host's KVM (PVM) does not run the MTRR guest to its HLT: {kvm.exits[-1]}")
+    model = run_system_guest(
+        model_hv, mtrr_body(), [Handler(13, GP_SKIP)], setup=supported_cpuid_of(model_hv)
+    )
+    assert refusals(model, len(MTRR_WRITES)) == refusals(kvm, len(MTRR_WRITES))
+
+
+def test_guest_efer_writes_are_checked(model_hv):
+    """set_efer for a guest in long mode: a reserved bit (#GP), LME cleared with paging on (#GP),
+    NX only where CPUID has it, and LMA kept whatever the value says. (This host's KVM (PVM)
+    shuts the guest down on a kernel-mode WRMSR of EFER: model only.)"""
+    efer = 0x500  # LME | LMA: what enter_long_mode sets
+    steps = [
+        (efer | 1 << 9, True),  # bit 9: reserved
+        (efer & ~0x100, True),  # LME cleared with paging on
+        (efer | 0x800 | 1, False),  # NX and SCE: in the supported CPUID
+        (0x100 | 0x800 | 1, False),  # LMA clear in the value: kept set
+    ]
+    body = "".join(checked_wrmsr(MSR_EFER_, v, i) for i, (v, _) in enumerate(steps)) + rdmsr(MSR_EFER_, 4)
+    r = run_system_guest(model_hv, body, [Handler(13, GP_SKIP)], setup=supported_cpuid_of(model_hv))
+    assert r.exits == [exits.Hlt()]
+    assert refusals(r, len(steps)) == [refused for _, refused in steps]
+    assert struct.unpack_from("<Q", r.results, 64)[0] == 0xD01  # SCE | LME | LMA | NX
+
+    # Without KVM_SET_CPUID2 the guest has no NX (__kvm_valid_efer): #GP.
+    body = checked_wrmsr(MSR_EFER_, efer | 0x800, 0)
+    r = run_system_guest(model_hv, body, [Handler(13, GP_SKIP)])
+    assert r.exits == [exits.Hlt()] and refusals(r, 1) == [True]
+
+
+def _host_refusals(hv) -> list[bool]:
+    """KVM_SET_MSRS of each value on a fresh vCPU (no CPUID: host writes skip __kvm_valid_efer)."""
+    out = []
+    vm = hv.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        # without CPUID 0x80000008, cpuid_query_maxphyaddr says 36: bit 36 of a mask is reserved
+        extra = [(MSR_MTRR_PHYS_MASK0_, 1 << 36 | 0x800), (MSR_EFER_, 1 << 9), (MSR_EFER_, 0xD01)]
+        for index, value in [(i, v) for i, v, _ in MTRR_WRITES] + extra:
+            try:
+                vcpu.set_msrs({index: value})
+                out.append(False)
+            except OSError as e:
+                assert e.errno == 22
+                out.append(True)
+        out.append(vcpu.get_msrs([MSR_EFER_])[MSR_EFER_] == 0x901)  # LMA: the CPU's, not the VMM's
+    finally:
+        vm.close()
+    return out
+
+
+def test_host_writes_are_checked(model_hv):
+    assert _host_refusals(model_hv) == [refused for _, _, refused in MTRR_WRITES] + [True, True, False, True]
+
+
+@pytest.mark.kvm
+def test_host_writes_match_kvm(kvm_hv, model_hv):
+    assert _host_refusals(model_hv) == _host_refusals(kvm_hv)

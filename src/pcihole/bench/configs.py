@@ -1,5 +1,6 @@
 """Which backend x strategy pairs exist on this machine (kvm: exit, ro-filled, ro-alias; the model:
-all five), and why a backend is left out when it is."""
+all five), and why a backend is left out when it is. On kvm the `exit` strategy is measured twice:
+with the default run loop (the C loop, where it builds) and with the Python loop it stands in for."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ BACKEND_ORDER = ("kvm", "model")
 class Config:
     backend: str
     strategy: str
+    #: build_machine's run_loop: "auto" (the C loop on kvm where it builds) or "python"
+    run_loop: str = "auto"
 
     @property
     def label(self) -> str:
-        return f"{self.backend} / {self.strategy}"
+        return f"{self.backend} / {self.strategy}" + (" (Python loop)" if self.run_loop == "python" else "")
 
 
 @dataclass
@@ -33,6 +36,17 @@ class Configs:
     @property
     def backends(self) -> list[str]:
         return [b for b in BACKEND_ORDER if any(c.backend == b for c in self.configs)]
+
+    @property
+    def scan_configs(self) -> list[Config]:
+        """The scan table's rows: every config, and after kvm's `exit` the same with the Python loop
+        (the one strategy whose absent reads exit: the C loop against the loop it stands in for)."""
+        out = []
+        for c in self.configs:
+            out.append(c)
+            if c.backend == "kvm" and c.strategy == "exit":
+                out.append(Config(c.backend, c.strategy, run_loop="python"))
+        return out
 
     def of(self, backend: str) -> list[Config]:
         return [c for c in self.configs if c.backend == backend]

@@ -20,6 +20,11 @@ ratio holds on a loaded host). The decode is timed apart by decoding the same kv
 step timers cost time of their own (six clock reads per exit), so the same reads are also run through
 the real run loop (`run_until_stop`) untimed inside: its seconds per exit against the bare loop's is
 the ratio to quote.
+
+On kvm the same reads also go through the C run loop (hv/kvm/run_loop.c), which answers them
+without returning to Python: bare (its table over the target and nothing else: the least a C loop
+does per exit), and through the machine's run loop with the machine's table and counting
+(machine/ecam_window.py's FillPagesWiring). All four loops alternate in one process.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from pcihole.host.mman import HostMapping
 from pcihole.host.tsc import TscClock
 from pcihole.hv import open_backend
 from pcihole.hv.exits import IoOut, MmioRead
+from pcihole.hv.kvm.c_run_loop import CRunLoop, CRunLoopUnavailable, FillPages
+from pcihole.hv.kvm.c_run_loop import load as load_c_run_loop
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine.bus import Bus, BusDevice
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from pcihole.machine.dispatch import ExitHandler, StopReason
-from pcihole.machine.ecam_window import EcamWindow
+from pcihole.machine.ecam_window import EcamWindow, FillPagesWiring, HotplugWiring
 from pcihole.machine.run_loop import run_until_stop
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap
@@ -54,6 +61,9 @@ RESULT_GPA = 0x2000  # u64: TSC ticks the loop took
 RAM_TARGET_GPA = 0x3000
 #: No memslot here: every read exits (the default machine's ECAM base, for familiarity).
 MMIO_TARGET_GPA = 0xE0000000
+#: What the loops through pcihole read: function 00:01.0 of the ECAM window at MMIO_TARGET_GPA, which
+#: is absent (the window's host bridge is 00:00.0), as the `exit` scan's reads are by the thousand.
+ABSENT_TARGET_GPA = MMIO_TARGET_GPA + (1 << 15)
 DONE_PORT = DEBUG_EXIT_PORT  # the loop guest ends with `out 0xf4`, as the scan guest does
 FILL = b"\xff" * 8
 
@@ -117,6 +127,12 @@ class ExitBreakdown:
     exits: int = 0
     #: the same reads through the machine's run loop (run_until_stop), no step timers, per exit
     run_loop_seconds_per_exit: float = 0.0
+    #: kvm, where the C loop builds: the reads answered by the bare C loop (its table, nothing
+    #: else), and through the machine's run loop with the C loop (its counting included), per exit
+    c_bare_seconds_per_exit: float | None = None
+    c_run_loop_seconds_per_exit: float | None = None
+    #: why there are no C figures (the model backend, or the C loop cannot be built here)
+    c_skipped: str = ""
 
     @property
     def total(self) -> float:
@@ -134,12 +150,28 @@ class ExitBreakdown:
             return None
         return self.run_loop_seconds_per_exit / self.bare_seconds_per_exit
 
+    @property
+    def c_run_loop_ratio(self) -> float | None:
+        """The run loop with the C loop against the bare C loop: what pcihole adds to a C exit."""
+        return _quotient(self.c_run_loop_seconds_per_exit, self.c_bare_seconds_per_exit)
+
+    @property
+    def c_run_loop_over_python_bare(self) -> float | None:
+        """The run loop with the C loop against the bare Python loop (the floor of a Python VMM)."""
+        return _quotient(self.c_run_loop_seconds_per_exit, self.bare_seconds_per_exit)
+
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["total"] = self.total
         d["ratio"] = self.ratio
         d["run_loop_ratio"] = self.run_loop_ratio
+        d["c_run_loop_ratio"] = self.c_run_loop_ratio
+        d["c_run_loop_over_python_bare"] = self.c_run_loop_over_python_bare
         return d
+
+
+def _quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
 
 
 class _TimedDevice:
@@ -173,7 +205,7 @@ def _with_machine_platform(hv, vm) -> None:  # type: ignore[no-untyped-def]
 
 def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | None):  # type: ignore[no-untyped-def]
     """The loop guest's VM: bare RAM (memory_strategy None) or a GuestMemory with RAM and an ECAM
-    hole over the target (as the machine builds it). Returns (hv, vm, vcpu, memory, ram)."""
+    hole over the ECAM window at MMIO_TARGET_GPA (as the machine builds it). Returns (hv, vm, vcpu, memory, ram)."""
     hv = open_backend(backend)
     vm = hv.create_vm()
     _with_machine_platform(hv, vm)
@@ -184,7 +216,7 @@ def _loop_vm(backend: str, reads: int, target_gpa: int, memory_strategy: str | N
         ram.write(CODE_GPA, LOOP_GUEST)
     else:
         memory = GuestMemory(hv, vm, memory_strategy)
-        hole = Hole(GuestRange.from_size(target_gpa, 1 << 20), "ecam")
+        hole = Hole(GuestRange.from_size(MMIO_TARGET_GPA, 1 << 20), "ecam")
         memory.update(MemoryMap([Ram(GuestRange.from_size(0, RAM_SIZE), "ram"), hole]))
         memory.write_guest(CODE_GPA, LOOP_GUEST)
     vcpu = _loop_vcpu(hv, vm, reads, target_gpa)
@@ -217,7 +249,7 @@ def _close(hv, vm, vcpu, memory, ram) -> None:  # type: ignore[no-untyped-def]
 
 def _bare_seconds(backend: str, reads: int) -> float:
     """The bare loop, timed by the host clock: seconds per exit."""
-    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, None)
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, ABSENT_TARGET_GPA, None)
     try:
         exits = 0
         start = time.perf_counter()
@@ -235,31 +267,65 @@ def _bare_seconds(backend: str, reads: int) -> float:
         _close(hv, vm, vcpu, memory, ram)
 
 
-def _ecam_handler(memory: GuestMemory, timed: bool) -> tuple[ExitHandler, RunStats, _TimedDevice | None]:
+def _bare_c_seconds(backend: str, reads: int, loop: CRunLoop) -> float:
+    """The bare C loop: the same reads answered by the C loop from a table over the target (no
+    present page, a sink that keeps nothing), timed by the host clock: seconds per exit."""
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, ABSENT_TARGET_GPA, None)
+    try:
+        answered = [0]
+
+        def sink(logged: list[tuple[int, int]]) -> None:
+            answered[0] += len(logged)
+
+        fill_pages = FillPages(loop, [(MMIO_TARGET_GPA, 1 << 20, 0xFF)], sink)
+        start = time.perf_counter()
+        while True:
+            exit_ = vcpu.run_answering(fill_pages)
+            if type(exit_) is IoOut and exit_.port == DONE_PORT:
+                break
+            raise BenchError(f"exit-path guest on {backend}: unexpected exit {exit_} from the C loop")
+        seconds = time.perf_counter() - start
+        if answered[0] != reads:
+            raise BenchError(f"exit-path guest on {backend}: the C loop answered {answered[0]} of {reads} reads")
+        return seconds / reads
+    finally:
+        _close(hv, vm, vcpu, memory, ram)
+
+
+def _ecam_handler(
+    memory: GuestMemory, timed: bool
+) -> tuple[ExitHandler, RunStats, _TimedDevice | None, HostBridge]:
     """The machine's exit handler over one ECAM window on an `exit` hole (builder.py wires the same)."""
     segment = Segment(0, MMIO_TARGET_GPA, 0, 0)
     stats = RunStats()
-    window: BusDevice = EcamWindow(memory.view, HostBridge(Topology((segment,))), stats)
+    host_bridge = HostBridge(Topology((segment,)))
+    window: BusDevice = EcamWindow(memory.view, host_bridge, stats)
     timed_window = _TimedDevice(window) if timed else None
     mmio = Bus("mmio")
     mmio.insert(timed_window or window, segment.window_base, segment.window_size, "ECAM")
-    return ExitHandler(mmio, Bus("port"), stats), stats, timed_window
+    return ExitHandler(mmio, Bus("port"), stats), stats, timed_window, host_bridge
 
 
-def _run_loop_seconds(backend: str, reads: int) -> float:
+def _run_loop_seconds(backend: str, reads: int, c_loop: CRunLoop | None = None) -> float:
     """The loop guest's reads through the machine's run loop, untimed inside: seconds per exit. The
-    guest's done `out` goes to the machine's debug-exit device, which ends the run."""
-    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, "exit")
+    guest's done `out` goes to the machine's debug-exit device, which ends the run. With `c_loop`,
+    the C loop answers the reads, through the machine's table and counting (builder.py)."""
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, ABSENT_TARGET_GPA, "exit")
     try:
         assert memory is not None
-        handler, stats, _ = _ecam_handler(memory, timed=False)
+        handler, stats, _, host_bridge = _ecam_handler(memory, timed=False)
         handler.pio.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, "debug-exit")
+        fill_pages = None
+        if c_loop is not None:
+            hotplug = HotplugWiring(host_bridge, memory)
+            fill_pages = FillPagesWiring(c_loop, host_bridge, hotplug, stats).fill_pages
         start = time.perf_counter()
-        stop = run_until_stop(vcpu, handler, on_coalesced=memory.view.coalesced)
+        stop = run_until_stop(vcpu, handler, on_coalesced=memory.view.coalesced, fill_pages=fill_pages)
         seconds = time.perf_counter() - start
-        if stop.reason != StopReason.DEBUG_EXIT or stats.exits.mmio_read != reads:
+        if stop.reason != StopReason.DEBUG_EXIT or not stats.exits.mmio_read == stats.ecam_absent_exits == reads:
             raise BenchError(
-                f"exit-path guest on {backend}: {stats.exits.mmio_read} of {reads} reads, ended by {stop}"
+                f"exit-path guest on {backend}: {stats.exits.mmio_read} of {reads} reads "
+                f"({stats.ecam_absent_exits} at an absent function), ended by {stop}"
             )
         return seconds / stats.exits.total
     finally:
@@ -269,10 +335,10 @@ def _run_loop_seconds(backend: str, reads: int) -> float:
 def _pcihole_steps(backend: str, reads: int) -> tuple[dict[str, float], int]:
     """The loop guest's reads through pcihole's path (an ECAM window over an `exit` hole), each step
     timed: seconds per exit by step, and the exits."""
-    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, MMIO_TARGET_GPA, "exit")
+    hv, vm, vcpu, memory, ram = _loop_vm(backend, reads, ABSENT_TARGET_GPA, "exit")
     try:
         assert memory is not None
-        handler, _, window = _ecam_handler(memory, timed=True)
+        handler, _, window, _ = _ecam_handler(memory, timed=True)
         assert window is not None
         decode = getattr(vcpu, "_decode", None)  # the kvm Vcpu's; the model decodes inside run()
         clock = time.perf_counter
@@ -313,14 +379,26 @@ def _pcihole_steps(backend: str, reads: int) -> tuple[dict[str, float], int]:
 
 
 def measure_breakdown(backend: str, reads: int, runs: int) -> ExitBreakdown:
-    """Per-step cost of an exit through pcihole, and the bare loop's, alternated `runs` times."""
-    bare, steps, loop = [], [], []
+    """Per-step cost of an exit through pcihole, and the bare loop's, alternated `runs` times; on
+    kvm, the bare C loop and the run loop with the C loop too."""
+    c_loop, c_skipped = None, ""
+    if backend != "kvm":
+        c_skipped = f"the C run loop loops on KVM_RUN: the {backend} backend has none"
+    else:
+        try:
+            c_loop = load_c_run_loop()
+        except CRunLoopUnavailable as e:
+            c_skipped = str(e)
+    bare, steps, loop, c_bare, c_run = [], [], [], [], []
     exits = 0
     for _ in range(max(runs, 1)):
         bare.append(_bare_seconds(backend, reads))
         run_steps, exits = _pcihole_steps(backend, reads)
         steps.append(run_steps)
         loop.append(_run_loop_seconds(backend, reads))
+        if c_loop is not None:
+            c_bare.append(_bare_c_seconds(backend, reads, c_loop))
+            c_run.append(_run_loop_seconds(backend, reads, c_loop))
     return ExitBreakdown(
         backend=backend,
         reads=reads,
@@ -328,6 +406,9 @@ def measure_breakdown(backend: str, reads: int, runs: int) -> ExitBreakdown:
         bare_seconds_per_exit=statistics.median(bare),
         exits=exits,
         run_loop_seconds_per_exit=statistics.median(loop),
+        c_bare_seconds_per_exit=statistics.median(c_bare) if c_bare else None,
+        c_run_loop_seconds_per_exit=statistics.median(c_run) if c_run else None,
+        c_skipped=c_skipped,
     )
 
 
@@ -362,7 +443,7 @@ def loop_ticks(backend: str, reads: int, target_gpa: int) -> int:
 
 
 def dispatched_seconds_per_exit(rows: list[ScanRow], backend: str) -> float | None:
-    by_strategy = {r.strategy: r for r in rows if r.backend == backend}
+    by_strategy = {r.strategy: r for r in rows if r.backend == backend and r.run_loop_asked == "auto"}
     exit_row, floor_row = by_strategy.get("exit"), by_strategy.get("ro-filled")
     if exit_row is None or floor_row is None or exit_row.ecam_exits is None or floor_row.ecam_exits is None:
         return None

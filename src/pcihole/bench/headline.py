@@ -6,9 +6,10 @@
   strategy and over QEMU, and its ratio to the floor (the same scan with every hole backed by real
   memory, i.e. ro-filled);
 - what pcihole adds to an exit (exit_path.py);
-- on kvm, the `exit` strategy against QEMU (both take one exit per config read), and what a VMM
-  that only re-enters KVM_RUN from Python (the bare loop) would take for the same scan: the floor
-  scan plus one bare exit per config read. Both depend on the host: QEMU's exit path is C.
+- on kvm, the `exit` strategy against QEMU (both take one exit per config read), with the default
+  run loop (C, where it builds) and with the Python loop, and what a VMM that only re-enters KVM_RUN
+  from Python (the bare loop) would take for the same scan: the floor scan plus one bare exit per
+  config read. All depend on the host: QEMU's exit path is C.
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ class Headline:
     exit_path_ratio: float | None = None
     #: the same, measured through the machine's run loop beside the bare loop in one process
     run_loop_ratio: float | None = None
-    #: kvm only: the `exit` strategy's scan / QEMU's scan
+    #: kvm: the run loop with the C loop against the bare C loop, and against the bare Python loop
+    c_run_loop_ratio: float | None = None
+    c_run_loop_over_python_bare: float | None = None
+    #: kvm only: the `exit` strategy's scan / QEMU's scan (the default run loop: C where it builds)
     exit_over_qemu: float | None = None
+    #: kvm only: the same with the Python loop
+    exit_python_loop_over_qemu: float | None = None
+    #: kvm only: both, booted in turn with QEMU (exit_vs_qemu.py): medians of each round's ratio
+    exit_over_qemu_alternated: float | None = None
+    exit_python_loop_over_qemu_alternated: float | None = None
     #: kvm only: (the floor scan + the `exit` row's ECAM exits x the bare loop's exit) / QEMU's scan
     bare_loop_over_qemu: float | None = None
 
@@ -90,9 +99,17 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
     headline.exit_path_ratio = exit_path.ratio if exit_path else None
     if exit_path is not None and exit_path.breakdown is not None:
         headline.run_loop_ratio = exit_path.breakdown.run_loop_ratio
+        headline.c_run_loop_ratio = exit_path.breakdown.c_run_loop_ratio
+        headline.c_run_loop_over_python_bare = exit_path.breakdown.c_run_loop_over_python_bare
     if backend == "kvm":
         qemu = _time(results, "qemu", "exit")
         headline.exit_over_qemu = _quotient(_time(results, backend, "exit"), qemu)
+        if results.exit_vs_qemu is not None:
+            headline.exit_over_qemu_alternated = results.exit_vs_qemu.default_loop_over_qemu
+            headline.exit_python_loop_over_qemu_alternated = results.exit_vs_qemu.python_loop_over_qemu
+        python_row = results.row(backend, "exit", run_loop="python")
+        if python_row is not None:
+            headline.exit_python_loop_over_qemu = _quotient(python_row.scan_seconds.median, qemu)
         exit_row, floor = results.row(backend, "exit"), _time(results, backend, "ro-filled")
         if exit_path is not None and exit_row is not None and exit_row.ecam_exits and floor is not None:
             bare_scan = floor + exit_row.ecam_exits * exit_path.bare_seconds_per_exit

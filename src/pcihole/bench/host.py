@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
+from pcihole.hv.model.engine import loaded_engine
+
 #: KVM vendor modules and what they mean for the numbers.
 KVM_MODULES = {
     "kvm_intel": "kvm_intel (hardware VT-x)",
@@ -30,6 +32,8 @@ class HostInfo:
     #: side by side in this run mean much
     load_at_start: float | None = None
     load_at_end: float | None = None
+    #: the model backend's CPU engine (hv/model/engine.py)
+    model_engine: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -102,4 +106,5 @@ def host_info() -> HostInfo:
         python=platform.python_version(),
         qemu=qemu_version(),
         load_at_start=load_average(),
+        model_engine=loaded_engine().describe(),
     )

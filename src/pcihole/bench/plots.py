@@ -59,7 +59,7 @@ def shrink_png(path: Path) -> None:
 def scan_bars(results: BenchResults, backend: str, path: Path) -> None:
     plt = _pyplot()
     rows = [r for r in results.scan if r.kvm_group == backend]
-    labels = [("QEMU (exit)" if r.backend == "qemu" else r.strategy) for r in rows]
+    labels = [("QEMU (exit)" if r.backend == "qemu" else r.short_label) for r in rows]
     medians = [r.scan_seconds.median * 1e3 for r in rows]
     low = [m - r.scan_seconds.min * 1e3 for m, r in zip(medians, rows, strict=True)]
     high = [r.scan_seconds.max * 1e3 - m for m, r in zip(medians, rows, strict=True)]

@@ -28,6 +28,7 @@ def host_lines(results: BenchResults) -> list[str]:
         f"- CPU: {h.cpu_model} ({h.cpus} CPUs); kernel {h.kernel}; KVM: {h.kvm_flavour}",
         f"- TSC: {c.hz / 1e6:.1f} MHz ({c.source}{reference}){check_text}",
         f"- Python {h.python}; QEMU {h.qemu or 'not installed'}",
+        *([f"- the model's CPU engine: {h.model_engine}"] if h.model_engine else []),
         f"- plan: {results.plan.name} ({results.plan.scan_runs} boots per row, {results.plan.scaling_runs} per "
         f"scaling point); run started {results.started}, took {results.seconds:.0f} s",
         *load,
@@ -60,8 +61,15 @@ def headline_lines(results: BenchResults) -> list[str]:
         lines.append(f"  - full scan with `{h.best_strategy}`: " + ", ".join(parts))
         if h.exit_path_ratio is not None or h.run_loop_ratio is not None:
             lines.append(
-                f"  - one exit through pcihole's run loop costs {units.times(h.run_loop_ratio)} a bare KVM_RUN "
-                f"loop's in the same process ({units.times(h.exit_path_ratio)} derived from the scans)"
+                f"  - one exit through pcihole's Python run loop costs {units.times(h.run_loop_ratio)} a bare "
+                f"Python KVM_RUN loop's in the same process ({units.times(h.exit_path_ratio)} derived from "
+                "the scans)"
+            )
+        if h.c_run_loop_ratio is not None:
+            lines.append(
+                f"  - one absent-function read through the run loop with the C loop costs "
+                f"{units.times(h.c_run_loop_ratio)} a bare C loop's, {units.times(h.c_run_loop_over_python_bare)} "
+                "a bare Python loop's"
             )
         if h.exit_over_qemu is not None:
             bare = (
@@ -69,8 +77,19 @@ def headline_lines(results: BenchResults) -> list[str]:
                 if h.bare_loop_over_qemu is not None
                 else ""
             )
+            python_loop = (
+                f" ({units.times(h.exit_python_loop_over_qemu)} with the Python loop)"
+                if h.exit_python_loop_over_qemu is not None
+                else ""
+            )
             lines.append(
-                f"  - the `exit` strategy's scan takes {units.times(h.exit_over_qemu)} QEMU's on this host{bare}"
+                f"  - the `exit` strategy's scan takes {units.times(h.exit_over_qemu)} QEMU's on this host"
+                f"{python_loop}{bare}"
+            )
+        if h.exit_over_qemu_alternated is not None:
+            lines.append(
+                f"  - booted in turn with QEMU: the `exit` scan takes {units.times(h.exit_over_qemu_alternated)} "
+                f"QEMU's ({units.times(h.exit_python_loop_over_qemu_alternated)} with the Python loop)"
             )
     return lines
 
@@ -125,7 +144,8 @@ def ratio_table(results: BenchResults) -> list[str]:
 
 def exit_path_table(results: BenchResults) -> list[str]:
     lines = [
-        "| backend | bare KVM_RUN loop, per exit | pcihole `exit` strategy, per dispatched ECAM exit | ratio |",
+        "| backend | bare Python KVM_RUN loop, per exit | pcihole `exit` strategy (default run loop), per "
+        "dispatched ECAM exit | ratio |",
         "|---|---|---|---|",
     ]
     for e in results.exit_path:
@@ -153,6 +173,37 @@ def exit_path_table(results: BenchResults) -> list[str]:
                 f"| {b.backend} | {steps} | {units.us(b.total)} | {units.us(b.run_loop_seconds_per_exit)} "
                 f"| {units.us(b.bare_seconds_per_exit)} | {units.times(b.run_loop_ratio)} |"
             )
+        lines += [
+            "",
+            "The same reads through each loop, per exit (host clock, the same runs alternated): bare, the "
+            "loop alone (Python: KVM_RUN, decode, a constant; C: hv/kvm/run_loop.c answering from its table); "
+            "through pcihole, the machine's run loop with its handler, counting and table:",
+            "",
+            "| backend | bare Python loop | bare C loop | run loop, Python | run loop, C | Python / bare Python "
+            "| C / bare C | C / bare Python |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for b in breakdowns:
+            lines.append(
+                f"| {b.backend} | {units.us(b.bare_seconds_per_exit)} | {units.us(b.c_bare_seconds_per_exit)} "
+                f"| {units.us(b.run_loop_seconds_per_exit)} | {units.us(b.c_run_loop_seconds_per_exit)} "
+                f"| {units.times(b.run_loop_ratio)} | {units.times(b.c_run_loop_ratio)} "
+                f"| {units.times(b.c_run_loop_over_python_bare)} |"
+            )
+        lines += [f"- no C loop on {b.backend}: {b.c_skipped}" for b in breakdowns if b.c_skipped]
+    v = results.exit_vs_qemu
+    if v is not None:
+        lines += [
+            "",
+            f"The `exit` scan against QEMU's, booted in turn ({v.rounds} rounds of one boot each; "
+            "the ratio is the median of each round's):",
+            "",
+            "| kvm / exit, default loop | kvm / exit, Python loop | qemu / exit | default / QEMU | Python / QEMU |",
+            "|---|---|---|---|---|",
+            f"| {units.ms(v.default_loop_seconds.median)} ms ({v.default_loop} loop) "
+            f"| {units.ms(v.python_loop_seconds.median)} ms | {units.ms(v.qemu_seconds.median)} ms "
+            f"| {units.times(v.default_loop_over_qemu)} | {units.times(v.python_loop_over_qemu)} |",
+        ]
     return lines
 
 
@@ -243,7 +294,21 @@ def linux_table(results: BenchResults) -> list[str]:
         )
     notes = [f"- `{r.label}`: {r.note}" for r in results.linux if r.note]
     notes += [f"- no `{what}` row: {why}" for what, why in results.linux_skipped.items()]
+    notes += model_against_tcg(results)
     return lines + ([""] + notes if notes else [])
+
+
+def model_against_tcg(results: BenchResults) -> list[str]:
+    """Each model row's boot to /init against QEMU TCG's in the same run (target: within 3x)."""
+    tcg = next((r for r in results.linux if r.backend == "qemu" and r.strategy == "tcg"), None)
+    if tcg is None or not tcg.boot_seconds:
+        return []
+    engine = f" (engine: {results.host.model_engine})" if results.host.model_engine else ""
+    return [
+        f"- `{r.label}` to /init: {r.boot_seconds / tcg.boot_seconds:.1f}x QEMU TCG's (target 3x){engine}"
+        for r in results.linux
+        if r.backend == "model" and r.boot_seconds is not None
+    ]
 
 
 def markdown(results: BenchResults, plots: list[str]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pcihole.bench.alias_sweep import AliasSweepRow
 from pcihole.bench.configs import Configs
 from pcihole.bench.exit_path import ExitPathResult
+from pcihole.bench.exit_vs_qemu import ExitVsQemu
 from pcihole.bench.headline import Headline
 from pcihole.bench.host import HostInfo
 from pcihole.bench.hotplug import HotplugResult
@@ -33,6 +34,8 @@ class BenchResults:
     #: why the QEMU peer row is missing (None when it is there)
     qemu_skipped: str | None = None
     exit_path: list[ExitPathResult] = field(default_factory=list)
+    #: kvm `exit` (both run loops) and QEMU booted in turn (exit_vs_qemu.py); None without QEMU
+    exit_vs_qemu: ExitVsQemu | None = None
     hotplug: list[HotplugResult] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
     #: backend -> ro-alias's granule x prefault rows, with their ro-filled floors (alias_sweep.py)
@@ -52,8 +55,16 @@ class BenchResults:
             if r.strategy == "exit" and r.backend != "qemu" and r.run_seconds
         }
 
-    def row(self, backend: str, strategy: str) -> ScanRow | None:
-        return next((r for r in self.scan if r.backend == backend and r.strategy == strategy), None)
+    def row(self, backend: str, strategy: str, run_loop: str = "auto") -> ScanRow | None:
+        """The scan row of backend / strategy with the run loop asked for ("auto": the default loop)."""
+        return next(
+            (
+                r
+                for r in self.scan
+                if r.backend == backend and r.strategy == strategy and r.run_loop_asked == run_loop
+            ),
+            None,
+        )
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -76,6 +87,7 @@ class BenchResults:
                 "qemu_skipped": self.qemu_skipped,
             },
             "exit_path": [e.as_dict() for e in self.exit_path],
+            "exit_vs_qemu": self.exit_vs_qemu.as_dict() if self.exit_vs_qemu else None,
             "hotplug": [h.as_dict() for h in self.hotplug],
             "scaling": [p.as_dict() for p in self.scaling],
             "alias_sweep": {b: [r.as_dict() for r in rows] for b, rows in self.alias_sweep.items()},

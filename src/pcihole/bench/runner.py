@@ -32,6 +32,7 @@ from pcihole.bench import alias_sweep, linux_boot, qemu_peer
 from pcihole.bench.configs import discover
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_path import measure_exit_path
+from pcihole.bench.exit_vs_qemu import measure_exit_vs_qemu
 from pcihole.bench.headline import compute_headline
 from pcihole.bench.host import hardware_kvm, host_info, load_average
 from pcihole.bench.hotplug import WRITE_POLICIES, measure_hotplug
@@ -84,11 +85,12 @@ def _work_units(
     with_qemu: bool,
     linux_boots: int = 0,
     alias_backends: int = 0,
+    extra_scan_rows: int = 0,
 ) -> int:
     return (
         linux_boots
-        + configs * plan.scan_runs
-        + (plan.qemu_runs if with_qemu else 0)
+        + (configs + extra_scan_rows) * plan.scan_runs
+        + (2 * plan.qemu_runs if with_qemu else 0)  # the QEMU row, then the alternated rounds
         + backends
         + configs
         + alias_backends * alias_sweep.point_count(plan)
@@ -107,7 +109,7 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
     kernel = Kernel(*default_kernel())
     default_machine = load_default()
 
-    for config in configs.configs:
+    for config in configs.scan_configs:
         label = f"scan: {config.label}"
         progress.note(label)
         row = scan_default_machine(
@@ -131,6 +133,19 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
                     on_run=lambda: progress.step("scan: QEMU"),
                     stops=stops,
                 )
+            )
+        except BenchError as e:
+            results.qemu_skipped = f"QEMU failed: {e}"
+    if results.qemu_skipped is None:
+        progress.note("exit vs QEMU: a boot of each in turn")
+        try:
+            results.exit_vs_qemu = measure_exit_vs_qemu(
+                default_machine,
+                plan.qemu_runs,
+                kernel,
+                clock,
+                stops,
+                on_round=lambda: progress.step("exit vs QEMU"),
             )
         except BenchError as e:
             results.qemu_skipped = f"QEMU failed: {e}"
@@ -245,6 +260,7 @@ def run_bench(
             results.qemu_skipped is None,
             linux_boots,
             len(_alias_backends(results)),
+            len(configs.scan_configs) - len(configs.configs),
         ),
         stops,
     )

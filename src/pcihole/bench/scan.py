@@ -65,6 +65,8 @@ class ScanSample:
     host_faults: int = 0
     #: build_machine's wall time: the memory map, the strategy's backing (and its prefault), ACPI
     build_seconds: float = 0.0
+    #: the vCPU loop that ran: "c" or "python" (Machine.run_loop)
+    run_loop: str = "python"
 
 
 def _minor_faults() -> int:
@@ -92,6 +94,7 @@ def boot_and_scan(
             kernel_name=kernel.name,
             cmdline=GUEST_CMDLINE,
             hole_tuning=tuning,
+            run_loop=config.run_loop,
         )
     except MachineBuildError as e:
         raise BenchError(f"{config.label}: cannot build {spec.name or spec.path}: {e}") from e
@@ -133,6 +136,7 @@ def boot_and_scan(
         process_mappings_growth=result.memory.process_mappings - maps_before,
         host_faults=host_faults,
         build_seconds=build_seconds,
+        run_loop=machine.run_loop,
     )
 
 
@@ -162,10 +166,19 @@ class ScanRow:
     #: host page faults during the run (the last boot's; see ScanSample), None where not measured
     host_faults: int | None = None
     build_seconds: Summary | None = None
+    #: the run loop asked for ("auto" or "python": Config.run_loop) and the one that ran ("c",
+    #: "python"; "" for QEMU)
+    run_loop_asked: str = "auto"
+    run_loop: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.backend} / {self.strategy}"
+        return f"{self.backend} / {self.strategy}" + (" (Python loop)" if self.run_loop_asked == "python" else "")
+
+    @property
+    def short_label(self) -> str:
+        """The label within one backend's plot."""
+        return self.strategy + (" (Python loop)" if self.run_loop_asked == "python" else "")
 
     @property
     def kvm_group(self) -> str:
@@ -202,6 +215,8 @@ def row_from_samples(config: Config, samples: list[ScanSample]) -> ScanRow:
         process_mappings_growth=last.process_mappings_growth,
         host_faults=last.host_faults,
         build_seconds=Summary.of([s.build_seconds for s in samples]),
+        run_loop_asked=config.run_loop,
+        run_loop=first.run_loop,
     )
 
 

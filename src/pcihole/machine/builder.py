@@ -33,6 +33,8 @@ from pcihole.guest.report import DEVICE as DEVICE_STRUCT
 from pcihole.hv import BackendUnavailable, open_backend
 from pcihole.hv.cpu_setup import configure_vcpu
 from pcihole.hv.interface import Hypervisor, InterruptLines
+from pcihole.hv.kvm.c_run_loop import CRunLoop, CRunLoopUnavailable
+from pcihole.hv.kvm.c_run_loop import load as load_c_run_loop
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
 from pcihole.machine import layout
@@ -40,7 +42,7 @@ from pcihole.machine.acpi_power import ACPI_POWER_PORT, AcpiPowerDevice
 from pcihole.machine.address_width import address_width_problem
 from pcihole.machine.bus import Bus
 from pcihole.machine.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from pcihole.machine.ecam_window import EcamWindow, HotplugWiring, segment_hole
+from pcihole.machine.ecam_window import EcamWindow, FillPagesWiring, HotplugWiring, segment_hole
 from pcihole.machine.host_quirks import HostQuirksError, choose_host_quirks, kernel_args
 from pcihole.machine.irq import IrqLine
 from pcihole.machine.irq_routing import pc_irq_routing
@@ -90,6 +92,36 @@ def choose_backend(name: str) -> tuple[Hypervisor, str]:
     return open_backend(name), "asked for"
 
 
+#: The vCPU loops `build_machine(run_loop=...)` takes: "c" answers absent-function ECAM reads in C
+#: on kvm (hv/kvm/run_loop.c), "python" is the reference loop, "auto" is "c" where it can be built.
+RUN_LOOPS = ("auto", "c", "python")
+
+
+def choose_run_loop(name: str, backend: str) -> CRunLoop | None:
+    """The C loop, or None for the Python loop. "auto" takes the C loop on kvm where it builds and
+    says in one line (a warning) why not where it does not; the model has no KVM_RUN to loop on."""
+    if name not in RUN_LOOPS:
+        raise MachineBuildError(f"run loop {name!r}: choose from {', '.join(RUN_LOOPS)}")
+    if name == "python":
+        return None
+    if backend != "kvm":
+        if name == "c":
+            raise MachineBuildError(f"the C run loop loops on KVM_RUN: the {backend} backend has none")
+        return None
+    try:
+        return load_c_run_loop()
+    except CRunLoopUnavailable as e:
+        if name == "c":
+            raise HostUnavailable(f"cannot use the C run loop: {e}") from e
+        if not _c_loop_warned:
+            log.warning("the C run loop is not available (%s): using the Python loop", e)
+            _c_loop_warned.append(True)
+        return None
+
+
+_c_loop_warned: list[bool] = []  # said once per process
+
+
 def _open_backend(name: str) -> tuple[Hypervisor, str]:
     """choose_backend, its failures a HostUnavailable saying which backend."""
     try:
@@ -137,13 +169,14 @@ def build_machine(
     quirk_kernel_args: bool = False,
     coalesce_console: bool = True,
     hole_tuning: HoleTuning = DEFAULT_TUNING,
+    run_loop: str = "auto",
 ) -> Machine:
     """Build the machine. `initrd` goes above the kernel, named by the PVH modlist and reserved in
     E820; `host_quirks` is the --host-quirks choice (machine/host_quirks.py), and with
     `quirk_kernel_args` the quirks' kernel arguments are appended to `cmdline` (for Linux guests).
     With `coalesce_console` (where the backend has KVM_CAP_COALESCED_PIO), writes to COM1's THR
     cost no exit (see `_coalesce_console_writes`). `hole_tuning` sets how the hole strategy backs
-    its holes (pcihole bench sweeps it)."""
+    its holes (pcihole bench sweeps it). `run_loop` picks the vCPU loop (RUN_LOOPS, choose_run_loop)."""
     hv, backend_reason = _open_backend(backend)
     vm = memory = host_bridge = None
     step = "read the vCPU's physical address width"
@@ -200,6 +233,7 @@ def build_machine(
             raise MachineBuildError(f"{spec.path}: cannot lay out guest memory: {e}") from e
         hotplug = HotplugWiring(host_bridge, memory)
         host_bridge.add_listener(hotplug)
+        c_loop = choose_run_loop(run_loop, hv.name)
 
         step = "load the ACPI tables and the kernel"
         memory.write_guest(layout.ACPI_GPA, acpi.blob)
@@ -267,6 +301,7 @@ def build_machine(
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
         stats = RunStats()
+        fill_pages = None if c_loop is None else FillPagesWiring(c_loop, host_bridge, hotplug, stats).fill_pages
         mmio, pio = Bus("mmio"), Bus("port")
         for seg in host_bridge.segments:
             window = EcamWindow(memory.view, host_bridge, stats)
@@ -297,6 +332,7 @@ def build_machine(
             cmdline=cmdline,
             initrd_range=initrd_range,
             console_coalesced=console_coalesced,
+            fill_pages=fill_pages,
         )
     except BaseException as e:
         # The VM (and its vCPU) before the memory it maps: Machine.close says why.

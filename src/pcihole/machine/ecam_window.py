@@ -14,10 +14,15 @@
 - `EcamWindow` puts a segment's window on the MMIO bus. An exit in it goes one way down: to the
   memory map's view (the fill for hole pages, the ConfigPage and so the host bridge for punched
   pages), counted; where the map has no region (it is being torn down), to the host bridge.
+- `FillPagesWiring`: with the C run loop (hv/kvm/run_loop.c), the reads of absent functions that
+  exit are answered in C from a bitmap of present pages per window and the segment's fill; the
+  bitmap follows the memory map's punched pages (HotplugWiring sets and clears the bits) and what the
+  C loop answered is counted as EcamWindow.read counts it.
 """
 
 from __future__ import annotations
 
+from pcihole.hv.kvm.c_run_loop import CRunLoop, FillPages
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
 from pcihole.memory.region import WritePolicy
@@ -41,23 +46,38 @@ def segment_hole(segment: Segment, host_bridge: HostBridge) -> Hole:
 
 
 class HotplugWiring:
-    """Listens to the host bridge and keeps the memory map's punched pages equal to present functions."""
+    """Listens to the host bridge and keeps the memory map's punched pages equal to present functions
+    (and, with the C run loop, its table's present pages: FillPagesWiring)."""
 
     def __init__(self, host_bridge: HostBridge, memory: GuestMemory) -> None:
         self.host_bridge = host_bridge
         self.memory = memory
         self.changes = 0
+        self.fill_pages: FillPages | None = None
 
     def __call__(self, page_gpa: int, present: bool) -> None:
+        # The C loop's bit is set before the page is punched and cleared after it is filled, so
+        # that every read the C loop answers is one the memory map's view would answer from the
+        # hole: the same answer and the same counts (FillPagesWiring).
+        fill_pages = self.fill_pages
         if present:
-            self.memory.punch_page(
-                page_gpa,
-                ConfigPage(self.host_bridge, page_gpa),
-                name=f"ecam page {page_gpa:#x}",
-                mirror=self.host_bridge.mirror_page(page_gpa),
-            )
+            if fill_pages is not None:
+                fill_pages.set_present(page_gpa, True)
+            try:
+                self.memory.punch_page(
+                    page_gpa,
+                    ConfigPage(self.host_bridge, page_gpa),
+                    name=f"ecam page {page_gpa:#x}",
+                    mirror=self.host_bridge.mirror_page(page_gpa),
+                )
+            except BaseException:
+                if fill_pages is not None:
+                    fill_pages.set_present(page_gpa, False)
+                raise
         else:
             self.memory.fill_page(page_gpa)
+            if fill_pages is not None:
+                fill_pages.set_present(page_gpa, False)
         self.changes += 1
 
 
@@ -90,3 +110,36 @@ class EcamWindow:
         self._count(addr, len(data), "write")
         if not self.view.write(addr, data):
             self.host_bridge.mmio_write(addr, data)
+
+
+class FillPagesWiring:
+    """The C run loop's table over every ECAM window, and the counting of what it answers.
+
+    A page is marked present while the memory map has it punched (HotplugWiring sets the bit before
+    it punches and clears it after it fills), so the C loop answers exactly the reads that
+    EcamWindow.read would answer from the hole, and with the same fill. Such a page's function is
+    never in the host bridge's table: it announces a page present before the function enters the
+    table and absent after it has left. So each read the C loop answers is counted here as
+    EcamWindow.read counts a read at an absent function, and as the view counts a hole read.
+    """
+
+    def __init__(self, loop: CRunLoop, host_bridge: HostBridge, hotplug: HotplugWiring, stats: RunStats) -> None:
+        self.stats = stats
+        self.view = hotplug.memory.view
+        self.fill_pages = FillPages(
+            loop, [(s.window_base, s.window_size, s.fill) for s in host_bridge.segments], self._count
+        )
+        for page in host_bridge.present_pages():
+            self.fill_pages.set_present(page, True)
+        hotplug.fill_pages = self.fill_pages
+
+    def _count(self, reads: list[tuple[int, int]]) -> None:
+        stats, n = self.stats, len(reads)
+        stats.exits.mmio_read += n
+        stats.ecam_exits += n
+        stats.ecam_reads += n
+        stats.ecam_absent_exits += n
+        self.view.counters.hole_reads += n
+        accesses = stats.ecam_absent_accesses
+        for addr, size in reads:
+            accesses[(addr, size, "read")] += 1

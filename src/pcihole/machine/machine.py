@@ -23,6 +23,7 @@ CONSOLE_FLUSH_SECONDS = 0.02
 if TYPE_CHECKING:
     from pcihole.boot.elf import ElfImage
     from pcihole.hv.interface import Hypervisor, InterruptLines, Vcpu, Vm
+    from pcihole.hv.kvm.c_run_loop import FillPages
     from pcihole.machine.bus import Bus
     from pcihole.machine.ecam_window import HotplugWiring
     from pcihole.machine.machinefile import MachineFile
@@ -123,6 +124,14 @@ class Machine:
     initrd_range: tuple[int, int] | None = None
     #: COM1's THR writes land in the coalesced ring (builder._coalesce_console_writes).
     console_coalesced: bool = False
+    #: With the C run loop (kvm): its table of the ECAM windows' absent pages (ecam_window.py);
+    #: None: the Python loop answers every exit.
+    fill_pages: FillPages | None = None
+
+    @property
+    def run_loop(self) -> str:
+        """"c" or "python": the vCPU loop this machine runs (builder.choose_run_loop)."""
+        return "python" if self.fill_pages is None else "c"
 
     def run(
         self,
@@ -161,6 +170,7 @@ class Machine:
             stop_requested=stop_requested,
             idle_check=self._halted_for_good if self.irq_lines is not None else None,
             flush_ring_within=CONSOLE_FLUSH_SECONDS if self.console_coalesced else None,
+            fill_pages=self.fill_pages,
         )
         seconds = time.perf_counter() - start
         return RunResult(

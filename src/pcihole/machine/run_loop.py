@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 from pcihole.hv.exits import CoalescedWrite, Interrupted
 from pcihole.hv.interface import Vcpu
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.stop_request import StopRequest
+
+if TYPE_CHECKING:
+    from pcihole.hv.kvm.c_run_loop import FillPages
 
 
 def run_until_stop(
@@ -22,6 +27,7 @@ def run_until_stop(
     idle_check: Callable[[], Stop | None] | None = None,
     idle_interval: float = 0.25,
     flush_ring_within: float | None = None,
+    fill_pages: FillPages | None = None,
 ) -> Stop:
     """Run `vcpu` until the handler says stop, `timeout` seconds pass (a guest that runs away), or
     someone asks through `stops` (a signal): that Stop is returned at the next exit.
@@ -34,6 +40,12 @@ def run_until_stop(
     sleeps in the in-kernel HLT waiting for the interrupt its writes will raise) still has its writes
     delivered within about that many seconds: a thread looks at the ring's indices and kicks the vCPU
     out of KVM_RUN while entries wait (the console's THR writes are coalesced: Machine.run).
+
+    With `fill_pages` (kvm only), the C loop (hv/kvm/run_loop.c) answers the reads of absent ECAM
+    pages between KVM_RUNs and hands every other exit to this loop, which is the reference: the
+    same guest gives the same answers and the same statistics with and without it. It leaves to
+    this loop any exit that finds the coalesced ring holding entries, so the drain-then-handle
+    order above is kept, and it returns on a kick (EINTR) as vcpu.run() does.
     """
     if stops is None:
         stops = StopRequest()
@@ -69,8 +81,10 @@ def run_until_stop(
     try:
         if timer is not None:
             timer.start()
+        # The kvm Vcpu's run_answering (the Vcpu protocol has no C loop: the model runs Unicorn).
+        run = vcpu.run if fill_pages is None else partial(vcpu.run_answering, fill_pages)  # type: ignore[attr-defined]
         while stops.stop is None:
-            exit = vcpu.run()
+            exit = run()
             if on_coalesced is not None:
                 writes = vcpu.drain_coalesced_mmio()
                 if writes:

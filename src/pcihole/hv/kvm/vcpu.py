@@ -17,6 +17,7 @@ import threading
 
 from pcihole.hv import exits, uapi
 from pcihole.hv.ioctls import KvmIoctl
+from pcihole.hv.kvm.c_run_loop import LOG_FULL, FillPages
 from pcihole.hv.kvm.ioctl import KvmError, kvm_ioctl
 
 R = uapi.KvmExitReason
@@ -72,6 +73,9 @@ class Vcpu:
         # (offset in kvm_run, length) where the data of a pending MmioRead / IoIn must be written.
         self._pending_read: tuple[int, int] | None = None
         self._running_thread: int | None = None
+        # kvm_run's address for the C loop (run_answering), taken on first use: the ctypes view
+        # holds an export of the mmap, dropped in close() before the mmap is closed.
+        self._run_view: ctypes.c_char | None = None
         _install_kick_handler()
 
     # --- registers ---------------------------------------------------------------------------------
@@ -186,6 +190,28 @@ class Vcpu:
             self._running_thread = None
         return self._decode()
 
+    def run_answering(self, fill_pages: FillPages) -> exits.VcpuExit:
+        """run(), with the C loop (c_run_loop.py, run_loop.c) answering the reads of `fill_pages`'
+        absent pages itself, between KVM_RUNs, until an exit it leaves to Python. The reads it
+        answered are handed to `fill_pages.sink` before this returns (and whenever its log fills)."""
+        if self._run_view is None:
+            self._run_view = ctypes.c_char.from_buffer(self._run)
+        run_c, fd, table = fill_pages.loop.run, self.fd, fill_pages.table_ref
+        address, ring = ctypes.addressof(self._run_view), self._ring
+        self._running_thread = threading.get_ident()
+        try:
+            while (ret := run_c(fd, address, ring, table)) == LOG_FULL:
+                fill_pages.flush()
+        finally:
+            self._running_thread = None
+            fill_pages.flush()
+        if ret < 0:
+            if -ret == errno.EINTR:
+                self._run[_OFF_IMMEDIATE_EXIT] = 0
+                return exits.Interrupted()
+            raise KvmError(-ret, KvmIoctl.KVM_RUN, "from the C run loop")
+        return self._decode()
+
     def kick(self) -> None:
         """Make KVM_RUN return EINTR: immediate_exit covers a kick that lands just before KVM_RUN
         (api.rst, KVM_CAP_IMMEDIATE_EXIT), the signal one that lands while the vCPU runs."""
@@ -278,6 +304,7 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self._run_view = None  # the export of the mmap (run_answering)
             self._run.close()
             os.close(self.fd)
             self.fd = -1

@@ -29,6 +29,13 @@ calling the callback. The vCPU polls RFLAGS.IF at every block while an interrupt
 that poll is most of what the hook costs in a Linux boot (half a million block starts): answering
 it in one predicate instead of disarm, callback and re-arm took it from 3.4-4.9 us to about 2 us a
 block (measured in one run, a 200,000-block IF-clear loop).
+
+pcihole's engine (engine/patches, docs/model-system-cpu.md) has `uc_pcihole_request_boundary`: the
+engine itself calls the Python hook at the next block start, from a check it already makes there, so
+neither the C no-op hook nor widened bounds are needed (the Python hook stays bounded to no address
+and is never translated into a block). And while `unchanged` holds, the request becomes "at the
+first block start where the guest can take an external interrupt" (RFLAGS.IF set, no shadow): the
+engine checks that in C, and Python runs once when the window opens instead of at every block.
 """
 
 from __future__ import annotations
@@ -42,6 +49,17 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 _NOWHERE = (1 << 64) - 0x1000  # never the start of a translation block
 _BEGIN, _END = 24, 32  # offsetof(struct hook, begin / end) in unicorn 2.1.x (include/uc_priv.h)
 _TYPE = 0
+# uc_pcihole_request_boundary's `when` (include/unicorn/unicorn.h of the patched engine)
+_NEXT, _WINDOW = 1, 2
+_REQUEST = getattr(uclib, "uc_pcihole_request_boundary", None)  # None: a stock engine
+if _REQUEST is not None:
+    _REQUEST.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    _REQUEST.restype = ctypes.c_int
+
+
+def engine_requests_boundaries() -> bool:
+    """The engine calls a boundary hook when asked (pcihole's patched Unicorn), with no per-block cost."""
+    return _REQUEST is not None
 
 
 class BoundaryHook:
@@ -53,6 +71,13 @@ class BoundaryHook:
         self._uc = uc
         self._callback = callback
         self._unchanged = unchanged
+        self.armed = False
+        if _REQUEST is not None:
+            self._hook = uc.hook_add(UC_HOOK_BLOCK, self._on_block, None, _NOWHERE, _NOWHERE)
+            self._uch = uc._uch
+            self.precise = True
+            return
+        self._uch = None
         handle = uc_hook_h()
         noop = ctypes.cast(uclib.uc_errno, ctypes.c_void_p)
         err = uclib.uc_hook_add(
@@ -65,12 +90,13 @@ class BoundaryHook:
         self._end = ctypes.c_uint64.from_address(self._hook + _END)
         kind = ctypes.c_int.from_address(self._hook + _TYPE).value
         self.precise = kind == UC_HOOK_BLOCK and self._begin.value == self._end.value == _NOWHERE
-        self.armed = False
 
     def arm(self) -> None:
         """Run the callback at the next block start (any thread)."""
         self.armed = True
-        if self.precise:
+        if _REQUEST is not None:
+            _REQUEST(self._uch, self._hook, _NEXT)
+        elif self.precise:
             self._begin.value = 1  # [1, _NOWHERE]: nearly everything, while `end` is changed
             self._end.value = 0  # begin > end: every address
         else:
@@ -78,7 +104,7 @@ class BoundaryHook:
 
     def _disarm(self) -> None:
         self.armed = False
-        if self.precise:
+        if _REQUEST is None and self.precise:
             self._end.value = _NOWHERE
             self._begin.value = _NOWHERE
 
@@ -86,6 +112,8 @@ class BoundaryHook:
         if not self.armed:
             return
         if self._unchanged is not None and self._unchanged(uc):
+            if _REQUEST is not None:
+                _REQUEST(self._uch, self._hook, _WINDOW)  # asked again once the window opens
             return  # stays armed: the same question at the next block start
         self._disarm()
         self._callback(uc)

@@ -185,23 +185,30 @@ def carry_state(old: Uc, new: Uc, context: UcContext | None = None) -> None:
     new.context_restore(context if context is not None else old.context_save())
 
 
-def write_regs(uc: Uc, mode: CpuMode, regs: kvm_regs, state: EngineState | None = None) -> None:
+def write_regs(
+    uc: Uc, mode: CpuMode, regs: kvm_regs, state: EngineState | None = None, *, rip: bool = True
+) -> None:
     """KVM_SET_REGS into `uc`; `state` (the engine's EngineState) lets a 32-bit engine that the
-    guest took into long mode get all 64 bits (through the uc_context copy: see live_mode)."""
+    guest took into long mode get all 64 bits (through the uc_context copy: see live_mode).
+    `rip=False` leaves RIP alone: from a callback in the middle of an instruction, a RIP write
+    (even of the value it holds) makes Unicorn leave the block and run that instruction again."""
     if mode is not CpuMode.LONG_64 and live_mode(uc, mode, state) is CpuMode.LONG_64:
         assert state is not None
         uc.reg_write(x86.UC_X86_REG_EFLAGS, regs.rflags)
         # The API's EIP write is what makes a callback's change of RIP take effect (Unicorn
         # leaves the translation block: quit_request); the copy then sets all 64 bits.
-        uc.reg_write(x86.UC_X86_REG_EIP, regs.rip & 0xFFFFFFFF)
+        if rip:
+            uc.reg_write(x86.UC_X86_REG_EIP, regs.rip & 0xFFFFFFFF)
         state.load()
         state.set_gprs([getattr(regs, name) for name in _QEMU_GPR_ORDER])
-        state.ip = regs.rip
+        if rip:
+            state.ip = regs.rip
         state.store()
         return
     table = _GPRS_64 if mode is CpuMode.LONG_64 else _GPRS_32
     for name, reg in table:
-        uc.reg_write(reg, getattr(regs, name))
+        if rip or name != "rip":
+            uc.reg_write(reg, getattr(regs, name))
 
 
 def read_regs(uc: Uc, mode: CpuMode, state: EngineState | None = None) -> kvm_regs:

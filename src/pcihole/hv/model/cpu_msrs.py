@@ -11,6 +11,9 @@ Two kinds:
   6.1's rdtsc_ordered() uses where RDTSCP is offered; written once per CPU at boot),
   IA32_APIC_BASE until a local APIC takes it over, the microcode revision, and the checks KVM
   makes that the engine does not (PAT values, MTRRcap read-only).
+- engine MSRs KVM checks on a write (EFER: set_efer; the MTRRs: kvm_mtrr_valid): the engine
+  reads them natively, but each write, the guest's and the VMM's, passes KVM's check in Python
+  first (a guest WRMSR is intercepted for it), since helper_wrmsr takes any value.
 
 What is not here is unknown: #GP(0) on a guest access (KVM with ignore_msrs=0), and the end of
 KVM_GET/SET_MSRS. kvmclock's MSRs are kvmclock.py's.
@@ -27,6 +30,7 @@ from pcihole.hv.model.msr import MsrFault, MsrTable, MsrValue
 if TYPE_CHECKING:
     from unicorn import Uc
 
+    from pcihole.hv.model.cpuid import CpuidTable
     from pcihole.hv.model.tsc import TscClock
 
 MSR_IA32_TSC = 0x10
@@ -98,7 +102,52 @@ ENGINE_MSRS: tuple[int, ...] = (
     MSR_KERNEL_GS_BASE,
 )
 #: Read by the engine, written through Python (KVM checks the value; the engine does not).
-ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP)
+ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP, MSR_EFER)
+#: The engine MSRs whose writes KVM checks (set_efer, kvm_mtrr_valid): reads pass through, writes not.
+_CHECKED_WRITES = frozenset((MSR_EFER, *_MTRR_VAR, *_MTRR_FIXED, MSR_MTRR_DEF_TYPE))
+
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NX = 1 << 11
+#: efer_reserved_bits as kvm_x86_vendor_init leaves them on an Intel host with NX and no nested
+#: SVM: ~(SCE | LME | LMA), then kvm_enable_efer_bits(EFER_NX). Set: #GP, and KVM_SET_MSRS fails.
+EFER_RESERVED_BITS = ((1 << 64) - 1) & ~(EFER_SCE | EFER_LME | EFER_LMA | EFER_NX)
+CPUID_80000001_EDX_NX = 1 << 20
+CPUID_80000001_EDX_LM = 1 << 29
+X86_CR0_PG = 1 << 31
+#: cpuid_query_maxphyaddr without a CPUID 0x80000008 entry.
+DEFAULT_MAXPHYADDR = 36
+
+
+def _valid_mtrr_type(t: int) -> bool:
+    """valid_mtrr_type: UC, WC, WT, WP, WB (0, 1, 4, 5, 6)."""
+    return t < 8 and bool((1 << t) & 0x73)
+
+
+def guest_maxphyaddr(cpuid: CpuidTable) -> int:
+    """cpuid_query_maxphyaddr: CPUID 0x80000008 EAX[7:0] where 0x80000000 reaches it, else 36."""
+    top = cpuid.find(0x80000000, None)
+    if top is None or top.eax < 0x80000008:
+        return DEFAULT_MAXPHYADDR
+    entry = cpuid.find(0x80000008, None)
+    return entry.eax & 0xFF if entry is not None else DEFAULT_MAXPHYADDR
+
+
+def mtrr_valid(index: int, value: int, maxphyaddr: int) -> bool:
+    """kvm_mtrr_valid (mtrr.c), for the guest's and the host's writes alike."""
+    if index == MSR_MTRR_DEF_TYPE:
+        return not value & ~0xCFF and _valid_mtrr_type(value & 0xFF)
+    if index in _MTRR_FIXED:
+        return all(_valid_mtrr_type((value >> (8 * i)) & 0xFF) for i in range(8))
+    mask = ((1 << 64) - 1) & ~((1 << maxphyaddr) - 1)  # kvm_vcpu_reserved_gpa_bits_raw
+    if index & 1 == 0:  # MTRRphysBase
+        if not _valid_mtrr_type(value & 0xFF):
+            return False
+        mask |= 0xF00
+    else:  # MTRRphysMask
+        mask |= 0x7FF
+    return not value & mask
 #: KVM_GET_MSRS of MTRRcap (kvm_mtrr_get_msr: 0x500 | KVM_NR_VAR_MTRR = WC, fixed, 8 variable), also
 #: what the engine's helper_rdmsr answers where its CPU model has CPUID.MTRR.
 MTRRCAP_VALUE = 0x508
@@ -154,9 +203,10 @@ class EngineMsrs:
 
     def pass_through(self) -> Iterator[tuple[int, bool]]:
         """The (index, write) accesses the engine does itself (msr_intercept.MsrIntercept)."""
-        for index in (*ENGINE_MSRS, MSR_EFER):
+        for index in ENGINE_MSRS:
             yield index, False
-            yield index, True
+            if index not in _CHECKED_WRITES:
+                yield index, True
         for index in ENGINE_READ_ONLY_NATIVE:
             yield index, False
 
@@ -167,12 +217,49 @@ def register_vcpu_msrs(
     tsc: TscClock,
     vcpu_id: int,
     on_tsc_write: Callable[[], None] = lambda: None,
+    *,
+    cpuid: Callable[[], CpuidTable],
+    cr0: Callable[[], int],
 ) -> None:
     """The vCPU's own MSRs, as a freshly created KVM vCPU has them (kvm_vcpu_reset).
-    `on_tsc_write` runs after every write of IA32_TSC (KVM_REQ_CLOCK_UPDATE: kvmclock republishes)."""
+    `on_tsc_write` runs after every write of IA32_TSC (KVM_REQ_CLOCK_UPDATE: kvmclock republishes);
+    `cpuid` is the guest's CPUID table (KVM_SET_CPUID2's), `cr0` the guest's CR0 now."""
     owner = "vcpu"
-    for index in (*ENGINE_MSRS, MSR_EFER):
-        table.register(index, read=engine.read, write=engine.write, owner=owner, engine=True)
+    for index in ENGINE_MSRS:
+        if index not in _CHECKED_WRITES:
+            table.register(index, read=engine.read, write=engine.write, owner=owner, engine=True)
+
+    def guest_has(edx_bit: int) -> bool:
+        """guest_cpuid_has for a CPUID 0x80000001 EDX feature (the exact entry, no range rule)."""
+        entry = cpuid().find(0x80000001, None)
+        return entry is not None and bool(entry.edx & edx_bit)
+
+    def write_efer(index: int, value: int, host: bool) -> None:
+        # set_efer: reserved bits refused for everyone; a guest also needs the CPUID features
+        # of the bits it sets (__kvm_valid_efer) and may not toggle LME with paging on. LMA is
+        # the CPU's: kept as it is, whatever the value says.
+        if value & EFER_RESERVED_BITS:
+            raise MsrFault(f"EFER {value:#x}: reserved bits (efer_reserved_bits)")
+        old = engine.read(index, host)
+        if not host:
+            if value & (EFER_LME | EFER_LMA) and not guest_has(CPUID_80000001_EDX_LM):
+                raise MsrFault(f"EFER {value:#x}: LME / LMA without CPUID long mode")
+            if value & EFER_NX and not guest_has(CPUID_80000001_EDX_NX):
+                raise MsrFault(f"EFER {value:#x}: NX without CPUID NX")
+            if cr0() & X86_CR0_PG and (old ^ value) & EFER_LME:
+                raise MsrFault(f"EFER {value:#x}: LME changed with paging on")
+        engine.write(index, value & ~EFER_LMA | old & EFER_LMA, host)
+
+    table.register(MSR_EFER, read=engine.read, write=write_efer, owner=owner, engine=True)
+
+    def write_mtrr(index: int, value: int, host: bool) -> None:
+        # kvm_mtrr_set_msr: kvm_mtrr_valid, for the guest's and the host's writes alike.
+        if not mtrr_valid(index, value, guest_maxphyaddr(cpuid())):
+            raise MsrFault(f"MTRR {index:#x} {value:#x}: a reserved bit or memory type (kvm_mtrr_valid)")
+        engine.write(index, value, host)
+
+    for index in _CHECKED_WRITES - {MSR_EFER}:
+        table.register(index, read=engine.read, write=write_mtrr, owner=owner, engine=True)
 
     def write_pat(index: int, value: int, host: bool) -> None:
         # kvm_pat_valid: every byte a valid memory type, else #GP (host writes too: kvm_set_msr_common).

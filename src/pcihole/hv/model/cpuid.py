@@ -23,7 +23,7 @@ import ctypes
 import errno
 import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
@@ -139,13 +139,18 @@ class CpuidTable:
             return function, None
         return basic.eax, self.find(basic.eax, index)
 
-    def lookup(self, function: int, index: int) -> tuple[int, int, int, int]:
-        """kvm_cpuid(exact_only=false): EAX, EBX, ECX, EDX for CPUID(function, index)."""
+    def lookup(
+        self, function: int, index: int, runtime: Callable[[CpuidEntry], tuple[int, int, int, int]] | None = None
+    ) -> tuple[int, int, int, int]:
+        """kvm_cpuid(exact_only=false): EAX, EBX, ECX, EDX for CPUID(function, index). `runtime`
+        gives the answering entry's registers as kvm_update_cpuid_runtime left them: it edits the
+        entries themselves, so an out-of-range leaf answered by leaf 1 sees its edits too, and a
+        table without leaf 1 has nothing to edit."""
         entry = self.find(function, index)
         if entry is None:
             function, entry = self._out_of_range(function, index)
         if entry is not None:
-            return entry.regs
+            return entry.regs if runtime is None else runtime(entry)
         if function in (0xB, 0x1F):
             # CL passes through and EDX is the x2APIC ID even for undefined subleaves, where the
             # leaf exists (subleaf 1 does).

@@ -2,8 +2,12 @@
 
 KVM's timers (the LAPIC timer, the PIT) are hrtimers: armed with an absolute CLOCK_MONOTONIC
 expiry, their callback runs on the host and may restart them (HRTIMER_RESTART with a new expiry:
-the periodic modes). The model's runs on one host thread per timer, started at the first arm and
-joined by close(). The callback runs without the timer's lock, so it may take the irqchip's; a
+the periodic modes). The model's runs on one host thread per timer, started with the timer (as
+kvm_create_lapic / kvm_create_pit set their hrtimers up) and joined by close(). Arming never starts
+a thread: start() is called from the guest's own WRMSR IA32_TSC_DEADLINE or TMICT write, and
+threading.Thread.start() waits until the new thread has been scheduled, measured at up to 6 ms on
+a loaded host, long enough for a deadline 2 ms ahead to pass before the guest's next instruction
+(the guest then takes the interrupt before its HLT, and sleeps in the HLT for good). The callback runs without the timer's lock, so it may take the irqchip's; a
 start() or cancel() made while it runs wins over the expiry it returns (hrtimer_cancel waits for
 a running callback; here the generation count discards its restart instead).
 """
@@ -29,9 +33,10 @@ class HostTimer:
         self._deadline: int | None = None
         self._generation = 0
         self._closed = False
-        self._thread: threading.Thread | None = None
         #: How many times the callback ran (for tests and statistics).
         self.fired = 0
+        self._thread = threading.Thread(target=self._loop, name=f"pcihole-{self.name}", daemon=True)
+        self._thread.start()
 
     def start(self, deadline_ns: int) -> None:
         """hrtimer_start(HRTIMER_MODE_ABS): expire at host monotonic time `deadline_ns`."""
@@ -40,9 +45,6 @@ class HostTimer:
                 return
             self._deadline = deadline_ns
             self._generation += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"pcihole-{self.name}", daemon=True)
-                self._thread.start()
             self._cond.notify_all()
 
     def cancel(self) -> None:
@@ -63,7 +65,7 @@ class HostTimer:
             self._deadline = None
             self._cond.notify_all()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not threading.current_thread():
             thread.join()
 
     def _loop(self) -> None:

@@ -36,7 +36,7 @@ from unicorn.x86_const import (
 
 from pcihole.hv.model import cpu
 from pcihole.hv.model.cpu_msrs import MSR_IA32_APICBASE, EngineMsrs
-from pcihole.hv.model.cpuid import CpuidTable, runtime_adjust
+from pcihole.hv.model.cpuid import CpuidEntry, CpuidTable, runtime_adjust
 from pcihole.hv.model.engine_state import REGS_32, EngineState
 from pcihole.hv.model.fast_registers import FastRegisters
 from pcihole.hv.model.msr import MsrTable
@@ -58,9 +58,11 @@ class InstructionHooks:
         self.msrs = msrs  # APIC_BASE, which CPUID leaf 1 reflects
         self.tsc = tsc
         self.engine_msrs = engine_msrs  # TSC_AUX, which RDTSCP returns
-        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine; None: none
-        # set yet, and the engine's own CPUID answers (the model's bare test guests rely on it).
-        self._cpuid: CpuidTable | None = None
+        # KVM_SET_CPUID2's table (cpuid.py), answered by the CPUID hook of each engine. Before the
+        # first KVM_SET_CPUID2 the vCPU has no entries, and kvm_cpuid answers every leaf with
+        # zeros (no entry, no leaf 0 for get_out_of_range_cpuid_entry to go by): never the
+        # engine's own CPU model.
+        self._cpuid = CpuidTable([])
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
         self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
         self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
@@ -72,8 +74,12 @@ class InstructionHooks:
         """Hook the vCPU's new engine `uc`, in `mode`; `msr_state` is its state, where in reach."""
         self._mode, self._msr_state = mode, msr_state
         self._hook_tsc(uc)
-        if self._cpuid is not None:
-            self._hook_cpuid(uc)
+        self._hook_cpuid(uc)
+
+    @property
+    def cpuid(self) -> CpuidTable:
+        """The guest's CPUID table (empty before KVM_SET_CPUID2)."""
+        return self._cpuid
 
     def set_cpuid(self, table: CpuidTable, uc: Uc | None) -> None:
         """KVM_SET_CPUID2's `table` answers CPUID from now on, in the live engine `uc` too."""
@@ -114,18 +120,18 @@ class InstructionHooks:
 
     def _on_cpuid(self, uc: Uc, _data: object) -> int:
         """CPUID from KVM_SET_CPUID2's table (kvm_emulate_cpuid -> kvm_cpuid); 1 skips the engine's."""
-        table = self._cpuid
-        if table is None:
-            return 0
         fast = self._fast
         assert fast is not None
         function = fast.read(UC_X86_REG_EAX) & 0xFFFFFFFF
         index = fast.read(UC_X86_REG_ECX) & 0xFFFFFFFF
-        regs = table.lookup(function, index)
-        if function == 1:
+
+        def runtime(entry: CpuidEntry) -> tuple[int, int, int, int]:
+            if entry.function != 1:
+                return entry.regs
             apic_base = self.msrs.read(MSR_IA32_APICBASE, host=True)
-            regs = runtime_adjust(function, regs, fast.read(UC_X86_REG_CR4), apic_base)
-        eax, ebx, ecx, edx = regs
+            return runtime_adjust(1, entry.regs, fast.read(UC_X86_REG_CR4), apic_base)
+
+        eax, ebx, ecx, edx = self._cpuid.lookup(function, index, runtime)
         self.write_gprs(uc, {R_EAX: eax, R_EBX: ebx, R_ECX: ecx, R_EDX: edx})
         return 1
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from pcihole.hv import uapi
 from pcihole.hv.model.i8259 import PicPair
 from pcihole.hv.model.ioapic import Ioapic
-from pcihole.hv.model.irq_routing import IrqRoutingTable, default_routing
+from pcihole.hv.model.irq_routing import IrqRoutingTable, default_routing, msi_irq
 from pcihole.hv.model.lapic_irq import APIC_DM_LOWEST, LapicIrq
 
 if TYPE_CHECKING:
@@ -96,6 +96,10 @@ class Irqchip:
         """kvm_set_irq: each pin the GSI is routed to gets the level; how many LAPICs took it (-1:
         none, masked or coalesced), as KVM_IRQ_LINE_STATUS reports; a GSI with no route does nothing."""
         with self.locked():
+            msi = self.routing.msi_of(gsi)
+            if msi is not None:
+                # kvm_set_msi: a message per rising level, none for level 0
+                return self.deliver_to_apic(None, msi_irq(msi)) if level else -1
             ret = -1
             for chip, pin in self.routing.pins_of(gsi):
                 if chip == KVM_IRQCHIP_IOAPIC:

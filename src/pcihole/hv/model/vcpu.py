@@ -83,6 +83,7 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
+    UC_X86_REG_EAX,
     UC_X86_REG_IDTR,
 )
 
@@ -178,6 +179,14 @@ class ModelVcpu:
         self._stop_exit: exits.VcpuExit | None = None
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
+        # The exit paused in the middle of an instruction, and RIP then (set_regs: _rip_takes).
+        self._exit_kind: type[exits.VcpuExit] | None = None
+        self._exit_rip: int | None = None
+        self._exit_rip_moved = False  # KVM_SET_REGS moved RIP during that exit
+        self._exit_regs_set = False  # KVM_SET_REGS during that exit (an MMIO one: _replay)
+        # An MMIO exit whose instruction runs again with the VMM's registers, and its answer
+        # (exit_to_user): the exit the instruction makes again, and what to return without the VMM.
+        self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
         # state is out of reach (engine_state.py) or the CPU is in real mode: every exception is
@@ -214,12 +223,20 @@ class ModelVcpu:
         self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
         self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
-        register_vcpu_msrs(self.msrs, self.engine_msrs, self.tsc, vcpu_id, self.kvmclock.update)
+        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
+        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
+        register_vcpu_msrs(
+            self.msrs,
+            self.engine_msrs,
+            self.tsc,
+            vcpu_id,
+            self.kvmclock.update,
+            cpuid=lambda: self._instructions.cpuid,
+            cr0=lambda: self.get_sregs().cr0,
+        )
         self.kvmclock.register(self.msrs)
         self._intercept.pass_through(self.engine_msrs.pass_through())
         self._fpu: kvm_fpu | None = None  # KVM_SET_FPU's control words, loaded into each engine
-        # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
-        self._instructions = InstructionHooks(self.msrs, self.tsc, self.engine_msrs)
         # What the intercept's exits do: RDMSR / WRMSR through self.msrs, HLT (intercept_exits.py).
         self._intercept_exits = InterceptExits(
             self.msrs, self._instructions.write_gprs, self._deliver, self._on_hlt
@@ -244,7 +261,31 @@ class ModelVcpu:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
         if engine is not None:
-            cpu.write_regs(*engine, self._regs, self._engine_state)
+            rip = self._rip_takes(self._regs.rip)
+            if rip and self._exit_rip is not None:
+                self._exit_rip_moved = True  # an IN's data is then dropped (_on_in)
+            self._exit_regs_set = self._exit_rip is not None
+            cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
+
+    def _rip_takes(self, rip: int) -> bool:
+        """Whether KVM_SET_REGS's RIP moves the guest, in an exit from the middle of an instruction
+        (the engine paused in an IN / OUT hook or an MMIO access, RIP on the instruction):
+        - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the
+          instruction and skip it only if RIP is still where it was at the exit
+          (kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken,
+          the instruction left undone (an IN's data dropped);
+        - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator
+          with EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded
+          (ctxt->_eip): a RIP set meanwhile is overwritten;
+        - an MMIO write: the emulator finished the instruction before the exit, so a RIP moved
+          during it is taken (here, where the engine is still on the instruction, one left
+          unchanged finishes it).
+        Elsewhere (a boundary's Interrupted, an exit after emu_start returned) RIP is taken."""
+        if self._state is not VcpuState.IN_EXIT or self._exit_rip is None:
+            return True
+        if self._exit_kind is exits.MmioRead:
+            return False
+        return rip != self._exit_rip
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -263,8 +304,8 @@ class ModelVcpu:
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
-        does (cpuid.py). Before any table is set, the engine's own CPUID answers (KVM would answer
-        zeros: the model's bare test guests do not set one)."""
+        does (cpuid.py). Before any table is set, every leaf answers zeros, as kvm_cpuid does
+        with no entries."""
         table = CpuidTable.from_cpuid2(cpuid)
         engine = self._live_engine()
         self._instructions.set_cpuid(table, None if engine is None else engine[0])
@@ -547,6 +588,8 @@ class ModelVcpu:
             return None
         if self._stop_exit is not None:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
+        if self._replay is not None:
+            return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
         if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
             return None  # stopped at a boundary to rebuild: _prepare_engine does
         boundary = self._boundary
@@ -747,19 +790,42 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
+        replay, self._replay = self._replay, None
+        if replay is not None and replay[0] == exit_:
+            return replay[1]  # the instruction again, after KVM_SET_REGS in its exit (below)
+        with self._sync:
             self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
+        if isinstance(exit_, exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut):
+            # In the middle of the instruction: what KVM_SET_REGS's RIP does (_rip_takes).
+            self._exit_kind, self._exit_rip = type(exit_), self.get_regs().rip
+            self._exit_rip_moved = self._exit_regs_set = False
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
         finally:
+            regs_set = self._exit_regs_set and isinstance(exit_, exits.MmioRead | exits.MmioWrite)
+            self._exit_kind = self._exit_rip = None
+            self._exit_regs_set = False
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
+        if regs_set and not self._exit_rip_moved and self._state not in _LEFT:
+            # KVM_SET_REGS in the middle of a memory access: generated code may hold guest
+            # registers in host ones, and the rest of the block would overwrite what the VMM set
+            # (the engine's exit check after an access reloads nothing). So the engine leaves here,
+            # back at the start of the instruction (uc_exit_request_after_access ->
+            # cpu_loop_exit_restore), and runs it again with the VMM's registers; its access is
+            # answered from this exit, as KVM's emulator completes the access it decoded
+            # (complete_emulated_mmio), and RIP ends past the instruction as on KVM. (A VMM that
+            # changed the registers the address is made of gets a new exit for the new address;
+            # KVM's emulator would finish the access it had decoded.)
+            self._replay = (exit_, value)
+            self._stop(uc)
         if self._state in _LEFT:
             # close() while paused in this exit: Unicorn must leave emu_start, and it first runs on
             # to its next exit check (after the next load or store, or at the end of the
@@ -802,6 +868,11 @@ class ModelVcpu:
         data = self.vm.pio_bus.read(port, size)
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
+            if self._exit_rip_moved:
+                # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
+                # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
+                self._exit_rip_moved = False
+                return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
