@@ -11,24 +11,22 @@ after the resource assignment and the peer-bus scan), or when /init powers off w
 the model user space runs (SYSCALL is delivered): the run goes on to /init's power-off and the list
 is the one /init read from sysfs.
 The kernel and busybox come from `pcihole linux fetch` (apt-get download, cached), the initramfs from
-pcihole.linux.initramfs.
+pcihole.linux.initramfs. Each boot runs in the background from the start of the session
+(tests/linux/boot_pool.py); its test, run last, checks it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pcihole.linux.console import parse_linux_console
-from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
-from pcihole.linux.initramfs import build_initramfs
-from pcihole.machine.builder import build_machine
 from pcihole.machine.dispatch import StopReason
-from pcihole.machine.machinefile import load, load_default
+from pcihole.machine.machinefile import load
 from pcihole.machine.serial import COM1_BASE
+from tests.linux.boot_pool import LinuxBoot
 from tests.linux.linux_probes import predicted_absent_probes
 
 pytestmark = [pytest.mark.slow]
@@ -38,20 +36,12 @@ PCI_LINE = re.compile(
     r"type ([0-9a-f]{2}) class (0x[0-9a-f]{6})",
     re.M,
 )
-PCI_DONE = "PCI: CLS "
-#: The kernel's time on a software KVM is minutes (measured here: PCI at ~200 s, kernel init done at ~600 s, idle host).
-BOOT_TIMEOUT = 1500
-RAM_MIB = 512  # the default machine's 64 MiB cannot hold a distribution kernel
 COM1_THR = COM1_BASE
+MANY_SEGMENTS = Path(__file__).resolve().parents[2] / "examples" / "many-segments.toml"
 
-
-@pytest.fixture(scope="module")
-def debian_cloud_kernel():
-    try:
-        vmlinux, busybox = fetch_kernel(), fetch_busybox()
-    except LinuxFetchError as e:
-        pytest.skip(f"cannot fetch the Debian cloud kernel: {e}")
-    return vmlinux, build_initramfs(busybox)
+DEFAULT_ON_KVM = LinuxBoot("default", "kvm", "ro-alias")
+MANY_SEGMENTS_ON_KVM = LinuxBoot("many-segments", "kvm", "exit")
+MANY_SEGMENTS_ON_THE_MODEL = LinuxBoot("many-segments", "model", "native", until=None)
 
 
 def kernel_devices(console: str) -> set[tuple[str, int, int, int, int]]:
@@ -61,39 +51,10 @@ def kernel_devices(console: str) -> set[tuple[str, int, int, int, int]]:
     }
 
 
-def boot_until_pci_is_done(
-    spec,
-    debian_cloud_kernel,
-    *,
-    backend: str = "kvm",
-    strategy: str = "ro-alias",
-    until: str | None = PCI_DONE,
-):
-    """Boot the kernel on `spec` until Linux's PCI core is done (`until`; None: until /init powers off)."""
-    vmlinux, initrd = debian_cloud_kernel
-    machine = build_machine(
-        spec,
-        backend=backend,
-        strategy=strategy,
-        kernel=vmlinux.read_bytes(),
-        kernel_name=str(vmlinux),
-        cmdline="console=ttyS0 panic=-1",
-        initrd=initrd,
-        quirk_kernel_args=True,
-    )
-    with machine:
-        result = machine.run(timeout=BOOT_TIMEOUT, until_serial=until)
-    assert result.stop.reason in (StopReason.SERIAL_MATCH, StopReason.POWER_OFF), (
-        result.stop,
-        result.serial[-3000:],
-    )
-    return result
-
-
 @pytest.mark.kvm
-def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exit(debian_cloud_kernel):
-    spec = replace(load_default(), ram_mib=RAM_MIB)
-    result = boot_until_pci_is_done(spec, debian_cloud_kernel)
+@pytest.mark.linux_boot(DEFAULT_ON_KVM)
+def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exit(linux_boot):
+    result = linux_boot.run()
     console = result.serial
     # Linux accepted the MCFG in its late pass, because MBRD's _CRS covers ECAM (no conf1 here).
     assert "PCI: MMCONFIG at [mem 0xe0000000-0xefffffff] reserved in ACPI motherboard resources" in console
@@ -115,28 +76,24 @@ def test_linux_enumerates_the_machines_functions_through_mcfg_with_no_absent_exi
     if result.stop.reason == StopReason.SERIAL_MATCH:
         assert result.stats.io_by_port[COM1_THR] == 0
     print(
-        f"\nLinux boot on kvm/ro-alias: stop {result.stop.reason} after {result.seconds:.0f} s; "
-        f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
-        f"(absent {result.stats.ecam_absent_exits}), host-quirk fix-ups {dict(result.stats.quirk_fixups_by_kind)}, "
+        f"host-quirk fix-ups {dict(result.stats.quirk_fixups_by_kind)}, "
         f"port exits {dict(result.stats.io_by_port.most_common(6))}, "
         f"coalesced port writes {dict(result.stats.io_coalesced_by_port)}"
     )
 
 
-MANY_SEGMENTS = Path(__file__).resolve().parents[2] / "examples" / "many-segments.toml"
-
-
 @pytest.mark.kvm
-def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_kernel):
+@pytest.mark.linux_boot(MANY_SEGMENTS_ON_KVM)
+def test_linux_enumerates_every_segment_of_a_multi_segment_machine(linux_boot):
     """examples/many-segments.toml: five segments of different sizes, one whose first bus is 16, a
     conventional PCI-PCI bridge: Linux accepts every MCFG entry (a PNP0A08 with _SEG/_BBN each) and
     lists exactly the file's functions. With `exit` every ECAM access exits, so the exits at absent
     functions are Linux's probes of them: they must be exactly those its source makes (root-bus and
     bridge scans of every segment, only device 0 below a PCIe port, the peer-bus scan of segment 0's
     buses 5-63 with 16-bit reads), address by address, each once."""
-    spec = replace(load(MANY_SEGMENTS), ram_mib=RAM_MIB)
+    spec = load(MANY_SEGMENTS)
     assert any(s.start_bus != 0 for s in spec.segments)
-    result = boot_until_pci_is_done(spec, debian_cloud_kernel, strategy="exit")
+    result = linux_boot.run()
     console = result.serial
     for s in spec.segments:  # acpi_pci_root_add: "PCI Root Bridge [%s] (domain %04x %pR)"
         assert re.search(
@@ -157,9 +114,7 @@ def test_linux_enumerates_every_segment_of_a_multi_segment_machine(debian_cloud_
     )
     assert result.stats.ecam_absent_exits == predicted.total()
     print(
-        f"\nLinux boot of many-segments on kvm/exit: stop {result.stop.reason} after {result.seconds:.0f} s; "
-        f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
-        f"(absent {result.stats.ecam_absent_exits}, predicted {predicted.total()}), "
+        f"absent-function exits predicted {predicted.total()}, "
         f"port exits {dict(result.stats.io_by_port.most_common(6))}"
     )
 
@@ -172,15 +127,16 @@ def initramfs_devices(result) -> tuple[list[tuple[str, int, int]], list[tuple[st
     return found, sorted((str(d.bdf), d.vendor, d.device) for d in result.machine_devices)
 
 
-def test_linux_on_the_model_lists_every_segment_from_init_with_no_absent_exit(debian_cloud_kernel):
+@pytest.mark.linux_boot(MANY_SEGMENTS_ON_THE_MODEL)
+def test_linux_on_the_model_lists_every_segment_from_init_with_no_absent_exit(linux_boot):
     """The model backend, native strategy (every absent function's ECAM page a KVM_MEM_PCI_HOLE
     slot, the seed's ABI, which exists only in the model), on examples/many-segments.toml (five
     segments, one whose first bus is 16, a PCI-PCI bridge). User space runs on the model: /init lists
     sysfs and powers off; the list is the file's, every root bridge is found with its bus range, and
     no read of an absent function exits. (`pcihole run --linux --backend model` on the default
     machine is tests/linux/test_linux_cli.py's.)"""
-    spec = replace(load(MANY_SEGMENTS), ram_mib=RAM_MIB)
-    result = boot_until_pci_is_done(spec, debian_cloud_kernel, backend="model", strategy="native", until=None)
+    spec = load(MANY_SEGMENTS)
+    result = linux_boot.run()
     assert result.stop.reason == StopReason.POWER_OFF, (result.stop, result.serial[-3000:])
     console = result.serial
     for s in spec.segments:
@@ -192,8 +148,3 @@ def test_linux_on_the_model_lists_every_segment_from_init_with_no_absent_exit(de
     assert found == expected
     assert not re.search(r"no space for|failed to assign|can't claim", console), console
     assert result.stats.ecam_absent_exits == 0
-    print(
-        f"\nLinux boot of many-segments on model/native: {result.stop.reason} after {result.seconds:.0f} s; "
-        f"exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
-        f"(absent {result.stats.ecam_absent_exits})"
-    )

@@ -3,57 +3,39 @@ GPUs with 128 GiB BARs, NVMe) and examples/expander.toml (a pxb-pcie expander bu
 conventional PCI-PCI bridge). For each: the functions Linux's PCI core enumerates are exactly the
 file's, every host bridge's _OSC hands Linux the native PCIe features, every BAR and bridge window
 gets an address (the expander's from its own _CRS windows), and no ECAM read of an absent function
-exits. The boot helper and the kernel fixture are test_linux_boot.py's.
+exits. The console's helpers are test_linux_boot.py's.
 
 Each example boots on the model (native: the absent functions are the seed's KVM_MEM_PCI_HOLE slots),
-where the kernel runs on to /init and its power-off in about a minute, and on kvm (ro-alias), which
-on this project's software-KVM hosts takes about 5 minutes of CPU to the end of PCI enumeration
-each: there it runs only on hardware KVM or with PCIHOLE_LINUX_BOOT=1, so the suite stays within
-its time (the default and multi-segment machines boot on kvm in test_linux_boot.py).
+where the kernel runs on to /init and its power-off in about a minute, and on kvm (ro-alias) to the
+end of PCI enumeration, which on this project's software-KVM hosts takes about 5 minutes of CPU. The
+boots run in the background from the start of the session, several at once (tests/linux/boot_pool.py);
+each test, run last, checks its own.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import resource
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from pcihole.bench.host import hardware_kvm
 from pcihole.machine.dispatch import StopReason
-from pcihole.machine.machinefile import load
-from tests.linux.test_linux_boot import (
-    RAM_MIB,
-    boot_until_pci_is_done,
-    debian_cloud_kernel,  # noqa: F401  (a fixture: pytest finds it by name here)
-    initramfs_devices,
-    kernel_devices,
-)
+from tests.linux.boot_pool import LinuxBoot
+from tests.linux.test_linux_boot import initramfs_devices, kernel_devices
 
 pytestmark = [pytest.mark.slow]
 
-KVM_BOOT_HERE = hardware_kvm() or os.environ.get("PCIHOLE_LINUX_BOOT") == "1"
-#: (backend, strategy): the model to /init's power-off, kvm to the end of PCI enumeration.
-BOOTS = [
-    pytest.param("model", "native", id="model-native"),
-    pytest.param(
-        "kvm",
-        "ro-alias",
-        id="kvm-ro-alias",
-        marks=[
-            pytest.mark.kvm,
-            pytest.mark.skipif(
-                not KVM_BOOT_HERE,
-                reason="a Linux boot takes ~5 min of CPU on a software KVM (set PCIHOLE_LINUX_BOOT=1)",
-            ),
-        ],
-    ),
-]
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+def boots(machine: str) -> list:
+    """The machine on the model (native, to /init's list and power-off) and on kvm (ro-alias, to the
+    end of PCI enumeration), as parameters naming their boot."""
+    on_the_model = LinuxBoot(machine, "model", "native", until=None)
+    on_kvm = LinuxBoot(machine, "kvm", "ro-alias")
+    return [
+        pytest.param(on_the_model, id="model-native", marks=pytest.mark.linux_boot(on_the_model)),
+        pytest.param(on_kvm, id="kvm-ro-alias", marks=[pytest.mark.kvm, pytest.mark.linux_boot(on_kvm)]),
+    ]
+
+
 #: Linux's messages when a BAR or a bridge window finds no room (pci_assign_resource, __assign_resources_sorted,
 #: pci_claim_resource) and when a host bridge window is dropped (acpi_pci_root_validate_resources).
 BAR_ERRORS = re.compile(
@@ -63,24 +45,6 @@ BAR_ERRORS = re.compile(
 OS_CONTROLS = re.compile(r"acpi (PNP0A08:[0-9a-f]{2}): _OSC: OS now controls \[([^\]]*)\]")
 #: What pcihole's _OSC grants where there are hot-pluggable slots (acpi/pci_osc.py).
 GRANTED = ["PCIeHotplug", "PME", "AER", "PCIeCapability"]
-
-
-def boot_example(name: str, kernel, backend: str, strategy: str) -> tuple[object, str]:
-    spec = replace(load(EXAMPLES / f"{name}.toml"), ram_mib=RAM_MIB)
-    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    # On the model user space runs: on to /init's list and power-off (None), which must agree.
-    until = None if backend == "model" else "PCI: CLS "
-    result = boot_until_pci_is_done(spec, kernel, backend=backend, strategy=strategy, until=until)
-    if backend == "model":
-        assert result.stop.reason == StopReason.POWER_OFF, (result.stop, result.serial[-3000:])
-    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    print(
-        f"\nLinux boot of {name} on {backend}/{strategy}: stop {result.stop.reason} after {result.seconds:.0f} s wall, "
-        f"{cpu:.0f} s CPU of pcihole; exits {result.stats.exits.as_dict()}, ECAM exits {result.stats.ecam_exits} "
-        f"(absent {result.stats.ecam_absent_exits})"
-    )
-    return result, result.serial
 
 
 def check_common(result, console: str, bridges: list[str]) -> None:
@@ -112,16 +76,13 @@ def check_common(result, console: str, bridges: list[str]) -> None:
 #: On kvm only: its 64-bit window (eight 128 GiB BARs, at 2 TiB) lies beyond the model CPU's 40
 #: physical address bits, and pcihole refuses it there before the kernel is fetched
 #: (tests/machine/test_address_width.py checks the refusal).
-GPU_SERVER_BOOTS = [BOOTS[1]]
+GPU_SERVER_BOOTS = [boots("gpu-server")[1]]
 
 
-@pytest.mark.parametrize(("backend", "strategy"), GPU_SERVER_BOOTS)
-def test_linux_enumerates_the_gpu_server_and_places_its_128_gib_bars(
-    debian_cloud_kernel,  # noqa: F811
-    backend,
-    strategy,
-):
-    result, console = boot_example("gpu-server", debian_cloud_kernel, backend, strategy)
+@pytest.mark.parametrize("boot", GPU_SERVER_BOOTS)
+def test_linux_enumerates_the_gpu_server_and_places_its_128_gib_bars(boot, linux_boot):
+    result = linux_boot.run()
+    console = result.serial
     check_common(result, console, ["[PCI0] (domain 0000 [bus 00-ff])"])
     # Each GPU's 128 GiB prefetchable BAR landed in the host bridge's 64-bit window, above 4 GiB.
     bars = re.findall(
@@ -132,13 +93,10 @@ def test_linux_enumerates_the_gpu_server_and_places_its_128_gib_bars(
     assert all(int(start, 16) >= 1 << 32 for _, start in bars)
 
 
-@pytest.mark.parametrize(("backend", "strategy"), BOOTS)
-def test_linux_enumerates_the_expander_bus_and_assigns_its_bars_from_its_own_windows(
-    debian_cloud_kernel,  # noqa: F811
-    backend,
-    strategy,
-):
-    result, console = boot_example("expander", debian_cloud_kernel, backend, strategy)
+@pytest.mark.parametrize("boot", boots("expander"))
+def test_linux_enumerates_the_expander_bus_and_assigns_its_bars_from_its_own_windows(boot, linux_boot):
+    result = linux_boot.run()
+    console = result.serial
     check_common(result, console, ["[PCI0] (domain 0000 [bus 00-7f])", "[X080] (domain 0000 [bus 80-8f])"])
     # The expander's root bus has its own windows (its _CRS), apart from PCI0's.
     windows = re.findall(r"pci_bus 0000:80: root bus resource \[(io|mem) ", console)

@@ -18,6 +18,7 @@ from pcihole.bench.host import hardware_kvm
 from pcihole.hv import kvm_available
 from pcihole.linux.fetch import LinuxFetchError, fetch_busybox, fetch_kernel
 from pcihole.machine.machinefile import load_default
+from tests.linux.boot_pool import CliBoot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,17 +82,25 @@ def test_linux_timeout_is_checked_before_anything(tmp_path):
 
 
 BOOT_HERE = hardware_kvm() or os.environ.get("PCIHOLE_LINUX_BOOT") == "1"
+#: The boots these tests check, run in the background from the start of the session (tests/linux/boot_pool.py).
+RUN_LINUX_ON_KVM = CliBoot(("run", "--linux", "--backend", "kvm", "--strategy", "ro-alias", "--json"), "kvm")
+RUN_LINUX_ON_THE_MODEL = CliBoot(
+    ("run", "--linux", "--backend", "model", "--strategy", "native", "--json"), "model"
+)
 
 
 @pytest.mark.kvm
 @pytest.mark.slow
 @pytest.mark.skipif(kvm_available() is not None, reason=f"/dev/kvm: {kvm_available()}")
 @pytest.mark.skipif(
-    not BOOT_HERE, reason="a Linux boot takes ~10 min on a software KVM (set PCIHOLE_LINUX_BOOT=1)"
+    not BOOT_HERE,
+    reason="a Linux boot takes ~5 min of CPU on a software KVM, and tests/linux/test_linux_boot.py "
+    "boots this machine on kvm already (set PCIHOLE_LINUX_BOOT=1)",
 )
-def test_run_linux_json_lists_the_default_machine(cached):
-    proc = pcihole("run", "--linux", "--backend", "kvm", "--strategy", "ro-alias", "--json", timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.linux_boot(RUN_LINUX_ON_KVM)
+def test_run_linux_json_lists_the_default_machine(linux_boot):
+    proc = linux_boot
+    assert proc.returncode == 0, proc.tail()
     data = json.loads(proc.stdout)
     linux = data["linux"]
     assert linux.keys() >= {"devices", "boot_seconds", "ecam_reads"}
@@ -107,11 +116,12 @@ def test_pvm_quirks_on_the_model_are_refused_before_anything(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_linux_on_the_model_lists_the_default_machine_from_init(cached):
+@pytest.mark.linux_boot(RUN_LINUX_ON_THE_MODEL)
+def test_run_linux_on_the_model_lists_the_default_machine_from_init(linux_boot):
     """`pcihole run --linux --backend model --strategy native --json`: the seed's KVM_MEM_PCI_HOLE
     slots; user space runs on the model, so the list is /init's (sysfs), and it is the file's."""
-    proc = pcihole("run", "--linux", "--backend", "model", "--strategy", "native", "--json", timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = linux_boot
+    assert proc.returncode == 0, proc.tail()
     data = json.loads(proc.stdout)
     linux = data["linux"]
     assert (linux["source"], linux["reached_init"], linux["powered_off"]) == ("initramfs", True, True)
