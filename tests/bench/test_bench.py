@@ -70,7 +70,11 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
     if KVM_UNAVAILABLE is None:
         # kvm's `exit` again with the Python loop: the same counts as with the default (C) loop
         (python_loop,) = python_loop_rows
-        assert (python_loop["backend"], python_loop["strategy"], python_loop["run_loop"]) == ("kvm", "exit", "python")
+        assert (python_loop["backend"], python_loop["strategy"], python_loop["run_loop"]) == (
+            "kvm",
+            "exit",
+            "python",
+        )
         c_loop = rows[("kvm", "exit")]
         for key in ("exits", "ecam_exits", "absent_exits", "config_reads", "devices"):
             assert python_loop[key] == c_loop[key], key

@@ -13,6 +13,7 @@ def bus_slot_function(d: ScannedDevice) -> tuple[int, int, int]:
     """As QEMU's query-pci names a function."""
     return d.address.bus, d.address.device, d.address.function
 
+
 pytestmark = needs_qemu
 
 # Root port -> endpoint; root port -> switch (upstream + downstream port) -> endpoint; root port ->

@@ -228,9 +228,7 @@ def test_syscall_sysret_matches_kvm(kvm_hv, model_hv):
     kvm = run_system_guest(kvm_hv, SYSCALL_SETUP, [], rflags=0x202, setup=_supported_cpuid(kvm_hv))
     # (With CPUID set, PVM's guest gets through the WRMSRs and SYSRETQ and shuts down on the
     # user-mode HLT its SYSCALL never left; without, on the WRMSR of EFER.)
-    if kvm.exits[-1] == exits.Shutdown() and (
-        host_is_pvm() or kvm.code_at_rip in (b"\x0f\x30", b"\x0f\x05")
-    ):
+    if kvm.exits[-1] == exits.Shutdown() and (host_is_pvm() or kvm.code_at_rip in (b"\x0f\x30", b"\x0f\x05")):
         pytest.skip(PVM_SYSCALL)
     model = run_system_guest(model_hv, SYSCALL_SETUP, [], rflags=0x202, setup=_supported_cpuid(model_hv))
     assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)

@@ -41,7 +41,13 @@ SIGNALS = [(signal.SIGINT, 130, "pcihole: interrupted"), (signal.SIGTERM, 143, "
 
 
 def run_and_signal(
-    tmp_path: Path, backend: str, source: str, signum: int, *, timeout: str = "30", options: tuple[str, ...] = ()
+    tmp_path: Path,
+    backend: str,
+    source: str,
+    signum: int,
+    *,
+    timeout: str = "30",
+    options: tuple[str, ...] = (),
 ) -> tuple[int, str]:
     """Run the guest `source` (which writes 'R' to the serial port once it is going) through
     `pcihole run`, send `signum` half a second after the 'R': (exit status, stderr)."""

@@ -230,4 +230,3 @@ def build_dsdt(
     serial = [serial_port(i, base, gsi) for i, (base, gsi) in enumerate(serial_ports)]
     body = aml.scope(SYSTEM_BUS, [*bridges, motherboard_resources(segments), *serial]) + soft_off()
     return build_sdt(DSDT_SIGNATURE, DSDT_REVISION, body)
-

@@ -117,7 +117,10 @@ def build_tables(
         addresses={name: gpa for name, (gpa, _) in placed.items()},
         pci_windows=tuple(windows),
         placed_windows=(
-            *(PlacedWindow(f"segment {s.id}'s ECAM window", MmioWindow(*decoded_window(s))) for s in segments),
+            *(
+                PlacedWindow(f"segment {s.id}'s ECAM window", MmioWindow(*decoded_window(s)))
+                for s in segments
+            ),
             *plan.memory_windows(segments, expanders),
         ),
     )

@@ -57,7 +57,10 @@ def run_child(
             proc.terminate()  # Popen does nothing once the child is reaped
 
     err = bytearray()
-    readers: dict[int, Callable[[bytes], object]] = {proc.stdout.fileno(): on_stdout, proc.stderr.fileno(): err.extend}
+    readers: dict[int, Callable[[bytes], object]] = {
+        proc.stdout.fileno(): on_stdout,
+        proc.stderr.fileno(): err.extend,
+    }
     deadline = time.monotonic() + timeout
     terminated_at: float | None = None
     try:

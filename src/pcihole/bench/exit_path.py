@@ -286,7 +286,9 @@ def _bare_c_seconds(backend: str, reads: int, loop: CRunLoop) -> float:
             raise BenchError(f"exit-path guest on {backend}: unexpected exit {exit_} from the C loop")
         seconds = time.perf_counter() - start
         if answered[0] != reads:
-            raise BenchError(f"exit-path guest on {backend}: the C loop answered {answered[0]} of {reads} reads")
+            raise BenchError(
+                f"exit-path guest on {backend}: the C loop answered {answered[0]} of {reads} reads"
+            )
         return seconds / reads
     finally:
         _close(hv, vm, vcpu, memory, ram)
@@ -322,7 +324,10 @@ def _run_loop_seconds(backend: str, reads: int, c_loop: CRunLoop | None = None) 
         start = time.perf_counter()
         stop = run_until_stop(vcpu, handler, on_coalesced=memory.view.coalesced, fill_pages=fill_pages)
         seconds = time.perf_counter() - start
-        if stop.reason != StopReason.DEBUG_EXIT or not stats.exits.mmio_read == stats.ecam_absent_exits == reads:
+        if (
+            stop.reason != StopReason.DEBUG_EXIT
+            or not stats.exits.mmio_read == stats.ecam_absent_exits == reads
+        ):
             raise BenchError(
                 f"exit-path guest on {backend}: {stats.exits.mmio_read} of {reads} reads "
                 f"({stats.ecam_absent_exits} at an absent function), ended by {stop}"

@@ -173,7 +173,9 @@ class ScanRow:
 
     @property
     def label(self) -> str:
-        return f"{self.backend} / {self.strategy}" + (" (Python loop)" if self.run_loop_asked == "python" else "")
+        return f"{self.backend} / {self.strategy}" + (
+            " (Python loop)" if self.run_loop_asked == "python" else ""
+        )
 
     @property
     def short_label(self) -> str:

@@ -301,7 +301,9 @@ def build_machine(
         enter_protected_mode_flat(vcpu, entry, ebx=layout.START_INFO_GPA, esp=layout.BOOT_STACK_GPA)
 
         stats = RunStats()
-        fill_pages = None if c_loop is None else FillPagesWiring(c_loop, host_bridge, hotplug, stats).fill_pages
+        fill_pages = (
+            None if c_loop is None else FillPagesWiring(c_loop, host_bridge, hotplug, stats).fill_pages
+        )
         mmio, pio = Bus("mmio"), Bus("port")
         for seg in host_bridge.segments:
             window = EcamWindow(memory.view, host_bridge, stats)
@@ -366,7 +368,9 @@ def check_machine(spec: MachineFile, backend: str = "auto") -> None:
     try:
         refuse_unaddressable(spec, acpi, hv)
     except OSError as e:
-        raise HostUnavailable(f"cannot read the vCPU's physical address width on the {hv.name} backend: {e}") from e
+        raise HostUnavailable(
+            f"cannot read the vCPU's physical address width on the {hv.name} backend: {e}"
+        ) from e
     finally:
         hv.close()
 

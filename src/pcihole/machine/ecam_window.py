@@ -123,7 +123,9 @@ class FillPagesWiring:
     EcamWindow.read counts a read at an absent function, and as the view counts a hole read.
     """
 
-    def __init__(self, loop: CRunLoop, host_bridge: HostBridge, hotplug: HotplugWiring, stats: RunStats) -> None:
+    def __init__(
+        self, loop: CRunLoop, host_bridge: HostBridge, hotplug: HotplugWiring, stats: RunStats
+    ) -> None:
         self.stats = stats
         self.view = hotplug.memory.view
         self.fill_pages = FillPages(

@@ -130,7 +130,7 @@ class Machine:
 
     @property
     def run_loop(self) -> str:
-        """"c" or "python": the vCPU loop this machine runs (builder.choose_run_loop)."""
+        """ "c" or "python": the vCPU loop this machine runs (builder.choose_run_loop)."""
         return "python" if self.fill_pages is None else "c"
 
     def run(

@@ -148,6 +148,8 @@ def mtrr_valid(index: int, value: int, maxphyaddr: int) -> bool:
     else:  # MTRRphysMask
         mask |= 0x7FF
     return not value & mask
+
+
 #: KVM_GET_MSRS of MTRRcap (kvm_mtrr_get_msr: 0x500 | KVM_NR_VAR_MTRR = WC, fixed, 8 variable), also
 #: what the engine's helper_rdmsr answers where its CPU model has CPUID.MTRR.
 MTRRCAP_VALUE = 0x508

@@ -140,7 +140,10 @@ class CpuidTable:
         return basic.eax, self.find(basic.eax, index)
 
     def lookup(
-        self, function: int, index: int, runtime: Callable[[CpuidEntry], tuple[int, int, int, int]] | None = None
+        self,
+        function: int,
+        index: int,
+        runtime: Callable[[CpuidEntry], tuple[int, int, int, int]] | None = None,
     ) -> tuple[int, int, int, int]:
         """kvm_cpuid(exact_only=false): EAX, EBX, ECX, EDX for CPUID(function, index). `runtime`
         gives the answering entry's registers as kvm_update_cpuid_runtime left them: it edits the
