@@ -249,6 +249,13 @@ class ModelVcpu:
             return cpu.read_regs(*engine, self._engine_state)
         return kvm_regs.from_buffer_copy(self._regs)
 
+    def _rip(self) -> int:
+        """get_regs().rip, reading RIP alone (cpu.read_rip)."""
+        engine = self._live_engine()
+        if engine is not None:
+            return cpu.read_rip(*engine, self._engine_state)
+        return self._regs.rip
+
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
@@ -660,7 +667,7 @@ class ModelVcpu:
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, lambda: self.get_regs().rip)
+        self._mid_exit.begin(exit_, self._rip)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
