@@ -186,10 +186,6 @@ class FillPages:
         bitmap, byte, bit = self._locate(gpa)
         bitmap[byte] = bitmap[byte] | bit if present else bitmap[byte] & ~bit
 
-    def is_present(self, gpa: int) -> bool:
-        bitmap, byte, bit = self._locate(gpa)
-        return bool(bitmap[byte] & bit)
-
     def _locate(self, gpa: int) -> tuple[ctypes.Array[ctypes.c_uint8], int, int]:
         i = bisect.bisect_right(self._bases, gpa) - 1
         if i < 0 or gpa - self._bases[i] >= self._sizes[i]:
