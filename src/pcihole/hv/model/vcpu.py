@@ -657,11 +657,12 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
-        replayed, answer = self._mid_exit.take_replay(exit_)
+            # In the same hold of _sync as the check: a close() in between would be overwritten.
+            replayed, answer = self._mid_exit.take_replay(exit_)
+            if not replayed:
+                self._set_state(VcpuState.IN_EXIT)
         if replayed:
             return answer  # the instruction again, after KVM_SET_REGS in its exit (below)
-        with self._sync:
-            self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
