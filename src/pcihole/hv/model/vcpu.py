@@ -27,8 +27,9 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode); both
-are in vcpu_state.py.
+running or next run() returns Interrupted), NEW_ENGINE (set_sregs changed the mode) and
+MODE_CHANGE (the guest took a 32-bit engine into long mode: long_mode_switch.py); all are in
+vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
