@@ -157,7 +157,7 @@ def allocate_mem64_windows(count: int, needs: Sequence[int] = ()) -> list[MmioWi
     out: list[MmioWindow | None] = [None] * count
     cursor = MEM64_APERTURE_BASE
     for i in sorted(range(count), key=lambda i: -sizes[i]):
-        cursor = _align_up(cursor, sizes[i])
+        cursor = align_up(cursor, sizes[i])
         out[i] = MmioWindow(cursor, sizes[i])
         cursor += sizes[i]
     if cursor > MEM64_LIMIT:
@@ -173,7 +173,8 @@ def power_of_two_at_least(n: int, minimum: int = MIN_WINDOW) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-def _align_up(value: int, align: int) -> int:
+def align_up(value: int, align: int) -> int:
+    """`value` rounded up to a multiple of `align`."""
     return (value + align - 1) // align * align
 
 

@@ -19,6 +19,7 @@ from .mcfg import EcamSegment
 from .pci_windows import (
     IO_WINDOW_GRANULE,
     MmioWindow,
+    align_up,
     allocate_io_windows,
     allocate_mem64_windows,
     carve,
@@ -94,7 +95,7 @@ def plan_windows(
     for i in range(len(segments)):
         mine = [expanders[n] for n in expanders_of[i]]
         io = carve(
-            io_windows[i], [_align_up(x.need.io, IO_WINDOW_GRANULE) for x in mine], IO_WINDOW_GRANULE, "I/O"
+            io_windows[i], [align_up(x.need.io, IO_WINDOW_GRANULE) for x in mine], IO_WINDOW_GRANULE, "I/O"
         )
         mem32 = carve(windows[i], [_block(x.need.mem32) for x in mine], None, "32-bit memory")
         mem64 = carve(mem64_windows[i], [_block(x.need.mem64) for x in mine], None, "64-bit memory")
@@ -116,7 +117,3 @@ def _ranges(window: MmioWindow | None) -> tuple[MmioWindow, ...]:
 def _block(need: int) -> int:
     """A memory block for `need` bytes: a naturally aligned power of two (0 for none)."""
     return power_of_two_at_least(need) if need else 0
-
-
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align

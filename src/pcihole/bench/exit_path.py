@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
+from pcihole.bench.summary import quotient
 from pcihole.host.mman import HostMapping
 from pcihole.host.tsc import TscClock
 from pcihole.hv import open_backend
@@ -153,12 +154,12 @@ class ExitBreakdown:
     @property
     def c_run_loop_ratio(self) -> float | None:
         """The run loop with the C loop against the bare C loop: what pcihole adds to a C exit."""
-        return _quotient(self.c_run_loop_seconds_per_exit, self.c_bare_seconds_per_exit)
+        return quotient(self.c_run_loop_seconds_per_exit, self.c_bare_seconds_per_exit)
 
     @property
     def c_run_loop_over_python_bare(self) -> float | None:
         """The run loop with the C loop against the bare Python loop (the floor of a Python VMM)."""
-        return _quotient(self.c_run_loop_seconds_per_exit, self.bare_seconds_per_exit)
+        return quotient(self.c_run_loop_seconds_per_exit, self.bare_seconds_per_exit)
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -168,10 +169,6 @@ class ExitBreakdown:
         d["c_run_loop_ratio"] = self.c_run_loop_ratio
         d["c_run_loop_over_python_bare"] = self.c_run_loop_over_python_bare
         return d
-
-
-def _quotient(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b <= 0 else a / b
 
 
 class _TimedDevice:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pcihole.bench.summary import quotient
+
 if TYPE_CHECKING:
     from pcihole.bench.results import BenchResults
 
@@ -68,10 +70,6 @@ def _time(results: BenchResults, backend: str, strategy: str) -> float | None:
     return row.scan_seconds.median if row else None
 
 
-def _quotient(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
 def headline_for(results: BenchResults, backend: str) -> Headline:
     best = results.configs.auto[backend]
     headline = Headline(backend=backend, best_strategy=best)
@@ -84,17 +82,17 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
         headline.hole_memory_256_bus_segment = HoleMemory(
             ro_filled_bytes=filled.hole_backing_bytes,
             ro_alias_bytes=alias.hole_backing_bytes,
-            times_less=_quotient(filled.hole_backing_bytes, alias.hole_backing_bytes),
+            times_less=quotient(filled.hole_backing_bytes, alias.hole_backing_bytes),
             ro_filled_vm_pte_growth_bytes=filled.vm_pte_growth_bytes,
             ro_alias_vm_pte_growth_bytes=alias.vm_pte_growth_bytes,
             ro_alias_host_mappings=alias.hole_mappings,
         )
     best_time = _time(results, backend, best)
     headline.best_scan_seconds = best_time
-    headline.speedup_over_exit = _quotient(_time(results, backend, "exit"), best_time)
-    headline.ratio_to_floor = _quotient(best_time, _time(results, backend, "ro-filled"))
+    headline.speedup_over_exit = quotient(_time(results, backend, "exit"), best_time)
+    headline.ratio_to_floor = quotient(best_time, _time(results, backend, "ro-filled"))
     if backend == "kvm":
-        headline.speedup_over_qemu = _quotient(_time(results, "qemu", "exit"), best_time)
+        headline.speedup_over_qemu = quotient(_time(results, "qemu", "exit"), best_time)
     exit_path = next((e for e in results.exit_path if e.backend == backend), None)
     headline.exit_path_ratio = exit_path.ratio if exit_path else None
     if exit_path is not None and exit_path.breakdown is not None:
@@ -103,17 +101,17 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
         headline.c_run_loop_over_python_bare = exit_path.breakdown.c_run_loop_over_python_bare
     if backend == "kvm":
         qemu = _time(results, "qemu", "exit")
-        headline.exit_over_qemu = _quotient(_time(results, backend, "exit"), qemu)
+        headline.exit_over_qemu = quotient(_time(results, backend, "exit"), qemu)
         if results.exit_vs_qemu is not None:
             headline.exit_over_qemu_alternated = results.exit_vs_qemu.default_loop_over_qemu
             headline.exit_python_loop_over_qemu_alternated = results.exit_vs_qemu.python_loop_over_qemu
         python_row = results.row(backend, "exit", run_loop="python")
         if python_row is not None:
-            headline.exit_python_loop_over_qemu = _quotient(python_row.scan_seconds.median, qemu)
+            headline.exit_python_loop_over_qemu = quotient(python_row.scan_seconds.median, qemu)
         exit_row, floor = results.row(backend, "exit"), _time(results, backend, "ro-filled")
         if exit_path is not None and exit_row is not None and exit_row.ecam_exits and floor is not None:
             bare_scan = floor + exit_row.ecam_exits * exit_path.bare_seconds_per_exit
-            headline.bare_loop_over_qemu = _quotient(bare_scan, qemu)
+            headline.bare_loop_over_qemu = quotient(bare_scan, qemu)
     return headline
 
 

@@ -173,9 +173,7 @@ class ScanRow:
 
     @property
     def label(self) -> str:
-        return f"{self.backend} / {self.strategy}" + (
-            " (Python loop)" if self.run_loop_asked == "python" else ""
-        )
+        return f"{self.backend} / {self.short_label}"
 
     @property
     def short_label(self) -> str:

@@ -32,3 +32,8 @@ def ratio(value: float | None, best: float | None) -> float | None:
     if best == 0:
         return 1.0 if value == 0 else None
     return value / best
+
+
+def quotient(a: float | None, b: float | None) -> float | None:
+    """a / b for two durations; None where either is missing or b is not positive."""
+    return None if a is None or b is None or b <= 0 else a / b

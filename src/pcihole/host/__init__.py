@@ -1,1 +1,1 @@
-"""Host-side primitives below every other layer: mappings, memfds and their seals."""
+"""Host-side primitives below every other layer: mappings, memfds and their seals, the cache directory."""

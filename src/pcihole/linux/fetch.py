@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 from pcihole.boot.elf import ElfError, ElfImage
 from pcihole.boot.pvh import PvhError, phys32_entry
+from pcihole.host.cache_dir import cache_dir
 from pcihole.linux.deb import DebError, list_files, read_member
 from pcihole.linux.vmlinuz import VmlinuzError, extract_vmlinux
 
@@ -49,12 +50,6 @@ class CachedFile:
     package: str
     version: str
     sha256: str
-
-
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/pcihole, or ~/.cache/pcihole (the XDG base directory default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pcihole"
 
 
 def linux_dir() -> Path:

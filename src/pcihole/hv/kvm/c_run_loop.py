@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pcihole.host.cache_dir import cache_dir
+
 SOURCE = Path(__file__).with_name("run_loop.c")
 #: pcihole_run's non-negative returns (run_loop.c)
 EXIT_FOR_PYTHON = 0
@@ -67,8 +69,7 @@ class pcihole_table(ctypes.Structure):
 
 def cache_root() -> Path:
     """$XDG_CACHE_HOME/pcihole/run-loop, or ~/.cache/pcihole/run-loop (the XDG default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pcihole" / "run-loop"
+    return cache_dir() / "run-loop"
 
 
 def source_hash(source: Path = SOURCE) -> str:
@@ -185,10 +186,6 @@ class FillPages:
         right while the VMM's own state changes (pcihole.machine.ecam_window.FillPagesWiring)."""
         bitmap, byte, bit = self._locate(gpa)
         bitmap[byte] = bitmap[byte] | bit if present else bitmap[byte] & ~bit
-
-    def is_present(self, gpa: int) -> bool:
-        bitmap, byte, bit = self._locate(gpa)
-        return bool(bitmap[byte] & bit)
 
     def _locate(self, gpa: int) -> tuple[ctypes.Array[ctypes.c_uint8], int, int]:
         i = bisect.bisect_right(self._bases, gpa) - 1

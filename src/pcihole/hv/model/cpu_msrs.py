@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from pcihole.hv.model.msr import MsrFault, MsrTable, MsrValue
+from pcihole.hv.x86_cpu_state import EFER_LMA, EFER_LME, X86_CR0_PG
 
 if TYPE_CHECKING:
     from unicorn import Uc
@@ -107,15 +108,12 @@ ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP, MSR_EF
 _CHECKED_WRITES = frozenset((MSR_EFER, *_MTRR_VAR, *_MTRR_FIXED, MSR_MTRR_DEF_TYPE))
 
 EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 EFER_NX = 1 << 11
 #: efer_reserved_bits as kvm_x86_vendor_init leaves them on an Intel host with NX and no nested
 #: SVM: ~(SCE | LME | LMA), then kvm_enable_efer_bits(EFER_NX). Set: #GP, and KVM_SET_MSRS fails.
 EFER_RESERVED_BITS = ((1 << 64) - 1) & ~(EFER_SCE | EFER_LME | EFER_LMA | EFER_NX)
 CPUID_80000001_EDX_NX = 1 << 20
 CPUID_80000001_EDX_LM = 1 << 29
-X86_CR0_PG = 1 << 31
 #: cpuid_query_maxphyaddr without a CPUID 0x80000008 entry.
 DEFAULT_MAXPHYADDR = 36
 

@@ -159,7 +159,7 @@ class Mmu:
         outside callbacks.
 
         `keep` ([start, end) of an mmio_map piece whose callback is under way, see
-        ModelVcpu._exit_to_user) stays mapped as it is: the map made is provisional, that range
+        ModelVcpu.exit_to_user) stays mapped as it is: the map made is provisional, that range
         reads as unbacked (MMIO), and the next boundary maps it anew.
         """
         uc = self._uc
@@ -219,7 +219,7 @@ class Mmu:
         """Unmap every piece but `keep` (the mmio_map piece of the callback under way, no host memory).
 
         For an engine being left for good (close) from an exit callback where a map change is
-        safe (IN / OUT, write-protect, mmio_map; see ModelVcpu._exit_to_user): the rest of the
+        safe (IN / OUT, write-protect, mmio_map; see ModelVcpu.exit_to_user): the rest of the
         translation block then faults (_on_unmapped refuses while leaving) instead of reaching host
         pages the VMM may have freed. The plan says "unbacked" everywhere so that the callbacks
         still reachable find a region.

@@ -17,9 +17,9 @@ access through the vCPU's MsrTable and moves RIP past the 2-byte instruction, or
 
 HLT is intercepted too (SVM_EXIT_HLT): helper_hlt calls cpu_svm_check_intercept_param(env,
 SVM_EXIT_HLT, 0, GETPC()) before it halts, so the UC_HOOK_INTR hook sees exception 0x178 with EIP
-on the HLT, and the vCPU sleeps inside that hook until an interrupt (vcpu.py) instead of letting
-the engine halt: an engine that halts returns from uc_emu_start, and every return flushes the
-translation cache.
+on the HLT, and the vCPU sleeps inside that hook until an interrupt (intercept_exits.py steps over
+the HLT, pending_events.py sleeps) instead of letting the engine halt: an engine that halts returns
+from uc_emu_start, and every return flushes the translation cache.
 Nothing else is intercepted: every other intercept word stays 0, so CPUID, I/O, CR accesses and
 exceptions behave as before (their checks return at once). The VMCB and the permission map are
 host pages mapped at INTERCEPT_BASE, above the guest-physical space the model gives guests

@@ -27,8 +27,9 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted) and NEW_ENGINE (set_sregs changed the mode); both
-are in vcpu_state.py.
+running or next run() returns Interrupted), NEW_ENGINE (set_sregs changed the mode) and
+MODE_CHANGE (the guest took a 32-bit engine into long mode: long_mode_switch.py); all are in
+vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
@@ -248,6 +249,13 @@ class ModelVcpu:
         if engine is not None:
             return cpu.read_regs(*engine, self._engine_state)
         return kvm_regs.from_buffer_copy(self._regs)
+
+    def _rip(self) -> int:
+        """get_regs().rip, reading RIP alone (cpu.read_rip)."""
+        engine = self._live_engine()
+        if engine is not None:
+            return cpu.read_rip(*engine, self._engine_state)
+        return self._regs.rip
 
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
@@ -650,17 +658,18 @@ class ModelVcpu:
             if self._state in _LEFT:  # closing from another thread: no more exits, leave the engine
                 self._stop(uc)
                 return None
-        replayed, answer = self._mid_exit.take_replay(exit_)
+            # In the same hold of _sync as the check: a close() in between would be overwritten.
+            replayed, answer = self._mid_exit.take_replay(exit_)
+            if not replayed:
+                self._set_state(VcpuState.IN_EXIT)
         if replayed:
             return answer  # the instruction again, after KVM_SET_REGS in its exit (below)
-        with self._sync:
-            self._set_state(VcpuState.IN_EXIT)
         if isinstance(exit_, exits.MmioRead):
             self._pending_read = exit_.size
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, lambda: self.get_regs().rip)
+        self._mid_exit.begin(exit_, self._rip)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
