@@ -2,7 +2,8 @@
 
 The values are the real kernel's (kvm_vm_ioctl_check_extension_generic in virt/kvm/kvm_main.c and
 kvm_vm_ioctl_check_extension in arch/x86/kvm/x86.c), checked against this host's /dev/kvm (a 6.18
-kernel; tests/model/test_capabilities.py compares them), for every capability the model implements.
+kernel; tests/model/test_vcpu.py::test_capabilities_match_the_kernel compares them), for every
+capability the model implements.
 Everything else answers 0, which is what the kernel answers for a capability it does not know.
 """
 
