@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -327,13 +328,24 @@ def test_a_stop_requested_from_another_thread_kicks_the_c_loop_out(run_loop):
     with spinning_machine(run_loop) as m:
         stops = StopRequest()
         asked = Stop(StopReason.SIGNAL, 2, "asked")
-        # Asked once the guest is in its loop: when the first absent read has been counted.
-        timer = threading.Timer(0.3, stops.request, [asked])
-        timer.start()
+        ended = threading.Event()
+
+        def ask_once_the_guest_runs() -> None:
+            # Its 'R' (coalesced, drained by the flush kicker) is on the console: it is past the OUT and
+            # into its loop. An ordering, not a measurement; the wait only bounds a guest that never ran.
+            for _ in range(6000):
+                if "R" in m.serial.text() or ended.is_set():
+                    break
+                time.sleep(0.01)
+            stops.request(asked)
+
+        asker = threading.Thread(target=ask_once_the_guest_runs)
+        asker.start()
         try:
             result = m.run(timeout=60, stops=stops)
         finally:
-            timer.cancel()
+            ended.set()
+            asker.join()
         assert result.stop == asked
         assert result.stats.ecam_absent_exits == result.stats.exits.mmio_read > 0
 
