@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.examples import EXAMPLES
 from tests.linux.boot_child import BOOT_TIMEOUT, BootRecord
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 #: pci_apply_final_quirks() prints it once the PCI core is done (after the resource assignment and the
 #: peer-bus scan): where a kvm boot stops, as user space cannot run on this host's software KVM.
 PCI_DONE = "PCI: CLS "
