@@ -190,6 +190,11 @@ class = 0x020000
 ADDED_SPEC = EndpointSpec(bdf=ADDED, vendor=0x8086, device=0x10D3, class_code=0x020000)
 
 
+def exit_machine(source: str, run_loop: str):
+    """MACHINE on kvm with the `exit` strategy, running the assembly `source`, through `run_loop`."""
+    return machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(source), run_loop=run_loop)
+
+
 class HotplugPort:
     """Port HOTPLUG_PORT: each write adds ADDED or removes it, in turn."""
 
@@ -228,7 +233,7 @@ HOTPLUG_GUEST = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_a_function_hot_added_and_removed_is_answered_at_once(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(HOTPLUG_GUEST), run_loop=run_loop) as m:
+    with exit_machine(HOTPLUG_GUEST, run_loop) as m:
         m.pio.insert(HotplugPort(m), HOTPLUG_PORT, 1, "hot-plug")
         python_reads = count_python_ecam_reads(m)
         result = m.run(timeout=60)
@@ -259,7 +264,7 @@ STRADDLE_GUEST = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_a_read_straddling_an_absent_and_a_present_function_gets_each_byte_right(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(STRADDLE_GUEST), run_loop=run_loop) as m:
+    with exit_machine(STRADDLE_GUEST, run_loop) as m:
         result = m.run(timeout=60)
         assert result.stop.reason == StopReason.DEBUG_EXIT, result.stop
         assert m.memory.read_guest(RESULTS, 4) == bytes([FILL]) * 2 + m.host_bridge.mmio_read(
@@ -286,7 +291,7 @@ CONSOLE_THEN_ECAM = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_an_exit_that_finds_the_coalesced_ring_holding_writes_goes_to_python(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(CONSOLE_THEN_ECAM), run_loop=run_loop) as m:
+    with exit_machine(CONSOLE_THEN_ECAM, run_loop) as m:
         assert m.console_coalesced
         python_reads = count_python_ecam_reads(m)
         # run_until_stop without the ring-flush kicker, so that only exits drain the ring.
@@ -309,7 +314,7 @@ SPIN_ON_ABSENT = f"""
 
 
 def spinning_machine(run_loop: str):
-    return machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(SPIN_ON_ABSENT), run_loop=run_loop)
+    return exit_machine(SPIN_ON_ABSENT, run_loop)
 
 
 @needs_kvm
