@@ -7,8 +7,6 @@ way Linux does (header type, PCIe port type for only_one_child(), secondary/subo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pcihole.cli import EMBEDDED_GUEST_CMDLINE
@@ -24,13 +22,12 @@ from pcihole.pci.topology import (
     RootPortSpec,
     UpstreamPortSpec,
 )
-from tests.examples import load_for
+from tests.examples import EXAMPLES, load_for
 from tests.guest import guest_qemu
 from tests.guest.guest_qemu import Session, needs_qemu
 
 pytestmark = needs_qemu
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ONE_SEGMENT = [p for p in sorted(EXAMPLES.glob("*.toml")) if len(load(p).segments) == 1]
 Q35_CHIPSET = {"0000:00:00.0", "0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"}  # QEMU's own, not in the files
 FLAGS = DEV_ONE_CHILD | DEV_PEER_SCAN | DEV_NOT_FOLLOWED

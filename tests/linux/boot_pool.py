@@ -1,13 +1,14 @@
 """The suite's Linux boots, run in the background while the rest of the suite runs.
 
-A Linux boot here takes minutes of CPU (about 5 on kvm with this project's software KVM, 1 on the
-model), nearly all of it in one process that waits on nothing but the guest: the suite itself uses one
-core. So tests/linux/conftest.py starts every boot the selected tests ask for (`linux_boot` marker)
-as soon as collection is done, each in a process of its own (tests/linux/boot_child.py), as many at
-once as the host has cores, kvm boots first (the longest); the tests that check them run last and
-each waits only for its own boot. Processes rather than threads: the model's boots and the kvm run
-loop's exit handling hold the GIL, which the suite's own tests need meanwhile, and a process can be
-killed: when the session ends, however it ends (Ctrl-C included), every boot still running is.
+A Linux boot on kvm here takes minutes of CPU (about 5 with this project's software KVM; one on the
+model, with its patched engine, seconds), nearly all of it in one process that waits on nothing but
+the guest: the suite itself uses one core. So tests/linux/conftest.py starts every boot the selected
+tests ask for (`linux_boot` marker) as soon as collection is done, each in a process of its own
+(tests/linux/boot_child.py), as many at once as the host has cores, kvm boots first (the longest); the
+tests that check them run last and each waits only for its own boot. Processes rather than threads:
+the model's boots and the kvm run loop's exit handling hold the GIL, which the suite's own tests need
+meanwhile, and a process can be killed: when the session ends, however it ends (Ctrl-C included),
+every boot still running is.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.examples import EXAMPLES
 from tests.linux.boot_child import BOOT_TIMEOUT, BootRecord
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 #: pci_apply_final_quirks() prints it once the PCI core is done (after the resource assignment and the
 #: peer-bus scan): where a kvm boot stops, as user space cannot run on this host's software KVM.
 PCI_DONE = "PCI: CLS "

@@ -43,7 +43,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     boots = list(dict.fromkeys(b for item in session.items if not skipped(item) and (b := boot_of(item))))
     if boots and (pool := boot_pool(session.config)) is not None:
-        # kvm boots first: each takes minutes of CPU on a software KVM, a model boot about one.
+        # kvm boots first: each takes minutes of CPU on a software KVM, a model boot seconds.
         pool.start(sorted(boots, key=lambda b: b.backend != "kvm"))
 
 

@@ -18,7 +18,6 @@ pcihole.linux.initramfs. Each boot runs in the background from the start of the 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +25,7 @@ from pcihole.linux.console import parse_linux_console
 from pcihole.machine.dispatch import StopReason
 from pcihole.machine.machinefile import load
 from pcihole.machine.serial import COM1_BASE
+from tests.examples import EXAMPLES
 from tests.linux.boot_pool import LinuxBoot
 from tests.linux.linux_probes import predicted_absent_probes
 
@@ -37,7 +37,7 @@ PCI_LINE = re.compile(
     re.M,
 )
 COM1_THR = COM1_BASE
-MANY_SEGMENTS = Path(__file__).resolve().parents[2] / "examples" / "many-segments.toml"
+MANY_SEGMENTS = EXAMPLES / "many-segments.toml"
 
 DEFAULT_ON_KVM = LinuxBoot("default", "kvm", "ro-alias")
 MANY_SEGMENTS_ON_KVM = LinuxBoot("many-segments", "kvm", "exit")

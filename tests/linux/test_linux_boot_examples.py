@@ -6,9 +6,9 @@ gets an address (the expander's from its own _CRS windows), and no ECAM read of 
 exits. The console's helpers are test_linux_boot.py's.
 
 Each example boots on the model (native: the absent functions are the seed's KVM_MEM_PCI_HOLE slots),
-where the kernel runs on to /init and its power-off in about a minute, and on kvm (ro-alias) to the
-end of PCI enumeration, which on this project's software-KVM hosts takes about 5 minutes of CPU. The
-boots run in the background from the start of the session, several at once (tests/linux/boot_pool.py);
+where the kernel runs on to /init and its power-off in seconds (the patched engine), and on kvm
+(ro-alias) to the end of PCI enumeration, which on this project's software-KVM hosts takes about 5
+minutes of CPU. The boots run in the background from the start of the session, several at once (tests/linux/boot_pool.py);
 each test, run last, checks its own.
 """
 

@@ -4,8 +4,6 @@ QEMU's pc_memory_init "phys-bits too low"): every range it places must end at or
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,10 @@ from pcihole.machine.address_width import beyond_width
 from pcihole.machine.builder import MachineBuildError, acpi_tables, build_machine, default_kernel
 from pcihole.machine.machinefile import load, loads
 from tests.backends import BACKENDS
+from tests.examples import EXAMPLES
+from tests.reliability.test_cli_errors import pcihole
 
-ROOT = Path(__file__).resolve().parents[2]
-GPU_SERVER = ROOT / "examples" / "gpu-server.toml"
+GPU_SERVER = EXAMPLES / "gpu-server.toml"
 GiB = 1 << 30
 
 
@@ -66,7 +65,7 @@ def test_the_width_is_cpuid_0x80000008_eax_bits_7_0_else_36_with_pae():
 
 
 def test_every_window_the_tables_hand_out_is_checked_expanders_included():
-    spec = load(ROOT / "examples" / "expander.toml")
+    spec = load(EXAMPLES / "expander.toml")
     placed = acpi_tables(spec).placed_windows
     whats = [p.what for p in placed]
     assert "segment 0's ECAM window" in whats
@@ -130,16 +129,6 @@ def test_a_window_ending_at_the_cpus_width_builds_and_one_beyond_is_refused(back
 
 
 # --- the command line ---------------------------------------------------------------------------------
-
-
-def pcihole(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pcihole.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
-    )
 
 
 def refusal(path: Path, backend: str) -> str:

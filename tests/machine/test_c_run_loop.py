@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,11 @@ class = 0x020000
 ADDED_SPEC = EndpointSpec(bdf=ADDED, vendor=0x8086, device=0x10D3, class_code=0x020000)
 
 
+def exit_machine(source: str, run_loop: str):
+    """MACHINE on kvm with the `exit` strategy, running the assembly `source`, through `run_loop`."""
+    return machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(source), run_loop=run_loop)
+
+
 class HotplugPort:
     """Port HOTPLUG_PORT: each write adds ADDED or removes it, in turn."""
 
@@ -227,7 +233,7 @@ HOTPLUG_GUEST = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_a_function_hot_added_and_removed_is_answered_at_once(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(HOTPLUG_GUEST), run_loop=run_loop) as m:
+    with exit_machine(HOTPLUG_GUEST, run_loop) as m:
         m.pio.insert(HotplugPort(m), HOTPLUG_PORT, 1, "hot-plug")
         python_reads = count_python_ecam_reads(m)
         result = m.run(timeout=60)
@@ -258,7 +264,7 @@ STRADDLE_GUEST = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_a_read_straddling_an_absent_and_a_present_function_gets_each_byte_right(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(STRADDLE_GUEST), run_loop=run_loop) as m:
+    with exit_machine(STRADDLE_GUEST, run_loop) as m:
         result = m.run(timeout=60)
         assert result.stop.reason == StopReason.DEBUG_EXIT, result.stop
         assert m.memory.read_guest(RESULTS, 4) == bytes([FILL]) * 2 + m.host_bridge.mmio_read(
@@ -285,7 +291,7 @@ CONSOLE_THEN_ECAM = f"""
 @needs_kvm
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_an_exit_that_finds_the_coalesced_ring_holding_writes_goes_to_python(run_loop):
-    with machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(CONSOLE_THEN_ECAM), run_loop=run_loop) as m:
+    with exit_machine(CONSOLE_THEN_ECAM, run_loop) as m:
         assert m.console_coalesced
         python_reads = count_python_ecam_reads(m)
         # run_until_stop without the ring-flush kicker, so that only exits drain the ring.
@@ -308,7 +314,7 @@ SPIN_ON_ABSENT = f"""
 
 
 def spinning_machine(run_loop: str):
-    return machine(MACHINE, "kvm", "exit", pvh_kernel_from_asm(SPIN_ON_ABSENT), run_loop=run_loop)
+    return exit_machine(SPIN_ON_ABSENT, run_loop)
 
 
 @needs_kvm
@@ -327,13 +333,24 @@ def test_a_stop_requested_from_another_thread_kicks_the_c_loop_out(run_loop):
     with spinning_machine(run_loop) as m:
         stops = StopRequest()
         asked = Stop(StopReason.SIGNAL, 2, "asked")
-        # Asked once the guest is in its loop: when the first absent read has been counted.
-        timer = threading.Timer(0.3, stops.request, [asked])
-        timer.start()
+        ended = threading.Event()
+
+        def ask_once_the_guest_runs() -> None:
+            # Its 'R' (coalesced, drained by the flush kicker) is on the console: it is past the OUT and
+            # into its loop. An ordering, not a measurement; the wait only bounds a guest that never ran.
+            for _ in range(6000):
+                if "R" in m.serial.text() or ended.is_set():
+                    break
+                time.sleep(0.01)
+            stops.request(asked)
+
+        asker = threading.Thread(target=ask_once_the_guest_runs)
+        asker.start()
         try:
             result = m.run(timeout=60, stops=stops)
         finally:
-            timer.cancel()
+            ended.set()
+            asker.join()
         assert result.stop == asked
         assert result.stats.ecam_absent_exits == result.stats.exits.mmio_read > 0
 

@@ -21,6 +21,9 @@ Named differences, none of which the guest below can see in the compared values:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from pcihole.host.mman import HostMapping
@@ -54,16 +57,27 @@ VMM_RDI = 0x5EED  # written to RDI in each exit
 VMM_RAX = 0x12345678  # written to RAX in each exit
 
 
-def run_setting_regs(hv):
-    """Run GUEST, answering each exit after KVM_SET_REGS: (exit kinds, RIP and RAX in each, final
-    registers)."""
+@contextmanager
+def flat_vcpu(hv, source: str) -> Iterator:
+    """A vCPU of a new VM of `hv` in flat protected mode at `source` (as tests/guest_runner.py's
+    run_guest lays it out), for a test that handles each exit itself."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
-        ram.write(CODE_GPA, assemble(GUEST, org=CODE_GPA))
+        ram.write(CODE_GPA, assemble(source, org=CODE_GPA))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
         x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        yield vcpu
+    finally:
+        vm.close()
+        ram.close()
+
+
+def run_setting_regs(hv):
+    """Run GUEST, answering each exit after KVM_SET_REGS: (exit kinds, RIP and RAX in each, final
+    registers)."""
+    with flat_vcpu(hv, GUEST) as vcpu:
         kinds, rips, raxes = [], [], []
         for _ in range(12):
             exit_ = vcpu.run()
@@ -82,9 +96,6 @@ def run_setting_regs(hv):
             elif isinstance(exit_, exits.IoIn):
                 vcpu.complete_read(read_answer(exit_.port, exit_.size))
         return kinds, rips, raxes, vcpu.get_regs()
-    finally:
-        vm.close()
-        ram.close()
 
 
 def test_set_regs_in_exit_does_not_run_the_instruction_again(kvm_hv, model_hv):
@@ -121,13 +132,7 @@ IN_AT = CODE_GPA + 5
 def run_moving_rip(hv):
     """At the IN's exit the VMM moves RIP past it and the NOPs (+5) and sets RAX, then completes
     the read: (RIP at the exit, the exit after, final RIP, RAX, RBX)."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(MOVE_GUEST, org=CODE_GPA))
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+    with flat_vcpu(hv, MOVE_GUEST) as vcpu:
         first = vcpu.run()
         assert isinstance(first, exits.IoIn), first
         regs = vcpu.get_regs()
@@ -139,9 +144,6 @@ def run_moving_rip(hv):
         second = vcpu.run()
         regs = vcpu.get_regs()
         return at_exit, second, regs.rip, regs.rax, regs.rbx
-    finally:
-        vm.close()
-        ram.close()
 
 
 def test_rip_moved_in_an_in_exit_leaves_the_in_undone(kvm_hv, model_hv):

@@ -21,11 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.backends import BACKENDS
+from tests.reliability.test_signals import ENV, ROOT, SIGNALS
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-ENV.pop("PCIHOLE_KVM_DEVICE", None)
-SIGNALS = [(signal.SIGINT, 130, "pcihole: interrupted"), (signal.SIGTERM, 143, "pcihole: terminated")]
 #: A file an earlier, complete run left: a stopped bench must leave it as it was.
 EARLIER = '{"earlier": "complete"}\n'
 
