@@ -23,6 +23,19 @@ import struct
 from collections.abc import Iterable
 
 from pcihole.hv import uapi
+from pcihole.hv.msr_index import (
+    MSR_CSTAR,
+    MSR_IA32_MISC_ENABLE,
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_TSC,
+    MSR_KERNEL_GS_BASE,
+    MSR_LSTAR,
+    MSR_MTRR_DEF_TYPE,
+    MSR_STAR,
+    MSR_SYSCALL_MASK,
+)
 
 # --- CPUID --------------------------------------------------------------------------------------------
 
@@ -131,20 +144,9 @@ def physical_address_bits(table: ctypes.Structure) -> int:
 
 # --- MSRs ---------------------------------------------------------------------------------------------
 
-MSR_IA32_TSC = 0x10
-MSR_IA32_SYSENTER_CS = 0x174
-MSR_IA32_SYSENTER_ESP = 0x175
-MSR_IA32_SYSENTER_EIP = 0x176
-MSR_IA32_MISC_ENABLE = 0x1A0
 MSR_IA32_MISC_ENABLE_FAST_STRING = 1 << 0
-MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_DEF_TYPE_ENABLE = 1 << 11
 MTRR_TYPE_WRBACK = 6
-MSR_STAR = 0xC0000081
-MSR_LSTAR = 0xC0000082
-MSR_CSTAR = 0xC0000083
-MSR_SYSCALL_MASK = 0xC0000084
-MSR_KERNEL_GS_BASE = 0xC0000102
 
 BOOT_MSRS: dict[int, int] = {
     MSR_IA32_SYSENTER_CS: 0,

@@ -29,10 +29,10 @@ from pcihole.hv.model.engine_state import (
     EngineState,
     SegmentCache,
 )
+from pcihole.hv.msr_index import MSR_EFER
 from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
-MSR_EFER = 0xC0000080
 #: The engine's CPU model (uc_ctl_set_cpu_model): what TCG executes depends on its feature words
 #: (translate.c checks s->cpuid_*_features before it decodes SMAP's CLAC / STAC, XSAVE, RDRAND,
 #: FSGSBASE, ADX, MOVBE, POPCNT, ...), and Unicorn's cpu.c filters a model's features down to what

@@ -31,6 +31,7 @@ from unicorn import x86_const as x86
 
 from pcihole.hv import uapi
 from pcihole.hv.model.errors import ModelKvmError
+from pcihole.hv.msr_index import MSR_IA32_APICBASE_ENABLE
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic: <asm/kvm.h>)
 #: Leaves whose ECX selects a subleaf (cpuid_function_is_indexed in cpuid.c).
@@ -65,7 +66,6 @@ CPUID_80000007_EDX_INVTSC = 1 << 8
 XFEATURE_MASK_FPSSE = 0x3  # x87 and SSE: the XSAVE components TCG implements
 XSAVE_LEGACY_AND_HEADER = 512 + 64
 X86_CR4_OSXSAVE = 1 << 18
-MSR_IA32_APICBASE_ENABLE = 1 << 11
 
 #: Leaf 1 ECX bits the local APIC model implements (lapic.py): the x2APIC MSRs and the TSC-deadline
 #: timer. A VM without KVM_CREATE_IRQCHIP has no LAPIC, as on KVM, which offers them all the same.

@@ -41,6 +41,12 @@ from pcihole.hv.model.lapic_irq import (
     LapicIrq,
 )
 from pcihole.hv.model.msr import MsrFault
+from pcihole.hv.msr_index import (
+    MSR_IA32_APICBASE,
+    MSR_IA32_APICBASE_BSP,
+    MSR_IA32_APICBASE_ENABLE,
+    MSR_IA32_TSC_DEADLINE,
+)
 
 if TYPE_CHECKING:
     from pcihole.hv.model.irqchip import Irqchip
@@ -79,12 +85,8 @@ APIC_SELF_IPI = 0x3F0
 APIC_DEFAULT_PHYS_BASE = 0xFEE00000
 APIC_PAGE_SIZE = 0x1000
 KVM_APIC_REG_SIZE = 0x400  # struct kvm_lapic_state
-MSR_IA32_APICBASE = 0x1B
-MSR_IA32_APICBASE_BSP = 1 << 8
 X2APIC_ENABLE = 1 << 10
-MSR_IA32_APICBASE_ENABLE = 1 << 11
 MSR_IA32_APICBASE_BASE = 0xFFFFF << 12
-MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_BASE_MSR = 0x800  # x2APIC MSR = APIC_BASE_MSR + (register offset >> 4)
 X2APIC_MSR_LAST = 0x8FF
 # The guest-physical address width the model's CPU reports (QEMU's TCG default phys-bits): bits
