@@ -143,7 +143,8 @@ def counts(stats) -> dict:
     write exits or waits in the coalesced ring depends on when the ring was last drained (a full
     ring makes writes exit again; the flush kicker drains it every 20 ms), a matter of timing that
     either loop has."""
-    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if not f.name.startswith("_")}
+    d["ecam_absent_accesses"] = stats.ecam_absent_accesses  # with the C loop's deferred reads added
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     d["exits"] = {**stats.exits.as_dict(), "other": stats.exits.other}
     exited = d["io_by_port"].pop(COM1_BASE, 0)
