@@ -25,8 +25,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pcihole.host.cache_dir import cache_dir
+
+if TYPE_CHECKING:
+    from pcihole.hv.exits import VcpuExit
 
 SOURCE = Path(__file__).with_name("run_loop.c")
 #: pcihole_run's non-negative returns (run_loop.c)
@@ -210,6 +214,15 @@ class FillPages:
             words = self._log_words[: 2 * count]
             self.sink(words[0::2].tolist(), words[1::2].tolist())
             self.table.count = 0
+
+
+@runtime_checkable
+class AnsweringVcpu(Protocol):
+    """A vCPU whose KVM_RUN the C loop can make, answering `fill_pages`' reads between two runs:
+    the kvm backend's (hv/kvm/vcpu.py). The model's vCPU runs guest code in Unicorn, with no KVM_RUN
+    for the loop to call, so the hypervisor interface's Vcpu has no such method."""
+
+    def run_answering(self, fill_pages: FillPages) -> VcpuExit: ...
 
 
 def main() -> int:
