@@ -25,8 +25,19 @@ from pathlib import Path
 
 import pytest
 
+from pcihole.hv import open_backend
 from pcihole.hv.exits import MmioRead
-from pcihole.hv.kvm.c_run_loop import SOURCE, CRunLoop, CRunLoopUnavailable, build, source_hash
+from pcihole.hv.kvm.c_run_loop import (
+    SOURCE,
+    AnsweringVcpu,
+    CRunLoop,
+    CRunLoopUnavailable,
+    FillPages,
+    build,
+    source_hash,
+)
+from pcihole.hv.kvm.vcpu import Vcpu as KvmVcpu
+from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.machine.builder import build_machine, default_kernel
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.machine import device_json
@@ -97,6 +108,19 @@ def test_the_c_loop_is_refused_on_the_model_which_has_no_kvm_run():
     kernel, name = default_kernel()
     with pytest.raises(Exception, match="the model backend has none"):
         build_machine(load_default(), backend="model", kernel=kernel, kernel_name=name, run_loop="c")
+
+
+def test_the_run_loop_hands_the_c_loop_only_a_vcpu_that_can_run_it():
+    assert issubclass(KvmVcpu, AnsweringVcpu) and not issubclass(ModelVcpu, AnsweringVcpu)
+    vm = open_backend("model").create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        # The loop is only kept by the table: the refusal comes before anything would call it.
+        fill_pages = FillPages(None, [(0xE000_0000, 1 << 20, 0xFF)], lambda reads: None)
+        with pytest.raises(TypeError, match="the C run loop needs a kvm vCPU, not a ModelVcpu"):
+            run_until_stop(vcpu, ExitHandler(None, None, None), fill_pages=fill_pages)
+    finally:
+        vm.close()
 
 
 # --- the scan guest: the same with either loop ------------------------------------------------------

@@ -1,7 +1,8 @@
 """The C vCPU loop (run_loop.c): built from source on first use, loaded with ctypes, and its table.
 
-run_loop.c says what the loop answers itself (reads of absent pages of fill windows, with the fill;
-reads of mirrored pages, from the mirror) and what it returns to Python for (everything else). This module:
+run_loop.c says what the loop answers itself (reads of absent pages of fill windows, with the
+fill; reads of mirrored pages, from the mirror) and what it returns to Python for (everything
+else). This module:
 
 - builds it with the system C compiler (`$CC`, else `cc`) into a cache keyed by the source's hash,
   `$XDG_CACHE_HOME/pcihole/run-loop/<hash>/run_loop.so` (default `~/.cache/pcihole/...`), so the
@@ -27,8 +28,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pcihole.host.cache_dir import cache_dir
+
+if TYPE_CHECKING:
+    from pcihole.hv.exits import VcpuExit
 
 SOURCE = Path(__file__).with_name("run_loop.c")
 #: pcihole_run's non-negative returns (run_loop.c)
@@ -223,8 +228,9 @@ class FillPages:
 
     def set_present(self, gpa: int, present: bool) -> None:
         """Mark the page holding `gpa` present (its reads go to Python, or to the mirror where it is
-        also marked mirrored) or absent (the C loop answers them with the fill). One byte store, which the loop may read at any time: either value is
-        right while the VMM's own state changes (pcihole.machine.ecam_window.FillPagesWiring)."""
+        also marked mirrored) or absent (the C loop answers them with the fill). One byte store,
+        which the loop may read at any time: either value is right while the VMM's own state
+        changes (pcihole.machine.ecam_window.FillPagesWiring)."""
         i, byte, bit = self._locate(gpa)
         bitmap = self._bitmaps[i]
         bitmap[byte] = bitmap[byte] | bit if present else bitmap[byte] & ~bit
@@ -275,6 +281,15 @@ class FillPages:
             words = self._log_words[: 2 * count]
             self.sink(words[0::2].tolist(), words[1::2].tolist())
             self.table.count = 0
+
+
+@runtime_checkable
+class AnsweringVcpu(Protocol):
+    """A vCPU whose KVM_RUN the C loop can make, answering `fill_pages`' reads between two runs:
+    the kvm backend's (hv/kvm/vcpu.py). The model's vCPU runs guest code in Unicorn, with no KVM_RUN
+    for the loop to call, so the hypervisor interface's Vcpu has no such method."""
+
+    def run_answering(self, fill_pages: FillPages) -> VcpuExit: ...
 
 
 def main() -> int:
