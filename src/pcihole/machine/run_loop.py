@@ -38,8 +38,9 @@ def run_until_stop(
     delivered within about that many seconds: a thread looks at the ring's indices and kicks the vCPU
     out of KVM_RUN while entries wait (the console's THR writes are coalesced: Machine.run).
 
-    With `fill_pages` (kvm only), the C loop (hv/kvm/run_loop.c) answers the reads of absent ECAM
-    pages between KVM_RUNs and hands every other exit to this loop, which is the reference: the
+    With `fill_pages` (kvm only), the C loop (hv/kvm/run_loop.c) answers the ECAM reads that exit
+    (absent functions' with the fill, present functions' from their config mirror pages) between
+    KVM_RUNs and hands every other exit to this loop, which is the reference: the
     same guest gives the same answers and the same statistics with and without it. It leaves to
     this loop any exit that finds the coalesced ring holding entries, so the drain-then-handle
     order above is kept, and it returns on a kick (EINTR) as vcpu.run() does.
