@@ -23,7 +23,7 @@
 
 from __future__ import annotations
 
-from pcihole.hv.kvm.c_run_loop import CRunLoop, FillPages
+from pcihole.hv.kvm.c_run_loop import CRunLoop, FillPages, LoggedReads
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
 from pcihole.memory.region import WritePolicy
@@ -185,11 +185,11 @@ class FillPagesWiring:
         self.view.counters.mmio_reads += n
         self.host_bridge.count_mirror_reads(n)
 
-    def _count(self, addresses: list[int], sizes: list[int]) -> None:
-        stats, n = self.stats, len(addresses)
+    def _count(self, reads: LoggedReads) -> None:
+        stats, n = self.stats, len(reads)
         stats.exits.mmio_read += n
         stats.ecam_exits += n
         stats.ecam_reads += n
         stats.ecam_absent_exits += n
         self.view.counters.hole_reads += n
-        stats.defer_absent_reads(addresses, sizes)
+        stats.defer_absent_reads(reads.addresses_and_sizes)
