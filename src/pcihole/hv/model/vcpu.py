@@ -94,7 +94,7 @@ from unicorn.x86_const import (
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import EngineMsrs, guest_maxphyaddr, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState, read_flags
@@ -289,13 +289,14 @@ class ModelVcpu:
         self._instructions.set_cpuid(table, None if engine is None else engine[0])
         lapic = self.lapic
         if lapic is not None:
-            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
-            for entry in cpuid.entries[: cpuid.nent]:
-                if entry.function == CPUID_FEATURES:
-                    lapic.set_cpuid(
-                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
-                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
-                    )
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC, MAXPHYADDR
+            features = table.find(CPUID_FEATURES, None)
+            ecx = 0 if features is None else features.ecx
+            lapic.set_cpuid(
+                x2apic=bool(ecx & CPUID_1_ECX_X2APIC),
+                tsc_deadline=bool(ecx & CPUID_1_ECX_TSC_DEADLINE),
+                maxphyaddr=guest_maxphyaddr(table),
+            )
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
