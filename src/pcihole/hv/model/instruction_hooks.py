@@ -145,10 +145,11 @@ class InstructionHooks:
         gives the engine the register access these hooks and the CPUID hook use."""
         self._fast = FastRegisters(uc)
         thunks = self._insn_thunks.setdefault(uc, [])
+        # The engine through a weak reference: a strong one from its own thunks would keep the
+        # engine (their key in _insn_thunks) alive for good. It is alive whenever it calls them.
+        engine = weakref.ref(uc)
         for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
-            # The engine through a weak reference: a strong one from its own thunk would keep
-            # the engine (the key of _insn_thunks) alive for good. It is alive whenever it calls this.
-            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=weakref.ref(uc): cb(engine()))
+            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback: cb(engine()))
             thunks.append(thunk)
             handle = uc_hook_h()
             # The thunk itself as the void * argument, as the binding's hook_add passes its own:
