@@ -57,17 +57,26 @@ VMM_RDI = 0x5EED  # written to RDI in each exit
 VMM_RAX = 0x12345678  # written to RAX in each exit
 
 
+PAGE_TABLES = 0x80000  # in RAM, for a 64-bit guest: x86_cpu_state.enter_long_mode's identity map
+
+
 @contextmanager
-def flat_vcpu(hv, source: str) -> Iterator:
-    """A vCPU of a new VM of `hv` in flat protected mode at `source` (as tests/guest_runner.py's
-    run_guest lays it out), for a test that handles each exit itself."""
+def flat_vcpu(hv, source: str, bits: int = 32) -> Iterator:
+    """A vCPU of a new VM of `hv` in flat protected mode (`bits` 64: long mode, the low 4 GiB
+    identity-mapped) at `source` (as tests/guest_runner.py's run_guest lays it out), for a test
+    that handles each exit itself."""
     vm = hv.create_vm()
     ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
     try:
-        ram.write(CODE_GPA, assemble(source, org=CODE_GPA))
+        ram.write(CODE_GPA, assemble(source, bits=bits, org=CODE_GPA))
         vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
         vcpu = vm.create_vcpu(0)
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        if bits == 64:
+            x86_cpu_state.enter_long_mode(
+                vcpu, CODE_GPA, page_tables_gpa=PAGE_TABLES, write_guest=ram.write, rsp=STACK_TOP
+            )
+        else:
+            x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
         yield vcpu
     finally:
         vm.close()
@@ -152,3 +161,55 @@ def test_rip_moved_in_an_in_exit_leaves_the_in_undone(kvm_hv, model_hv):
     model = run_moving_rip(model_hv)
     assert model == run_moving_rip(kvm_hv)
     assert model == (IN_AT, exits.Hlt(), IN_AT + 5 + 6, VMM_RAX, 0x11)
+
+
+# The IN or OUT is followed by a path the guest takes only if the VMM's RIP is ignored (RBX 0x22)
+# and one it takes at the VMM's RIP (RBX 0x11).
+PIO_GUEST = """
+    movabs $0xaabbccddeeff0011, %rax
+    {insn}
+    mov $0x22, %ebx
+    hlt
+moved:
+    mov $0x11, %ebx
+    hlt
+"""
+VMM_RAX_64 = 0x1122334455667788
+
+
+def run_moving_rip_64(hv, insn: str):
+    """A 64-bit guest's `insn` exits; the VMM sets RAX (all 64 bits) and RIP to `moved`, then
+    completes an IN with 0x99 bytes: (exit kind, final RIP, RBX, RAX)."""
+    source = PIO_GUEST.format(insn=insn)
+    moved = CODE_GPA + len(assemble(source.split("moved:")[0], bits=64, org=CODE_GPA))
+    with flat_vcpu(hv, source, bits=64) as vcpu:
+        first = vcpu.run()
+        regs = vcpu.get_regs()
+        regs.rip, regs.rax = moved, VMM_RAX_64
+        vcpu.set_regs(regs)
+        if isinstance(first, exits.IoIn):
+            vcpu.complete_read(b"\x99" * first.size)
+        assert vcpu.run() == exits.Hlt()
+        regs = vcpu.get_regs()
+        return type(first).__name__, regs.rip, regs.rbx, regs.rax, moved
+
+
+@pytest.mark.parametrize("insn", ["in $0x71, %eax", "in $0x71, %ax", "in $0x71, %al", "out %eax, $0x71"])
+def test_rip_moved_in_a_pio_exit_is_taken_and_rax_kept(kvm_hv, model_hv, insn):
+    """complete_fast_pio_in / complete_fast_pio_out: RIP no longer at pio.linear_rip, so the
+    instruction is left undone (an IN's "zero extend" of a 4-byte read included: RAX keeps all
+    64 bits the VMM set) and the guest goes on at the VMM's RIP, not after the rest of the
+    instruction's translation block (the model's engine leaves the block after the hook:
+    engine/patches/0005).
+
+    This host's KVM (PVM) runs IN through its emulator (complete_emulated_pio), whose writeback
+    puts RIP past the IN over the VMM's: its guest takes the other path there; RAX is the VMM's
+    on both."""
+    kind, rip, rbx, rax, moved = run_moving_rip_64(model_hv, insn)
+    assert (rip, rbx, rax) == (moved + 6, 0x11, VMM_RAX_64)  # past `moved`'s MOV and HLT
+    kvm_kind, kvm_rip, kvm_rbx, kvm_rax, _ = run_moving_rip_64(kvm_hv, insn)
+    assert kind == kvm_kind and kvm_rax == rax
+    if host_is_pvm() and kind == "IoIn":
+        assert (kvm_rip, kvm_rbx) == (moved, 0x22)  # the HLT before `moved`, then RIP past it
+    else:
+        assert (kvm_rip, kvm_rbx) == (rip, rbx)

@@ -7,7 +7,8 @@ between must see what KVM does with them, which depends on the exit:
 - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the instruction and
   skip it only if RIP is still where it was at the exit (kvm_is_linear_rip(vcpu,
   vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken, the instruction left undone (an IN's
-  data dropped: `rip_moved`);
+  data dropped, RAX as the VMM set it: `rip_moved`; the engine leaves the translation block after
+  the hook, engine/patches/0005);
 - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator with
   EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded (ctxt->_eip): a RIP
   set meanwhile is overwritten;

@@ -87,7 +87,6 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_EAX,
     UC_X86_REG_IDTR,
 )
 
@@ -735,10 +734,12 @@ class ModelVcpu:
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
             if self._mid_exit.rip_moved:
-                # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
-                # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
+                # complete_fast_pio_in: RIP moved off the IN, which is left undone, RAX as the VMM
+                # set it: the engine leaves the block after this hook, for the new RIP, without
+                # storing what it returns (engine/patches/0005; a stock engine stores it: RAX's
+                # low bits are returned for it).
                 self._mid_exit.rip_moved = False
-                return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
+                return self._regs.rax & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
