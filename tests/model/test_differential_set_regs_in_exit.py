@@ -14,9 +14,9 @@ Named differences, none of which the guest below can see in the compared values:
   does;
 - an MMIO read whose exit saw KVM_SET_REGS loses its result on KVM (x86_emulate_instruction's
   emulator_invalidate_register_cache clears the dirty bit the decoded destination had), the
-  model writes it;
-- an MMIO write exits with RIP past the instruction on KVM (the emulator finished it first), on the
-  instruction in the model (its write hook runs in the middle of it).
+  model writes it.
+An MMIO write exits with RIP past the instruction on both (KVM's emulator finished it first; the
+model, still in the middle of it, reports where it ends: instruction_length.py).
 """
 
 from __future__ import annotations
@@ -111,12 +111,13 @@ def test_set_regs_in_exit_does_not_run_the_instruction_again(kvm_hv, model_hv):
     kvm_kinds, kvm_rips, kvm_raxes, kvm_regs = run_setting_regs(kvm_hv)
     kinds, rips, raxes, regs = run_setting_regs(model_hv)
     assert kinds == kvm_kinds == ["IoOut", "IoIn", "MmioRead", "MmioWrite", "IoIn", "Hlt"]
-    # IN, MMIO read, INS and HLT: RIP at the same place on both (the first three on the instruction)
-    for i in (1, 2, 4, 5):
+    # IN, MMIO read, MMIO write, INS and HLT: RIP at the same place on both (on the instruction
+    # but for the MMIO write, past its 10-byte MOVL)
+    for i in (1, 2, 3, 4, 5):
         assert rips[i] == kvm_rips[i], (kinds[i], hex(rips[i]), hex(kvm_rips[i]))
+    assert rips[3] == rips[2] + 6 + 3 + 10  # past the MOV from MMIO, the ADD and the MOVL
     assert rips[0] == OUT_AT  # complete_fast_pio_out's linear_rip: the OUT itself
     assert kvm_rips[0] == (OUT_AT + 2 if host_is_pvm() else OUT_AT)
-    assert kvm_rips[3] == rips[3] + 10  # the MMIO write's 10-byte MOVL, finished first on KVM
     assert (regs.rip, regs.rbx, regs.rdi) == (kvm_regs.rip, kvm_regs.rbx, kvm_regs.rdi)
     assert regs.rbx == 0x11 + 5 + 5 * VMM_RBX and regs.rdi == VMM_RDI + 1  # INSB moved EDI on
     # RAX at the exit after the IN: complete_fast_pio_in put the IN's byte into AL, over the
@@ -213,3 +214,93 @@ def test_rip_moved_in_a_pio_exit_is_taken_and_rax_kept(kvm_hv, model_hv, insn):
         assert (kvm_rip, kvm_rbx) == (moved, 0x22)  # the HLT before `moved`, then RIP past it
     else:
         assert (kvm_rip, kvm_rbx) == (rip, rbx)
+
+
+# MMIO writes as drivers make them, each followed by a marker the VMM can skip to: `add $1, %ebx`
+# runs only where the guest goes on after the write.
+WRITES_32 = [
+    "movl $5, 0x100100",
+    "mov %eax, 0x100104",
+    "movw $7, (%edi)",
+    "orb $1, 4(%edi)",
+    "lock xadd %eax, (%edi)",
+    "movnti %eax, 0x10(%edi)",
+    "stosl",
+]
+WRITES_64 = [
+    "movl $5, 0x100100",
+    "movq %rax, (%rdi)",
+    "movabs %eax, 0x100100",
+    "lock orq $1, 8(%rdi)",
+    "movnti %rax, 0x10(%rdi)",
+    "movw $7, 0x20(%rdi)",
+    "stosq",
+]
+
+
+def write_guest(writes: list[str]) -> str:
+    body = "\n".join(f"{insn}\n    add $1, %ebx" for insn in writes)
+    return f"""
+    mov $0x100100, %edi
+    xor %ebx, %ebx
+    {body}
+    hlt
+"""
+
+
+def run_writes(hv, writes: list[str], bits: int, skip: bool):
+    """Run the writes, reading RIP in each MMIO write exit; with `skip`, the VMM moves RIP past
+    the ADD that follows (3 bytes): (RIP in each exit, final RIP, RBX)."""
+    rips = []
+    with flat_vcpu(hv, write_guest(writes), bits=bits) as vcpu:
+        for _ in range(4 * len(writes)):
+            exit_ = vcpu.run()
+            if isinstance(exit_, exits.Hlt):
+                break
+            if isinstance(exit_, exits.MmioRead):  # the read of a read-modify-write
+                vcpu.complete_read(bytes(exit_.size))
+                continue
+            assert isinstance(exit_, exits.MmioWrite), exit_
+            regs = vcpu.get_regs()
+            rips.append(regs.rip)
+            if skip:
+                regs.rip += 3
+                vcpu.set_regs(regs)
+        regs = vcpu.get_regs()
+        return rips, regs.rip, regs.rbx
+
+
+@pytest.mark.parametrize(("writes", "bits"), [(WRITES_32, 32), (WRITES_64, 64)], ids=["32", "64"])
+@pytest.mark.parametrize("skip", [False, True], ids=["resume", "skip"])
+def test_mmio_write_exit_reports_rip_past_the_write(kvm_hv, model_hv, writes, bits, skip):
+    """KVM finishes an instruction that writes MMIO before KVM_EXIT_MMIO (x86_emulate_instruction's
+    writeback), so KVM_GET_REGS in the exit reads RIP past it (the ADD after it next); the guest
+    resumes there, or where the VMM moved RIP from there (the ADD skipped: RBX stays 0)."""
+    model = run_writes(model_hv, writes, bits, skip)
+    assert model == run_writes(kvm_hv, writes, bits, skip)
+    code = assemble(write_guest(writes), bits=bits, org=CODE_GPA)
+    assert all(code[rip - CODE_GPA : rip - CODE_GPA + 3] == b"\x83\xc3\x01" for rip in model[0])
+    assert len(model[0]) == len(writes) and model[2] == (0 if skip else len(writes))
+
+
+def test_rep_string_store_exits_on_the_instruction(kvm_hv, model_hv):
+    """A REP STOS to MMIO exits once per iteration with RIP on the instruction (KVM's emulator moves
+    it past only at the entry that finds RCX 0), then goes on after it."""
+    source = """
+    mov $3, %ecx
+    mov $0x100100, %edi
+    rep stosl
+    hlt
+"""
+    rep_at = CODE_GPA + 10
+
+    def run(hv):
+        with flat_vcpu(hv, source, bits=64) as vcpu:
+            seen = []
+            while isinstance(exit_ := vcpu.run(), exits.MmioWrite):
+                seen.append((exit_.addr, vcpu.get_regs().rip))
+            return seen, type(exit_).__name__, vcpu.get_regs().rip
+
+    model = run(model_hv)
+    assert model == run(kvm_hv)
+    assert model == ([(0x100100 + 4 * i, rep_at) for i in range(3)], "Hlt", rep_at + 3)

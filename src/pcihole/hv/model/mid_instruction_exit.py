@@ -12,8 +12,10 @@ between must see what KVM does with them, which depends on the exit:
 - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator with
   EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded (ctxt->_eip): a RIP
   set meanwhile is overwritten;
-- an MMIO write: the emulator finished the instruction before the exit, so a RIP moved during it is
-  taken (here, where the engine is still on the instruction, one left unchanged finishes it).
+- an MMIO write: the emulator finished the instruction before the exit (writeback), so KVM_GET_REGS
+  reads RIP past it (`reported_rip`; a REP string store's only after its last iteration) and a RIP
+  moved from there is taken (here, where the engine is still on the instruction, one left as read
+  finishes it).
 And registers set during an MMIO exit cannot simply be written into the paused engine: its
 generated code may hold guest registers in host ones and overwrite them. The vCPU (vcpu.py's
 exit_to_user) then stops the engine at the start of the instruction and runs it again with the
@@ -45,6 +47,10 @@ class MidInstructionExit:
         # An MMIO exit whose instruction runs again with the VMM's registers, and its answer:
         # the exit the instruction makes again, and what to return without the VMM.
         self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
+        # An MMIO write exit's RIP as KVM reports it (past the instruction), computed when first
+        # asked: what computes it, and the answer.
+        self._rip_after_write: Callable[[int], int] | None = None
+        self._after_write: int | None = None
 
     def rip_takes(self, rip: int, in_exit: bool) -> bool:
         """Whether KVM_SET_REGS's RIP moves the guest (module docstring); `in_exit`: the vCPU is
@@ -54,7 +60,25 @@ class MidInstructionExit:
             return True
         if self._kind is exits.MmioRead:
             return False
-        return rip != self._rip
+        return rip != self._kvm_rip()
+
+    def _kvm_rip(self) -> int | None:
+        """RIP at this exit as KVM has it: past the instruction for an MMIO write."""
+        compute = self._rip_after_write
+        if self._kind is not exits.MmioWrite or compute is None or self._rip is None:
+            return self._rip
+        if self._after_write is None:
+            self._after_write = compute(self._rip)
+        return self._after_write
+
+    def reported_rip(self, rip: int) -> int:
+        """KVM_GET_REGS's RIP, given the engine's `rip`: during an MMIO write exit whose RIP the
+        VMM did not move, where KVM's emulator left it (past the instruction)."""
+        if self._kind is exits.MmioWrite and rip == self._rip and not self.rip_moved:
+            kvm_rip = self._kvm_rip()
+            assert kvm_rip is not None
+            return kvm_rip
+        return rip
 
     def registers_set(self, rip_taken: bool) -> None:
         """KVM_SET_REGS, whose RIP was taken or not (rip_takes)."""
@@ -62,17 +86,22 @@ class MidInstructionExit:
             self.rip_moved = True
         self._regs_set = self._rip is not None
 
-    def begin(self, exit_: exits.VcpuExit, rip: Callable[[], int]) -> None:
-        """The vCPU pauses in `exit_`; `rip` reads RIP (asked only for an exit mid-instruction)."""
+    def begin(
+        self, exit_: exits.VcpuExit, rip: Callable[[], int], rip_after_write: Callable[[int], int]
+    ) -> None:
+        """The vCPU pauses in `exit_`; `rip` reads RIP (asked only for an exit mid-instruction),
+        `rip_after_write` where KVM has it after the write of the instruction at a RIP (asked
+        only if the VMM reads or sets the registers during an MMIO write exit)."""
         if isinstance(exit_, _MID_INSTRUCTION):
             self._kind, self._rip = type(exit_), rip()
             self.rip_moved = self._regs_set = False
+            self._rip_after_write, self._after_write = rip_after_write, None
 
     def end(self, exit_: exits.VcpuExit) -> bool:
         """The vCPU resumes from `exit_`: True if KVM_SET_REGS during this MMIO exit left RIP where
         the instruction runs again (the caller replays it: replay_later)."""
         regs_set = self._regs_set and isinstance(exit_, _MEMORY_ACCESS)
-        self._kind = self._rip = None
+        self._kind = self._rip = self._rip_after_write = None
         self._regs_set = False
         return regs_set and not self.rip_moved
 

@@ -11,6 +11,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - pending_events.py: KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel interrupt source
   and the sleep in HLT, asked between runs, at instruction boundaries and while halted;
 - mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
+  instruction_length.py: RIP past an MMIO write, as KVM reports it;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -99,6 +100,7 @@ from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.instruction_hooks import InstructionHooks
+from pcihole.hv.model.instruction_length import MAX_INSN_BYTES, code_at_rip, rip_after_write
 from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -107,8 +109,6 @@ from pcihole.hv.model.interrupts import (
     Delivery,
     Event,
     EventKind,
-    Fault,
-    LinearMemory,
     TripleFault,
     syscall,
 )
@@ -245,9 +245,11 @@ class ModelVcpu:
 
     def get_regs(self) -> kvm_regs:
         engine = self._live_engine()
-        if engine is not None:
-            return cpu.read_regs(*engine, self._engine_state)
-        return kvm_regs.from_buffer_copy(self._regs)
+        if engine is None:
+            return kvm_regs.from_buffer_copy(self._regs)
+        regs = cpu.read_regs(*engine, self._engine_state)
+        regs.rip = self._mid_exit.reported_rip(regs.rip)  # past an MMIO write, as KVM's emulator
+        return regs
 
     def _rip(self) -> int:
         """get_regs().rip, reading RIP alone (cpu.read_rip)."""
@@ -574,7 +576,7 @@ class ModelVcpu:
             return None  # stopped for nothing the caller must see: go on
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
         # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
-        if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
+        if self._code_at_rip(uc, mode, -1, 1)[0] == bytes((_HLT_OPCODE,)):
             if events.source is None:
                 return exits.Hlt()
             events.halted = True
@@ -669,7 +671,7 @@ class ModelVcpu:
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, self._rip)
+        self._mid_exit.begin(exit_, self._rip, self._rip_after_write)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
@@ -898,28 +900,19 @@ class ModelVcpu:
             state.clear_old_exception()
             state.store()
 
-    def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
-        """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
-        None where it cannot be read."""
-        state = self._engine_state
-        if state is None:
-            try:
-                return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-            except UcError:
-                return None
-        rip = cpu.read_regs(uc, mode, state).rip
-        if mode is cpu.CpuMode.LONG_64 or cpu.live_mode(uc, mode, state) is cpu.CpuMode.LONG_64:
-            state.load()
-            mmu = self._mmu
-            assert mmu is not None
-            try:
-                return LinearMemory(uc, state, mmu.read_ram).read(rip - 1, 1)[0]
-            except Fault:
-                return None
-        try:
-            return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-        except UcError:
-            return None
+    def _code_at_rip(self, uc: Uc, mode: cpu.CpuMode, offset: int, size: int) -> tuple[bytes, int]:
+        mmu = self._mmu
+        assert mmu is not None
+        return code_at_rip(uc, mode, self._engine_state, mmu.read_ram, offset, size)
+
+    def _rip_after_write(self, rip: int) -> int:
+        """RIP as KVM reports it in this MMIO write exit of the instruction at `rip`: past it
+        (instruction_length.py), or `rip` where its code cannot be read."""
+        uc, mode = self._uc, self._mode
+        assert uc is not None and mode is not None
+        code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
+        after = rip_after_write(code, rip, bits)
+        return rip if after is None else after
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
