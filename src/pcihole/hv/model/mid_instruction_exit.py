@@ -13,7 +13,7 @@ between must see what KVM does with them, which depends on the exit:
   EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded (ctxt->_eip): a RIP
   set meanwhile is overwritten;
 - an MMIO write: the emulator finished the instruction before the exit (writeback), so KVM_GET_REGS
-  reads RIP past it (`reported_rip`; a REP string store's only after its last iteration) and a RIP
+  reads RIP past it (`reported_rip`; a REP string store's stays on it) and a RIP
   moved from there is taken (here, where the engine is still on the instruction, one left as read
   finishes it).
 And registers set during an MMIO exit cannot simply be written into the paused engine: its
