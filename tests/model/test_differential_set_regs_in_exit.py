@@ -283,24 +283,41 @@ def test_mmio_write_exit_reports_rip_past_the_write(kvm_hv, model_hv, writes, bi
     assert len(model[0]) == len(writes) and model[2] == (0 if skip else len(writes))
 
 
-def test_rep_string_store_exits_on_the_instruction(kvm_hv, model_hv):
-    """A REP STOS to MMIO exits once per iteration with RIP on the instruction (KVM's emulator moves
-    it past only at the entry that finds RCX 0), then goes on after it."""
-    source = """
+STRING_STORES = {
+    "rep stosl": "rep stosl",
+    "std, rep movsw": "std\n    mov $0x2000, %esi\n    rep movsw",
+    "stosb": "stosb",
+}
+
+
+@pytest.mark.parametrize("store", STRING_STORES)
+@pytest.mark.parametrize("set_regs", [False, True], ids=["read", "read-set"])
+def test_string_store_exits_as_the_emulator_left_it(kvm_hv, model_hv, store, set_regs):
+    """A string store to MMIO exits once per iteration as KVM's emulator left it: RDI (and RSI)
+    stepped by the element against DF, RCX one less under REP, and RIP on a REP instruction (moved
+    past only at the entry that finds RCX 0) or past a plain one. The VMM writing back what it
+    read changes nothing."""
+    source = f"""
     mov $3, %ecx
     mov $0x100100, %edi
-    rep stosl
+    {STRING_STORES[store]}
     hlt
 """
-    rep_at = CODE_GPA + 10
 
     def run(hv):
         with flat_vcpu(hv, source, bits=64) as vcpu:
             seen = []
             while isinstance(exit_ := vcpu.run(), exits.MmioWrite):
-                seen.append((exit_.addr, vcpu.get_regs().rip))
-            return seen, type(exit_).__name__, vcpu.get_regs().rip
+                regs = vcpu.get_regs()
+                seen.append((exit_.addr, regs.rip, regs.rcx, regs.rdi, regs.rsi))
+                if set_regs:
+                    vcpu.set_regs(regs)
+            regs = vcpu.get_regs()
+            return seen, type(exit_).__name__, (regs.rip, regs.rcx, regs.rdi, regs.rsi)
 
     model = run(model_hv)
     assert model == run(kvm_hv)
-    assert model == ([(0x100100 + 4 * i, rep_at) for i in range(3)], "Hlt", rep_at + 3)
+    if store == "rep stosl":
+        rep_at = CODE_GPA + 10
+        steps = [(0x100100 + 4 * i, rep_at, 2 - i, 0x100104 + 4 * i, 0) for i in range(3)]
+        assert model == (steps, "Hlt", (rep_at + 3, 0, 0x10010C, 0))

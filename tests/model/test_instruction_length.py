@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from pcihole.hv.model.instruction_length import decode, rip_after_write
+from pcihole.hv.model.instruction_length import decode, step_string, write_exit
+from pcihole.hv.uapi import kvm_regs
 from tests.guestasm import assemble
 
 # Stores and read-modify-writes as a driver aims them at MMIO, and the forms that exercise each
@@ -119,7 +120,7 @@ ONLY_64 = [
 def test_decoded_length_is_the_assembler_s(insn, bits):
     code = assemble(f"{insn}\nnop", bits=bits)
     length = len(code) - 1
-    assert decode(code, bits)[0] == length, code.hex()
+    assert decode(code, bits).length == length, code.hex()
 
 
 def _addresses_64(insn: str) -> str:
@@ -132,25 +133,40 @@ def test_decoded_length_in_64_bit_code(insn):
     """The same stores with 64-bit address registers."""
     insn = _addresses_64(insn)
     code = assemble(f"{insn}\nnop", bits=64)
-    assert decode(code, 64)[0] == len(code) - 1, code.hex()
+    assert decode(code, 64).length == len(code) - 1, code.hex()
 
 
 @pytest.mark.parametrize("insn", ["movl $5, (%bx)", "movw %ax, (%bp,%di)", "movl %eax, (%ecx)", "rep stosw"])
 def test_decoded_length_in_16_bit_code(insn):
     code = assemble(f"{insn}\nnop", bits=16)
-    assert decode(code, 16)[0] == len(code) - 1, code.hex()
+    assert decode(code, 16).length == len(code) - 1, code.hex()
 
 
 def test_rep_string_store_stays_on_the_instruction():
     """x86_emulate_insn moves RIP past a REP string instruction only at the entry that finds RCX
     0, so each iteration's write exit has RIP on it; without REP, past it."""
     code = assemble("rep stosl", bits=64)
-    assert rip_after_write(code, 0x1000, 64) == 0x1000
+    assert write_exit(code, 0x1000, 64).rip == 0x1000
     plain = assemble("stosl", bits=64)
-    assert rip_after_write(plain, 0x1000, 64) == 0x1000 + len(plain)
+    assert write_exit(plain, 0x1000, 64).rip == 0x1000 + len(plain)
 
 
 def test_cut_off_bytes_give_none():
     code = assemble("movl $5, 0x100100", bits=32)
-    assert rip_after_write(code[:-1], 0x1000, 32) is None
-    assert rip_after_write(code, 0x1000, 32) == 0x1000 + len(code)
+    assert write_exit(code[:-1], 0x1000, 32) is None
+    assert write_exit(code, 0x1000, 32).rip == 0x1000 + len(code)
+
+
+def test_string_step_follows_df_and_the_address_size():
+    """register_address_increment: RDI / RSI by the element against DF, RCX -1 under REP, in the
+    address size (a 16-bit one wraps inside the low word, a 32-bit one zero-extends); -1 undoes it."""
+    regs = kvm_regs(rdi=0x1_0000_FFFE, rsi=0x2000, rcx=0x1_0000_0000, rflags=0x2)
+    movsw16 = decode(assemble("rep movsw", bits=16), 16)
+    step_string(regs, movsw16, 1)
+    assert (regs.rdi, regs.rsi, regs.rcx) == (0x1_0000_0000, 0x2002, 0x1_0000_FFFF)
+    step_string(regs, movsw16, -1)
+    assert (regs.rdi, regs.rsi, regs.rcx) == (0x1_0000_FFFE, 0x2000, 0x1_0000_0000)
+    down = kvm_regs(rdi=0x1_0000_1000, rsi=5, rcx=3, rflags=0x2 | 1 << 10)  # DF set
+    stosl32 = decode(assemble("addr32 stosl", bits=64), 64)
+    step_string(down, stosl32, 1)
+    assert (down.rdi, down.rsi, down.rcx) == (0x0FFC, 5, 3)  # ECX untouched without REP

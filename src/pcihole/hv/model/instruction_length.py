@@ -7,7 +7,8 @@ REP string store is the exception: each iteration exits with RIP on it, RCX, RSI
 stepped (the writeback of x86_emulate_insn, which moves RIP past only at the entry that finds RCX 0).
 
 The model's engine exits from the middle of the instruction (its write hook), RIP still on it, so
-the vCPU asks `rip_after_write` what KVM would report, with the code read by `code_at_rip`. This is the length half of x86_decode_insn:
+the vCPU asks `write_exit` what KVM would report (and `step_string` for a string store's
+registers), with the code read by `code_at_rip`. This is the length half of x86_decode_insn:
 legacy prefixes, REX, the one-, two- and three-byte opcode maps, VEX and EVEX, ModRM / SIB /
 displacement and the immediate, from the opcode tables of the SDM (Vol. 2, Appendix A). It does not
 check that the instruction is valid (the engine ran it).
@@ -16,12 +17,16 @@ check that the instruction is valid (the engine ran it).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from unicorn import Uc, UcError
 
 from pcihole.hv.model import cpu
 from pcihole.hv.model.engine_state import EngineState
 from pcihole.hv.model.interrupts import Fault, LinearMemory
+from pcihole.hv.uapi import kvm_regs
+
+X86_EFLAGS_DF = 1 << 10
 
 MAX_INSN_BYTES = 15  # X86_MAX_INSTRUCTION_LENGTH
 
@@ -96,9 +101,22 @@ def _modrm_bytes(code: _Code, address_bits: int) -> None:
     code.skip({0: 4 if rm == 5 else 0, 1: 1, 2: 4}[mod])
 
 
-def decode(data: bytes, cs_bits: int) -> tuple[int, bool]:
-    """(length, is a REP string store) of the instruction `data` starts with,
-    for code of `cs_bits` (16, 32: CS.D; 64: CS.L). IndexError where `data` ends first."""
+@dataclass(frozen=True)
+class Decoded:
+    """What the MMIO write exit needs of an instruction."""
+
+    length: int
+    address_bits: int
+    #: A string store (INS, MOVS, STOS): its element's bytes (0: not one), whether it steps RSI
+    #: too (MOVS), and whether a REP prefix repeats it.
+    string_bytes: int = 0
+    string_source: bool = False
+    rep: bool = False
+
+
+def decode(data: bytes, cs_bits: int) -> Decoded:
+    """The instruction `data` starts with, for code of `cs_bits` (16, 32: CS.D; 64: CS.L).
+    IndexError where `data` ends first."""
     code = _Code(data)
     long_mode = cs_bits == 64
     prefixes: set[int] = set()
@@ -132,7 +150,7 @@ def decode(data: bytes, cs_bits: int) -> tuple[int, bool]:
     vex_like = opcode in (0xC4, 0xC5, 0x62) and following is not None
     if vex_like and (long_mode or following >> 6 == 3):  # type: ignore[operator]
         _vex_or_evex(code, opcode, address_bits)
-        return code.at, False
+        return Decoded(code.at, address_bits)
     if opcode == 0x0F:
         second = code.next()
         if second in (0x38, 0x3A):
@@ -144,7 +162,7 @@ def decode(data: bytes, cs_bits: int) -> tuple[int, bool]:
         elif second not in _NO_MODRM_0F:
             _modrm_bytes(code, address_bits)
             code.skip(1 if second in _IMM8_0F else 0)
-        return code.at, False
+        return Decoded(code.at, address_bits)
     if opcode in _MODRM_1:
         reg = ((code.peek() or 0) >> 3) & 7
         _modrm_bytes(code, address_bits)
@@ -153,8 +171,15 @@ def decode(data: bytes, cs_bits: int) -> tuple[int, bool]:
     kind = _IMM_1.get(opcode)
     if kind is not None:
         code.skip(_immediate_bytes(kind, operand_bits, address_bits, z))
-    rep = bool(prefixes & {_REP, _REPNE}) and opcode in _STORING_STRINGS
-    return code.at, rep
+    if opcode not in _STORING_STRINGS:
+        return Decoded(code.at, address_bits)
+    return Decoded(
+        code.at,
+        address_bits,
+        string_bytes=1 if opcode in (0x6C, 0xA4, 0xAA) else operand_bits // 8,
+        string_source=opcode in (0xA4, 0xA5),
+        rep=bool(prefixes & {_REP, _REPNE}),
+    )
 
 
 def _immediate_bytes(kind: str, operand_bits: int, address_bits: int, z: int) -> int:
@@ -190,21 +215,51 @@ def _vex_or_evex(code: _Code, prefix: int, address_bits: int) -> None:
         code.skip(1)
 
 
-def rip_after_write(code: bytes, rip: int, cs_bits: int) -> int | None:
-    """RIP as KVM reports it in the MMIO write exit of the instruction at `rip` (`code`: its bytes,
-    up to 15): past the instruction, but on it for a REP string store, whose every iteration's
-    exit leaves RIP there (the emulator moves past only when it finds RCX 0 at the next entry). None
-    where `code` does not hold the whole instruction."""
+@dataclass(frozen=True)
+class WriteExit:
+    """Where KVM's emulator has left the registers when an instruction's MMIO write exits."""
+
+    rip: int  # past the instruction; on it for a REP string store
+    string: Decoded | None  # a string store, whose RDI (RSI) and, under REP, RCX were stepped
+
+
+def write_exit(code: bytes, rip: int, cs_bits: int) -> WriteExit | None:
+    """The MMIO write exit of the instruction at `rip` (`code`: its bytes, up to 15), as KVM reports
+    it: RIP past the instruction, but on it for a REP string store, whose every iteration exits
+    with RIP there (the emulator moves it past only at the entry that finds RCX 0). None where
+    `code` does not hold the whole instruction."""
     try:
-        length, rep = decode(code, cs_bits)
+        decoded = decode(code, cs_bits)
     except IndexError:
         return None
-    if length > MAX_INSN_BYTES:
+    if decoded.length > MAX_INSN_BYTES:
         return None
-    if rep:
-        return rip
-    end = rip + length
-    return end & 0xFFFFFFFFFFFFFFFF if cs_bits == 64 else end & 0xFFFFFFFF
+    string = decoded if decoded.string_bytes else None
+    if decoded.rep:
+        return WriteExit(rip, string)
+    end = rip + decoded.length
+    return WriteExit(end & 0xFFFFFFFFFFFFFFFF if cs_bits == 64 else end & 0xFFFFFFFF, string)
+
+
+def _increment(register: int, delta: int, address_bits: int) -> int:
+    """register_address_increment: the address-size part of `register` plus `delta`, a 32-bit one
+    zero-extended (assign_register), a 16-bit one merged into the rest."""
+    if address_bits == 16:
+        return register & ~0xFFFF | (register + delta) & 0xFFFF
+    return (register + delta) & ((1 << address_bits) - 1)
+
+
+def step_string(regs: kvm_regs, string: Decoded, direction: int) -> None:
+    """A string store's registers from before its iteration to after it (`direction` 1: the
+    emulator's writeback, register_address_increment of RDI, RSI for MOVS, by the element size
+    against RFLAGS.DF, and RCX by -1 under REP), or back (-1)."""
+    step = -string.string_bytes if regs.rflags & X86_EFLAGS_DF else string.string_bytes
+    bits = string.address_bits
+    regs.rdi = _increment(regs.rdi, direction * step, bits)
+    if string.string_source:
+        regs.rsi = _increment(regs.rsi, direction * step, bits)
+    if string.rep:
+        regs.rcx = _increment(regs.rcx, -direction, bits)
 
 
 _CS_BITS = {cpu.CpuMode.REAL: 16, cpu.CpuMode.PROTECTED_32: 32, cpu.CpuMode.LONG_64: 64}

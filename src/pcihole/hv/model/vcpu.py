@@ -100,7 +100,7 @@ from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.instruction_hooks import InstructionHooks
-from pcihole.hv.model.instruction_length import MAX_INSN_BYTES, code_at_rip, rip_after_write
+from pcihole.hv.model.instruction_length import MAX_INSN_BYTES, WriteExit, code_at_rip, write_exit
 from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -248,7 +248,7 @@ class ModelVcpu:
         if engine is None:
             return kvm_regs.from_buffer_copy(self._regs)
         regs = cpu.read_regs(*engine, self._engine_state)
-        regs.rip = self._mid_exit.reported_rip(regs.rip)  # past an MMIO write, as KVM's emulator
+        self._mid_exit.kvm_view(regs)  # an MMIO write finished, as KVM's emulator has it
         return regs
 
     def _rip(self) -> int:
@@ -263,8 +263,9 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
+            engine_regs = self._mid_exit.engine_view(self._regs, rip)
             self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
-            cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
+            cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -671,7 +672,7 @@ class ModelVcpu:
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, self._rip, self._rip_after_write)
+        self._mid_exit.begin(exit_, self._rip, self._write_exit)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
@@ -905,14 +906,12 @@ class ModelVcpu:
         assert mmu is not None
         return code_at_rip(uc, mode, self._engine_state, mmu.read_ram, offset, size)
 
-    def _rip_after_write(self, rip: int) -> int:
-        """RIP as KVM reports it in this MMIO write exit of the instruction at `rip`: past it
-        (instruction_length.py), or `rip` where its code cannot be read."""
+    def _write_exit(self, rip: int) -> WriteExit | None:
+        """This MMIO write exit of the instruction at `rip` as KVM reports it (instruction_length.py)."""
         uc, mode = self._uc, self._mode
         assert uc is not None and mode is not None
         code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
-        after = rip_after_write(code, rip, bits)
-        return rip if after is None else after
+        return write_exit(code, rip, bits)
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
