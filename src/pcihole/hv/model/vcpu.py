@@ -119,7 +119,7 @@ from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
-from pcihole.hv.model.pending_events import PendingEvents
+from pcihole.hv.model.pending_events import Due, PendingEvents
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
@@ -530,15 +530,17 @@ class ModelVcpu:
             exit_ = events.halt(uc, state, self._mmu)
             if exit_ is not None or events.halted:
                 return exit_
-        if events.nmi_pending and events.nmi_allowed(state) and not events.deliver_nmi(uc, state):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
+        # An exception the old engine deferred first, then one event (an exception is injected
+        # before any NMI or interrupt: kvm_check_and_inject_events); the source's waits for the
+        # first block start (the boundary, armed above).
         event = self._long_mode.take_deferred()
         if event is not None and not self._deliver(uc, event):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.injection is not None and not events.inject(uc):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.window_open(uc, state):
+        due = events.due(uc, state, source=False)
+        if due is Due.WINDOW:
             return exits.IrqWindowOpen()
+        if due is not None and not events.deliver(uc, state, due):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         try:
             try:
                 self.engine_starts += 1
