@@ -24,7 +24,18 @@ from pathlib import Path
 
 import pytest
 
-from pcihole.hv.kvm.c_run_loop import SOURCE, CRunLoop, CRunLoopUnavailable, build, source_hash
+from pcihole.hv import open_backend
+from pcihole.hv.kvm.c_run_loop import (
+    SOURCE,
+    AnsweringVcpu,
+    CRunLoop,
+    CRunLoopUnavailable,
+    FillPages,
+    build,
+    source_hash,
+)
+from pcihole.hv.kvm.vcpu import Vcpu as KvmVcpu
+from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.machine.builder import build_machine, default_kernel
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.machine import device_json
@@ -97,6 +108,19 @@ def test_the_c_loop_is_refused_on_the_model_which_has_no_kvm_run():
         build_machine(load_default(), backend="model", kernel=kernel, kernel_name=name, run_loop="c")
 
 
+def test_the_run_loop_hands_the_c_loop_only_a_vcpu_that_can_run_it():
+    assert issubclass(KvmVcpu, AnsweringVcpu) and not issubclass(ModelVcpu, AnsweringVcpu)
+    vm = open_backend("model").create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        # The loop is only kept by the table: the refusal comes before anything would call it.
+        fill_pages = FillPages(None, [(0xE000_0000, 1 << 20, 0xFF)], lambda reads: None)
+        with pytest.raises(TypeError, match="the C run loop needs a kvm vCPU, not a ModelVcpu"):
+            run_until_stop(vcpu, ExitHandler(None, None, None), fill_pages=fill_pages)
+    finally:
+        vm.close()
+
+
 # --- the scan guest: the same with either loop ------------------------------------------------------
 
 
@@ -119,7 +143,8 @@ def counts(stats) -> dict:
     write exits or waits in the coalesced ring depends on when the ring was last drained (a full
     ring makes writes exit again; the flush kicker drains it every 20 ms), a matter of timing that
     either loop has."""
-    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    d = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if not f.name.startswith("_")}
+    d["ecam_absent_accesses"] = stats.ecam_absent_accesses  # with the C loop's deferred reads added
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     d["exits"] = {**stats.exits.as_dict(), "other": stats.exits.other}
     exited = d["io_by_port"].pop(COM1_BASE, 0)

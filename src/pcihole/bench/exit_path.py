@@ -271,8 +271,8 @@ def _bare_c_seconds(backend: str, reads: int, loop: CRunLoop) -> float:
     try:
         answered = [0]
 
-        def sink(logged: list[tuple[int, int]]) -> None:
-            answered[0] += len(logged)
+        def sink(addresses: list[int], sizes: list[int]) -> None:
+            answered[0] += len(addresses)
 
         fill_pages = FillPages(loop, [(MMIO_TARGET_GPA, 1 << 20, 0xFF)], sink)
         start = time.perf_counter()

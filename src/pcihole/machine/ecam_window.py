@@ -135,13 +135,11 @@ class FillPagesWiring:
             self.fill_pages.set_present(page, True)
         hotplug.fill_pages = self.fill_pages
 
-    def _count(self, reads: list[tuple[int, int]]) -> None:
-        stats, n = self.stats, len(reads)
+    def _count(self, addresses: list[int], sizes: list[int]) -> None:
+        stats, n = self.stats, len(addresses)
         stats.exits.mmio_read += n
         stats.ecam_exits += n
         stats.ecam_reads += n
         stats.ecam_absent_exits += n
         self.view.counters.hole_reads += n
-        accesses = stats.ecam_absent_accesses
-        for addr, size in reads:
-            accesses[(addr, size, "read")] += 1
+        stats.defer_absent_reads(addresses, sizes)

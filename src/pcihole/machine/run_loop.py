@@ -5,15 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
-from pcihole.hv.exits import CoalescedWrite, Interrupted
+from pcihole.hv.exits import CoalescedWrite, Interrupted, VcpuExit
 from pcihole.hv.interface import Vcpu
+from pcihole.hv.kvm.c_run_loop import AnsweringVcpu, FillPages
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.stop_request import StopRequest
-
-if TYPE_CHECKING:
-    from pcihole.hv.kvm.c_run_loop import FillPages
 
 
 def run_until_stop(
@@ -47,6 +44,13 @@ def run_until_stop(
     this loop any exit that finds the coalesced ring holding entries, so the drain-then-handle
     order above is kept, and it returns on a kick (EINTR) as vcpu.run() does.
     """
+    run: Callable[[], VcpuExit]
+    if fill_pages is None:
+        run = vcpu.run
+    elif isinstance(vcpu, AnsweringVcpu):
+        run = partial(vcpu.run_answering, fill_pages)
+    else:
+        raise TypeError(f"the C run loop needs a kvm vCPU, not a {type(vcpu).__name__}")
     if stops is None:
         stops = StopRequest()
     timer = None
@@ -81,8 +85,6 @@ def run_until_stop(
     try:
         if timer is not None:
             timer.start()
-        # The kvm Vcpu's run_answering (the Vcpu protocol has no C loop: the model runs Unicorn).
-        run = vcpu.run if fill_pages is None else partial(vcpu.run_answering, fill_pages)  # type: ignore[attr-defined]
         while stops.stop is None:
             exit = run()
             if on_coalesced is not None:

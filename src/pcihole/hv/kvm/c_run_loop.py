@@ -25,8 +25,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pcihole.host.cache_dir import cache_dir
+
+if TYPE_CHECKING:
+    from pcihole.hv.exits import VcpuExit
 
 SOURCE = Path(__file__).with_name("run_loop.c")
 #: pcihole_run's non-negative returns (run_loop.c)
@@ -54,6 +58,10 @@ class pcihole_window(ctypes.Structure):
 
 class pcihole_read(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint64), ("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+# FillPages.flush reads the log as two u64 words per entry.
+assert ctypes.sizeof(pcihole_read) == 16
 
 
 class pcihole_table(ctypes.Structure):
@@ -148,8 +156,9 @@ def load() -> CRunLoop:
     return _loaded
 
 
-#: Where the answered reads go at each return to Python: a list of (guest-physical address, size).
-ReadSink = Callable[[list[tuple[int, int]]], None]
+#: Where the answered reads go at each return to Python: their guest-physical addresses and their
+#: sizes, in the order the guest made them (two lists of the same length).
+ReadSink = Callable[[list[int], list[int]], None]
 
 
 class FillPages:
@@ -171,6 +180,7 @@ class FillPages:
         )
         self._sizes = [size for _, size, _ in ordered]
         self._log = (pcihole_read * LOG_CAPACITY)()
+        self._log_words = memoryview(self._log).cast("B").cast("Q")
         self.table = pcihole_table(
             windows=self._windows,
             nwindows=len(ordered),
@@ -198,9 +208,21 @@ class FillPages:
         """Hand the logged reads to the sink and empty the log."""
         count = self.table.count
         if count:
-            log = self._log
-            self.sink([(log[i].addr, log[i].size) for i in range(count)])
+            # The log as u64 words, two per entry: the address, then the size (the u32 beside it,
+            # `reserved`, stays 0). Two list copies instead of two ctypes field reads and a tuple per
+            # read: this runs on the vCPU thread, between two KVM_RUNs, every 1,024 answered reads.
+            words = self._log_words[: 2 * count]
+            self.sink(words[0::2].tolist(), words[1::2].tolist())
             self.table.count = 0
+
+
+@runtime_checkable
+class AnsweringVcpu(Protocol):
+    """A vCPU whose KVM_RUN the C loop can make, answering `fill_pages`' reads between two runs:
+    the kvm backend's (hv/kvm/vcpu.py). The model's vCPU runs guest code in Unicorn, with no KVM_RUN
+    for the loop to call, so the hypervisor interface's Vcpu has no such method."""
+
+    def run_answering(self, fill_pages: FillPages) -> VcpuExit: ...
 
 
 def main() -> int:
