@@ -11,6 +11,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - pending_events.py: KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel interrupt source
   and the sleep in HLT, asked between runs, at instruction boundaries and while halted;
 - mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
+  instruction_length.py: RIP past an MMIO write, as KVM reports it;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
 - cpu.py: the engine and the registers.
 
@@ -87,19 +88,19 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_EAX,
     UC_X86_REG_IDTR,
 )
 
 from pcihole.hv import exits
 from pcihole.hv.model import cpu
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import EngineMsrs, guest_maxphyaddr, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.instruction_hooks import InstructionHooks
+from pcihole.hv.model.instruction_length import MAX_INSN_BYTES, WriteExit, code_at_rip, write_exit
 from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -108,8 +109,6 @@ from pcihole.hv.model.interrupts import (
     Delivery,
     Event,
     EventKind,
-    Fault,
-    LinearMemory,
     TripleFault,
     syscall,
 )
@@ -120,7 +119,7 @@ from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
-from pcihole.hv.model.pending_events import PendingEvents
+from pcihole.hv.model.pending_events import Due, PendingEvents
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.model.vcpu_state import Request, VcpuState
 from pcihole.hv.uapi import (
@@ -246,9 +245,11 @@ class ModelVcpu:
 
     def get_regs(self) -> kvm_regs:
         engine = self._live_engine()
-        if engine is not None:
-            return cpu.read_regs(*engine, self._engine_state)
-        return kvm_regs.from_buffer_copy(self._regs)
+        if engine is None:
+            return kvm_regs.from_buffer_copy(self._regs)
+        regs = cpu.read_regs(*engine, self._engine_state)
+        self._mid_exit.kvm_view(regs)  # an MMIO write finished, as KVM's emulator has it
+        return regs
 
     def _rip(self) -> int:
         """get_regs().rip, reading RIP alone (cpu.read_rip)."""
@@ -262,8 +263,9 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
+            engine_regs = self._mid_exit.engine_view(self._regs, rip)
             self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
-            cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
+            cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
         engine, state = self._live_engine(), self._engine_state
@@ -289,13 +291,14 @@ class ModelVcpu:
         self._instructions.set_cpuid(table, None if engine is None else engine[0])
         lapic = self.lapic
         if lapic is not None:
-            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
-            for entry in cpuid.entries[: cpuid.nent]:
-                if entry.function == CPUID_FEATURES:
-                    lapic.set_cpuid(
-                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
-                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
-                    )
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC, MAXPHYADDR
+            features = table.find(CPUID_FEATURES, None)
+            ecx = 0 if features is None else features.ecx
+            lapic.set_cpuid(
+                x2apic=bool(ecx & CPUID_1_ECX_X2APIC),
+                tsc_deadline=bool(ecx & CPUID_1_ECX_TSC_DEADLINE),
+                maxphyaddr=guest_maxphyaddr(table),
+            )
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -527,15 +530,17 @@ class ModelVcpu:
             exit_ = events.halt(uc, state, self._mmu)
             if exit_ is not None or events.halted:
                 return exit_
-        if events.nmi_pending and events.nmi_allowed(state) and not events.deliver_nmi(uc, state):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
+        # An exception the old engine deferred first, then one event (an exception is injected
+        # before any NMI or interrupt: kvm_check_and_inject_events); the source's waits for the
+        # first block start (the boundary, armed above).
         event = self._long_mode.take_deferred()
         if event is not None and not self._deliver(uc, event):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.injection is not None and not events.inject(uc):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.window_open(uc, state):
+        due = events.due(uc, state, source=False)
+        if due is Due.WINDOW:
             return exits.IrqWindowOpen()
+        if due is not None and not events.deliver(uc, state, due):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         try:
             try:
                 self.engine_starts += 1
@@ -574,7 +579,7 @@ class ModelVcpu:
             return None  # stopped for nothing the caller must see: go on
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
         # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
-        if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
+        if self._code_at_rip(uc, mode, -1, 1)[0] == bytes((_HLT_OPCODE,)):
             if events.source is None:
                 return exits.Hlt()
             events.halted = True
@@ -669,7 +674,7 @@ class ModelVcpu:
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, self._rip)
+        self._mid_exit.begin(exit_, self._rip, self._write_exit)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
@@ -734,10 +739,12 @@ class ModelVcpu:
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
             if self._mid_exit.rip_moved:
-                # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
-                # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
+                # complete_fast_pio_in: RIP moved off the IN, which is left undone, RAX as the VMM
+                # set it: the engine leaves the block after this hook, for the new RIP, without
+                # storing what it returns (engine/patches/0005; a stock engine stores it: RAX's
+                # low bits are returned for it).
                 self._mid_exit.rip_moved = False
-                return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
+                return self._regs.rax & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
@@ -896,28 +903,17 @@ class ModelVcpu:
             state.clear_old_exception()
             state.store()
 
-    def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
-        """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
-        None where it cannot be read."""
-        state = self._engine_state
-        if state is None:
-            try:
-                return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-            except UcError:
-                return None
-        rip = cpu.read_regs(uc, mode, state).rip
-        if mode is cpu.CpuMode.LONG_64 or cpu.live_mode(uc, mode, state) is cpu.CpuMode.LONG_64:
-            state.load()
-            mmu = self._mmu
-            assert mmu is not None
-            try:
-                return LinearMemory(uc, state, mmu.read_ram).read(rip - 1, 1)[0]
-            except Fault:
-                return None
-        try:
-            return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-        except UcError:
-            return None
+    def _code_at_rip(self, uc: Uc, mode: cpu.CpuMode, offset: int, size: int) -> tuple[bytes, int]:
+        mmu = self._mmu
+        assert mmu is not None
+        return code_at_rip(uc, mode, self._engine_state, mmu.read_ram, offset, size)
+
+    def _write_exit(self, rip: int) -> WriteExit | None:
+        """This MMIO write exit of the instruction at `rip` as KVM reports it (instruction_length.py)."""
+        uc, mode = self._uc, self._mode
+        assert uc is not None and mode is not None
+        code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
+        return write_exit(code, rip, bits)
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
