@@ -103,6 +103,8 @@ ENGINE_MSRS: tuple[int, ...] = (
     MSR_GS_BASE,
     MSR_KERNEL_GS_BASE,
 )
+# The hidden bases of FS and GS (kvm_sregs' fs.base / gs.base) as MSRs.
+_SEGMENT_BASES = frozenset((MSR_FS_BASE, MSR_GS_BASE))
 #: Read by the engine, written through Python (KVM checks the value; the engine does not).
 ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP, MSR_EFER)
 #: The engine MSRs whose writes KVM checks (set_efer, kvm_mtrr_valid): reads pass through, writes not.
@@ -191,10 +193,18 @@ class EngineMsrs:
             uc.msr_write(index, value)
 
     def save(self, uc: Uc) -> None:
-        """The engine is about to be replaced (set_sregs): keep its MSRs for the next one."""
+        """The engine is about to be replaced (set_sregs): keep its MSRs for the next one, but FS /
+        GS base, which KVM_SET_SREGS's fs.base and gs.base set (sregs_set)."""
         with self._native():
             for index in (*ENGINE_MSRS, MSR_IA32_CR_PAT):
-                self.saved[index] = uc.msr_read(index)
+                if index not in _SEGMENT_BASES:
+                    self.saved[index] = uc.msr_read(index)
+
+    def sregs_set(self) -> None:
+        """KVM_SET_SREGS: FS / GS base are its fs.base and gs.base from now on, not a value a
+        KVM_SET_MSRS gave before it (the same register: the later write wins)."""
+        for index in _SEGMENT_BASES:
+            self.saved.pop(index, None)
 
     def restore(self, uc: Uc) -> None:
         """Load the kept MSRs into a new engine (EFER came with kvm_sregs)."""

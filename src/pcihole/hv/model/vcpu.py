@@ -92,7 +92,7 @@ from unicorn.x86_const import (
 )
 
 from pcihole.hv import exits
-from pcihole.hv.model import cpu
+from pcihole.hv.model import cpu, special_registers
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import EngineMsrs, guest_maxphyaddr, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
@@ -268,14 +268,18 @@ class ModelVcpu:
             cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
-        engine, state = self._live_engine(), self._engine_state
+        engine, state = self._live_engine(), self._msr_state  # (the engine's state, in every mode)
         if engine is not None and state is not None:
-            return cpu.read_sregs(engine[0], state, self._sregs)
+            return special_registers.read_sregs(engine[0], state, self._sregs)
         return kvm_sregs.from_buffer_copy(self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
         cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
+        self.engine_msrs.sregs_set()
         engine = self._live_engine()
+        if engine is not None and special_registers.engine_holds(self.get_sregs(), sregs):
+            self._sregs = kvm_sregs.from_buffer_copy(sregs)  # (the APIC base, at most, changed)
+            return  # what the engine holds: a new one would drop the exit's instruction under way
         if engine is not None:
             self._regs = cpu.read_regs(*engine, self._engine_state)
             self.engine_msrs.save(engine[0])
