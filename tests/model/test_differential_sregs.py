@@ -86,6 +86,7 @@ SWITCHING_16 = f"""
     mov %ax, %ds
     movw $0x5a5a, 0x10
     out %al, $0x80
+    movw $0x6b6b, 0x12
     xor %ax, %ax
     mov %ax, %ds
     lgdtl gdtr
@@ -126,6 +127,7 @@ LONG_64 = f"""
     out %al, $0x80
     in $0x71, %al
     movl %eax, 0x2014
+    movl %eax, %fs:0x18
     out %al, $0x81
     hlt
 gdtr: .word {len(GDT_BYTES) - 1}
@@ -189,11 +191,26 @@ def run(hv, guest: str, on_exit: Callable | None = None):
                 vcpu.complete_read(b"\x99" * exit_.size)
         regs = vcpu.get_regs()
         final = (regs.rax, regs.rip, segments(vcpu.get_sregs()))
-        stores = (ram.read(0x1230 + 0x10, 2), ram.read(DATA_BASE + 0x10, 4), ram.read(0x14, 4), ram.read(0x2014, 4))
+        stores = tuple(ram.read(addr, size) for addr, size in STORES)
         return seen, states, final, stores
     finally:
         vm.close()
         ram.close()
+
+
+# Where the guests store: DS 0x123 + 0x10 and + 0x12 (real mode), ES + 0x10, DS + 0x14 (32-bit),
+# 0x2014 and FS + 0x18 (64-bit); then the same at the bases `moved` gives.
+MOVED_BASE = 0x40000
+STORES = [
+    (0x1230 + 0x10, 4),
+    (DATA_BASE + 0x10, 4),
+    (0x14, 4),
+    (0x18, 4),
+    (0x2014, 4),
+    (MOVED_BASE + 0x10, 4),
+    (MOVED_BASE + 0x14, 4),
+    (MOVED_BASE + 0x18, 4),
+]
 
 
 def write_back(vcpu, _exit) -> None:
@@ -220,7 +237,7 @@ def test_get_sregs_reports_the_guest_segments(kvm_hv, model_hv, guest):
     assert last["gdt"] == (GDT, len(GDT_BYTES) - 1)
     if guest == "switching-16":
         assert states[0]["ds"][:2] == (0x123, 0x1230) and states[0]["cr"][0] & 1 == 0
-        assert stores[0] == b"\x5a\x5a"
+        assert stores[0][:2] == b"\x5a\x5a"
     if guest != "long-64":
         assert stores[1] == b"\x5a\x5a\0\0"  # through ES's base
 
@@ -235,3 +252,37 @@ def test_set_sregs_of_get_sregs_in_an_exit_changes_nothing(model_hv, guest):
 @pytest.mark.parametrize("guest", GUESTS)
 def test_set_sregs_of_get_sregs_in_an_exit_changes_nothing_on_kvm_either(kvm_hv, guest):
     assert run(kvm_hv, guest, write_back) == run(kvm_hv, guest)
+
+
+def moved(vcpu, exit_) -> None:
+    """In the first exit the VMM gives ES (DS in real mode) another base, in the IN's exit DS (FS
+    in long mode) another: KVM loads the hidden parts as given, whatever the selector says."""
+    sregs = vcpu.get_sregs()
+    if isinstance(exit_, exits.IoIn):
+        seg = sregs.fs if sregs.cs.l else sregs.ds
+    elif exit_.port == 0x80:
+        seg = sregs.es if sregs.cr0 & 1 else sregs.ds
+    else:
+        return
+    seg.base = MOVED_BASE
+    vcpu.set_sregs(sregs)
+
+
+@pytest.mark.parametrize("guest", GUESTS)
+def test_set_sregs_with_other_segments_in_an_exit_is_honoured(kvm_hv, model_hv, guest):
+    """The guest goes on with the segments the VMM set in an exit (the IN's data still arrives),
+    as on KVM."""
+    seen, states, final, stores = run(model_hv, guest, moved)
+    kvm_seen, kvm_states, kvm_final, kvm_stores = run(kvm_hv, guest, moved)
+    assert seen == kvm_seen and isinstance(seen[-1], exits.Hlt)
+    assert states == kvm_states and final[0] == kvm_final[0] and final[2] == kvm_final[2]
+    assert stores == kvm_stores
+    at = dict(zip(STORES, stores, strict=True))
+    if guest == "long-64":
+        assert at[(MOVED_BASE + 0x18, 4)][:1] == b"\x99"  # FS + 0x18, after the IN
+    else:
+        assert at[(MOVED_BASE + 0x14, 4)][:1] == b"\x99"  # DS + 0x14, after the IN
+        if guest == "switching-16":
+            assert at[(MOVED_BASE + 0x10, 4)][2:] == b"\x6b\x6b"  # DS + 0x12, in real mode
+        else:
+            assert at[(MOVED_BASE + 0x10, 4)][:2] == b"\x5a\x5a"  # ES + 0x10

@@ -192,14 +192,6 @@ class EngineMsrs:
         with self._native():
             uc.msr_write(index, value)
 
-    def save(self, uc: Uc) -> None:
-        """The engine is about to be replaced (set_sregs): keep its MSRs for the next one, but FS /
-        GS base, which KVM_SET_SREGS's fs.base and gs.base set (sregs_set)."""
-        with self._native():
-            for index in (*ENGINE_MSRS, MSR_IA32_CR_PAT):
-                if index not in _SEGMENT_BASES:
-                    self.saved[index] = uc.msr_read(index)
-
     def sregs_set(self) -> None:
         """KVM_SET_SREGS: FS / GS base are its fs.base and gs.base from now on, not a value a
         KVM_SET_MSRS gave before it (the same register: the later write wins)."""
@@ -207,7 +199,8 @@ class EngineMsrs:
             self.saved.pop(index, None)
 
     def restore(self, uc: Uc) -> None:
-        """Load the kept MSRs into a new engine (EFER came with kvm_sregs)."""
+        """Load the kept MSRs into the first engine (EFER came with kvm_sregs); later engines get
+        them with the whole CPU state (cpu.carry_state)."""
         with self._native():
             for index, value in self.saved.items():
                 uc.msr_write(index, value)

@@ -22,6 +22,7 @@ that faults on KVM runs on the model).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 from unicorn import Uc
 from unicorn import x86_const as x86
@@ -113,15 +114,22 @@ def segment_hflags(hflags: int, cr0: int, segs: list[SegmentCache]) -> int:
     return hflags
 
 
-def load_sregs(uc: Uc, state: EngineState, sregs: kvm_sregs) -> None:
-    """KVM_SET_SREGS into the engine `uc` (`state`: its EngineState, whose layout is checked)."""
-    # CR4 and EFER before CR0: setting CR0.PG with EFER.LME is what enters long mode
-    # (cpu_x86_update_cr0), as on the CPU.
-    uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
-    uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
-    uc.msr_write(MSR_EFER, sregs.efer)
-    uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
-    uc.reg_write(x86.UC_X86_REG_CR2, sregs.cr2)
+def load_sregs(uc: Uc, state: EngineState, sregs: kvm_sregs, write_efer: Callable[[int], None] | None = None) -> None:
+    """KVM_SET_SREGS into the engine `uc` (`state`: its EngineState, whose layout is checked).
+    `write_efer` writes EFER where the engine's MSR intercept is on (msr_intercept.py's native);
+    a fresh engine's is not."""
+    # Only the control registers that change are written: a write flushes the engine's TLB, which
+    # a paused callback's access may hold. CR4 and EFER before CR0: setting CR0.PG with EFER.LME
+    # is what enters long mode (cpu_x86_update_cr0), as on the CPU.
+    state.load()
+    for reg, n in ((x86.UC_X86_REG_CR3, 3), (x86.UC_X86_REG_CR4, 4)):
+        if state.cr(n) != getattr(sregs, f"cr{n}"):
+            uc.reg_write(reg, getattr(sregs, f"cr{n}"))
+    if uc.msr_read(MSR_EFER) != sregs.efer:
+        (write_efer or (lambda value: uc.msr_write(MSR_EFER, value)))(sregs.efer)
+    for reg, n in ((x86.UC_X86_REG_CR0, 0), (x86.UC_X86_REG_CR2, 2)):
+        if state.cr(n) != getattr(sregs, f"cr{n}"):
+            uc.reg_write(reg, getattr(sregs, f"cr{n}"))
     state.load()
     for name, index in SEGMENTS:
         state.set_segment(index, segment_cache_of(getattr(sregs, name)))
