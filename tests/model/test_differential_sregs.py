@@ -286,3 +286,141 @@ def test_set_sregs_with_other_segments_in_an_exit_is_honoured(kvm_hv, model_hv, 
             assert at[(MOVED_BASE + 0x10, 4)][2:] == b"\x6b\x6b"  # DS + 0x12, in real mode
         else:
             assert at[(MOVED_BASE + 0x10, 4)][:2] == b"\x5a\x5a"  # ES + 0x10
+
+
+# An MMIO read (RAM ends at RAM_BYTES), stored through ES: in the read's exit the VMM moves ES.
+MMIO_GUEST = f"""
+    mov $0x20, %ax
+    mov %ax, %es
+    lgdtl gdtr
+    mov $0x20, %ax
+    mov %ax, %es
+    mov {RAM_BYTES:#x}, %ecx
+    movl %ecx, %es:0x10
+    out %al, $0x80
+    hlt
+gdtr: {GDTR}
+"""
+
+
+def run_mmio(hv, move: bool):
+    """MMIO_GUEST, its read answered 0x11223344; with `move`, ES based at MOVED_BASE from the read's
+    exit on: (the exits, ES then, the stores at both bases)."""
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE_GPA, assemble(MMIO_GUEST.replace("    mov $0x20, %ax\n    mov %ax, %es\n    lgdtl", "    lgdtl", 1), org=CODE_GPA))
+        ram.write(GDT, GDT_BYTES)
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
+        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        seen = [vcpu.run()]
+        assert isinstance(seen[0], exits.MmioRead), seen
+        if move:
+            sregs = vcpu.get_sregs()
+            sregs.es.base = MOVED_BASE
+            vcpu.set_sregs(sregs)
+        es = vcpu.get_sregs().es.base
+        vcpu.complete_read((0x11223344).to_bytes(4, "little"))
+        seen += [vcpu.run(), vcpu.run()]
+        return seen, es, ram.read(DATA_BASE + 0x10, 4), ram.read(MOVED_BASE + 0x10, 4)
+    finally:
+        vm.close()
+        ram.close()
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["write-back", "moved"])
+def test_set_sregs_in_an_mmio_exit(kvm_hv, model_hv, move):
+    """During an MMIO read's exit: KVM completes the read and the guest stores it through the new
+    ES; the model runs the instruction again under the new state, its read answered from the exit
+    (one exit, as on KVM)."""
+    model = run_mmio(model_hv, move)
+    assert model == run_mmio(kvm_hv, move)
+    seen, es, at_data, at_moved = model
+    assert [type(e).__name__ for e in seen] == ["MmioRead", "IoOut", "Hlt"]
+    assert es == (MOVED_BASE if move else DATA_BASE)
+    assert (at_moved if move else at_data) == (0x11223344).to_bytes(4, "little")
+
+
+# The same bytes in 32-bit and 64-bit code: MOV to EAX, OUT, ADD to EAX, OUT, HLT.
+BOTH_MODES = """
+    mov $0x2a, %eax
+    out %al, $0x80
+    add $0x10, %eax
+    out %al, $0x81
+    hlt
+"""
+
+
+def run_into_long_mode(hv):
+    """BOTH_MODES from flat 32-bit protected mode, switched to long mode by the VMM in the first
+    OUT's exit: (the exits, RAX, CS / EFER at the end)."""
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE_GPA, assemble(BOTH_MODES, org=CODE_GPA))
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid2(hv.get_supported_cpuid())
+        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        seen = [vcpu.run()]
+        ram.write(PAGE_TABLES, x86_cpu_state.identity_page_tables(PAGE_TABLES))
+        sregs = vcpu.get_sregs()
+        sregs.cs.l, sregs.cs.db = 1, 0
+        sregs.cr3, sregs.cr4 = PAGE_TABLES, x86_cpu_state.X86_CR4_PAE
+        sregs.cr0 |= x86_cpu_state.X86_CR0_PG
+        sregs.efer = x86_cpu_state.EFER_LME | x86_cpu_state.EFER_LMA
+        vcpu.set_sregs(sregs)
+        seen += [vcpu.run(), vcpu.run()]
+        sregs = vcpu.get_sregs()
+        return seen, vcpu.get_regs().rax, (sregs.cs.l, sregs.cs.db, sregs.efer & x86_cpu_state.EFER_LMA)
+    finally:
+        vm.close()
+        ram.close()
+
+
+def test_set_sregs_into_another_mode_in_an_exit(kvm_hv, model_hv):
+    """KVM_SET_SREGS in an OUT's exit moves a 32-bit guest into long mode: it
+    goes on after the OUT in 64-bit code (the model: in an engine of that mode)."""
+    model = run_into_long_mode(model_hv)
+    assert model == run_into_long_mode(kvm_hv)
+    assert [type(e).__name__ for e in model[0]] == ["IoOut", "IoOut", "Hlt"]
+    assert model[1] == 0x3A and model[2] == (1, 0, x86_cpu_state.EFER_LMA)
+
+
+def test_states_the_model_cannot_run_are_refused_and_change_nothing(model_hv):
+    """UnsupportedCpuState names the register, and the vCPU keeps the state it had."""
+    with _flat_vcpu_in_an_exit(model_hv) as vcpu:
+        before = segments(vcpu.get_sregs())
+        for change, what in (
+            (lambda s: setattr(s.cs, "base", 0x1000), "cs.base 0x1000 in protected mode"),
+            (lambda s: setattr(s.cs, "db", 0), r"16-bit protected mode \(CS.DB = 0\)"),
+            (lambda s: setattr(s, "cr0", s.cr0 & ~1), r"real mode with cs.base 0x0 != selector 0x8 << 4"),
+            (lambda s: setattr(s, "cr0", s.cr0 | 1 << 31), "32-bit paging"),
+        ):
+            sregs = vcpu.get_sregs()
+            change(sregs)
+            with pytest.raises(UnsupportedCpuState, match=what):
+                vcpu.set_sregs(sregs)
+            assert segments(vcpu.get_sregs()) == before
+        assert vcpu.run() == exits.Hlt()
+
+
+class _flat_vcpu_in_an_exit:
+    """A flat 32-bit vCPU paused in an OUT's exit, its HLT next."""
+
+    def __init__(self, hv) -> None:
+        self.vm = hv.create_vm()
+        self.ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+
+    def __enter__(self):
+        self.ram.write(CODE_GPA, assemble("out %al, $0x80\nhlt", org=CODE_GPA))
+        self.vm.set_user_memory_region(0, 0, 0, RAM_BYTES, self.ram.addr)
+        vcpu = self.vm.create_vcpu(0)
+        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        assert isinstance(vcpu.run(), exits.IoOut)
+        return vcpu
+
+    def __exit__(self, *exc: object) -> None:
+        self.vm.close()
+        self.ram.close()
