@@ -20,7 +20,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import UcContext
 
-from pcihole.hv.model.engine_state import HF_LMA_MASK, EngineState
+from pcihole.hv.model.engine_state import DESC_B_MASK, HF_LMA_MASK, R_CS, EngineState
 from pcihole.hv.model.special_registers import load_sregs
 from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
@@ -153,7 +153,18 @@ def live_mode(uc: Uc, mode: CpuMode, state: EngineState | None) -> CpuMode:
     64-bit CS, as Linux's PVH entry does (pvh_start_xen), but its RAX / RIP / RSP read 0 through
     the API and EAX the low half. HF_LMA in hflags (through the uc_context copy) says which it is;
     CR0.PG, which the 32-bit API reads, rules long mode out cheaply first.
+
+    A UC_MODE_16 engine follows a guest into protected mode too, but its emu_start starts at
+    CS.selector * 16 + IP, 16 bits of it: once the guest has a CS the 32-bit engine runs (a far
+    jump to a 32-bit code segment based at 0), it runs there.
     """
+    if mode is CpuMode.REAL:
+        if state is None or not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PE:
+            return mode
+        state.load()
+        cs = state.segment(R_CS)
+        runs_32 = cs.flags & DESC_B_MASK and cs.base == 0 and not state.cr(0) & X86_CR0_PG
+        return CpuMode.PROTECTED_32 if runs_32 else mode
     if state is None or (mode is not CpuMode.LONG_64 and not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PG):
         return mode
     state.load()

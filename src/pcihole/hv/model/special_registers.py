@@ -52,7 +52,8 @@ from pcihole.hv.x86_cpu_state import X86_CR0_PE
 #: kvm_sregs' segment registers and QEMU's index of each (R_ES, R_CS, ...).
 SEGMENTS = (("es", R_ES), ("cs", R_CS), ("ss", R_SS), ("ds", R_DS), ("fs", R_FS), ("gs", R_GS))
 # Descriptor attribute bits in SegmentCache.flags (QEMU's DESC_*_SHIFT: the descriptor's high dword).
-_TYPE_SHIFT, _S_SHIFT, _DPL_SHIFT, _P_SHIFT, _AVL_SHIFT, _L_SHIFT, _DB_SHIFT, _G_SHIFT = 8, 12, 13, 15, 20, 21, 22, 23
+_TYPE_SHIFT, _S_SHIFT, _DPL_SHIFT, _P_SHIFT = 8, 12, 13, 15
+_AVL_SHIFT, _L_SHIFT, _DB_SHIFT, _G_SHIFT = 20, 21, 22, 23
 # What KVM_SET_SREGS may change without the engine noticing: everything from apic_base on (the
 # APIC base and the interrupt bitmap are the vCPU's, not the engine's).
 _ENGINE_BYTES = kvm_sregs.apic_base.offset
@@ -114,7 +115,9 @@ def segment_hflags(hflags: int, cr0: int, segs: list[SegmentCache]) -> int:
     return hflags
 
 
-def load_sregs(uc: Uc, state: EngineState, sregs: kvm_sregs, write_efer: Callable[[int], None] | None = None) -> None:
+def load_sregs(
+    uc: Uc, state: EngineState, sregs: kvm_sregs, write_efer: Callable[[int], None] | None = None
+) -> None:
     """KVM_SET_SREGS into the engine `uc` (`state`: its EngineState, whose layout is checked).
     `write_efer` writes EFER where the engine's MSR intercept is on (msr_intercept.py's native);
     a fresh engine's is not."""

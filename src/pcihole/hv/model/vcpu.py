@@ -830,7 +830,8 @@ class ModelVcpu:
             uc = cpu.new_engine(mode, self._regs, self._sregs)
             mmu = self._install_engine(uc, mode)
         else:
-            live = self._live_sregs.apply(uc, self._msr_state) or cpu.live_mode(uc, mode, self._engine_state)
+            state = self._msr_state  # (the engine's state in every mode: a real-mode engine's too)
+            live = self._live_sregs.apply(uc, state) or cpu.live_mode(uc, mode, state)
             if live is not mode:
                 # The guest changed mode itself (cpu.live_mode), or KVM_SET_SREGS did: its whole
                 # CPU state moves into an engine of the new mode, whose register ids and emu_start
