@@ -55,6 +55,7 @@ from pcihole.hv.msr_index import (
     MSR_SYSCALL_MASK,
     MSR_TSC_AUX,
 )
+from pcihole.hv.uapi import kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, EFER_LME, X86_CR0_PG
 
 if TYPE_CHECKING:
@@ -163,12 +164,11 @@ class EngineMsrs:
         self,
         engine: Callable[[], Uc | None],
         native: Callable[[], AbstractContextManager[None]],
-        efer: Callable[[], int],
-        set_efer: Callable[[int], None],
+        sregs: Callable[[], kvm_sregs],
     ) -> None:
         self._engine = engine  # the live engine, or None
         self._native = native  # MsrIntercept.native of the vCPU
-        self._efer, self._set_efer = efer, set_efer  # kvm_sregs.efer while there is no engine
+        self._sregs = sregs  # the vCPU's kvm_sregs, whose efer is EFER while there is no engine
         self.tsc_aux: MsrValue | None = None  # IA32_TSC_AUX, a Python MSR (register_vcpu_msrs)
         self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET, MSR_IA32_MISC_ENABLE: MISC_ENABLE_RESET}
 
@@ -177,7 +177,7 @@ class EngineMsrs:
             return MTRRCAP_VALUE
         uc = self._engine()
         if uc is None:
-            return self._efer() if index == MSR_EFER else self.saved.get(index, 0)
+            return self._sregs().efer if index == MSR_EFER else self.saved.get(index, 0)
         with self._native():
             return uc.msr_read(index)
 
@@ -185,7 +185,9 @@ class EngineMsrs:
         uc = self._engine()
         if uc is None:
             if index == MSR_EFER:
-                self._set_efer(value)
+                # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
+                sregs = self._sregs()
+                sregs.efer = (value & ~EFER_LMA) | (sregs.efer & EFER_LMA)
             else:
                 self.saved[index] = value
             return

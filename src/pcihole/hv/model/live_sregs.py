@@ -28,9 +28,11 @@ from collections.abc import Callable
 from unicorn import Uc
 
 from pcihole.hv.model.cpu import CpuMode
+from pcihole.hv.model.cpu_msrs import EngineMsrs
 from pcihole.hv.model.engine_state import EngineState
 from pcihole.hv.model.special_registers import load_sregs
 from pcihole.hv.model.vcpu_state import Request
+from pcihole.hv.msr_index import MSR_EFER
 from pcihole.hv.uapi import kvm_sregs
 
 
@@ -38,13 +40,13 @@ class LiveSregs:
     """One vCPU's KVM_SET_SREGS into its running engine (see the module docstring)."""
 
     def __init__(
-        self, requests: set[Request], request_boundary: Callable[[], None], write_efer: Callable[[int], None]
+        self, requests: set[Request], request_boundary: Callable[[], None], msrs: EngineMsrs
     ) -> None:
         # The vCPU's requests (the same set), how to stop it at the next instruction boundary, and
-        # how to write EFER past the engine's MSR intercept (special_registers.load_sregs).
+        # its engine MSRs, through which EFER is written past the MSR intercept (load_sregs).
         self._requests = requests
         self._request_boundary = request_boundary
-        self._write_efer = write_efer
+        self._write_efer = lambda value: msrs.write(MSR_EFER, value, host=True)
         #: Set during an MMIO exit: loaded when the engine stops (KVM_GET_SREGS reads it meanwhile).
         self.pending: kvm_sregs | None = None
         self._mode: CpuMode | None = None  # the mode the last KVM_SET_SREGS put the CPU in

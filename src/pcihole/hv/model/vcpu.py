@@ -124,7 +124,6 @@ from pcihole.hv.model.msr_intercept import MsrIntercept
 from pcihole.hv.model.pending_events import Due, PendingEvents
 from pcihole.hv.model.tsc import TscClock
 from pcihole.hv.model.vcpu_state import RESTARTS, Request, VcpuState
-from pcihole.hv.msr_index import MSR_EFER
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
@@ -134,7 +133,6 @@ from pcihole.hv.uapi import (
     kvm_regs,
     kvm_sregs,
 )
-from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
@@ -215,10 +213,8 @@ class ModelVcpu:
         # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
         self._intercept = MsrIntercept()
         self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
-        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
-        self._live_sregs = LiveSregs(  # KVM_SET_SREGS into the engine
-            self._requests, self._request_boundary, lambda efer: self.engine_msrs.write(MSR_EFER, efer, host=True)
-        )
+        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, lambda: self._sregs)
+        self._live_sregs = LiveSregs(self._requests, self._request_boundary, self.engine_msrs)  # set_sregs
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
         self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
         # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
@@ -342,13 +338,6 @@ class ModelVcpu:
     def _msr_engine(self) -> Uc | None:
         engine = self._live_engine()
         return None if engine is None else engine[0]
-
-    def _efer(self) -> int:
-        return self._sregs.efer
-
-    def _set_efer(self, value: int) -> None:
-        # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
-        self._sregs.efer = (value & ~EFER_LMA) | (self._sregs.efer & EFER_LMA)
 
     # --- the coalesced ring (one page per VM, seen through every vCPU as on KVM) -------------------
 
@@ -830,12 +819,10 @@ class ModelVcpu:
             uc = cpu.new_engine(mode, self._regs, self._sregs)
             mmu = self._install_engine(uc, mode)
         else:
-            state = self._msr_state  # (the engine's state in every mode: a real-mode engine's too)
-            live = self._live_sregs.apply(uc, state) or cpu.live_mode(uc, mode, state)
+            live = self._live_sregs.apply(uc, self._msr_state) or cpu.live_mode(uc, mode, self._msr_state)
             if live is not mode:
-                # The guest changed mode itself (cpu.live_mode), or KVM_SET_SREGS did: its whole
-                # CPU state moves into an engine of the new mode, whose register ids and emu_start
-                # reach all of it.
+                # The guest changed mode itself (cpu.live_mode), or set_sregs did: its whole CPU state
+                # moves into an engine of the new mode, whose register ids and emu_start reach all of it.
                 old, uc, mode = uc, cpu.empty_engine(live), live
                 mmu = self._install_engine(uc, mode, carry_from=old)
             self._requests.discard(Request.MODE_CHANGE)
