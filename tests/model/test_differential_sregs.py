@@ -17,7 +17,8 @@ Named differences (this host's KVM is PVM), none of which is compared:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -425,24 +426,21 @@ def test_states_the_model_cannot_run_are_refused_and_change_nothing(model_hv):
         assert vcpu.run() == exits.Hlt()
 
 
-class _flat_vcpu_in_an_exit:
+@contextmanager
+def _flat_vcpu_in_an_exit(hv) -> Iterator:
     """A flat 32-bit vCPU paused in an OUT's exit, its HLT next."""
-
-    def __init__(self, hv) -> None:
-        self.vm = hv.create_vm()
-        self.ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-
-    def __enter__(self):
-        self.ram.write(CODE_GPA, assemble("out %al, $0x80\nhlt", org=CODE_GPA))
-        self.vm.set_user_memory_region(0, 0, 0, RAM_BYTES, self.ram.addr)
-        vcpu = self.vm.create_vcpu(0)
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE_GPA, assemble("out %al, $0x80\nhlt", org=CODE_GPA))
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
         x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
         assert isinstance(vcpu.run(), exits.IoOut)
-        return vcpu
-
-    def __exit__(self, *exc: object) -> None:
-        self.vm.close()
-        self.ram.close()
+        yield vcpu
+    finally:
+        vm.close()
+        ram.close()
 
 
 HIGH = 0x30000  # above 64 KiB: out of a real-mode IP's reach
