@@ -267,7 +267,8 @@ def test_only_the_current_engine_keeps_its_rdtsc_thunks(model_hv):
     """Each engine gets ctypes thunks for its RDTSC / RDTSCP hooks (instruction_hooks.py); the vCPU
     builds a new engine at every KVM_SET_SREGS (a mode switch), and the old engines' thunks must go
     with the old engines, not pile up for the vCPU's life. RDTSC runs in each engine (a thunk freed
-    too early would crash it)."""
+    too early would crash it). The guest's bytes run alike in real and 32-bit protected mode; each
+    KVM_SET_SREGS moves it to the other, which takes an engine of that mode."""
     guest = """
     1:  rdtsc
         out %al, $0x80
@@ -275,11 +276,14 @@ def test_only_the_current_engine_keeps_its_rdtsc_thunks(model_hv):
     """
     with flat_vcpu(model_hv, guest) as vcpu:
         starts = vcpu.engine_starts
-        sregs = vcpu.get_sregs()  # flat protected mode, as set (no engine yet)
+        flat = vcpu.get_sregs()  # flat protected mode, as set (no engine yet)
+        real = vcpu.get_sregs()
+        real.cr0 &= ~1
+        real.cs.selector = real.cs.base = 0
         assert isinstance(vcpu.run(), exits.IoOut)
         one_engine = _live_skip_thunks()
-        for _ in range(6):
-            vcpu.set_sregs(sregs)  # a new engine for the next run
+        for i in range(6):
+            vcpu.set_sregs(real if i % 2 == 0 else flat)  # an engine of the other mode
             assert isinstance(vcpu.run(), exits.IoOut)
         assert vcpu.engine_starts == starts + 7  # one engine each time
         assert _live_skip_thunks() == one_engine

@@ -105,6 +105,14 @@ class MidInstructionExit:
             self.rip_moved = True
         self._regs_set = self._rip is not None
 
+    def state_set(self) -> bool:
+        """KVM_SET_SREGS during this exit: True in an MMIO one, whose instruction then runs again
+        under the new state (live_sregs.py), as after KVM_SET_REGS."""
+        if self._kind in (exits.MmioRead, exits.MmioWrite):
+            self._regs_set = True
+            return True
+        return False
+
     def begin(
         self,
         exit_: exits.VcpuExit,

@@ -13,6 +13,7 @@ x86.c's and the MMU's work is in the modules it drives:
 - mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
   instruction_length.py: RIP past an MMIO write, as KVM reports it;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
+- special_registers.py, live_sregs.py: KVM_GET_SREGS / KVM_SET_SREGS, segments' hidden parts included;
 - cpu.py: the engine and the registers.
 
 A KVM vCPU stops in the middle of an instruction to ask userspace for the value of an MMIO read or
@@ -28,9 +29,9 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted), NEW_ENGINE (set_sregs changed the mode) and
-MODE_CHANGE (the guest took a 32-bit engine into long mode: long_mode_switch.py); all are in
-vcpu_state.py.
+running or next run() returns Interrupted), NEW_ENGINE (the first engine), RESTART (KVM_SET_SREGS
+loaded the engine: live_sregs.py) and MODE_CHANGE (the guest took a 32-bit engine into long mode:
+long_mode_switch.py); all are in vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
@@ -92,7 +93,7 @@ from unicorn.x86_const import (
 )
 
 from pcihole.hv import exits
-from pcihole.hv.model import cpu
+from pcihole.hv.model import cpu, special_registers
 from pcihole.hv.model.boundary_hook import BoundaryHook
 from pcihole.hv.model.cpu_msrs import EngineMsrs, guest_maxphyaddr, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
@@ -114,6 +115,7 @@ from pcihole.hv.model.interrupts import (
 )
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
+from pcihole.hv.model.live_sregs import LiveSregs
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
 from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
@@ -121,7 +123,7 @@ from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
 from pcihole.hv.model.pending_events import Due, PendingEvents
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.model.vcpu_state import Request, VcpuState
+from pcihole.hv.model.vcpu_state import RESTARTS, Request, VcpuState
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
@@ -131,7 +133,6 @@ from pcihole.hv.uapi import (
     kvm_regs,
     kvm_sregs,
 )
-from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
@@ -212,7 +213,8 @@ class ModelVcpu:
         # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
         self._intercept = MsrIntercept()
         self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
-        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
+        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, lambda: self._sregs)
+        self._live_sregs = LiveSregs(self._requests, self._request_boundary, self.engine_msrs)  # set_sregs
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
         self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
         # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
@@ -268,19 +270,21 @@ class ModelVcpu:
             cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
-        engine, state = self._live_engine(), self._engine_state
-        if engine is not None and state is not None:
-            return cpu.read_sregs(engine[0], state, self._sregs)
-        return kvm_sregs.from_buffer_copy(self._sregs)
+        engine, state, pending = self._live_engine(), self._msr_state, self._live_sregs.pending
+        if engine is None or state is None or pending is not None:
+            return kvm_sregs.from_buffer_copy(self._sregs if pending is None else pending)
+        return special_registers.read_sregs(engine[0], state, self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
-        cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
-        engine = self._live_engine()
-        if engine is not None:
-            self._regs = cpu.read_regs(*engine, self._engine_state)
-            self.engine_msrs.save(engine[0])
-        self._sregs = kvm_sregs.from_buffer_copy(sregs)
-        self._requests.add(Request.NEW_ENGINE)
+        mode = cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
+        self.engine_msrs.sregs_set()
+        engine, state = self._live_engine(), self._msr_state
+        self._sregs = kvm_sregs.from_buffer_copy(sregs)  # (what the engine does not hold: APIC base)
+        if engine is None or state is None:
+            self._requests.add(Request.NEW_ENGINE)
+        elif not special_registers.engine_holds(self.get_sregs(), sregs):
+            # Into the engine, which keeps the instruction under way (live_sregs.py).
+            self._live_sregs.set(engine[0], state, sregs, mode, self._mid_exit.state_set())
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
@@ -334,13 +338,6 @@ class ModelVcpu:
     def _msr_engine(self) -> Uc | None:
         engine = self._live_engine()
         return None if engine is None else engine[0]
-
-    def _efer(self) -> int:
-        return self._sregs.efer
-
-    def _set_efer(self, value: int) -> None:
-        # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
-        self._sregs.efer = (value & ~EFER_LMA) | (self._sregs.efer & EFER_LMA)
 
     # --- the coalesced ring (one page per VM, seen through every vCPU as on KVM) -------------------
 
@@ -567,8 +564,8 @@ class ModelVcpu:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
         if self._mid_exit.replay_pending:
             return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
-        if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
-            return None  # stopped at a boundary to rebuild: _prepare_engine does
+        if not RESTARTS.isdisjoint(self._requests):
+            return None  # stopped at a boundary to start again or rebuild: _prepare_engine does
         boundary = self._boundary
         if boundary is not None and not boundary.precise and boundary.armed:
             # The fallback's uc_emu_stop (boundary_hook.py) stopped us, maybe before the boundary.
@@ -606,7 +603,7 @@ class ModelVcpu:
             self.exit_to_user(exits.Interrupted())
             if self._state not in _LEFT and (self._events.wanted() or Request.KICK in self._requests):
                 self._request_boundary()
-        elif Request.NEW_ENGINE in self._requests:
+        elif Request.RESTART in self._requests:
             self._stop(uc)
         elif self._events.at_boundary(uc, self._engine_state):
             self._stop_exit = exits.IrqWindowOpen()
@@ -710,7 +707,7 @@ class ModelVcpu:
             # The VMM may have freed the host pages of a deleted slot: none of the rest of this
             # translation block may reach them (the next boundary redoes a provisional map).
             mmu.sync(in_callback=True, keep=keep)
-        if mmu.stale() or Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
+        if mmu.stale() or not RESTARTS.isdisjoint(self._requests):
             # In the middle of a memory access: Unicorn holds pointers into the region and the
             # TLB entry of the access under way (a map change frees the one and may resize the
             # TLB under the other), so the next instruction boundary applies the change, and
@@ -818,15 +815,14 @@ class ModelVcpu:
         """The engine to run, built if need be, with its memory map brought up to date."""
         uc, mode, mmu = self._uc, self._mode, self._mmu
         if uc is None or mode is None or mmu is None or Request.NEW_ENGINE in self._requests:
-            # set_sregs saved the old engine's registers into self._regs when it asked for this.
             mode = cpu.cpu_mode(self._sregs)
             uc = cpu.new_engine(mode, self._regs, self._sregs)
             mmu = self._install_engine(uc, mode)
         else:
-            live = cpu.live_mode(uc, mode, self._engine_state)
+            live = self._live_sregs.apply(uc, self._msr_state) or cpu.live_mode(uc, mode, self._msr_state)
             if live is not mode:
-                # The guest changed mode itself (cpu.live_mode): its whole CPU state moves into
-                # an engine of the new mode, whose register ids and emu_start reach all of it.
+                # The guest changed mode itself (cpu.live_mode), or set_sregs did: its whole CPU state
+                # moves into an engine of the new mode, whose register ids and emu_start reach all of it.
                 old, uc, mode = uc, cpu.empty_engine(live), live
                 mmu = self._install_engine(uc, mode, carry_from=old)
             self._requests.discard(Request.MODE_CHANGE)
