@@ -263,11 +263,9 @@ class ModelVcpu:
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
-        if engine is not None:
-            rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
-            engine_regs = self._mid_exit.engine_view(self._regs, rip)
-            self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
-            cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
+        if engine is not None:  # RIP waits for the end of an exit mid-instruction (exit_to_user)
+            regs, rip = self._mid_exit.registers_set(self._regs, self._state is VcpuState.IN_EXIT)
+            cpu.write_regs(*engine, regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
         engine, state, pending = self._live_engine(), self._msr_state, self._live_sregs.pending
@@ -676,8 +674,10 @@ class ModelVcpu:
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
-        finally:
-            replay = self._mid_exit.end(exit_)
+        finally:  # the last RIP KVM_SET_REGS set, where it moves the guest (_on_in drops an IN's data)
+            replay, moved = self._mid_exit.end(exit_)
+            if moved is not None and self._mode is not None and self._state not in _LEFT:
+                cpu.write_regs(uc, self._mode, moved, self._engine_state)
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
