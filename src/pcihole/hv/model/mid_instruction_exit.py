@@ -32,8 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from unicorn import Uc
+
 from pcihole.hv import exits
-from pcihole.hv.model.instruction_length import WriteExit, step_string
+from pcihole.hv.model import cpu
+from pcihole.hv.model.engine_state import EngineState
+from pcihole.hv.model.instruction_length import WriteExit, pio_end, step_string
 from pcihole.hv.uapi import kvm_regs
 
 _MID_INSTRUCTION = exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut
@@ -164,3 +168,23 @@ class MidInstructionExit:
         if replay is not None and replay[0] == exit_:
             return True, replay[1]
         return False, None
+
+
+def finish_pio(
+    uc: Uc, mode: cpu.CpuMode, state: EngineState | None, code: bytes, bits: int, size: int, value: int | None
+) -> None:
+    """Finish the IN or OUT an exit paused in (`code`: its bytes; `value`: an IN's data, into RAX
+    as the instruction puts it) and move RIP past it, so that the engine leaves its translation
+    block there (engine/patches/0005) and the next block start, a boundary, delivers what the VMM
+    queued during the exit, as KVM injects it at the next entry, right after the instruction
+    (complete_fast_pio_in / complete_fast_pio_out, then kvm_check_and_inject_events). INS / OUTS
+    are left to the engine (what was queued then waits for the next block)."""
+    regs = cpu.read_regs(uc, mode, state)
+    end = pio_end(code, regs.rip, bits)
+    if end is None:
+        return
+    regs.rip = end
+    if value is not None:
+        mask = (1 << (8 * size)) - 1
+        regs.rax = value if size == 4 else regs.rax & ~mask | value  # a 32-bit IN zero-extends
+    cpu.write_regs(uc, mode, regs, state)
