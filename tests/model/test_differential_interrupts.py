@@ -384,3 +384,62 @@ def test_kvm_interrupt_is_taken_before_an_nmi_of_the_same_exit(kvm_hv, model_hv,
         assert kvm_nmi_rip != INTERRUPT_HANDLER, PVM_NMI_LATER  # (if PVM gains the window: compare)
     else:
         assert kvm.results[:40] == model.results[:40]
+
+
+INS_LEFT_TO_THE_ENGINE = (
+    "the model finishes only plain IN / OUT in the hook (finish_pio): after an INS / OUTS exit the "
+    "rest of the translation block runs before the vector"
+)
+
+
+@pytest.mark.parametrize(
+    "insn",
+    [
+        "in $0x71, %al",
+        "in $0x71, %ax",
+        "in %dx, %eax",
+        "out %al, $0x71",
+        pytest.param("insb", marks=pytest.mark.xfail(strict=True, reason=INS_LEFT_TO_THE_ENGINE)),
+    ],
+)
+@pytest.mark.kvm
+def test_interrupt_queued_in_a_pio_exit_comes_after_the_instruction(kvm_hv, model_hv, insn):
+    """KVM_INTERRUPT in an IN / OUT exit: KVM finishes the instruction at the next entry
+    (complete_fast_pio_in / complete_fast_pio_out, an IN's data into RAX) and injects the vector
+    before the next instruction, which is in the same translation block on the model (the engine
+    leaves the block after the instruction: finish_pio). The handler sees RAX and its frame's RIP
+    as KVM leaves them; the MOV after the instruction runs only after the handler's IRETQ."""
+    body = f"""
+    movabs $0xaabbccddeeff0011, %rax
+    mov $0x71, %dx
+    mov ${RESULTS + 0x80}, %edi
+    {insn}
+    movq $1, {RESULTS + 0x40}
+    out %al, $0x80
+    """
+    handler = Handler(
+        VECTOR,
+        f"mov %rax, {RESULTS}\n push %rax\n mov 8(%rsp), %rax\n mov %rax, {RESULTS + 8}\n"
+        f" mov {RESULTS + 0x40}, %rax\n mov %rax, {RESULTS + 16}\n pop %rax\n iretq",
+    )
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, exits.IoIn | exits.IoOut) and exit_.port == 0x71:
+            vcpu.interrupt(VECTOR)
+            if isinstance(exit_, exits.IoIn):
+                vcpu.complete_read(b"\x99" * exit_.size * exit_.count)
+            return True
+        return False
+
+    kvm, model = (
+        run_system_guest(hv, body, [handler], on_exit=on_exit, rflags=0x202) for hv in (kvm_hv, model_hv)
+    )
+    assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)
+    rax, frame_rip, seen = struct.unpack_from("<3Q", model.results)
+    assert frame_rip == address_of(body, f"movq $1, {RESULTS + 0x40}") and seen == 0
+    expected_rax = {
+        "in $0x71, %al": 0xAABBCCDDEEFF0099,
+        "in $0x71, %ax": 0xAABBCCDDEEFF9999,
+        "in %dx, %eax": 0x99999999,
+    }.get(insn, 0xAABBCCDDEEFF0011)
+    assert rax == expected_rax
