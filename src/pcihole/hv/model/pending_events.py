@@ -114,6 +114,10 @@ class PendingEvents:
             or (source is not None and source.has_interrupt())
         )
 
+    def queued(self) -> bool:
+        """KVM_INTERRUPT, KVM_NMI or the window request: what the VMM asks for at the next entry."""
+        return self.injection is not None or self.nmi_pending or self.window_requested
+
     def only_source_waits(self) -> bool:
         """The source's interrupt waits for IF, and nothing else of this file is asked."""
         return (

@@ -742,7 +742,7 @@ class ModelVcpu:
 
     def _events_after_pio(self, uc: Uc, size: int, value: int | None) -> None:
         """Events queued in this IN / OUT exit come before the next instruction (finish_pio)."""
-        if (mode := self._mode) is not None and self._state not in _LEFT and self._events.wanted():
+        if (mode := self._mode) is not None and self._state not in _LEFT and self._events.queued():
             code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
             finish_pio(uc, mode, self._engine_state, code, bits, size, value)
 
