@@ -24,8 +24,13 @@ class BenchPlan:
     #: MMIO reads of the bare-loop guest (exit_path.py), and its VMs (the median is kept)
     exit_path_reads: int
     exit_path_runs: int
-    #: QEMU boots (each costs ~2-4 s of firmware around a ~0.1 s scan)
+    #: QEMU boots of the scan table's row (each costs ~2-4 s of firmware around a ~0.1 s scan)
     qemu_runs: int
+    #: rounds of kvm `exit` (both run loops) and QEMU booted in turn (exit_vs_qemu.py), and the reads
+    #: of each kind the guest times in each boot (exit_cost.py): a round costs one QEMU boot and two
+    #: pcihole boots, and the host's load moves by about 10% between them, so the medians need rounds
+    alternated_rounds: int
+    exit_loop_reads: int
     #: ro-alias granules swept (alias_sweep.py), each with and without prefault, and boots per point
     alias_granules: tuple[int, ...] = ()
     alias_sweep_runs: int = 1
@@ -45,6 +50,8 @@ FULL = BenchPlan(
     exit_path_reads=20000,
     exit_path_runs=5,
     qemu_runs=5,
+    alternated_rounds=9,
+    exit_loop_reads=20000,
     alias_granules=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 2 * MiB),
     alias_sweep_runs=3,
 )
@@ -60,6 +67,8 @@ QUICK = BenchPlan(
     exit_path_reads=2000,
     exit_path_runs=1,
     qemu_runs=1,
+    alternated_rounds=2,
+    exit_loop_reads=5000,
     alias_granules=(4 * KiB, 64 * KiB, 2 * MiB),
     alias_sweep_runs=1,
 )
