@@ -27,8 +27,9 @@ class BenchPlan:
     #: QEMU boots of the scan table's row (each costs ~2-4 s of firmware around a ~0.1 s scan)
     qemu_runs: int
     #: rounds of kvm `exit` (both run loops) and QEMU booted in turn (exit_vs_qemu.py), and the reads
-    #: of each kind the guest times in each boot (exit_cost.py): a round costs one QEMU boot and two
-    #: pcihole boots, and the host's load moves by about 10% between them, so the medians need rounds
+    #: of each kind the guest times in each boot (exit_cost.py). The host's load moves the figures by
+    #: about 10% between boots, so the medians want rounds; a round costs one QEMU boot (3-10 s of
+    #: SeaBIOS on a software KVM) and two pcihole boots (under half a second each), so --quick keeps one
     alternated_rounds: int
     exit_loop_reads: int
     #: ro-alias granules swept (alias_sweep.py), each with and without prefault, and boots per point
@@ -67,7 +68,7 @@ QUICK = BenchPlan(
     exit_path_reads=2000,
     exit_path_runs=1,
     qemu_runs=1,
-    alternated_rounds=2,
+    alternated_rounds=1,
     exit_loop_reads=5000,
     alias_granules=(4 * KiB, 64 * KiB, 2 * MiB),
     alias_sweep_runs=1,
