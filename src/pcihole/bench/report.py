@@ -367,12 +367,13 @@ def markdown(results: BenchResults, plots: list[str]) -> str:
         [
             "## Exit cost, same guest",
             "",
-            "The scan guest of the `exit vs QEMU` rounds, after its timed scan, reads offset 0 of the first "
-            "absent function it found N times, of the first present one (the host bridge 00:00.0) N times and "
-            "a RAM word N times (`pcihole.exitloop=N`), each loop timed by its TSC. Every config read is one "
-            "exit on both VMMs, so (config-read ticks − RAM ticks) / N is one exit's round trip as the guest "
-            "sees it, the scan's own work left out. With `exit` pcihole answers absent functions in its run "
-            "loop (C where it builds) and present functions through the Python loop's device models.",
+            "The same boots as the `exit` scan against QEMU's, booted in turn (the last table above): after "
+            "its timed scan the guest reads offset 0 of the first absent function it found N times, of the "
+            "first present one (the host bridge 00:00.0) N times and a RAM word N times "
+            "(`pcihole.exitloop=N`), each loop timed by its TSC. Every config read is one exit on both VMMs, "
+            "so (config-read ticks − RAM ticks) / N is one exit's round trip as the guest sees it, the "
+            "scan's own work left out. The run loop column is the loop pcihole ran (docs/run-loop.md says "
+            "which exits each answers).",
             "",
             *exit_cost_table(results),
         ],
