@@ -20,11 +20,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from pcihole.hv.kvm.c_run_loop import SOURCE, CRunLoop, CRunLoopUnavailable, build, source_hash
+from pcihole.hv import open_backend
+from pcihole.hv.exits import MmioRead
+from pcihole.hv.kvm.c_run_loop import (
+    SOURCE,
+    AnsweringVcpu,
+    CRunLoop,
+    CRunLoopUnavailable,
+    FillPages,
+    build,
+    source_hash,
+)
+from pcihole.hv.kvm.vcpu import Vcpu as KvmVcpu
+from pcihole.hv.model.vcpu import ModelVcpu
 from pcihole.machine.builder import build_machine, default_kernel
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.machine import device_json
@@ -97,6 +110,19 @@ def test_the_c_loop_is_refused_on_the_model_which_has_no_kvm_run():
         build_machine(load_default(), backend="model", kernel=kernel, kernel_name=name, run_loop="c")
 
 
+def test_the_run_loop_hands_the_c_loop_only_a_vcpu_that_can_run_it():
+    assert issubclass(KvmVcpu, AnsweringVcpu) and not issubclass(ModelVcpu, AnsweringVcpu)
+    vm = open_backend("model").create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        # The loop is only kept by the table: the refusal comes before anything would call it.
+        fill_pages = FillPages(None, [(0xE000_0000, 1 << 20, 0xFF)], lambda reads: None)
+        with pytest.raises(TypeError, match="the C run loop needs a kvm vCPU, not a ModelVcpu"):
+            run_until_stop(vcpu, ExitHandler(None, None, None), fill_pages=fill_pages)
+    finally:
+        vm.close()
+
+
 # --- the scan guest: the same with either loop ------------------------------------------------------
 
 
@@ -130,6 +156,21 @@ def counts(stats) -> dict:
     return d
 
 
+def count_c_loop_returns(m) -> Counter[str]:
+    """Wrap the vCPU's C loop: the exits it handed back to Python, by kind (its returns to hand
+    over a full log are inside run_answering, and not exits)."""
+    returns: Counter[str] = Counter()
+    run_answering = m.vcpu.run_answering
+
+    def counted(fill_pages):
+        exit_ = run_answering(fill_pages)
+        returns[type(exit_).__name__] += 1
+        return exit_
+
+    m.vcpu.run_answering = counted
+    return returns
+
+
 def scan(spec, strategy: str, run_loop: str):
     kernel, name = default_kernel()
     with build_machine(
@@ -137,9 +178,10 @@ def scan(spec, strategy: str, run_loop: str):
     ) as m:
         assert m.run_loop == run_loop
         python_reads = count_python_ecam_reads(m)
+        returns = count_c_loop_returns(m)
         result = m.run(timeout=120)
         assert result.stop.reason == StopReason.DEBUG_EXIT and result.stop.status == 0, result.stop
-        return result, m.host_bridge.stats, python_reads[0]
+        return result, m.host_bridge.stats, python_reads[0], returns
 
 
 @needs_kvm
@@ -147,7 +189,9 @@ def scan(spec, strategy: str, run_loop: str):
 @pytest.mark.parametrize("machine_file", ["default", "examples/many-segments.toml"])
 def test_the_scan_finds_the_same_devices_with_the_same_counts_through_either_loop(machine_file, strategy):
     spec = load_default() if machine_file == "default" else load(ROOT / machine_file)
-    (py, py_bridge, py_reads), (c, c_bridge, c_reads) = (scan(spec, strategy, loop) for loop in LOOPS)
+    (py, py_bridge, py_reads, _), (c, c_bridge, c_reads, c_returns) = (
+        scan(spec, strategy, loop) for loop in LOOPS
+    )
     assert [device_json(d) for d in c.devices] == [device_json(d) for d in py.devices]
     assert len(c.devices) == len(list(spec.topology.functions()))
     # exits by kind, ECAM counts, ecam_absent_accesses address by address
@@ -155,12 +199,19 @@ def test_the_scan_finds_the_same_devices_with_the_same_counts_through_either_loo
     assert c.memory.exits == py.memory.exits  # the memory map's view: hole reads, ...
     assert c_bridge == py_bridge  # the host bridge saw the same reads of present functions
     assert py_reads == py.stats.ecam_reads
+    # The C loop's mirrors are the host bridge's, never the guest's: the same memslots and hole
+    # backing as the Python loop's (which has no mirrors under `exit`).
+    kernel_side = ("memslots", "hole_memslots", "hole_backing_bytes", "hole_mappings", "coalesced_zones")
+    assert [getattr(c.memory, k) for k in kernel_side] == [getattr(py.memory, k) for k in kernel_side]
     if strategy == "exit":
-        # Every read of an absent function exits; the C loop answered all of them.
+        # Every config read exits: of absent functions and of present ones.
         assert py.stats.ecam_absent_exits == sum(py.stats.ecam_absent_accesses.values()) > 1000
-        assert c_reads == py.stats.ecam_reads - py.stats.ecam_absent_exits
-    else:
-        assert c_reads == py_reads == 0
+        assert py.stats.ecam_reads - py.stats.ecam_absent_exits >= len(c.devices)
+    # The C loop answered every ECAM read that exited, the present functions' too: it handed back
+    # to Python only the port I/O exits (the report, the debug exit) and kicks (the console flush).
+    assert c_reads == 0
+    assert c_returns["MmioRead"] == c_returns["MmioWrite"] == 0
+    assert sum(c_returns.values()) - c_returns["Interrupted"] == c.stats.exits.io + c.stats.exits.other
 
 
 # --- guests of their own ---------------------------------------------------------------------------
@@ -249,8 +300,9 @@ def test_a_function_hot_added_and_removed_is_answered_at_once(run_loop):
             (ADDED_PAGE + 0xFFE, 2, "read"): 1,
         }
         assert (stats.exits.mmio_read, stats.ecam_reads, stats.ecam_absent_exits) == (4, 4, 3)
-        # With the C loop only the read of the present function reached Python.
-        assert python_reads[0] == (1 if run_loop == "c" else 4)
+        # With the C loop no read reached Python: the present function's came from its mirror page.
+        assert python_reads[0] == (0 if run_loop == "c" else 4)
+        assert m.host_bridge.stats.config_reads == 1  # that read, counted as the Python path counts it
 
 
 STRADDLE_GUEST = f"""
@@ -364,3 +416,194 @@ def test_a_kick_before_run_makes_the_c_loop_return_at_once():
         exit_ = m.vcpu.run_answering(m.fill_pages)
         assert type(exit_).__name__ == "Interrupted"
         assert m.stats.exits.total == 0  # the guest never ran
+
+
+# --- present functions' reads from the mirror: the same bytes as Python's, after writes too -----------
+
+PORT_PAGE = ECAM + (2 << 15)  # 00:02.0, a root port over bus 1 with a hot-plug slot
+EP_PAGE = ECAM + (1 << 15)  # 00:01.0, an endpoint with a 64-bit BAR 0
+BELOW_PAGE = ECAM + (1 << 20)  # 01:00.0, absent until the guest asks for it
+AER_UNCOR_STATUS = 0x104  # the root port's AER capability is at 0x100 (root_port.py)
+PRESENT_MACHINE = f"""
+[machine]
+ram_mib = 8
+
+[[segment]]
+id = 0
+ecam_base = {ECAM:#x}
+buses = "0-15"
+fill = {FILL:#x}
+writes = "trap"
+
+[[endpoint]]
+bdf = "0000:00:01.0"
+vendor = 0x1af4
+device = 0x1041
+class = 0x020000
+[[endpoint.bar]]
+index = 0
+type = "mem64"
+size = 0x4000
+
+[[root_port]]
+bdf = "0000:00:02.0"
+secondary = 1
+subordinate = 1
+"""
+BELOW_SPEC = EndpointSpec(bdf=Bdf(0, 1, 0, 0), vendor=0x8086, device=0x10D3, class_code=0x020000)
+DUMPS = 0x8000  # bytes of results: eight 4 KiB areas
+
+
+class HotplugBelowPort:
+    """Port HOTPLUG_PORT: each write adds 01:00.0 below the root port or removes it, in turn."""
+
+    def __init__(self, m) -> None:
+        self.m = m
+
+    def read(self, addr: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, addr: int, data: bytes) -> None:
+        if self.m.host_bridge.page_present(BELOW_PAGE):
+            self.m.host_bridge.remove_function(BELOW_SPEC.bdf)
+        else:
+            self.m.host_bridge.add_function(BELOW_SPEC)
+
+
+def dump(page: int, area: int) -> str:
+    """Guest code: the 4 KiB config page at `page`, read dword by dword, into results area `area`."""
+    return f"""
+    mov ${page}, %esi
+    mov ${RESULTS + area * 0x1000}, %edi
+    xor %ecx, %ecx
+1:  mov (%esi,%ecx,4), %eax
+    mov %eax, (%edi,%ecx,4)
+    inc %ecx
+    cmp $1024, %ecx
+    jne 1b
+"""
+
+
+PRESENT_GUEST = f"""
+    {dump(EP_PAGE, 0)}
+    # reads of 1, 2 and 4 bytes at unaligned offsets, and at the end of the page
+    mov ${EP_PAGE}, %esi
+    mov ${RESULTS + 0x1000}, %edi
+    movb 0x3(%esi), %al
+    mov %al, 0(%edi)
+    movw 0x1(%esi), %ax
+    mov %ax, 2(%edi)
+    mov 0x2(%esi), %eax
+    mov %eax, 4(%edi)
+    mov 0xffc(%esi), %eax
+    mov %eax, 8(%edi)
+    movw 0xfff(%esi), %ax     # crosses into 00:01.1 (absent): one exit per page
+    mov %ax, 12(%edi)
+    # BAR sizing (PCI 3.0 6.2.5.1): all-ones into both halves of the 64-bit BAR 0, read back
+    movl $0xffffffff, 0x10(%esi)
+    movl $0xffffffff, 0x14(%esi)
+    mov 0x10(%esi), %eax
+    mov %eax, 16(%edi)
+    mov 0x14(%esi), %eax
+    mov %eax, 20(%edi)
+    movl $0xfebf0000, 0x10(%esi)  # an address, read back
+    movl $0, 0x14(%esi)
+    mov 0x10(%esi), %eax
+    mov %eax, 24(%edi)
+    # A write to an absent function below the root port: trapped, the port logs the Unsupported
+    # Request (Secondary Status Received Master Abort, AER UR status: RW1C bits); read them...
+    movl $0, {BELOW_PAGE + 0x10}
+    {dump(PORT_PAGE, 2)}
+    # ...clear them by writing ones (RW1C), read again
+    mov ${PORT_PAGE}, %esi
+    movw $0xffff, 0x1e(%esi)
+    movl $0xffffffff, {AER_UNCOR_STATUS}(%esi)
+    {dump(PORT_PAGE, 3)}
+    # hot-add 01:00.0 in the port's slot: its page and the port's slot status
+    out %al, ${HOTPLUG_PORT}
+    {dump(BELOW_PAGE, 4)}
+    {dump(PORT_PAGE, 5)}
+    # hot-remove it: its page reads as the fill again, the port's slot status says so
+    out %al, ${HOTPLUG_PORT}
+    {dump(BELOW_PAGE, 6)}
+    {dump(PORT_PAGE, 7)}
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+"""
+
+
+def run_present_guest(run_loop: str):
+    with machine(PRESENT_MACHINE, "kvm", "exit", pvh_kernel_from_asm(PRESENT_GUEST), run_loop=run_loop) as m:
+        m.pio.insert(HotplugBelowPort(m), HOTPLUG_PORT, 1, "hot-plug")
+        python_reads = count_python_ecam_reads(m)
+        returns = count_c_loop_returns(m) if run_loop == "c" else Counter()
+        result = m.run(timeout=120)
+        assert result.stop.reason == StopReason.DEBUG_EXIT and result.stop.status == 0, result.stop
+        return m.memory.read_guest(RESULTS, DUMPS), result, m.host_bridge.stats, python_reads[0], returns
+
+
+@needs_kvm
+def test_present_functions_read_the_same_through_the_c_loop_after_writes_rw1c_and_hot_plug():
+    (py_seen, py, py_bridge, py_reads, _), (c_seen, c, c_bridge, c_reads, c_returns) = (
+        run_present_guest(loop) for loop in LOOPS
+    )
+    areas = [c_seen[i : i + 0x1000] for i in range(0, DUMPS, 0x1000)]
+    assert areas == [py_seen[i : i + 0x1000] for i in range(0, DUMPS, 0x1000)]
+    # What the Python loop (the reference) read is what the host bridge models:
+    endpoint, odd, port_logged, port_cleared, below, port_added, gone, port_removed = areas
+    assert endpoint[:4] == bytes.fromhex("f41a4110")  # 1af4:1041
+    assert odd[0] == endpoint[3] and odd[2:4] == endpoint[1:3] and odd[4:8] == endpoint[2:6]
+    assert odd[12:14] == bytes([endpoint[0xFFF], FILL])  # the absent byte is the fill
+    bar_low, bar_high, bar_set = struct.unpack_from("<3I", odd, 16)
+    assert (bar_low, bar_high) == (0xFFFFC004, 0xFFFFFFFF)  # the size mask, mem64 type bits
+    assert bar_set == 0xFEBF0004
+    sec_status = lambda page: struct.unpack_from("<H", page, 0x1E)[0]  # noqa: E731
+    aer_status = lambda page: struct.unpack_from("<I", page, AER_UNCOR_STATUS)[0]  # noqa: E731
+    assert sec_status(port_logged) & 0x2000 and aer_status(port_logged) & (1 << 20)  # RMA, UR
+    assert not sec_status(port_cleared) & 0x2000 and not aer_status(port_cleared) & (1 << 20)
+    assert below[:4] == bytes.fromhex("8680d310") and gone == bytes([FILL]) * 0x1000
+    assert port_added != port_cleared and port_removed != port_added  # the slot status changed
+    # ...with the same counts: exits, ECAM reads, the view's, the host bridge's
+    assert counts(c.stats) == counts(py.stats)
+    assert c.memory.exits == py.memory.exits
+    assert c_bridge == py_bridge
+    # Every read reached Python's ECAM windows with the Python loop, none with the C loop (the
+    # straddling read's two halves included: KVM makes them two exits, one per page).
+    assert py_reads == py.stats.ecam_reads == c.stats.ecam_reads > 7 * 1024  # seven dumps
+    assert c_reads == 0
+    assert c_returns["MmioRead"] == 0 and c_returns["MmioWrite"] == c.stats.exits.mmio_write > 0
+
+
+READ_PRESENT_THREE_TIMES = f"""
+    mov {ECAM + 0x8000}, %eax   # 00:01.0's vendor and device ids
+    mov %eax, {RESULTS}
+    mov {ECAM + 0x8000}, %eax
+    mov %eax, {RESULTS + 4}
+    mov {ECAM + 0x8000}, %eax
+    mov %eax, {RESULTS + 8}
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+"""
+
+
+@needs_kvm
+def test_a_present_read_goes_to_python_while_a_mirror_change_is_under_way_or_the_page_is_not_mirrored():
+    """The seqlock's reader side (run_loop.c copy_mirrored) and the mirrored bit, one read each."""
+    with exit_machine(READ_PRESENT_THREE_TIMES, "c") as m:
+        fill_pages, vcpu, bridge = m.fill_pages, m.vcpu, m.host_bridge
+        ids = bridge.mmio_read(ECAM + 0x8000, 4)
+        reads_before = bridge.stats.config_reads  # the mmio_read just above
+        fill_pages.mirror_changing()  # as a hot-plug step on another thread would
+        assert vcpu.run_answering(fill_pages) == MmioRead(ECAM + 0x8000, 4)  # handed to Python
+        vcpu.complete_read(ids)
+        fill_pages.mirror_changed()
+        fill_pages.set_mirrored(ECAM + 0x8000, False)  # as the host bridge does before a removal
+        assert vcpu.run_answering(fill_pages) == MmioRead(ECAM + 0x8000, 4)
+        vcpu.complete_read(ids)
+        fill_pages.set_mirrored(ECAM + 0x8000, True)
+        assert bridge.stats.config_reads == reads_before  # the C loop answered nothing yet
+        assert type(vcpu.run_answering(fill_pages)).__name__ == "IoOut"  # the third read: in C
+        assert bridge.stats.config_reads == reads_before + 1
+        assert m.memory.read_guest(RESULTS, 12) == ids * 3

@@ -12,6 +12,7 @@ from pcihole.memory.address import (
     AddressOverflow,
     GuestAddress,
     GuestRange,
+    align_up,
     page_range,
 )
 
@@ -94,3 +95,15 @@ def test_addresses_are_ordered_values_usable_as_ints():
     assert 0x2000 not in GuestRange(0, 0x1FFF)
     with pytest.raises(TypeError):
         GuestAddress(1.5)  # type: ignore[arg-type]
+
+
+@given(st.integers(0, 2**70), st.integers(1, 2**40))
+def test_align_up_gives_the_first_multiple_at_or_above_the_value(value, alignment):
+    # Any positive alignment (the PCI and ACPI window code's), not only powers of two, and past 2**64.
+    aligned = align_up(value, alignment)
+    assert aligned % alignment == 0 and value <= aligned < value + alignment
+
+
+def test_align_up_refuses_an_alignment_that_is_not_positive():
+    with pytest.raises(ValueError, match="alignment must be positive, not 0"):
+        align_up(5, 0)

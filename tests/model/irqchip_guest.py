@@ -70,10 +70,19 @@ ENABLE_APIC = f"""
 """
 
 
+#: The result slots (IrqchipRun.q) where tsc_deadline_handler counts the timer's interrupt: taken
+#: at the HLT before it ran, or while the vCPU was halted in it (RESULTS + 0x108, + 0x110).
+TSC_DEADLINE_AT_HLT = 0x21
+TSC_DEADLINE_IN_HLT = 0x22
+
+
 def tsc_deadline_then_halt(vector: int) -> str:
     """Guest code: the LAPIC timer in TSC-deadline mode on `vector`, its deadline RDTSC + 20,000,000
     (20 ms at 1 GHz, or less) written with WRMSR IA32_TSC_DEADLINE, then HLT until slot 0 counts
-    an interrupt (counting_handler(vector, 0))."""
+    an interrupt. Its handler is tsc_deadline_handler(vector), which makes the HLT race-free: the
+    guest has IF set throughout (this host's KVM cannot emulate STI in kernel mode, so no STI; HLT
+    pair), and an interrupt taken between the WRMSR and the HLT would otherwise leave the HLT to
+    sleep for good. The deadline's distance then only makes the wake from HLT the likely path."""
     return f"""
     movl ${vector | 0x40000}, {LVTT}(%rsi)
     rdtsc
@@ -84,10 +93,33 @@ def tsc_deadline_then_halt(vector: int) -> str:
     shr $32, %rdx
     mov $0x6e0, %ecx
     wrmsr
-1:  hlt
+tsc_deadline_hlt:
+    hlt
     cmpq $1, {RESULTS}
-    jb 1b
+    jb tsc_deadline_hlt
 """
+
+
+def tsc_deadline_handler(vector: int) -> Handler:
+    """counting_handler(vector, 0) for tsc_deadline_then_halt: an interrupt taken at the HLT, before it
+    ran, returns past it (the one-byte F4) and counts at TSC_DEADLINE_AT_HLT; one that woke the vCPU
+    from it (RIP already past it, SDM: the saved RIP is the instruction after HLT) counts at
+    TSC_DEADLINE_IN_HLT. An interrupt anywhere else, before the WRMSR armed the timer, counts at
+    neither. 16(%rsp) is the RIP the CPU saved, above counting_handler's two pushes."""
+    at_hlt = f"""
+    lea tsc_deadline_hlt(%rip), %rbx
+    cmp %rbx, 16(%rsp)
+    jne 7f
+    incq 16(%rsp)
+    incq {RESULTS + 8 * TSC_DEADLINE_AT_HLT}
+    jmp 8f
+7:  inc %rbx
+    cmp %rbx, 16(%rsp)
+    jne 8f
+    incq {RESULTS + 8 * TSC_DEADLINE_IN_HLT}
+8:
+"""
+    return counting_handler(vector, 0, extra=at_hlt)
 
 
 def counting_handler(vector: int, slot: int, *, eoi: bool = True, extra: str = "") -> Handler:

@@ -15,8 +15,11 @@ from .irqchip_guest import (
     TMCCT,
     TMICT,
     TPR,
+    TSC_DEADLINE_AT_HLT,
+    TSC_DEADLINE_IN_HLT,
     counting_handler,
     run_irqchip_guest,
+    tsc_deadline_handler,
     tsc_deadline_then_halt,
 )
 from .system_guest import RESULTS
@@ -228,11 +231,12 @@ def test_x2apic_msrs_from_the_guest(hypervisor):
 
 @on_both_backends
 def test_tsc_deadline_written_by_the_guest(hypervisor):
-    """WRMSR IA32_TSC_DEADLINE from the guest, RDTSC + 20,000,000 (20 ms at 1 GHz, or less). The
-    guest has IF set throughout (this host's KVM cannot emulate STI in kernel mode), so a deadline
-    due before its HLT is taken before it and the HLT sleeps for good, on either backend: the
-    deadline leaves a wide margin for the vCPU thread to be preempted (the model's first arm once
-    waited for its timer thread to start: tests/model/test_host_timer.py)."""
+    """WRMSR IA32_TSC_DEADLINE from the guest, RDTSC + 20,000,000 (20 ms at 1 GHz, or less), then
+    HLT: the timer's vector arrives once, after the WRMSR (at the HLT or in it: the handler counts
+    where, tsc_deadline_handler), and the MSR reads 0 once it has fired. No time margin decides the
+    verdict: an interrupt taken before the HLT ran is returned past it, so a vCPU thread preempted
+    for longer than the deadline (the model's first arm once waited for its timer thread to start:
+    tests/model/test_host_timer.py) still ends."""
     read_deadline = f"""
     mov $0x6e0, %ecx
     rdmsr
@@ -240,8 +244,10 @@ def test_tsc_deadline_written_by_the_guest(hypervisor):
     out %al, $0x80
 """
     run = run_irqchip_guest(
-        hypervisor, tsc_deadline_then_halt(TIMER_VECTOR) + read_deadline, [counting_handler(TIMER_VECTOR, 0)]
+        hypervisor, tsc_deadline_then_halt(TIMER_VECTOR) + read_deadline, [tsc_deadline_handler(TIMER_VECTOR)]
     )
     assert not run.stuck, run.exits[-3:]
     assert run.q(0) == 1 and run.log() == [TIMER_VECTOR]
+    at_hlt, in_hlt = run.q(TSC_DEADLINE_AT_HLT), run.q(TSC_DEADLINE_IN_HLT)
+    assert (at_hlt, in_hlt) in ((1, 0), (0, 1)), (at_hlt, in_hlt)
     assert int.from_bytes(run.results[0x100:0x104], "little") == 0

@@ -3,9 +3,10 @@
 The guest arms the LAPIC timer itself (WRMSR IA32_TSC_DEADLINE, a TMICT write) and goes on at once to
 HLT; hrtimer_start only queues the timer. Were a host thread started at that point, the guest's next
 instruction would wait for the host to schedule it (milliseconds on a loaded host), and a deadline due
-meanwhile would be taken before the HLT, which then sleeps for good. These tests forbid starting a
-timer thread once the timers exist, which makes that interleaving fail every time instead of now and
-then.
+meanwhile would be taken before the HLT, which then slept for good (the guest's handler now returns
+past an HLT it interrupts before it ran: irqchip_guest.tsc_deadline_handler). These tests forbid
+starting a timer thread once the timers exist, so that a thread started at the arm fails every time
+instead of showing now and then as a late interrupt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from pcihole.hv.model.host_timer import HostTimer
 from pcihole.hv.model.system import ModelKvm
 
-from .irqchip_guest import counting_handler, run_irqchip_guest, tsc_deadline_then_halt
+from .irqchip_guest import run_irqchip_guest, tsc_deadline_handler, tsc_deadline_then_halt
 
 WAIT_S = 30.0  # a failure guard only: the expiries below are due at once
 
@@ -60,7 +61,7 @@ def test_guest_tsc_deadline_arms_without_starting_a_thread(no_new_timer_threads)
     WRMSR is the LAPIC timer's first arm: it must not start a thread."""
     body = tsc_deadline_then_halt(0x40) + "    out %al, $0x80\n"
     run = run_irqchip_guest(
-        ModelKvm(), body, [counting_handler(0x40, 0)], setup=lambda vm, vcpu: no_new_timer_threads()
+        ModelKvm(), body, [tsc_deadline_handler(0x40)], setup=lambda vm, vcpu: no_new_timer_threads()
     )
     assert not run.stuck, run.exits[-3:]
     assert run.q(0) == 1 and run.log() == [0x40]

@@ -148,3 +148,62 @@ def test_concurrent_reads_see_the_function_or_all_ones():
     assert absent == 0xFFFFFFFFFFFFFFFF and present != absent
     assert seen <= {absent, present}
     assert absent in seen
+
+
+class RecordingMirrorReader:
+    """A MirrorReader (what the C run loop's table is) that records what it was told and what the
+    mirror and the table held at each call."""
+
+    def __init__(self, bridge: HostBridge, page: int) -> None:
+        self.bridge, self.page, self.events = bridge, page, []
+        self.changing = False
+
+    def mirror_changing(self) -> None:
+        assert not self.changing
+        self.changing = True
+        self.events.append("changing")
+
+    def set_mirrored(self, gpa: int, mirrored: bool) -> None:
+        # Only inside a change, and only while the function is in the table with its bytes in the
+        # mirror page (page_present: in the table; the bridge's lock is held, so no mmio_read here).
+        assert self.changing
+        fn = self.bridge._functions.get(gpa)
+        in_page = fn is not None and bytes(self.bridge._mirror.page(gpa)) == bytes(fn.config.data)
+        self.events.append(("mirrored" if mirrored else "unmirrored", gpa, in_page))
+
+    def mirror_changed(self) -> None:
+        assert self.changing
+        self.changing = False
+        self.events.append("changed")
+
+
+def test_a_mirror_reader_may_read_a_page_only_while_its_function_is_in_the_table_with_its_bytes(bridge):
+    bridge.use_mirrors()
+    try:
+        nvme, port = gpa("0000:02:00.0"), gpa("0000:00:01.1")
+        reader = RecordingMirrorReader(bridge, nvme)
+        bridge.add_mirror_reader(reader)
+        present = bridge.present_pages()
+        assert reader.events == ["changing", *(("mirrored", p, True) for p in present), "changed"]
+        reader.events.clear()
+        port_status_before = bytes(bridge._mirror.page(port))
+        bridge.add_function(NVME)
+        # One change: the function's bytes copied into its page, its port's slot status, then the
+        # page given to the reader, all between changing and changed.
+        assert reader.events == ["changing", ("mirrored", nvme, True), "changed"]
+        assert bytes(bridge._mirror.page(port)) != port_status_before
+        reader.events.clear()
+        bridge.remove_function(NVME.bdf)
+        # Taken back while the function and its bytes are still there, before its page is blanked.
+        assert reader.events == ["changing", ("unmirrored", nvme, True), "changed"]
+        assert bytes(bridge._mirror.page(nvme)) == b"\xff" * 4096
+        reader.events.clear()
+    finally:
+        bridge.close_mirrors()
+    # Before the mirror is unmapped, no page is the reader's any more.
+    assert reader.events == ["changing", *(("unmirrored", p, True) for p in present), "changed"]
+
+
+def test_a_mirror_reader_needs_the_mirrors(bridge):
+    with pytest.raises(ValueError, match="use_mirrors"):
+        bridge.add_mirror_reader(RecordingMirrorReader(bridge, 0))

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pcihole.memory.address import align_up
+
 from .mcfg import EcamSegment, decoded_window
 
 MiB = 1 << 20
@@ -171,11 +173,6 @@ def allocate_mem64_windows(count: int, needs: Sequence[int] = ()) -> list[MmioWi
 def power_of_two_at_least(n: int, minimum: int = MIN_WINDOW) -> int:
     """The smallest power of two >= n and >= minimum."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def align_up(value: int, align: int) -> int:
-    """`value` rounded up to a multiple of `align`."""
-    return (value + align - 1) // align * align
 
 
 # --- expander buses' windows, carved from their segment's ------------------------------------------

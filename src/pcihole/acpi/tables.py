@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
+from pcihole.memory.address import align_up
 from pcihole.pci.bridge_windows import WindowNeed
 
 from .dsdt import DSDT_SIGNATURE, build_dsdt
@@ -36,10 +37,6 @@ from .xsdt import XSDT_SIGNATURE, build_xsdt, xsdt_size
 
 TABLE_ALIGNMENT = 16
 RSDP_NAME = "RSDP"
-
-
-def _align(value: int, alignment: int = TABLE_ALIGNMENT) -> int:
-    return (value + alignment - 1) & -alignment
 
 
 @dataclass(frozen=True)
@@ -88,11 +85,11 @@ def build_tables(
     madt = build_madt(cpus)
     mcfg = build_mcfg(segments)
     xsdt_entries = 3  # FACP, APIC, MCFG; the DSDT is reached through the FADT only
-    xsdt_gpa = base_gpa + _align(RSDP_SIZE)
-    fadt_gpa = xsdt_gpa + _align(xsdt_size(xsdt_entries))
-    dsdt_gpa = fadt_gpa + _align(FADT_LENGTH)
-    madt_gpa = dsdt_gpa + _align(len(dsdt))
-    mcfg_gpa = madt_gpa + _align(len(madt))
+    xsdt_gpa = base_gpa + align_up(RSDP_SIZE, TABLE_ALIGNMENT)
+    fadt_gpa = xsdt_gpa + align_up(xsdt_size(xsdt_entries), TABLE_ALIGNMENT)
+    dsdt_gpa = fadt_gpa + align_up(FADT_LENGTH, TABLE_ALIGNMENT)
+    madt_gpa = dsdt_gpa + align_up(len(dsdt), TABLE_ALIGNMENT)
+    mcfg_gpa = madt_gpa + align_up(len(madt), TABLE_ALIGNMENT)
     fadt = build_fadt(dsdt_gpa, power_port)
     xsdt = build_xsdt([fadt_gpa, madt_gpa, mcfg_gpa])
     rsdp = build_rsdp(xsdt_gpa)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pcihole.memory.address import align_up
 from pcihole.pci.bridge_windows import WindowNeed
 
 from .expander_bridge import ExpanderBus, ExpanderWindows
@@ -19,7 +20,6 @@ from .mcfg import EcamSegment
 from .pci_windows import (
     IO_WINDOW_GRANULE,
     MmioWindow,
-    align_up,
     allocate_io_windows,
     allocate_mem64_windows,
     carve,

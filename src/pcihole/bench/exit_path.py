@@ -41,7 +41,7 @@ from pcihole.host.mman import HostMapping
 from pcihole.host.tsc import TscClock
 from pcihole.hv import open_backend
 from pcihole.hv.exits import IoOut, MmioRead
-from pcihole.hv.kvm.c_run_loop import CRunLoop, CRunLoopUnavailable, FillPages
+from pcihole.hv.kvm.c_run_loop import CRunLoop, CRunLoopUnavailable, FillPages, LoggedReads
 from pcihole.hv.kvm.c_run_loop import load as load_c_run_loop
 from pcihole.hv.uapi import KvmCap
 from pcihole.hv.x86_cpu_state import enter_protected_mode_flat
@@ -271,8 +271,8 @@ def _bare_c_seconds(backend: str, reads: int, loop: CRunLoop) -> float:
     try:
         answered = [0]
 
-        def sink(addresses: list[int], sizes: list[int]) -> None:
-            answered[0] += len(addresses)
+        def sink(reads: LoggedReads) -> None:
+            answered[0] += len(reads)
 
         fill_pages = FillPages(loop, [(MMIO_TARGET_GPA, 1 << 20, 0xFF)], sink)
         start = time.perf_counter()

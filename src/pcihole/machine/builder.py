@@ -92,7 +92,7 @@ def choose_backend(name: str) -> tuple[Hypervisor, str]:
     return open_backend(name), "asked for"
 
 
-#: The vCPU loops `build_machine(run_loop=...)` takes: "c" answers absent-function ECAM reads in C
+#: The vCPU loops `build_machine(run_loop=...)` takes: "c" answers the ECAM reads that exit in C
 #: on kvm (hv/kvm/run_loop.c), "python" is the reference loop, "auto" is "c" where it can be built.
 RUN_LOOPS = ("auto", "c", "python")
 
@@ -217,7 +217,11 @@ def build_machine(
             memory = GuestMemory(hv, vm, make_strategy(strategy, hv, vm, holes=holes, tuning=hole_tuning))
         except StrategyUnavailable as e:
             raise MachineBuildError(f"strategy {strategy!r} on the {hv.name} backend: {e}") from e
-        if memory.strategy.maps_mirrors:
+        c_loop = choose_run_loop(run_loop, hv.name)
+        if memory.strategy.maps_mirrors or c_loop is not None:
+            # The C loop answers present functions' reads that exit from their mirror pages
+            # (FillPagesWiring); a strategy that maps no mirrors leaves them out of the guest's
+            # memslots all the same (GuestMemory maps a mirror only where the strategy maps_mirrors).
             host_bridge.use_mirrors()
 
         regions: list[Region] = [Ram(GuestRange.from_size(0, ram_size), "ram")]
@@ -233,7 +237,6 @@ def build_machine(
             raise MachineBuildError(f"{spec.path}: cannot lay out guest memory: {e}") from e
         hotplug = HotplugWiring(host_bridge, memory)
         host_bridge.add_listener(hotplug)
-        c_loop = choose_run_loop(run_loop, hv.name)
 
         step = "load the ACPI tables and the kernel"
         memory.write_guest(layout.ACPI_GPA, acpi.blob)

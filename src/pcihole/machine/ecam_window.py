@@ -14,15 +14,16 @@
 - `EcamWindow` puts a segment's window on the MMIO bus. An exit in it goes one way down: to the
   memory map's view (the fill for hole pages, the ConfigPage and so the host bridge for punched
   pages), counted; where the map has no region (it is being torn down), to the host bridge.
-- `FillPagesWiring`: with the C run loop (hv/kvm/run_loop.c), the reads of absent functions that
-  exit are answered in C from a bitmap of present pages per window and the segment's fill; the
-  bitmap follows the memory map's punched pages (HotplugWiring sets and clears the bits) and what the
-  C loop answered is counted as EcamWindow.read counts it.
+- `FillPagesWiring`: with the C run loop (hv/kvm/run_loop.c), the config reads that exit are
+  answered in C: an absent function's from a bitmap of present pages per window and the segment's
+  fill (the bitmap follows the memory map's punched pages: HotplugWiring sets and clears the bits),
+  a present function's from its mirror page (the host bridge marks the pages it may read, as a
+  MirrorReader); what the C loop answered is counted as EcamWindow.read counts it.
 """
 
 from __future__ import annotations
 
-from pcihole.hv.kvm.c_run_loop import CRunLoop, FillPages
+from pcihole.hv.kvm.c_run_loop import CRunLoop, FillPages, LoggedReads
 from pcihole.machine.stats import RunStats
 from pcihole.memory import GuestMemory, GuestRange, Hole, MapView
 from pcihole.memory.region import WritePolicy
@@ -115,12 +116,40 @@ class EcamWindow:
 class FillPagesWiring:
     """The C run loop's table over every ECAM window, and the counting of what it answers.
 
-    A page is marked present while the memory map has it punched (HotplugWiring sets the bit before
-    it punches and clears it after it fills), so the C loop answers exactly the reads that
-    EcamWindow.read would answer from the hole, and with the same fill. Such a page's function is
-    never in the host bridge's table: it announces a page present before the function enters the
-    table and absent after it has left. So each read the C loop answers is counted here as
+    Fill reads. A page is marked present while the memory map has it punched (HotplugWiring sets
+    the bit before it punches and clears it after it fills), so the C loop answers with the fill
+    exactly the reads that EcamWindow.read would answer from the hole, and with the same fill. Such
+    a page's function is never in the host bridge's table: it announces a page present before the
+    function enters the table and absent after it has left. So each such read is counted here as
     EcamWindow.read counts a read at an absent function, and as the view counts a hole read.
+
+    Mirror reads, where the host bridge keeps its functions' config spaces in mirror pages
+    (HostBridge.use_mirrors; the builder makes them for the C loop under every strategy). A page
+    is marked mirrored by the host bridge, under its lock, while its function is in the table with
+    its space attached to the page (HostBridge.add_mirror_reader). A hot-plug step, on whatever
+    thread, goes (HostBridge.add_function / remove_function, HotplugWiring):
+
+        add:    blank the mirror page | mark present, punch | seq odd: attach (copy the bytes in),
+                enter the table, parent's slot status, mark mirrored; seq even
+        remove: seq odd: unmark mirrored, leave the table, detach, blank, parent's slot status;
+                seq even | fill the page back, unmark present
+
+    and the C loop answers a read of the page, at each point of it, as Python would then: before
+    "mark present" and after "unmark present" with the fill, as the hole (the function is not in
+    the table: Python's host bridge too would give the fill); while present but not mirrored it
+    answers nothing (Python takes the lock and answers: the fill, or the function's bytes); inside
+    a seq-odd section nothing either (its seqlock check sends the read to Python, which waits for
+    the lock); while mirrored and outside any section, it copies the page, which is then the
+    function's config space itself, exactly the bytes mmio_read would copy under the lock (the
+    only other changes to those bytes are guest writes and trapped writes, emulated by Python on
+    this vCPU's thread between two calls of the C loop, so never during a copy). So every read it
+    answers gives the fill or the function's bytes, never a mix and never anything else.
+
+    A mirrored page is punched (marked after it was announced present, unmarked before it is
+    announced absent): EcamWindow.read would give it to the view, whose Mmio region's handler
+    (ConfigPage) asks the host bridge, which finds the function and copies its bytes. So each such
+    read is counted here as that path counts it: one mmio_read exit, ECAM exit and ECAM read, no
+    absent one, one Mmio read of the view, one config read of the host bridge.
     """
 
     def __init__(
@@ -128,18 +157,39 @@ class FillPagesWiring:
     ) -> None:
         self.stats = stats
         self.view = hotplug.memory.view
+        self.host_bridge = host_bridge
+        segments = host_bridge.segments
+        mirrors = {}
+        for s in segments:
+            mirror = host_bridge.mirror_page(s.window_base)
+            if mirror is not None:
+                mirrors[s.window_base] = mirror.hva  # the window's pages follow it in the mirror
         self.fill_pages = FillPages(
-            loop, [(s.window_base, s.window_size, s.fill) for s in host_bridge.segments], self._count
+            loop,
+            [(s.window_base, s.window_size, s.fill) for s in segments],
+            self._count,
+            mirrors=mirrors,
+            mirror_sink=self._count_mirror_reads,
         )
         for page in host_bridge.present_pages():
             self.fill_pages.set_present(page, True)
         hotplug.fill_pages = self.fill_pages
+        if mirrors:
+            host_bridge.add_mirror_reader(self.fill_pages)
 
-    def _count(self, addresses: list[int], sizes: list[int]) -> None:
-        stats, n = self.stats, len(addresses)
+    def _count_mirror_reads(self, n: int) -> None:
+        stats = self.stats
+        stats.exits.mmio_read += n
+        stats.ecam_exits += n
+        stats.ecam_reads += n
+        self.view.counters.mmio_reads += n
+        self.host_bridge.count_mirror_reads(n)
+
+    def _count(self, reads: LoggedReads) -> None:
+        stats, n = self.stats, len(reads)
         stats.exits.mmio_read += n
         stats.ecam_exits += n
         stats.ecam_reads += n
         stats.ecam_absent_exits += n
         self.view.counters.hole_reads += n
-        stats.defer_absent_reads(addresses, sizes)
+        stats.defer_absent_reads(reads.addresses_and_sizes)

@@ -124,7 +124,7 @@ class Machine:
     initrd_range: tuple[int, int] | None = None
     #: COM1's THR writes land in the coalesced ring (builder._coalesce_console_writes).
     console_coalesced: bool = False
-    #: With the C run loop (kvm): its table of the ECAM windows' absent pages (ecam_window.py);
+    #: With the C run loop (kvm): its table of the ECAM windows' pages (ecam_window.py);
     #: None: the Python loop answers every exit.
     fill_pages: FillPages | None = None
 

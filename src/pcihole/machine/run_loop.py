@@ -5,15 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
-from pcihole.hv.exits import CoalescedWrite, Interrupted
+from pcihole.hv.exits import CoalescedWrite, Interrupted, VcpuExit
 from pcihole.hv.interface import Vcpu
+from pcihole.hv.kvm.c_run_loop import AnsweringVcpu, FillPages
 from pcihole.machine.dispatch import ExitHandler, Stop, StopReason
 from pcihole.machine.stop_request import StopRequest
-
-if TYPE_CHECKING:
-    from pcihole.hv.kvm.c_run_loop import FillPages
 
 
 def run_until_stop(
@@ -41,12 +38,20 @@ def run_until_stop(
     delivered within about that many seconds: a thread looks at the ring's indices and kicks the vCPU
     out of KVM_RUN while entries wait (the console's THR writes are coalesced: Machine.run).
 
-    With `fill_pages` (kvm only), the C loop (hv/kvm/run_loop.c) answers the reads of absent ECAM
-    pages between KVM_RUNs and hands every other exit to this loop, which is the reference: the
+    With `fill_pages` (kvm only), the C loop (hv/kvm/run_loop.c) answers the ECAM reads that exit
+    (absent functions' with the fill, present functions' from their config mirror pages) between
+    KVM_RUNs and hands every other exit to this loop, which is the reference: the
     same guest gives the same answers and the same statistics with and without it. It leaves to
     this loop any exit that finds the coalesced ring holding entries, so the drain-then-handle
     order above is kept, and it returns on a kick (EINTR) as vcpu.run() does.
     """
+    run: Callable[[], VcpuExit]
+    if fill_pages is None:
+        run = vcpu.run
+    elif isinstance(vcpu, AnsweringVcpu):
+        run = partial(vcpu.run_answering, fill_pages)
+    else:
+        raise TypeError(f"the C run loop needs a kvm vCPU, not a {type(vcpu).__name__}")
     if stops is None:
         stops = StopRequest()
     timer = None
@@ -81,8 +86,6 @@ def run_until_stop(
     try:
         if timer is not None:
             timer.start()
-        # The kvm Vcpu's run_answering (the Vcpu protocol has no C loop: the model runs Unicorn).
-        run = vcpu.run if fill_pages is None else partial(vcpu.run_answering, fill_pages)  # type: ignore[attr-defined]
         while stops.stop is None:
             exit = run()
             if on_coalesced is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -41,8 +42,9 @@ class RunStats:
     #: guest's probes can be compared with a prediction address by address (tests/linux/); read it
     #: through `ecam_absent_accesses`, which adds the reads the C run loop answered first
     _absent_accesses: Counter[tuple[int, int, str]] = field(default_factory=Counter, repr=False)
-    #: the C run loop's answered reads not yet in `_absent_accesses`: (addresses, sizes) per return
-    _absent_reads_to_add: list[tuple[list[int], list[int]]] = field(
+    #: the C run loop's answered reads not yet in `_absent_accesses`: what gives their addresses
+    #: and sizes, one per return of the loop
+    _absent_reads_to_add: list[Callable[[], tuple[list[int], list[int]]]] = field(
         default_factory=list, repr=False, compare=False
     )
     #: guest writes that KVM appended to the coalesced-MMIO ring instead of exiting
@@ -64,16 +66,18 @@ class RunStats:
             self._add_absent_reads()
         return self._absent_accesses
 
-    def defer_absent_reads(self, addresses: list[int], sizes: list[int]) -> None:
+    def defer_absent_reads(self, decode: Callable[[], tuple[list[int], list[int]]]) -> None:
         """Absent-function reads answered by the C run loop, counted in `ecam_absent_accesses` the
         next time somebody reads it. Counting a read address by address costs a few hundred ns on a
         vCPU thread just back from KVM_RUN (cold caches), about 2% of an `exit` scan if it were done
-        at every return of the C loop; the run's other counts are kept exact at every return."""
-        self._absent_reads_to_add.append((addresses, sizes))
+        at every return of the C loop; the run's other counts are kept exact at every return.
+        `decode` gives their addresses and sizes (two lists in the order of the reads)."""
+        self._absent_reads_to_add.append(decode)
 
     def _add_absent_reads(self) -> None:
         accesses = self._absent_accesses
-        for addresses, sizes in self._absent_reads_to_add:
+        for decode in self._absent_reads_to_add:
+            addresses, sizes = decode()
             # Counter.update counts an iterable in C (collections._count_elements).
             accesses.update(zip(addresses, sizes, repeat("read")))
         self._absent_reads_to_add.clear()

@@ -191,6 +191,15 @@ def page_range(addr: GuestAddress | int) -> GuestRange:
     return GuestRange.from_size(gpa(addr).align_down(PAGE_SIZE), PAGE_SIZE)
 
 
+def align_up(value: int, alignment: int) -> int:
+    """`value` rounded up to a multiple of `alignment`, a positive integer: the sizes and offsets of
+    PCI windows and ACPI tables, unbounded (GuestAddress.align_up is the one checked against the
+    64-bit space)."""
+    if alignment <= 0:
+        raise ValueError(f"alignment must be positive, not {alignment}")
+    return (value + alignment - 1) // alignment * alignment
+
+
 __all__ = [
     "ADDRESS_LIMIT",
     "AddressOverflow",
@@ -198,6 +207,7 @@ __all__ = [
     "GuestRange",
     "LAST_ADDRESS",
     "PAGE_SIZE",
+    "align_up",
     "gpa",
     "page_range",
 ]

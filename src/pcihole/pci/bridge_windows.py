@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pcihole.memory.address import align_up
+
 from .topology import (
     BAR_IO,
     BAR_MEM64,
@@ -72,10 +74,6 @@ class _Windows:
     pref: _Resource | None
 
 
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
-
-
 def _mem_align(resources: list[_Resource]) -> int:
     """calculate_mem_align(): the alignment Linux gives a memory window holding these resources."""
     if not resources:
@@ -89,7 +87,7 @@ def _mem_align(resources: list[_Resource]) -> int:
         align1 = 1 << (order + 20)
         if not align:
             min_align = align1
-        elif _align_up(align + min_align, min_align) < align1:
+        elif align_up(align + min_align, min_align) < align1:
             min_align = align1 >> 1
         align += aligns.get(order, 0)
     return min_align
@@ -99,7 +97,7 @@ def _io_window(children: list[_Resource], hotplug: bool) -> _Resource | None:
     total = sum(r.size for r in children) + (HOTPLUG_IO_SIZE if hotplug else 0)
     if not total:
         return None
-    return _Resource(_align_up(total, IO_WINDOW_ALIGN), IO_WINDOW_ALIGN)
+    return _Resource(align_up(total, IO_WINDOW_ALIGN), IO_WINDOW_ALIGN)
 
 
 def _mem_window(children: list[_Resource], add: int) -> _Resource | None:
@@ -107,7 +105,7 @@ def _mem_window(children: list[_Resource], add: int) -> _Resource | None:
     if not total:
         return None
     align = max(_mem_align(children), MEM_WINDOW_ALIGN)
-    return _Resource(_align_up(total, align), align)
+    return _Resource(align_up(total, align), align)
 
 
 def _bar(bar: BarSpec) -> _Resource:

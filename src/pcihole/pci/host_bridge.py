@@ -16,10 +16,20 @@ What the machine layer calls:
   it is announced present and after its function left, and the function's space is attached to it
   only inside the table (under the lock): a read sees fill bytes until the function is in the table,
   its bytes while it is, fill bytes again once it has left, as an exit would answer.
+- `add_mirror_reader(reader)` / `count_mirror_reads(n)`: something that reads present functions'
+  bytes from the mirror without this bridge's lock and from another thread than the one changing
+  them (the C run loop, machine/ecam_window.py's FillPagesWiring) is told, under the lock, which
+  pages it may read (`set_mirrored`: the function is in the table and its space is the mirror
+  page), and brackets every hot-plug step's changes (`mirror_changing` / `mirror_changed`, a
+  seqlock's writer side), so it never copies bytes that a step is changing; the exits it answers
+  are counted as config reads by `count_mirror_reads`.
 
 Reads have no side effect in configuration space (ConfigSpace.read only copies bytes; no function
-model hooks a read), so serving them from the mirror changes nothing but `stats.config_reads` and
-`absent_reads`, which then count only the reads that exited.
+model hooks a read, none clears a bit on read, none computes a value that is not in its bytes, and
+every change to the bytes is made under the lock, by a guest write, a trapped write or a hot-plug
+step), so serving them from the mirror changes nothing but `stats.config_reads` and
+`absent_reads`, which then count only the reads that exited (the C run loop's mirror reads exit,
+and are counted by `count_mirror_reads`).
 
 Writes to absent functions: with `writes = "discard"` they are dropped. With `writes = "trap"` each
 configuration request (one piece of the access) is completed with Unsupported Request: on the secondary
@@ -42,7 +52,9 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from pcihole.memory.region import MirrorPage
 
@@ -81,6 +93,20 @@ MAX_ACCESS = 8  # the largest KVM_EXIT_MMIO (kvm_run.mmio.data is 8 bytes)
 PageListener = Callable[[int, bool], None]
 
 
+class MirrorReader(Protocol):
+    """Reads present functions' config bytes from their mirror pages without the host bridge's lock
+    (the C run loop's table, hv/kvm/c_run_loop.py FillPages). Called under the lock."""
+
+    def mirror_changing(self) -> None:
+        """Mirror bytes or mirrored pages are about to change: no read of them until changed."""
+
+    def set_mirrored(self, gpa: int, mirrored: bool) -> None:
+        """The page holding gpa may (True) or may no longer (False) be read from the mirror."""
+
+    def mirror_changed(self) -> None:
+        """The change is complete."""
+
+
 class EcamAccessError(ValueError):
     """An access handed to the host bridge that is not entirely inside its ECAM windows."""
 
@@ -114,6 +140,7 @@ class HostBridge:
         self._functions: dict[int, PciFunction] = {}
         self._listeners: list[PageListener] = []
         self._mirror: ConfigMirror | None = None
+        self._mirror_readers: list[MirrorReader] = []
         self.stats = HostBridgeStats()
         functions_per_device: dict[tuple[int, int, int], int] = {}
         occupied_buses: set[tuple[int, int]] = set()
@@ -212,14 +239,48 @@ class HostBridge:
 
     def close_mirrors(self) -> None:
         """Give the functions private copies of their bytes and unmap the mirror (after the
-        memslots over it are gone)."""
+        memslots over it are gone, and after its readers were told no page is mirrored)."""
         with self._lock:
             if self._mirror is None:
                 return
+            with self._changing_mirror():
+                for page in sorted(self._functions):
+                    for reader in self._mirror_readers:
+                        reader.set_mirrored(page, False)
+            self._mirror_readers = []
             for fn in self._functions.values():
                 fn.config.detach()
             self._mirror.close()
             self._mirror = None
+
+    def add_mirror_reader(self, reader: MirrorReader) -> None:
+        """Tell `reader` which pages it may read from the mirror, now (every present function's) and
+        at every hot-plug step, which it also brackets (MirrorReader). Needs the mirrors in use."""
+        with self._lock:
+            if self._mirror is None:
+                raise ValueError("a mirror reader without mirrors (use_mirrors() first)")
+            self._mirror_readers.append(reader)
+            with self._changing_mirror():
+                for page in sorted(self._functions):
+                    reader.set_mirrored(page, True)
+
+    def count_mirror_reads(self, n: int) -> None:
+        """`n` reads of present functions that a mirror reader answered from the mirror pages: they
+        exited (KVM_EXIT_MMIO) as mmio_read's do, and are counted as mmio_read counts them."""
+        with self._lock:
+            self.stats.config_reads += n
+
+    @contextmanager
+    def _changing_mirror(self) -> Iterator[None]:
+        """Under the lock: the mirror readers read no mirror page until the block has ended."""
+        readers = list(self._mirror_readers)
+        for reader in readers:
+            reader.mirror_changing()
+        try:
+            yield
+        finally:
+            for reader in readers:
+                reader.mirror_changed()
 
     # --- guest accesses ---------------------------------------------------------------------------------
     def _pieces(self, gpa: int, size: int) -> Iterator[tuple[int, int, Segment]]:
@@ -339,13 +400,18 @@ class HostBridge:
             if self._mirror is not None:
                 self._mirror.blank(page)  # read as absent until the function is in the table
             self._notify(page, True)
-            with self._lock:
+            # Mirror readers read nothing while the function's bytes are copied into its page (and
+            # its parent port's slot status and function 0's multi-function bit change); the page
+            # is theirs to read once the function is in the table with its bytes in the page.
+            with self._lock, self._changing_mirror():
                 if self._mirror is not None:
                     fn.config.attach(self._mirror.page(page))
                 self._functions[page] = fn
                 self._topology = topology
                 self._update_multifunction(spec.bdf)
                 self._update_slot(spec.bdf, hotplug=True)
+                for reader in self._mirror_readers:
+                    reader.set_mirrored(page, True)
             return fn
 
     def remove_function(self, bdf: Bdf) -> None:
@@ -353,7 +419,10 @@ class HostBridge:
         with self._hotplug_lock:
             topology = self._topology.without_function(bdf).validate()
             page = self._page_of(bdf)
-            with self._lock:
+            # The page is no longer the readers' before its function leaves and its page is blanked.
+            with self._lock, self._changing_mirror():
+                for reader in self._mirror_readers:
+                    reader.set_mirrored(page, False)
                 fn = self._functions.pop(page)
                 if self._mirror is not None:
                     fn.config.detach()
@@ -388,6 +457,7 @@ __all__ = [
     "EcamAccessError",
     "HostBridge",
     "HostBridgeStats",
+    "MirrorReader",
     "PageListener",
     "TopologyError",
 ]

@@ -1,16 +1,19 @@
 """The C vCPU loop (run_loop.c): built from source on first use, loaded with ctypes, and its table.
 
-run_loop.c says what the loop answers itself (reads of absent pages of fill windows) and what it
-returns to Python for (everything else). This module:
+run_loop.c says what the loop answers itself (reads of absent pages of fill windows, with the
+fill; reads of mirrored pages, from the mirror) and what it returns to Python for (everything
+else). This module:
 
 - builds it with the system C compiler (`$CC`, else `cc`) into a cache keyed by the source's hash,
   `$XDG_CACHE_HOME/pcihole/run-loop/<hash>/run_loop.so` (default `~/.cache/pcihole/...`), so the
   repository holds no binary and an edited source is rebuilt; `bin/setup` builds it once;
 - loads it (`load()`), or says in one line why it cannot (`CRunLoopUnavailable`: no compiler, no
   <linux/kvm.h>, a failed build), so the caller can fall back to the Python loop and say so;
-- keeps the table the loop reads (`FillPages`): per window its base, page count, fill byte and a
-  bitmap of present pages, which the VMM updates on hot-plug while the loop runs, and the log of
-  the reads the loop answered, handed to a sink at every return to Python.
+- keeps the table the loop reads (`FillPages`): per window its base, page count, fill byte, a
+  bitmap of present pages and one of mirrored pages with the host address of the window's mirror,
+  which the VMM updates on hot-plug while the loop runs (the mirrored ones under a seqlock,
+  `mirror_changing`/`mirror_changed`), and the log of the reads the loop answered, handed to a
+  sink at every return to Python (and the count of mirror reads, to another).
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pcihole.host.cache_dir import cache_dir
+
+if TYPE_CHECKING:
+    from pcihole.hv.exits import VcpuExit
 
 SOURCE = Path(__file__).with_name("run_loop.c")
 #: pcihole_run's non-negative returns (run_loop.c)
@@ -48,6 +55,8 @@ class pcihole_window(ctypes.Structure):
         ("base", ctypes.c_uint64),
         ("pages", ctypes.c_uint64),
         ("present", ctypes.c_void_p),
+        ("mirrored", ctypes.c_void_p),
+        ("mirror", ctypes.c_void_p),
         ("fill", ctypes.c_uint8),
     ]
 
@@ -56,7 +65,7 @@ class pcihole_read(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint64), ("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
-# FillPages.flush reads the log as two u64 words per entry.
+# LoggedReads reads the log as two u64 words per entry.
 assert ctypes.sizeof(pcihole_read) == 16
 
 
@@ -66,8 +75,10 @@ class pcihole_table(ctypes.Structure):
         ("nwindows", ctypes.c_uint32),
         ("capacity", ctypes.c_uint32),
         ("count", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("mirror_reads", ctypes.c_uint32),
         ("log", ctypes.POINTER(pcihole_read)),
+        ("mirror_seq", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 
@@ -152,31 +163,76 @@ def load() -> CRunLoop:
     return _loaded
 
 
-#: Where the answered reads go at each return to Python: their guest-physical addresses and their
-#: sizes, in the order the guest made them (two lists of the same length).
-ReadSink = Callable[[list[int], list[int]], None]
+class LoggedReads:
+    """Fill reads the C loop answered, as its log held them (a copy), decoded only when asked: the
+    vCPU thread, just back from KVM_RUN, only copies the log."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw  # struct pcihole_read entries
+
+    def __len__(self) -> int:
+        return len(self.raw) // ctypes.sizeof(pcihole_read)
+
+    def addresses_and_sizes(self) -> tuple[list[int], list[int]]:
+        """Their guest-physical addresses and their sizes, in the order the guest made them."""
+        # Two u64 words per entry: the address, then the size (`reserved`, beside it, stays 0).
+        words = memoryview(self.raw).cast("Q")
+        return words[0::2].tolist(), words[1::2].tolist()
+
+
+#: Where the answered fill reads go at each return to Python.
+ReadSink = Callable[[LoggedReads], None]
+#: Where the count of the reads answered from mirror pages goes at each return to Python.
+MirrorReadSink = Callable[[int], None]
 
 
 class FillPages:
     """The C loop's table: windows of guest-physical pages whose reads it answers with the window's
-    fill byte, except the pages marked present; and the log of what it answered."""
+    fill byte, except the pages marked present; of these, it answers the pages marked mirrored
+    from the window's mirror. And the log of what it answered."""
 
-    def __init__(self, loop: CRunLoop, windows: Sequence[tuple[int, int, int]], sink: ReadSink) -> None:
-        """`windows`: (base, size, fill), bases and sizes 4 KiB multiples, not overlapping."""
+    def __init__(
+        self,
+        loop: CRunLoop,
+        windows: Sequence[tuple[int, int, int]],
+        sink: ReadSink,
+        *,
+        mirrors: Mapping[int, int] | None = None,
+        mirror_sink: MirrorReadSink | None = None,
+    ) -> None:
+        """`windows`: (base, size, fill), bases and sizes 4 KiB multiples, not overlapping.
+        `mirrors`: window base -> host address of the window's mirror pages (its page i at
+        address + i * 4 KiB, mapped as long as the table is used), for the windows that have one;
+        `mirror_sink` is then told how many reads were answered from them."""
         self.loop = loop
         self.sink = sink
+        self.mirror_sink = mirror_sink
+        mirrors = mirrors or {}
+        if mirrors and mirror_sink is None:
+            raise ValueError("mirrors without a mirror_sink: their reads would go uncounted")
         ordered = sorted(windows)
         self._bases = [base for base, _, _ in ordered]
         self._bitmaps = [(ctypes.c_uint8 * -(-(size >> PAGE_SHIFT) // 8))() for _, size, _ in ordered]
+        self._mirrored = [(ctypes.c_uint8 * len(bitmap))() for bitmap in self._bitmaps]
         self._windows = (pcihole_window * len(ordered))(
             *(
-                pcihole_window(base, size >> PAGE_SHIFT, ctypes.addressof(bitmap), fill)
-                for (base, size, fill), bitmap in zip(ordered, self._bitmaps, strict=True)
+                pcihole_window(
+                    base,
+                    size >> PAGE_SHIFT,
+                    ctypes.addressof(bitmap),
+                    ctypes.addressof(mirrored),
+                    mirrors.get(base),
+                    fill,
+                )
+                for (base, size, fill), bitmap, mirrored in zip(
+                    ordered, self._bitmaps, self._mirrored, strict=True
+                )
             )
         )
+        self._has_mirror = [base in mirrors for base in self._bases]
         self._sizes = [size for _, size, _ in ordered]
         self._log = (pcihole_read * LOG_CAPACITY)()
-        self._log_words = memoryview(self._log).cast("B").cast("Q")
+        self._log_bytes = memoryview(self._log).cast("B")
         self.table = pcihole_table(
             windows=self._windows,
             nwindows=len(ordered),
@@ -187,29 +243,68 @@ class FillPages:
         self.table_ref = ctypes.byref(self.table)
 
     def set_present(self, gpa: int, present: bool) -> None:
-        """Mark the page holding `gpa` present (its reads go to Python) or absent (the C loop answers
-        them with the fill). One byte store, which the loop may read at any time: either value is
-        right while the VMM's own state changes (pcihole.machine.ecam_window.FillPagesWiring)."""
-        bitmap, byte, bit = self._locate(gpa)
+        """Mark the page holding `gpa` present (its reads go to Python, or to the mirror where it is
+        also marked mirrored) or absent (the C loop answers them with the fill). One byte store,
+        which the loop may read at any time: either value is right while the VMM's own state
+        changes (pcihole.machine.ecam_window.FillPagesWiring)."""
+        i, byte, bit = self._locate(gpa)
+        bitmap = self._bitmaps[i]
         bitmap[byte] = bitmap[byte] | bit if present else bitmap[byte] & ~bit
 
-    def _locate(self, gpa: int) -> tuple[ctypes.Array[ctypes.c_uint8], int, int]:
+    # The mirrored pages: their bits and their bytes change only between mirror_changing() and
+    # mirror_changed() when another thread than the vCPU's may be in the C loop (a seqlock's writer:
+    # the loop retries through Python, which waits on the host bridge's lock, any read it copied
+    # while a change was under way). One writer at a time: the host bridge calls them under its lock.
+    def mirror_changing(self) -> None:
+        """Before a change of mirrored bits or mirror bytes (mirror_seq becomes odd)."""
+        self.table.mirror_seq = (self.table.mirror_seq + 1) & 0xFFFFFFFF
+
+    def mirror_changed(self) -> None:
+        """After it (mirror_seq even again, and different from before the change)."""
+        self.table.mirror_seq = (self.table.mirror_seq + 1) & 0xFFFFFFFF
+
+    def set_mirrored(self, gpa: int, mirrored: bool) -> None:
+        """Mark the page holding `gpa` mirrored (the C loop answers its reads from the window's
+        mirror: its function is in the table and its config space is that page) or not. A page is
+        only mirrored while it is present; a window without a mirror has no mirrored page."""
+        i, byte, bit = self._locate(gpa)
+        if mirrored and not self._has_mirror[i]:
+            raise ValueError(f"{gpa:#x}: its window has no mirror in the C loop's table")
+        bitmap = self._mirrored[i]
+        bitmap[byte] = bitmap[byte] | bit if mirrored else bitmap[byte] & ~bit
+
+    def _locate(self, gpa: int) -> tuple[int, int, int]:
         i = bisect.bisect_right(self._bases, gpa) - 1
         if i < 0 or gpa - self._bases[i] >= self._sizes[i]:
             raise ValueError(f"{gpa:#x} is in no window of the C loop's table")
         page = (gpa - self._bases[i]) >> PAGE_SHIFT
-        return self._bitmaps[i], page >> 3, 1 << (page & 7)
+        return i, page >> 3, 1 << (page & 7)
 
     def flush(self) -> None:
-        """Hand the logged reads to the sink and empty the log."""
-        count = self.table.count
+        """Hand the logged reads to the sink, the count of mirror reads to the mirror sink, and
+        empty both."""
+        table = self.table
+        mirror_reads = table.mirror_reads
+        if mirror_reads:
+            assert self.mirror_sink is not None  # no mirror, no mirror read
+            self.mirror_sink(mirror_reads)
+            table.mirror_reads = 0
+        count = table.count
         if count:
-            # The log as u64 words, two per entry: the address, then the size (the u32 beside it,
-            # `reserved`, stays 0). Two list copies instead of two ctypes field reads and a tuple per
-            # read: this runs on the vCPU thread, between two KVM_RUNs, every 1,024 answered reads.
-            words = self._log_words[: 2 * count]
-            self.sink(words[0::2].tolist(), words[1::2].tolist())
+            # One copy of the log (16 KiB at most): this runs on the vCPU thread, between two
+            # KVM_RUNs, every 1,024 answered reads; decoding it entry by entry there cost 2% of an
+            # `exit` scan, and who needs the addresses (RunStats) decodes them later.
+            self.sink(LoggedReads(self._log_bytes[: count * ctypes.sizeof(pcihole_read)].tobytes()))
             self.table.count = 0
+
+
+@runtime_checkable
+class AnsweringVcpu(Protocol):
+    """A vCPU whose KVM_RUN the C loop can make, answering `fill_pages`' reads between two runs:
+    the kvm backend's (hv/kvm/vcpu.py). The model's vCPU runs guest code in Unicorn, with no KVM_RUN
+    for the loop to call, so the hypervisor interface's Vcpu has no such method."""
+
+    def run_answering(self, fill_pages: FillPages) -> VcpuExit: ...
 
 
 def main() -> int:

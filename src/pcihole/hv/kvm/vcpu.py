@@ -192,8 +192,9 @@ class Vcpu:
 
     def run_answering(self, fill_pages: FillPages) -> exits.VcpuExit:
         """run(), with the C loop (c_run_loop.py, run_loop.c) answering the reads of `fill_pages`'
-        absent pages itself, between KVM_RUNs, until an exit it leaves to Python. The reads it
-        answered are handed to `fill_pages.sink` before this returns (and whenever its log fills)."""
+        absent and mirrored pages itself, between KVM_RUNs, until an exit it leaves to Python. The
+        reads it answered are handed to `fill_pages`' sinks before this returns (and whenever its
+        log fills)."""
         if self._run_view is None:
             self._run_view = ctypes.c_char.from_buffer(self._run)
         run_c, fd, table = fill_pages.loop.run, self.fd, fill_pages.table_ref
