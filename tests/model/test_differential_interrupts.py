@@ -275,3 +275,34 @@ def test_nmi_blocked_until_iret_sdm(model_hv):
     run = run_system_guest(model_hv, body, [NMI_HANDLER], on_exit=nmi_at_each_hlt(2))
     assert run.exits == [exits.Hlt(), exits.Hlt(), exits.Hlt()]  # no IoOut before the second NMI
     assert struct.unpack_from("<QQ", run.results) == (address_of(body, "out %al, $0x80"), 2)
+
+
+@pytest.mark.kvm
+def test_blocked_nmi_does_not_hold_back_kvm_interrupt(kvm_hv, model_hv):
+    """inject_pending_event: an NMI that cannot be delivered (NMIs blocked until the running NMI
+    handler's IRETQ) does not hold back the rest: KVM_INTERRUPT's vector, queued with a second
+    KVM_NMI at an exit from inside the first NMI's handler, is taken right after that exit, inside
+    the handler (it sees one NMI counted), not after the IRETQ and the second NMI."""
+    body = "cli\n hlt\n out %al, $0x80"
+    nmi = Handler(2, f"incq {RESULTS + 8}\n out %al, $0x81\n iretq")
+    interrupt = Handler(VECTOR, f"mov {RESULTS + 8}, %rax\n mov %rax, {RESULTS + 16}\n hlt")
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, exits.Hlt) and not on_exit.nmis:
+            on_exit.nmis = 1
+            vcpu.nmi()
+            return True
+        if isinstance(exit_, exits.IoOut) and exit_.port == 0x81 and on_exit.nmis == 1:
+            on_exit.nmis = 2
+            vcpu.nmi()
+            vcpu.interrupt(VECTOR)
+        return False
+
+    runs = []
+    for hv in (kvm_hv, model_hv):
+        on_exit.nmis = 0
+        runs.append(run_system_guest(hv, body, [nmi, interrupt], on_exit=on_exit))
+    kvm, model = runs
+    assert (model.exits, model.results[:24]) == (kvm.exits, kvm.results[:24])
+    assert [type(e).__name__ for e in model.exits] == ["Hlt", "IoOut", "Hlt"]
+    assert struct.unpack_from("<QQ", model.results, 8) == (1, 1)  # one NMI, seen by the handler

@@ -4,6 +4,10 @@ what both run: the model's hypervisor/model/lapic.py and this host's kernel)."""
 
 from __future__ import annotations
 
+import pytest
+
+from pcihole.hv.msr_index import MSR_IA32_APICBASE
+from pcihole.hv.uapi import cpuid2_with
 from tests.backends import on_both_backends
 
 from .irqchip_guest import (
@@ -26,6 +30,7 @@ from .system_guest import RESULTS
 
 TIMER_VECTOR = 0x40
 ONE_MS = 1_000_000  # APIC bus cycles at KVM's 1 GHz with divide-by-1
+APIC_BASE_ENABLED = 0xFEE00000 | 1 << 11 | 1 << 8  # the default base, enabled, BSP
 
 
 @on_both_backends
@@ -251,3 +256,46 @@ def test_tsc_deadline_written_by_the_guest(hypervisor):
     at_hlt, in_hlt = run.q(TSC_DEADLINE_AT_HLT), run.q(TSC_DEADLINE_IN_HLT)
     assert (at_hlt, in_hlt) in ((1, 0), (0, 1)), (at_hlt, in_hlt)
     assert int.from_bytes(run.results[0x100:0x104], "little") == 0
+
+
+def _cpuid_with_width(hypervisor, width: int | None):
+    """KVM_GET_SUPPORTED_CPUID with leaf 0x80000008 EAX[7:0] (MAXPHYADDR) set to `width` (None: as
+    supported)."""
+    supported = hypervisor.get_supported_cpuid()
+    table = cpuid2_with(supported.nent)()
+    table.nent = supported.nent
+    for i in range(supported.nent):
+        table.entries[i] = supported.entries[i]
+        if table.entries[i].function == 0x80000008 and width is not None:
+            table.entries[i].eax = (table.entries[i].eax & ~0xFF) | width
+    return table
+
+
+def _apic_base_bits_refused(hypervisor, width: int | None) -> list[int]:
+    """Of the address bits 32..51, those KVM_SET_MSRS of IA32_APIC_BASE (enabled, the default base)
+    refuses after KVM_SET_CPUID2 with MAXPHYADDR `width` (None: no KVM_SET_CPUID2 at all)."""
+    vm = hypervisor.create_vm()
+    try:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        if width is not None:
+            vcpu.set_cpuid2(_cpuid_with_width(hypervisor, width))
+        refused = []
+        for bit in range(32, 52):
+            try:
+                vcpu.set_msrs({MSR_IA32_APICBASE: APIC_BASE_ENABLED | 1 << bit})
+            except OSError:
+                refused.append(bit)
+        return refused
+    finally:
+        vm.close()
+
+
+@on_both_backends
+@pytest.mark.parametrize("width", [None, 39, 44])
+def test_apic_base_reserved_bits_follow_the_cpuid_width(hypervisor, width):
+    """kvm_apic_set_base refuses IA32_APIC_BASE with a bit at or above the guest's MAXPHYADDR
+    (kvm_vcpu_reserved_gpa_bits_raw: vcpu->arch.maxphyaddr, which cpuid_query_maxphyaddr takes
+    from CPUID 0x80000008, and is 36 before KVM_SET_CPUID2), host writes included."""
+    maxphyaddr = 36 if width is None else width
+    assert _apic_base_bits_refused(hypervisor, width) == list(range(maxphyaddr, 52))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from pcihole.host.mman import MAP_SHARED, PROT_READ, HostMapping
 from pcihole.hv import exits
+from pcihole.hv.model import instruction_hooks
 from pcihole.hv.model.capabilities import MODEL_CAPABILITIES
 from pcihole.hv.model.cpu import UnsupportedCpuState
 from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM, KVM_MEM_PCI_HOLE
@@ -18,6 +20,8 @@ from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
 from tests.backends import BACKENDS
 from tests.guest_runner import close_run, read_answer, run_guest
 from tests.guestasm import assemble
+
+from .test_differential_set_regs_in_exit import flat_vcpu
 
 SLOT_GPA = 0x300000
 
@@ -250,3 +254,36 @@ def test_zero_memory_regions(model_hv):
     enter_protected_mode_flat(vcpu, 0x1000)
     assert isinstance(vcpu.run(), exits.InternalError)
     vm.close()
+
+
+def _live_skip_thunks() -> int:
+    """The ctypes thunks of the RDTSC / RDTSCP hooks' C type alive in this process, after a
+    collection (the binding's CPUID hooks have that type too)."""
+    gc.collect()
+    return sum(isinstance(o, instruction_hooks._INSN_SKIP_CFUNC) for o in gc.get_objects())
+
+
+def test_only_the_current_engine_keeps_its_rdtsc_thunks(model_hv):
+    """Each engine gets ctypes thunks for its RDTSC / RDTSCP hooks (instruction_hooks.py); the vCPU
+    builds a new engine at every KVM_SET_SREGS (a mode switch), and the old engines' thunks must go
+    with the old engines, not pile up for the vCPU's life. RDTSC runs in each engine (a thunk freed
+    too early would crash it). The guest's bytes run alike in real and 32-bit protected mode; each
+    KVM_SET_SREGS moves it to the other, which takes an engine of that mode."""
+    guest = """
+    1:  rdtsc
+        out %al, $0x80
+        jmp 1b
+    """
+    with flat_vcpu(model_hv, guest) as vcpu:
+        starts = vcpu.engine_starts
+        flat = vcpu.get_sregs()  # flat protected mode, as set (no engine yet)
+        real = vcpu.get_sregs()
+        real.cr0 &= ~1
+        real.cs.selector = real.cs.base = 0
+        assert isinstance(vcpu.run(), exits.IoOut)
+        one_engine = _live_skip_thunks()
+        for i in range(6):
+            vcpu.set_sregs(real if i % 2 == 0 else flat)  # an engine of the other mode
+            assert isinstance(vcpu.run(), exits.IoOut)
+        assert vcpu.engine_starts == starts + 7  # one engine each time
+        assert _live_skip_thunks() == one_engine

@@ -2,12 +2,14 @@
 
 Unicorn fixes the CPU mode when the engine is created, so the model reads the mode out of the
 special registers the way the hardware would (CR0.PE, CR0.PG, EFER.LMA, CS.L / CS.DB) and supports
-exactly the start states of x86_cpu_state.py plus real mode:
-- real mode: CR0.PE = 0, every segment base = selector << 4;
-- 32-bit flat protected mode, paging off: CS.DB = 1, every segment base 0 and limit 4 GiB;
-- 64-bit long mode with paging: EFER.LMA, CR0.PG, CS.L; CR3 / CR4 / EFER are loaded, and Unicorn
-  walks the guest's page tables in guest memory (through the memslots, as KVM's MMU does).
-Anything else raises UnsupportedCpuState naming the register that is out of reach.
+the start states of x86_cpu_state.py, real mode and what the guest makes of them:
+- real mode: CR0.PE = 0, CS.base = CS.selector << 4;
+- 32-bit protected mode, paging off: CS.DB = 1 and CS.base 0;
+- 64-bit long mode with paging: EFER.LMA, CR0.PG, CS.L; Unicorn walks the guest's page tables in
+  guest memory (through the memslots, as KVM's MMU does).
+The engine is loaded with all of kvm_sregs: the segments with their hidden parts, the descriptor
+tables, CR0 / CR2 / CR3 / CR4 and EFER (special_registers.py). Anything else raises
+UnsupportedCpuState naming the register that is out of reach.
 """
 
 from __future__ import annotations
@@ -18,18 +20,8 @@ from unicorn import UC_ARCH_X86, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import UcContext
 
-from pcihole.hv.model.engine_state import (
-    HF_LMA_MASK,
-    R_CS,
-    R_DS,
-    R_ES,
-    R_FS,
-    R_GS,
-    R_SS,
-    EngineState,
-    SegmentCache,
-)
-from pcihole.hv.msr_index import MSR_EFER
+from pcihole.hv.model.engine_state import DESC_B_MASK, HF_LMA_MASK, R_CS, EngineState
+from pcihole.hv.model.special_registers import load_sregs
 from pcihole.hv.uapi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 
@@ -41,7 +33,6 @@ from pcihole.hv.x86_cpu_state import EFER_LMA, X86_CR0_PE, X86_CR0_PG
 #: POPCNT, MOVBE, AES, PCLMULQDQ (no AVX, PCID or INVPCID: QEMU 5.0's TCG has none of them).
 #: cpuid.py offers the guest exactly the instructions measured to run (tests/model/test_cpuid.py).
 ENGINE_CPU_MODEL = x86.UC_CPU_X86_BROADWELL
-FLAT_LIMIT = 0xFFFFFFFF
 
 
 class UnsupportedCpuState(ValueError):
@@ -68,10 +59,6 @@ _GPRS_32 = (
     ("rsp", x86.UC_X86_REG_ESP), ("rbp", x86.UC_X86_REG_EBP), ("rip", x86.UC_X86_REG_EIP),
     ("rflags", x86.UC_X86_REG_EFLAGS),
 )  # fmt: skip
-_SEGMENTS_16 = (
-    ("cs", x86.UC_X86_REG_CS), ("ds", x86.UC_X86_REG_DS), ("es", x86.UC_X86_REG_ES),
-    ("fs", x86.UC_X86_REG_FS), ("gs", x86.UC_X86_REG_GS), ("ss", x86.UC_X86_REG_SS),
-)  # fmt: skip
 
 
 def reset_sregs() -> kvm_sregs:
@@ -92,35 +79,33 @@ def reset_regs() -> kvm_regs:
     return kvm_regs(rip=0xFFF0, rflags=0x2, rdx=0x600)
 
 
-def _is_flat(seg: kvm_segment) -> bool:
-    limit = seg.limit if not seg.g else (seg.limit << 12) | 0xFFF
-    return seg.base == 0 and (limit & 0xFFFFFFFF) == FLAT_LIMIT
-
-
 def cpu_mode(sregs: kvm_sregs) -> CpuMode:
-    """Which Unicorn mode runs this state, or UnsupportedCpuState."""
-    segs = {name: getattr(sregs, name) for name, _ in _SEGMENTS_16}
+    """Which Unicorn mode runs this state, or UnsupportedCpuState naming what is out of reach.
+
+    Every segment is loaded as given, hidden parts included (special_registers.py), but CS: the
+    engine starts at a linear address that emu_start makes CS.base + IP from the selector in real
+    mode (selector << 4) and takes as EIP in protected mode (a CS base of 0), and reads code there.
+    """
+    cs = sregs.cs
     if not sregs.cr0 & X86_CR0_PE:
-        for name, seg in segs.items():
-            if seg.base != seg.selector << 4:
-                raise UnsupportedCpuState(
-                    f"real mode with {name}.base {seg.base:#x} != selector {seg.selector:#x} << 4 "
-                    "(the model's real mode has no hidden segment state)"
-                )
+        if cs.base != cs.selector << 4:
+            raise UnsupportedCpuState(
+                f"real mode with cs.base {cs.base:#x} != selector {cs.selector:#x} << 4 "
+                "(the model starts real-mode code at CS.selector << 4 + IP)"
+            )
         return CpuMode.REAL
     if sregs.efer & EFER_LMA:
-        if not (sregs.cr0 & X86_CR0_PG and sregs.cs.l):
+        if not (sregs.cr0 & X86_CR0_PG and cs.l):
             raise UnsupportedCpuState("EFER.LMA without CR0.PG and a 64-bit CS (compatibility mode)")
         return CpuMode.LONG_64
     if sregs.cr0 & X86_CR0_PG:
         raise UnsupportedCpuState("32-bit paging (the model runs protected mode with paging off only)")
-    if not sregs.cs.db:
+    if not cs.db:
         raise UnsupportedCpuState("16-bit protected mode (CS.DB = 0)")
-    for name, seg in segs.items():
-        if not _is_flat(seg):
-            raise UnsupportedCpuState(
-                f"{name} is not flat (base {seg.base:#x}, limit {seg.limit:#x}): the model runs flat protected mode only"
-            )
+    if cs.base != 0:
+        raise UnsupportedCpuState(
+            f"cs.base {cs.base:#x} in protected mode (the model runs 32-bit code with a CS base of 0 only)"
+        )
     return CpuMode.PROTECTED_32
 
 
@@ -133,16 +118,16 @@ def empty_engine(mode: CpuMode) -> Uc:
 
 
 def new_engine(mode: CpuMode, regs: kvm_regs, sregs: kvm_sregs) -> Uc:
-    """A Unicorn engine in `mode` holding `regs` and the parts of `sregs` the mode needs."""
+    """A Unicorn engine in `mode` holding `regs` and `sregs` (special_registers.load_sregs: the
+    segments with the hidden parts given, not a fresh engine's)."""
     uc = empty_engine(mode)
-    if mode is CpuMode.LONG_64:
-        uc.reg_write(x86.UC_X86_REG_CR3, sregs.cr3)
-        uc.reg_write(x86.UC_X86_REG_CR4, sregs.cr4)
-        uc.msr_write(MSR_EFER, sregs.efer)
-        uc.reg_write(x86.UC_X86_REG_CR0, sregs.cr0)
-    elif mode is CpuMode.REAL:
-        for name, reg in _SEGMENTS_16:
-            uc.reg_write(reg, getattr(sregs, name).selector)
+    state = EngineState(uc, long_mode=mode is CpuMode.LONG_64)
+    if not state.layout_ok():
+        raise UnsupportedCpuState(
+            "segment registers: the engine's CPUX86State layout is not engine_state.py's, so their "
+            "hidden parts cannot be loaded"
+        )
+    load_sregs(uc, state, sregs)
     write_regs(uc, mode, regs)
     return uc
 
@@ -168,7 +153,18 @@ def live_mode(uc: Uc, mode: CpuMode, state: EngineState | None) -> CpuMode:
     64-bit CS, as Linux's PVH entry does (pvh_start_xen), but its RAX / RIP / RSP read 0 through
     the API and EAX the low half. HF_LMA in hflags (through the uc_context copy) says which it is;
     CR0.PG, which the 32-bit API reads, rules long mode out cheaply first.
+
+    A UC_MODE_16 engine follows a guest into protected mode too, but its emu_start starts at
+    CS.selector * 16 + IP, 16 bits of it: once the guest has a CS the 32-bit engine runs (a far
+    jump to a 32-bit code segment based at 0), it runs there.
     """
+    if mode is CpuMode.REAL:
+        if state is None or not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PE:
+            return mode
+        state.load()
+        cs = state.segment(R_CS)
+        runs_32 = cs.flags & DESC_B_MASK and cs.base == 0 and not state.cr(0) & X86_CR0_PG
+        return CpuMode.PROTECTED_32 if runs_32 else mode
     if state is None or (mode is not CpuMode.LONG_64 and not uc.reg_read(x86.UC_X86_REG_CR0) & X86_CR0_PG):
         return mode
     state.load()
@@ -244,43 +240,3 @@ def program_counter(uc: Uc, mode: CpuMode) -> int:
     if mode is CpuMode.REAL:
         return (uc.reg_read(x86.UC_X86_REG_CS) << 4) + (ip & 0xFFFF)
     return ip
-
-
-def _kvm_segment(seg: SegmentCache) -> kvm_segment:
-    """QEMU's SegmentCache (flags = the descriptor's high dword, limit already scaled by G) as
-    KVM_GET_SREGS reports a segment (QEMU's own get_seg in target/i386/kvm.c does the same)."""
-    flags = seg.flags
-    present = (flags >> 15) & 1
-    return kvm_segment(
-        base=seg.base,
-        limit=seg.limit,
-        selector=seg.selector,
-        type=(flags >> 8) & 0xF,
-        present=present,
-        dpl=(flags >> 13) & 3,
-        db=(flags >> 22) & 1,
-        s=(flags >> 12) & 1,
-        l=(flags >> 21) & 1,
-        g=(flags >> 23) & 1,
-        avl=(flags >> 20) & 1,
-        unusable=0 if present else 1,
-    )
-
-
-def read_sregs(uc: Uc, state: EngineState, given: kvm_sregs) -> kvm_sregs:
-    """KVM_GET_SREGS from the engine: segments with their hidden parts, descriptor tables, control
-    registers and EFER as the guest left them (it loads its own GDT and switches mode itself);
-    APIC base and the interrupt bitmap as KVM_SET_SREGS `given` them."""
-    state.load()
-    sregs = kvm_sregs.from_buffer_copy(given)
-    for name, index in (("es", R_ES), ("cs", R_CS), ("ss", R_SS), ("ds", R_DS), ("fs", R_FS), ("gs", R_GS)):
-        setattr(sregs, name, _kvm_segment(state.segment(index)))
-    sregs.tr = _kvm_segment(state.table("tr"))
-    sregs.ldt = _kvm_segment(state.table("ldt"))
-    for name in ("gdt", "idt"):
-        table = state.table(name)
-        getattr(sregs, name).base = table.base
-        getattr(sregs, name).limit = table.limit
-    sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4 = (state.cr(n) for n in (0, 2, 3, 4))
-    sregs.efer = uc.msr_read(MSR_EFER)
-    return sregs

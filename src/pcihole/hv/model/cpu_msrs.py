@@ -55,6 +55,7 @@ from pcihole.hv.msr_index import (
     MSR_SYSCALL_MASK,
     MSR_TSC_AUX,
 )
+from pcihole.hv.uapi import kvm_sregs
 from pcihole.hv.x86_cpu_state import EFER_LMA, EFER_LME, X86_CR0_PG
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ ENGINE_MSRS: tuple[int, ...] = (
     MSR_GS_BASE,
     MSR_KERNEL_GS_BASE,
 )
+# The hidden bases of FS and GS (kvm_sregs' fs.base / gs.base) as MSRs.
+_SEGMENT_BASES = frozenset((MSR_FS_BASE, MSR_GS_BASE))
 #: Read by the engine, written through Python (KVM checks the value; the engine does not).
 ENGINE_READ_ONLY_NATIVE: tuple[int, ...] = (MSR_IA32_CR_PAT, MSR_MTRRCAP, MSR_EFER)
 #: The engine MSRs whose writes KVM checks (set_efer, kvm_mtrr_valid): reads pass through, writes not.
@@ -161,12 +164,11 @@ class EngineMsrs:
         self,
         engine: Callable[[], Uc | None],
         native: Callable[[], AbstractContextManager[None]],
-        efer: Callable[[], int],
-        set_efer: Callable[[int], None],
+        sregs: Callable[[], kvm_sregs],
     ) -> None:
         self._engine = engine  # the live engine, or None
         self._native = native  # MsrIntercept.native of the vCPU
-        self._efer, self._set_efer = efer, set_efer  # kvm_sregs.efer while there is no engine
+        self._sregs = sregs  # the vCPU's kvm_sregs, whose efer is EFER while there is no engine
         self.tsc_aux: MsrValue | None = None  # IA32_TSC_AUX, a Python MSR (register_vcpu_msrs)
         self.saved: dict[int, int] = {MSR_IA32_CR_PAT: PAT_RESET, MSR_IA32_MISC_ENABLE: MISC_ENABLE_RESET}
 
@@ -175,7 +177,7 @@ class EngineMsrs:
             return MTRRCAP_VALUE
         uc = self._engine()
         if uc is None:
-            return self._efer() if index == MSR_EFER else self.saved.get(index, 0)
+            return self._sregs().efer if index == MSR_EFER else self.saved.get(index, 0)
         with self._native():
             return uc.msr_read(index)
 
@@ -183,21 +185,24 @@ class EngineMsrs:
         uc = self._engine()
         if uc is None:
             if index == MSR_EFER:
-                self._set_efer(value)
+                # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
+                sregs = self._sregs()
+                sregs.efer = (value & ~EFER_LMA) | (sregs.efer & EFER_LMA)
             else:
                 self.saved[index] = value
             return
         with self._native():
             uc.msr_write(index, value)
 
-    def save(self, uc: Uc) -> None:
-        """The engine is about to be replaced (set_sregs): keep its MSRs for the next one."""
-        with self._native():
-            for index in (*ENGINE_MSRS, MSR_IA32_CR_PAT):
-                self.saved[index] = uc.msr_read(index)
+    def sregs_set(self) -> None:
+        """KVM_SET_SREGS: FS / GS base are its fs.base and gs.base from now on, not a value a
+        KVM_SET_MSRS gave before it (the same register: the later write wins)."""
+        for index in _SEGMENT_BASES:
+            self.saved.pop(index, None)
 
     def restore(self, uc: Uc) -> None:
-        """Load the kept MSRs into a new engine (EFER came with kvm_sregs)."""
+        """Load the kept MSRs into the first engine (EFER came with kvm_sregs); later engines get
+        them with the whole CPU state (cpu.carry_state)."""
         with self._native():
             for index, value in self.saved.items():
                 uc.msr_write(index, value)

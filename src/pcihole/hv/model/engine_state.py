@@ -217,6 +217,18 @@ class EngineState:
         selector, base, limit, flags = struct.unpack_from("<I4xQII", self._data, offset)
         return SegmentCache(selector, base, limit, flags)
 
+    def set_table(self, which: str, seg: SegmentCache) -> None:
+        """Write the "tr", "ldt", "gdt" or "idt" register as it is (no descriptor is read)."""
+        offset = {"tr": _TR, "ldt": _LDT, "gdt": _GDT, "idt": _IDT}[which]
+        struct.pack_into("<I4xQII", self._data, offset, seg.selector, seg.base, seg.limit, seg.flags)
+
+    def set_segment(self, index: int, seg: SegmentCache) -> None:
+        """Write segs[index] as it is, hflags untouched (special_registers.py derives them once all
+        six are written)."""
+        struct.pack_into(
+            "<I4xQII", self._data, _SEGS + index * _SEGMENT_BYTES, seg.selector, seg.base, seg.limit, seg.flags
+        )
+
     def set_gpr(self, index: int, value: int) -> None:
         """regs[index] (R_EAX 0, R_ECX 1, R_EDX 2, R_EBX 3, ...), all 64 bits: what a 32-bit
         engine's uc_reg_write cannot reach once the guest is in long mode."""

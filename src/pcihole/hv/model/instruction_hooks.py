@@ -15,6 +15,7 @@ write_gprs writes an instruction's result registers as the CPU does, all 64 bits
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 from unicorn import UC_HOOK_INSN, Uc, UcError
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
@@ -65,7 +66,11 @@ class InstructionHooks:
         self._cpuid = CpuidTable([])
         self._cpuid_engine: Uc | None = None  # the engine the CPUID hook is installed in
         self._fast: FastRegisters | None = None  # of the current engine (_hook_tsc)
-        self._insn_thunks: list[object] = []  # ctypes thunks of the RDTSC hooks, kept alive
+        # The ctypes thunks of each engine's RDTSC / RDTSCP hooks, alive exactly as long as their
+        # engine, as the binding keeps its own hooks' thunks in the Uc (its _callbacks): the vCPU
+        # replaces its engine at every mode switch, and an old engine's thunks go when it does (a
+        # thunk freed before its engine would leave the engine a dangling callback).
+        self._insn_thunks: weakref.WeakKeyDictionary[Uc, list[object]] = weakref.WeakKeyDictionary()
         # The current engine's mode and, where the engine's state is in reach, that state (write_gprs).
         self._mode: cpu.CpuMode | None = None
         self._msr_state: EngineState | None = None
@@ -139,12 +144,19 @@ class InstructionHooks:
         """RDTSC / RDTSCP read self.tsc (the engine's own would return the host's raw TSC). Also
         gives the engine the register access these hooks and the CPUID hook use."""
         self._fast = FastRegisters(uc)
+        thunks = self._insn_thunks.setdefault(uc, [])
+        # The engine through a weak reference: a strong one from its own thunks would keep the
+        # engine (their key in _insn_thunks) alive for good. It is alive whenever it calls them.
+        engine = weakref.ref(uc)
         for insn, callback in ((UC_X86_INS_RDTSC, self._on_rdtsc), (UC_X86_INS_RDTSCP, self._on_rdtscp)):
-            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback, engine=uc: cb(engine))
-            self._insn_thunks.append(thunk)
+            thunk = _INSN_SKIP_CFUNC(lambda _uch, _data, cb=callback: cb(engine()))
+            thunks.append(thunk)
             handle = uc_hook_h()
+            # The thunk itself as the void * argument, as the binding's hook_add passes its own:
+            # ctypes.cast(thunk, c_void_p) would store the thunk in its own _objects, a cycle the
+            # collector never frees (measured: every engine's thunks outlived it).
             err = uclib.uc_hook_add(
-                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, ctypes.cast(thunk, ctypes.c_void_p), None,
+                uc._uch, ctypes.byref(handle), UC_HOOK_INSN, thunk, None,
                 ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn),
             )  # fmt: skip
             if err:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pcihole.hv.model.cpu_msrs import DEFAULT_MAXPHYADDR
 from pcihole.hv.model.host_timer import HostTimer
 from pcihole.hv.model.lapic_irq import (
     APIC_DEST_ALLBUT,
@@ -89,9 +90,6 @@ X2APIC_ENABLE = 1 << 10
 MSR_IA32_APICBASE_BASE = 0xFFFFF << 12
 APIC_BASE_MSR = 0x800  # x2APIC MSR = APIC_BASE_MSR + (register offset >> 4)
 X2APIC_MSR_LAST = 0x8FF
-# The guest-physical address width the model's CPU reports (QEMU's TCG default phys-bits): bits
-# above it are reserved in IA32_APIC_BASE (kvm_vcpu_reserved_gpa_bits_raw).
-MAXPHYADDR = 40
 
 APIC_VERSION = 0x14  # lapic.c: "integrated APIC" version of a Pentium 4 / Xeon
 KVM_APIC_NR_LVT_ENTRIES = 6  # timer, thermal, perf, LINT0, LINT1, error (no CMCI: mcg_cap lacks it)
@@ -180,6 +178,9 @@ class LocalApic:
         # (one-shot only) and IA32_APIC_BASE refuses x2APIC, as on this host's kernel.
         self.timer_mode_mask = 0
         self.x2apic_allowed = False
+        # The guest's MAXPHYADDR (vcpu->arch.maxphyaddr, cpuid_query_maxphyaddr of its CPUID: 36
+        # before KVM_SET_CPUID2): the bits at and above it are reserved in IA32_APIC_BASE.
+        self.maxphyaddr = DEFAULT_MAXPHYADDR
         self.interrupts_accepted = 0
         self._reset()
 
@@ -200,13 +201,15 @@ class LocalApic:
         self.irr = self.isr = self.tmr = 0
         self._update_divide_count()
 
-    def set_cpuid(self, *, x2apic: bool, tsc_deadline: bool) -> None:
-        """KVM_SET_CPUID2: periodic mode always, TSC-deadline where CPUID.1:ECX[24] says so."""
+    def set_cpuid(self, *, x2apic: bool, tsc_deadline: bool, maxphyaddr: int) -> None:
+        """KVM_SET_CPUID2: periodic mode always, TSC-deadline where CPUID.1:ECX[24] says so; x2APIC
+        and the reserved bits of IA32_APIC_BASE as the new table says."""
         with self.irqchip.locked():
             self.timer_mode_mask = APIC_LVT_TIMER_PERIODIC | (
                 APIC_LVT_TIMER_TSCDEADLINE if tsc_deadline else 0
             )
             self.x2apic_allowed = x2apic
+            self.maxphyaddr = maxphyaddr
 
     # --- state the rest of the irqchip asks ----------------------------------------------------------
 
@@ -581,8 +584,9 @@ class LocalApic:
         return self.apic_base
 
     def _write_apic_base(self, index: int, value: int, host: bool) -> None:
-        """kvm_set_apic_base -> kvm_lapic_set_base."""
-        reserved = ((1 << 64) - (1 << MAXPHYADDR)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
+        """kvm_set_apic_base -> kvm_lapic_set_base; reserved: kvm_vcpu_reserved_gpa_bits_raw, 0x2ff,
+        and X2APIC_ENABLE unless the guest's CPUID has x2APIC."""
+        reserved = ((1 << 64) - (1 << self.maxphyaddr)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
         new_x2, new_en = bool(value & X2APIC_ENABLE), bool(value & MSR_IA32_APICBASE_ENABLE)
         if value & reserved or (new_x2 and not new_en):
             raise MsrFault(f"IA32_APIC_BASE {value:#x}: reserved bits, or x2APIC without enable")

@@ -7,12 +7,15 @@ between must see what KVM does with them, which depends on the exit:
 - port I/O (kvm_fast_pio): complete_fast_pio_in / complete_fast_pio_out finish the instruction and
   skip it only if RIP is still where it was at the exit (kvm_is_linear_rip(vcpu,
   vcpu->arch.pio.linear_rip)); a RIP moved elsewhere is taken, the instruction left undone (an IN's
-  data dropped: `rip_moved`);
+  data dropped, RAX as the VMM set it: `rip_moved`; the engine leaves the translation block after
+  the hook, engine/patches/0005);
 - an MMIO read: complete_emulated_mmio -> complete_emulated_io re-enters the emulator with
   EMULTYPE_NO_DECODE, whose writeback sets RIP past the instruction it decoded (ctxt->_eip): a RIP
   set meanwhile is overwritten;
-- an MMIO write: the emulator finished the instruction before the exit, so a RIP moved during it is
-  taken (here, where the engine is still on the instruction, one left unchanged finishes it).
+- an MMIO write: the emulator finished the instruction before the exit (writeback), so KVM_GET_REGS
+  reads RIP past it (`kvm_view`; a REP string store's stays on it, its RCX / RSI / RDI stepped) and a RIP
+  moved from there is taken (here, where the engine is still on the instruction, one left as read
+  finishes it).
 And registers set during an MMIO exit cannot simply be written into the paused engine: its
 generated code may hold guest registers in host ones and overwrite them. The vCPU (vcpu.py's
 exit_to_user) then stops the engine at the start of the instruction and runs it again with the
@@ -26,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pcihole.hv import exits
+from pcihole.hv.model.instruction_length import WriteExit, step_string
+from pcihole.hv.uapi import kvm_regs
 
 _MID_INSTRUCTION = exits.MmioRead | exits.MmioWrite | exits.IoIn | exits.IoOut
 _MEMORY_ACCESS = exits.MmioRead | exits.MmioWrite
@@ -44,6 +49,10 @@ class MidInstructionExit:
         # An MMIO exit whose instruction runs again with the VMM's registers, and its answer:
         # the exit the instruction makes again, and what to return without the VMM.
         self._replay: tuple[exits.VcpuExit, bytes | None] | None = None
+        # An MMIO write exit as KVM reports it (RIP past the instruction), computed when first
+        # asked: what computes it, and the answer.
+        self._compute_write_exit: Callable[[int], WriteExit | None] | None = None
+        self._write: WriteExit | None = None
 
     def rip_takes(self, rip: int, in_exit: bool) -> bool:
         """Whether KVM_SET_REGS's RIP moves the guest (module docstring); `in_exit`: the vCPU is
@@ -53,7 +62,42 @@ class MidInstructionExit:
             return True
         if self._kind is exits.MmioRead:
             return False
-        return rip != self._rip
+        return rip != self._kvm_rip()
+
+    def _write_exit(self) -> WriteExit | None:
+        """This MMIO write exit as KVM reports it (None: another exit, or code that cannot be read)."""
+        compute = self._compute_write_exit
+        if self._kind is not exits.MmioWrite or compute is None or self._rip is None:
+            return None
+        if self._write is None:
+            self._write = compute(self._rip)
+        return self._write
+
+    def _kvm_rip(self) -> int | None:
+        """RIP at this exit as KVM has it: past the instruction for an MMIO write."""
+        write = self._write_exit()
+        return self._rip if write is None else write.rip
+
+    def kvm_view(self, regs: kvm_regs) -> None:
+        """KVM_GET_REGS: the engine's `regs` as KVM has them during an MMIO write exit whose RIP the
+        VMM did not move: RIP past the instruction, a string store's registers stepped."""
+        if self._kind is not exits.MmioWrite or regs.rip != self._rip or self.rip_moved:
+            return
+        write = self._write_exit()
+        if write is not None:
+            regs.rip = write.rip
+            if write.string is not None:
+                step_string(regs, write.string, 1)
+
+    def engine_view(self, regs: kvm_regs, rip_taken: bool) -> kvm_regs:
+        """KVM_SET_REGS's `regs` for the engine, still before the string store's step (kvm_view), where
+        the instruction finishes (RIP not taken)."""
+        write = None if rip_taken else self._write_exit()
+        if write is None or write.string is None:
+            return regs
+        regs = kvm_regs.from_buffer_copy(regs)
+        step_string(regs, write.string, -1)
+        return regs
 
     def registers_set(self, rip_taken: bool) -> None:
         """KVM_SET_REGS, whose RIP was taken or not (rip_takes)."""
@@ -61,17 +105,33 @@ class MidInstructionExit:
             self.rip_moved = True
         self._regs_set = self._rip is not None
 
-    def begin(self, exit_: exits.VcpuExit, rip: Callable[[], int]) -> None:
-        """The vCPU pauses in `exit_`; `rip` reads RIP (asked only for an exit mid-instruction)."""
+    def state_set(self) -> bool:
+        """KVM_SET_SREGS during this exit: True in an MMIO one, whose instruction then runs again
+        under the new state (live_sregs.py), as after KVM_SET_REGS."""
+        if self._kind in (exits.MmioRead, exits.MmioWrite):
+            self._regs_set = True
+            return True
+        return False
+
+    def begin(
+        self,
+        exit_: exits.VcpuExit,
+        rip: Callable[[], int],
+        write_exit: Callable[[int], WriteExit | None],
+    ) -> None:
+        """The vCPU pauses in `exit_`; `rip` reads RIP (asked only for an exit mid-instruction),
+        `write_exit` says how KVM reports the MMIO write exit of the instruction at a RIP (asked
+        only if the VMM reads or sets the registers during one)."""
         if isinstance(exit_, _MID_INSTRUCTION):
             self._kind, self._rip = type(exit_), rip()
             self.rip_moved = self._regs_set = False
+            self._compute_write_exit, self._write = write_exit, None
 
     def end(self, exit_: exits.VcpuExit) -> bool:
         """The vCPU resumes from `exit_`: True if KVM_SET_REGS during this MMIO exit left RIP where
         the instruction runs again (the caller replays it: replay_later)."""
         regs_set = self._regs_set and isinstance(exit_, _MEMORY_ACCESS)
-        self._kind = self._rip = None
+        self._kind = self._rip = self._compute_write_exit = None
         self._regs_set = False
         return regs_set and not self.rip_moved
 

@@ -11,7 +11,7 @@ each one (kvm_check_and_inject_events, inject_pending_event) and of kvm_vcpu_hal
 It is its own file because it is one question asked in three places of the run loop (vcpu.py):
 between runs, at an instruction boundary (the boundary hook's callback, and its cheap IF poll), and
 while asleep in HLT. Each answer must be the same, in the same order: an NMI first, then
-KVM_INTERRUPT's vector, then the window exit, then the source. What belongs to the run loop stays
+KVM_INTERRUPT's vector, then the window exit, then the source; `due` is that order, written once. What belongs to the run loop stays
 there (kicks, memslot changes, a new engine, closing): this file is handed what it needs of it,
 and the engine (`uc`) and its state (`EngineState`, None where out of reach) with each call, since
 an engine is replaced when the guest changes mode.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from enum import Enum
 
 from unicorn import Uc
 
@@ -30,6 +31,15 @@ from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import NMI, Event, EventKind, interrupt_window_open
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.vcpu_state import Request
+
+
+class Due(Enum):
+    """What PendingEvents.due found deliverable first."""
+
+    NMI = "KVM_NMI"
+    INTERRUPT = "KVM_INTERRUPT"
+    WINDOW = "IrqWindowOpen"
+    SOURCE = "the in-kernel source"
 
 
 class PendingEvents:
@@ -106,27 +116,51 @@ class PendingEvents:
             and not self.window_requested
         )
 
+    def due(self, uc: Uc, state: EngineState | None, *, window: bool = True, source: bool = True) -> Due | None:
+        """What is delivered next, if anything can be now: the one order of the three places that
+        ask (module docstring), as inject_pending_event goes through them, each in turn where the
+        one before cannot be delivered (an NMI blocked until IRET does not hold back the rest):
+        an NMI where NMIs are not blocked, KVM_INTERRUPT's vector (whatever IF says), the
+        interrupt-window exit, the source's interrupt where the guest can take one. `window` /
+        `source` False leave those out (HLT wakes for no window; between runs the source's
+        interrupt waits for the first block start)."""
+        if self.nmi_pending and self.nmi_allowed(state):
+            return Due.NMI
+        if self.injection is not None:
+            return Due.INTERRUPT
+        if window and self.window_open(uc, state):
+            return Due.WINDOW
+        src = self.source
+        if source and src is not None and state is not None and src.has_interrupt():
+            return Due.SOURCE if interrupt_window_open(uc, state) else None
+        return None
+
+    def deliver(self, uc: Uc, state: EngineState | None, due: Due) -> bool:
+        """Deliver what `due` said (not the window exit, which is the caller's); False if the
+        delivery triple-faulted (the vCPU stopped with Shutdown)."""
+        if due is Due.NMI:
+            return self.deliver_nmi(uc, state)
+        if due is Due.INTERRUPT:
+            return self.inject(uc)
+        self.deliver_from_source(uc, state)
+        return True
+
     def at_boundary(self, uc: Uc, state: EngineState | None) -> bool:
         """At an instruction boundary, once the run loop's own requests are answered: deliver what
-        can be; True if an IrqWindowOpen exit is due (the caller stops the engine with it)."""
-        if self.nmi_pending:
-            if self.nmi_allowed(state):
-                self.deliver_nmi(uc, state)
-            else:
-                self._request_boundary()  # blocked until the handler's IRET: look again
-        elif self.injection is not None:
-            self.inject(uc)
-        elif self.window_open(uc, state):
+        is due (one event, as one VM entry injects one); True if an IrqWindowOpen exit is due (the
+        caller stops the engine with it)."""
+        due = self.due(uc, state)
+        if due is Due.WINDOW:
             return True
-        elif self.source is not None and (self.source_waits or self.source.has_interrupt()):
-            # While an interrupt waits for IF (Linux runs long stretches with interrupts off) this
-            # runs at every block start: RFLAGS.IF is read first, cheaply (KVM asks the CPU for an
-            # interrupt-window exit instead; Unicorn has no such event).
-            self.source_waits = not self.deliver_from_source(uc, state)
-            if self.source_waits:
-                self._request_boundary()  # the window is closed: look again at the next block
-        elif self.window_requested:
-            self._request_boundary()  # the window is closed: look again at the next block
+        if due is not None and not self.deliver(uc, state, due):
+            return False
+        source = self.source
+        # While an interrupt waits for IF (Linux runs long stretches with interrupts off) the next
+        # block starts poll RFLAGS.IF cheaply (only_source_waits; KVM asks the CPU for an
+        # interrupt-window exit instead, Unicorn has no such event).
+        self.source_waits = due is not Due.SOURCE and source is not None and source.has_interrupt()
+        if self.wanted():
+            self._request_boundary()  # something left (blocked, or behind this one): look again
         return False
 
     def deliver_from_source(self, uc: Uc, state: EngineState | None) -> bool:
@@ -160,19 +194,13 @@ class PendingEvents:
                 if Request.KICK in self._requests:
                     self._requests.discard(Request.KICK)
                     return exits.Interrupted()
-                if self.injection is not None or (self.nmi_pending and self.nmi_allowed(state)):
-                    break
-                if source.has_interrupt() and state is not None and interrupt_window_open(uc, state):
+                due = self.due(uc, state, window=False)
+                if due is not None:
                     break
                 if mmu is None or not mmu.stale():
                     self._sync.wait()
         self.halted = False
-        if self.nmi_pending and self.nmi_allowed(state):
-            self.deliver_nmi(uc, state)
-        elif self.injection is not None:
-            self.inject(uc)
-        else:
-            self.deliver_from_source(uc, state)
+        self.deliver(uc, state, due)
         return None
 
     def nmi_allowed(self, state: EngineState | None) -> bool:

@@ -11,7 +11,9 @@ x86.c's and the MMU's work is in the modules it drives:
 - pending_events.py: KVM_INTERRUPT, KVM_NMI, the interrupt window, the in-kernel interrupt source
   and the sleep in HLT, asked between runs, at instruction boundaries and while halted;
 - mid_instruction_exit.py: KVM_SET_REGS during an MMIO / port-I/O exit, and the MMIO replay;
+  instruction_length.py: RIP past an MMIO write, as KVM reports it;
 - long_mode_switch.py: the 64-bit engine that replaces a 32-bit one the guest took into long mode;
+- special_registers.py, live_sregs.py: KVM_GET_SREGS / KVM_SET_SREGS, segments' hidden parts included;
 - cpu.py: the engine and the registers.
 
 A KVM vCPU stops in the middle of an instruction to ask userspace for the value of an MMIO read or
@@ -27,9 +29,9 @@ current RIP.
 Where the vCPU is, is one `VcpuState`: IDLE (outside emu_start), RUNNING (emulating), IN_EXIT
 (inside emu_start, paused in a callback: run() returned its exit), CLOSING (leaving the engine for
 good), CLOSED. What other threads ask of it are `Request`s, as KVM's vcpu->requests: KICK (the
-running or next run() returns Interrupted), NEW_ENGINE (set_sregs changed the mode) and
-MODE_CHANGE (the guest took a 32-bit engine into long mode: long_mode_switch.py); all are in
-vcpu_state.py.
+running or next run() returns Interrupted), NEW_ENGINE (the first engine), RESTART (KVM_SET_SREGS
+loaded the engine: live_sregs.py) and MODE_CHANGE (the guest took a 32-bit engine into long mode:
+long_mode_switch.py); all are in vcpu_state.py.
 
 Memslot changes are seen at once, also when another thread makes them while this vCPU runs: the
 change arms the boundary hook, whose callback, at the start of the next translation block (an
@@ -87,19 +89,19 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR2,
-    UC_X86_REG_EAX,
     UC_X86_REG_IDTR,
 )
 
 from pcihole.hv import exits
-from pcihole.hv.model import cpu
+from pcihole.hv.model import cpu, special_registers
 from pcihole.hv.model.boundary_hook import BoundaryHook
-from pcihole.hv.model.cpu_msrs import EngineMsrs, register_vcpu_msrs
+from pcihole.hv.model.cpu_msrs import EngineMsrs, guest_maxphyaddr, register_vcpu_msrs
 from pcihole.hv.model.cpuid import CpuidTable
 from pcihole.hv.model.emulator_read_write import AccessEmulator
 from pcihole.hv.model.engine_state import EngineState, read_flags
 from pcihole.hv.model.errors import ModelKvmError
 from pcihole.hv.model.instruction_hooks import InstructionHooks
+from pcihole.hv.model.instruction_length import MAX_INSN_BYTES, WriteExit, code_at_rip, write_exit
 from pcihole.hv.model.intercept_exits import InterceptExits
 from pcihole.hv.model.interrupt_source import InterruptSource
 from pcihole.hv.model.interrupts import (
@@ -108,21 +110,20 @@ from pcihole.hv.model.interrupts import (
     Delivery,
     Event,
     EventKind,
-    Fault,
-    LinearMemory,
     TripleFault,
     syscall,
 )
 from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
+from pcihole.hv.model.live_sregs import LiveSregs
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
 from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
-from pcihole.hv.model.pending_events import PendingEvents
+from pcihole.hv.model.pending_events import Due, PendingEvents
 from pcihole.hv.model.tsc import TscClock
-from pcihole.hv.model.vcpu_state import Request, VcpuState
+from pcihole.hv.model.vcpu_state import RESTARTS, Request, VcpuState
 from pcihole.hv.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MP_STATE_HALTED,
@@ -132,7 +133,6 @@ from pcihole.hv.uapi import (
     kvm_regs,
     kvm_sregs,
 )
-from pcihole.hv.x86_cpu_state import EFER_LMA
 
 _HLT_OPCODE = 0xF4
 # CPUID leaf 1, ECX: X86_FEATURE_X2APIC, X86_FEATURE_TSC_DEADLINE_TIMER
@@ -213,7 +213,8 @@ class ModelVcpu:
         # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
         self._intercept = MsrIntercept()
         self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
-        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, self._efer, self._set_efer)
+        self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, lambda: self._sregs)
+        self._live_sregs = LiveSregs(self._requests, self._request_boundary, self.engine_msrs)  # set_sregs
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
         self.kvmclock = KvmClock(self.tsc, vm.write_guest, vm.read_guest)
         # CPUID from KVM_SET_CPUID2's table, RDTSC / RDTSCP from self.tsc (instruction_hooks.py).
@@ -246,9 +247,11 @@ class ModelVcpu:
 
     def get_regs(self) -> kvm_regs:
         engine = self._live_engine()
-        if engine is not None:
-            return cpu.read_regs(*engine, self._engine_state)
-        return kvm_regs.from_buffer_copy(self._regs)
+        if engine is None:
+            return kvm_regs.from_buffer_copy(self._regs)
+        regs = cpu.read_regs(*engine, self._engine_state)
+        self._mid_exit.kvm_view(regs)  # an MMIO write finished, as KVM's emulator has it
+        return regs
 
     def _rip(self) -> int:
         """get_regs().rip, reading RIP alone (cpu.read_rip)."""
@@ -262,23 +265,26 @@ class ModelVcpu:
         engine = self._live_engine()
         if engine is not None:
             rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
+            engine_regs = self._mid_exit.engine_view(self._regs, rip)
             self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
-            cpu.write_regs(*engine, self._regs, self._engine_state, rip=rip)
+            cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
-        engine, state = self._live_engine(), self._engine_state
-        if engine is not None and state is not None:
-            return cpu.read_sregs(engine[0], state, self._sregs)
-        return kvm_sregs.from_buffer_copy(self._sregs)
+        engine, state, pending = self._live_engine(), self._msr_state, self._live_sregs.pending
+        if engine is None or state is None or pending is not None:
+            return kvm_sregs.from_buffer_copy(self._sregs if pending is None else pending)
+        return special_registers.read_sregs(engine[0], state, self._sregs)
 
     def set_sregs(self, sregs: kvm_sregs) -> None:
-        cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
-        engine = self._live_engine()
-        if engine is not None:
-            self._regs = cpu.read_regs(*engine, self._engine_state)
-            self.engine_msrs.save(engine[0])
-        self._sregs = kvm_sregs.from_buffer_copy(sregs)
-        self._requests.add(Request.NEW_ENGINE)
+        mode = cpu.cpu_mode(sregs)  # refuse, here and now, a state the model cannot run
+        self.engine_msrs.sregs_set()
+        engine, state = self._live_engine(), self._msr_state
+        self._sregs = kvm_sregs.from_buffer_copy(sregs)  # (what the engine does not hold: APIC base)
+        if engine is None or state is None:
+            self._requests.add(Request.NEW_ENGINE)
+        elif not special_registers.engine_holds(self.get_sregs(), sregs):
+            # Into the engine, which keeps the instruction under way (live_sregs.py).
+            self._live_sregs.set(engine[0], state, sregs, mode, self._mid_exit.state_set())
 
     def set_cpuid2(self, cpuid) -> None:
         """KVM_SET_CPUID2: from now on the guest's CPUID is answered from this table, as kvm_cpuid
@@ -289,13 +295,14 @@ class ModelVcpu:
         self._instructions.set_cpuid(table, None if engine is None else engine[0])
         lapic = self.lapic
         if lapic is not None:
-            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC
-            for entry in cpuid.entries[: cpuid.nent]:
-                if entry.function == CPUID_FEATURES:
-                    lapic.set_cpuid(
-                        x2apic=bool(entry.ecx & CPUID_1_ECX_X2APIC),
-                        tsc_deadline=bool(entry.ecx & CPUID_1_ECX_TSC_DEADLINE),
-                    )
+            # what KVM derives for the LAPIC (kvm_vcpu_after_set_cpuid): timer modes, x2APIC, MAXPHYADDR
+            features = table.find(CPUID_FEATURES, None)
+            ecx = 0 if features is None else features.ecx
+            lapic.set_cpuid(
+                x2apic=bool(ecx & CPUID_1_ECX_X2APIC),
+                tsc_deadline=bool(ecx & CPUID_1_ECX_TSC_DEADLINE),
+                maxphyaddr=guest_maxphyaddr(table),
+            )
 
     # --- MSRs (msr.py, cpu_msrs.py) and the FPU ----------------------------------------------------
 
@@ -331,13 +338,6 @@ class ModelVcpu:
     def _msr_engine(self) -> Uc | None:
         engine = self._live_engine()
         return None if engine is None else engine[0]
-
-    def _efer(self) -> int:
-        return self._sregs.efer
-
-    def _set_efer(self, value: int) -> None:
-        # kvm_set_msr_common -> set_efer for a host write: LMA is kept as it is.
-        self._sregs.efer = (value & ~EFER_LMA) | (self._sregs.efer & EFER_LMA)
 
     # --- the coalesced ring (one page per VM, seen through every vCPU as on KVM) -------------------
 
@@ -527,15 +527,17 @@ class ModelVcpu:
             exit_ = events.halt(uc, state, self._mmu)
             if exit_ is not None or events.halted:
                 return exit_
-        if events.nmi_pending and events.nmi_allowed(state) and not events.deliver_nmi(uc, state):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
+        # An exception the old engine deferred first, then one event (an exception is injected
+        # before any NMI or interrupt: kvm_check_and_inject_events); the source's waits for the
+        # first block start (the boundary, armed above).
         event = self._long_mode.take_deferred()
         if event is not None and not self._deliver(uc, event):
             return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.injection is not None and not events.inject(uc):
-            return self._stop_exit  # the delivery triple-faulted: Shutdown
-        if events.window_open(uc, state):
+        due = events.due(uc, state, source=False)
+        if due is Due.WINDOW:
             return exits.IrqWindowOpen()
+        if due is not None and not events.deliver(uc, state, due):
+            return self._stop_exit  # the delivery triple-faulted: Shutdown
         try:
             try:
                 self.engine_starts += 1
@@ -562,8 +564,8 @@ class ModelVcpu:
             return self._stop_exit  # a triple fault, or Interrupted (a kick, at a boundary)
         if self._mid_exit.replay_pending:
             return None  # an MMIO instruction to run again (exit_to_user): from the current RIP
-        if Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
-            return None  # stopped at a boundary to rebuild: _prepare_engine does
+        if not RESTARTS.isdisjoint(self._requests):
+            return None  # stopped at a boundary to start again or rebuild: _prepare_engine does
         boundary = self._boundary
         if boundary is not None and not boundary.precise and boundary.armed:
             # The fallback's uc_emu_stop (boundary_hook.py) stopped us, maybe before the boundary.
@@ -574,7 +576,7 @@ class ModelVcpu:
             return None  # stopped for nothing the caller must see: go on
         # Otherwise emu_start returns by itself only after HLT (there is no end address or count),
         # which the intercept takes inside the engine (_on_hlt) wherever the engine state is in reach.
-        if self._code_byte_before_rip(uc, mode) == _HLT_OPCODE:
+        if self._code_at_rip(uc, mode, -1, 1)[0] == bytes((_HLT_OPCODE,)):
             if events.source is None:
                 return exits.Hlt()
             events.halted = True
@@ -601,7 +603,7 @@ class ModelVcpu:
             self.exit_to_user(exits.Interrupted())
             if self._state not in _LEFT and (self._events.wanted() or Request.KICK in self._requests):
                 self._request_boundary()
-        elif Request.NEW_ENGINE in self._requests:
+        elif Request.RESTART in self._requests:
             self._stop(uc)
         elif self._events.at_boundary(uc, self._engine_state):
             self._stop_exit = exits.IrqWindowOpen()
@@ -669,7 +671,7 @@ class ModelVcpu:
         elif isinstance(exit_, exits.IoIn):
             self._pending_read = exit_.size * exit_.count
         # In the middle of an instruction: what KVM_SET_REGS's RIP does (mid_instruction_exit.py).
-        self._mid_exit.begin(exit_, self._rip)
+        self._mid_exit.begin(exit_, self._rip, self._write_exit)
         guest = self._guest
         assert guest is not None and guest.parent is not None
         try:
@@ -705,7 +707,7 @@ class ModelVcpu:
             # The VMM may have freed the host pages of a deleted slot: none of the rest of this
             # translation block may reach them (the next boundary redoes a provisional map).
             mmu.sync(in_callback=True, keep=keep)
-        if mmu.stale() or Request.NEW_ENGINE in self._requests or Request.MODE_CHANGE in self._requests:
+        if mmu.stale() or not RESTARTS.isdisjoint(self._requests):
             # In the middle of a memory access: Unicorn holds pointers into the region and the
             # TLB entry of the access under way (a map change frees the one and may resize the
             # TLB under the other), so the next instruction boundary applies the change, and
@@ -734,10 +736,12 @@ class ModelVcpu:
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
             if self._mid_exit.rip_moved:
-                # complete_fast_pio_in: RIP moved off the IN, which is left undone (no data in
-                # RAX); Unicorn still stores what this returns, so it returns what RAX holds.
+                # complete_fast_pio_in: RIP moved off the IN, which is left undone, RAX as the VMM
+                # set it: the engine leaves the block after this hook, for the new RIP, without
+                # storing what it returns (engine/patches/0005; a stock engine stores it: RAX's
+                # low bits are returned for it).
                 self._mid_exit.rip_moved = False
-                return uc.reg_read(UC_X86_REG_EAX) & ((1 << (8 * size)) - 1)
+                return self._regs.rax & ((1 << (8 * size)) - 1)
         return int.from_bytes(data, "little") if data is not None else 0
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
@@ -811,15 +815,14 @@ class ModelVcpu:
         """The engine to run, built if need be, with its memory map brought up to date."""
         uc, mode, mmu = self._uc, self._mode, self._mmu
         if uc is None or mode is None or mmu is None or Request.NEW_ENGINE in self._requests:
-            # set_sregs saved the old engine's registers into self._regs when it asked for this.
             mode = cpu.cpu_mode(self._sregs)
             uc = cpu.new_engine(mode, self._regs, self._sregs)
             mmu = self._install_engine(uc, mode)
         else:
-            live = cpu.live_mode(uc, mode, self._engine_state)
+            live = self._live_sregs.apply(uc, self._msr_state) or cpu.live_mode(uc, mode, self._msr_state)
             if live is not mode:
-                # The guest changed mode itself (cpu.live_mode): its whole CPU state moves into
-                # an engine of the new mode, whose register ids and emu_start reach all of it.
+                # The guest changed mode itself (cpu.live_mode), or set_sregs did: its whole CPU state
+                # moves into an engine of the new mode, whose register ids and emu_start reach all of it.
                 old, uc, mode = uc, cpu.empty_engine(live), live
                 mmu = self._install_engine(uc, mode, carry_from=old)
             self._requests.discard(Request.MODE_CHANGE)
@@ -896,28 +899,17 @@ class ModelVcpu:
             state.clear_old_exception()
             state.store()
 
-    def _code_byte_before_rip(self, uc: Uc, mode: cpu.CpuMode) -> int | None:
-        """The byte before RIP (the HLT check), through the guest's page tables where paging is on;
-        None where it cannot be read."""
-        state = self._engine_state
-        if state is None:
-            try:
-                return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-            except UcError:
-                return None
-        rip = cpu.read_regs(uc, mode, state).rip
-        if mode is cpu.CpuMode.LONG_64 or cpu.live_mode(uc, mode, state) is cpu.CpuMode.LONG_64:
-            state.load()
-            mmu = self._mmu
-            assert mmu is not None
-            try:
-                return LinearMemory(uc, state, mmu.read_ram).read(rip - 1, 1)[0]
-            except Fault:
-                return None
-        try:
-            return uc.mem_read(cpu.program_counter(uc, mode) - 1, 1)[0]
-        except UcError:
-            return None
+    def _code_at_rip(self, uc: Uc, mode: cpu.CpuMode, offset: int, size: int) -> tuple[bytes, int]:
+        mmu = self._mmu
+        assert mmu is not None
+        return code_at_rip(uc, mode, self._engine_state, mmu.read_ram, offset, size)
+
+    def _write_exit(self, rip: int) -> WriteExit | None:
+        """This MMIO write exit of the instruction at `rip` as KVM reports it (instruction_length.py)."""
+        uc, mode = self._uc, self._mode
+        assert uc is not None and mode is not None
+        code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
+        return write_exit(code, rip, bits)
 
     def memslots_changed(self) -> None:
         """The VM's memslots changed (from any thread): apply them before the guest's next access."""
