@@ -22,6 +22,8 @@ TOP_LEVEL_KEYS = {
     "headline",
     "scan",
     "exit_path",
+    "exit_vs_qemu",
+    "exit_cost",
     "hotplug",
     "scaling",
 }
@@ -36,6 +38,17 @@ ROW_KEYS = {
     "hole_backing_bytes",
     "memslots",
     "ratios",
+}
+EXIT_COST_ROW_KEYS = {
+    "label",
+    "run_loop",
+    "absent_address",
+    "present_address",
+    "absent_seconds_per_read",
+    "present_seconds_per_read",
+    "ram_seconds_per_read",
+    "absent_over_qemu",
+    "present_over_qemu",
 }
 PLOT_KINDS = ("scan", "scaling-ecam", "scaling-functions")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,8 +96,25 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
             v = data["exit_vs_qemu"]
             assert v["rounds"] >= 1 and v["default_loop"] in ("c", "python")
             assert v["default_loop"] == c_loop["run_loop"]
+            # ... and in the same boots the guest timed one config read on each VMM
+            cost = data["exit_cost"]
+            assert cost["rounds"] == v["rounds"] and cost["reads"] == data["plan"]["exit_loop_reads"]
+            assert [(r["label"], r["run_loop"]) for r in cost["rows"]] == [
+                ("kvm / exit", c_loop["run_loop"]),
+                ("kvm / exit (Python loop)", "python"),
+                ("qemu / exit", ""),
+            ]
+            for r in cost["rows"]:
+                assert r.keys() >= EXIT_COST_ROW_KEYS
+                assert r["absent_seconds_per_read"]["n"] == cost["rounds"]
+            kvm_row, _, qemu_row = cost["rows"]
+            assert kvm_row["absent_address"] == 0xE0008000 and kvm_row["present_address"] == 0xE0000000
+            assert qemu_row["absent_address"] == 0xB0008000 and qemu_row["present_address"] == 0xB0000000
+            assert qemu_row["absent_over_qemu"] == qemu_row["present_over_qemu"] == 1.0
+            assert data["headline"]["kvm"]["absent_read_over_qemu"] == kvm_row["absent_over_qemu"]
     else:
         assert python_loop_rows == []
+        assert data["exit_cost"] is None
     # Counts, not times: absent functions never exit where the hole is a memslot.
     for (_, strategy), row in rows.items():
         if strategy in ("ro-filled", "ro-alias", "native"):
@@ -92,6 +122,7 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path):
 
     markdown = (tmp_path / "bench.md").read_text()
     assert "## Scan of the default machine" in markdown and "| backend / strategy |" in markdown
+    assert "## Exit cost, same guest" in markdown
     pngs = {p.name: p for p in tmp_path.glob("*.png")}
     assert pngs.keys() >= {f"{kind}-{backend}.png" for kind in PLOT_KINDS for backend in measured}
     for name, png in pngs.items():

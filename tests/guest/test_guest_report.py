@@ -177,3 +177,35 @@ def test_device_equality_ignores_memory_only_fields():
     a = ScannedDevice(Bdf(0, 0, 1, 0), 1, 2, 3, 4, 1, False, flags=2, secondary=1, subordinate=1)
     b = ScannedDevice(Bdf(0, 0, 1, 0), 1, 2, 3, 4, 1, False)
     assert a == b and a.key() == ("0000:00:01.0", 1, 2, 3)
+
+
+EXITLOOP_LINE = (
+    "pcihole-scan: exitloop reads=1000 absent=0xe0008000 absent_tsc=0x0000000000989680"
+    " present=0xe0000000 present_tsc=0x00000000000f4240 ram_tsc=0x00000000000186a0\n"
+)
+
+
+def test_parse_serial_exitloop_line():
+    done = SERIAL.splitlines(keepends=True)[-1]
+    s = parse_serial(SERIAL.replace(done, EXITLOOP_LINE + done))
+    assert s.done and s.ndevices == 2  # the rest of the report is read as before
+    loop = s.exit_loop
+    assert loop is not None
+    assert (loop.reads, loop.absent_addr, loop.present_addr) == (1000, 0xE0008000, 0xE0000000)
+    assert (loop.absent_tsc, loop.present_tsc, loop.ram_tsc) == (10_000_000, 1_000_000, 100_000)
+    assert loop.absent_ticks_per_read() == (10_000_000 - 100_000) / 1000
+    assert loop.present_ticks_per_read() == (1_000_000 - 100_000) / 1000
+    assert parse_serial(SERIAL).exit_loop is None  # without the option: no line, no loop
+
+
+def test_an_exitloop_with_no_absent_function_has_no_cost_per_read():
+    found = "absent=0xe0008000 absent_tsc=0x0000000000989680"
+    line = EXITLOOP_LINE.replace(found, f"absent=0x{0:08x} absent_tsc=0x{0:016x}")
+    loop = parse_serial(line).exit_loop
+    assert loop is not None and loop.absent_ticks_per_read() is None
+    assert loop.present_ticks_per_read() is not None
+
+
+def test_a_malformed_exitloop_line_is_an_error():
+    with pytest.raises(ReportError):
+        parse_serial(EXITLOOP_LINE.replace("ram_tsc=0x", "ram_tsc="))

@@ -9,7 +9,9 @@
 - on kvm, the `exit` strategy against QEMU (both take one exit per config read), with the default
   run loop (C, where it builds) and with the Python loop, and what a VMM that only re-enters KVM_RUN
   from Python (the bare loop) would take for the same scan: the floor scan plus one bare exit per
-  config read. All depend on the host: QEMU's exit path is C.
+  config read. All depend on the host: QEMU's exit path is C;
+- on kvm, one config read of an absent and of a present function with `exit` against the same read
+  on QEMU, timed by the same guest (exit_cost.py): the exit alone, without the scan's own work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pcihole.bench.exit_cost import DEFAULT_LOOP_LABEL
 from pcihole.bench.summary import quotient
 
 if TYPE_CHECKING:
@@ -63,6 +66,11 @@ class Headline:
     exit_python_loop_over_qemu_alternated: float | None = None
     #: kvm only: (the floor scan + the `exit` row's ECAM exits x the bare loop's exit) / QEMU's scan
     bare_loop_over_qemu: float | None = None
+    #: kvm only: one config read of an absent and of a present function with `exit` and the default
+    #: run loop / the same read on QEMU, timed by the same guest in the same rounds (exit_cost.py):
+    #: medians of each round's ratio
+    absent_read_over_qemu: float | None = None
+    present_read_over_qemu: float | None = None
 
 
 def _time(results: BenchResults, backend: str, strategy: str) -> float | None:
@@ -105,6 +113,10 @@ def headline_for(results: BenchResults, backend: str) -> Headline:
         if results.exit_vs_qemu is not None:
             headline.exit_over_qemu_alternated = results.exit_vs_qemu.default_loop_over_qemu
             headline.exit_python_loop_over_qemu_alternated = results.exit_vs_qemu.python_loop_over_qemu
+        cost = results.exit_cost.row(DEFAULT_LOOP_LABEL) if results.exit_cost is not None else None
+        if cost is not None:
+            headline.absent_read_over_qemu = cost.absent_over_qemu
+            headline.present_read_over_qemu = cost.present_over_qemu
         python_row = results.row(backend, "exit", run_loop="python")
         if python_row is not None:
             headline.exit_python_loop_over_qemu = quotient(python_row.scan_seconds.median, qemu)

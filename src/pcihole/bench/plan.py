@@ -24,8 +24,14 @@ class BenchPlan:
     #: MMIO reads of the bare-loop guest (exit_path.py), and its VMs (the median is kept)
     exit_path_reads: int
     exit_path_runs: int
-    #: QEMU boots (each costs ~2-4 s of firmware around a ~0.1 s scan)
+    #: QEMU boots of the scan table's row (each costs ~2-4 s of firmware around a ~0.1 s scan)
     qemu_runs: int
+    #: rounds of kvm `exit` (both run loops) and QEMU booted in turn (exit_vs_qemu.py), and the reads
+    #: of each kind the guest times in each boot (exit_cost.py). The host's load moves the figures by
+    #: about 10% between boots, so the medians want rounds; a round costs one QEMU boot (3-10 s of
+    #: SeaBIOS on a software KVM) and two pcihole boots (under half a second each), so --quick keeps one
+    alternated_rounds: int
+    exit_loop_reads: int
     #: ro-alias granules swept (alias_sweep.py), each with and without prefault, and boots per point
     alias_granules: tuple[int, ...] = ()
     alias_sweep_runs: int = 1
@@ -45,6 +51,8 @@ FULL = BenchPlan(
     exit_path_reads=20000,
     exit_path_runs=5,
     qemu_runs=5,
+    alternated_rounds=9,
+    exit_loop_reads=20000,
     alias_granules=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 2 * MiB),
     alias_sweep_runs=3,
 )
@@ -60,6 +68,8 @@ QUICK = BenchPlan(
     exit_path_reads=2000,
     exit_path_runs=1,
     qemu_runs=1,
+    alternated_rounds=1,
+    exit_loop_reads=5000,
     alias_granules=(4 * KiB, 64 * KiB, 2 * MiB),
     alias_sweep_runs=1,
 )

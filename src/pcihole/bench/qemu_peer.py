@@ -19,13 +19,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pcihole.bench.child_process import run_child
 from pcihole.bench.errors import BenchError
 from pcihole.bench.scan import ScanRow
 from pcihole.bench.summary import Summary
 from pcihole.guest import IMAGE_PATH
-from pcihole.guest.report import ReportError, parse_serial
+from pcihole.guest.report import ReportError, SerialReport, parse_serial
 from pcihole.host.tsc import TscClock
 from pcihole.machine.machinefile import MachineFile
 from pcihole.machine.stop_request import StopRelay
@@ -113,7 +114,7 @@ def expected_functions(spec: MachineFile) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-def qemu_command(spec: MachineFile) -> list[str]:
+def qemu_command(spec: MachineFile, cmdline: str = QEMU_GUEST_CMDLINE) -> list[str]:
     qemu = shutil.which(QEMU_BINARY) or QEMU_BINARY
     return [
         qemu,
@@ -124,10 +125,52 @@ def qemu_command(spec: MachineFile) -> list[str]:
         "-no-reboot",
         "-serial", "stdio",
         "-kernel", str(IMAGE_PATH),
-        "-append", QEMU_GUEST_CMDLINE,
+        "-append", cmdline,
         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
         *qemu_device_args(spec),
     ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QemuBoot:
+    """One boot of the scan guest on QEMU: what it printed, and QEMU's process wall time."""
+
+    serial: SerialReport
+    scan_tsc: int
+    wall_seconds: float
+
+
+def boot_on_qemu(
+    spec: MachineFile, stops: StopRelay | None = None, cmdline: str = QEMU_GUEST_CMDLINE
+) -> QemuBoot:
+    """Boot the scan guest once on QEMU with `cmdline` (which must keep QEMU_GUEST_CMDLINE's options);
+    BenchError if it fails, if the guest found other functions than the machine has, or when a stop
+    asked through `stops` ended QEMU (child_process.py)."""
+    command = qemu_command(spec, cmdline)
+    start = time.perf_counter()
+    out = bytearray()
+    try:
+        proc = run_child(command, timeout=QEMU_TIMEOUT_SECONDS, stops=stops, on_stdout=out.extend)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"QEMU did not finish in {QEMU_TIMEOUT_SECONDS} s") from e
+    except OSError as e:
+        raise BenchError(f"cannot start QEMU: {e}") from e
+    if proc.stopped:
+        raise BenchError("QEMU was stopped")
+    wall_seconds = time.perf_counter() - start
+    try:
+        serial = parse_serial(out.decode(errors="replace"))
+    except ReportError as e:
+        raise BenchError(f"QEMU's guest output: {e}") from e
+    if proc.returncode != QEMU_EXIT_CLEAN or not serial.done or serial.scan_tsc is None:
+        raise BenchError(
+            f"QEMU exited {proc.returncode} without a clean timed scan: {proc.stderr.strip()[-300:]}"
+        )
+    found = sorted((d.bdf, d.vendor, d.device) for d in serial.devices)
+    expected = expected_functions(spec)
+    if found != expected:
+        raise BenchError(f"QEMU's guest found {found}, the machine has {expected}: not the same scan")
+    return QemuBoot(serial, serial.scan_tsc, wall_seconds)
 
 
 def scan_on_qemu(
@@ -139,35 +182,13 @@ def scan_on_qemu(
 ) -> ScanRow:
     """Boot the scan guest `runs` times on QEMU; the row of the scan table (BenchError on failure, or
     when a stop asked through `stops` ended QEMU: child_process.py)."""
-    command = qemu_command(spec)
-    expected = expected_functions(spec)
     scan_seconds, wall_seconds = [], []
     config_reads = devices = 0
     for _ in range(runs):
-        start = time.perf_counter()
-        out = bytearray()
-        try:
-            proc = run_child(command, timeout=QEMU_TIMEOUT_SECONDS, stops=stops, on_stdout=out.extend)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"QEMU did not finish in {QEMU_TIMEOUT_SECONDS} s") from e
-        except OSError as e:
-            raise BenchError(f"cannot start QEMU: {e}") from e
-        if proc.stopped:
-            raise BenchError("QEMU was stopped")
-        wall_seconds.append(time.perf_counter() - start)
-        try:
-            serial = parse_serial(out.decode(errors="replace"))
-        except ReportError as e:
-            raise BenchError(f"QEMU's guest output: {e}") from e
-        if proc.returncode != QEMU_EXIT_CLEAN or not serial.done or serial.scan_tsc is None:
-            raise BenchError(
-                f"QEMU exited {proc.returncode} without a clean timed scan: {proc.stderr.strip()[-300:]}"
-            )
-        found = sorted((d.bdf, d.vendor, d.device) for d in serial.devices)
-        if found != expected:
-            raise BenchError(f"QEMU's guest found {found}, the machine has {expected}: not the same scan")
-        scan_seconds.append(clock.seconds(serial.scan_tsc))
-        config_reads, devices = serial.config_reads, serial.ndevices
+        boot = boot_on_qemu(spec, stops)
+        wall_seconds.append(boot.wall_seconds)
+        scan_seconds.append(clock.seconds(boot.scan_tsc))
+        config_reads, devices = boot.serial.config_reads, boot.serial.ndevices
         on_run()
     return ScanRow(
         backend="qemu",

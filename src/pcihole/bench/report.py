@@ -91,6 +91,12 @@ def headline_lines(results: BenchResults) -> list[str]:
                 f"  - booted in turn with QEMU: the `exit` scan takes {units.times(h.exit_over_qemu_alternated)} "
                 f"QEMU's ({units.times(h.exit_python_loop_over_qemu_alternated)} with the Python loop)"
             )
+        if h.absent_read_over_qemu is not None:
+            lines.append(
+                f"  - one config read with `exit`, timed by the same guest on both: an absent function's costs "
+                f"{units.times(h.absent_read_over_qemu)} QEMU's, a present function's "
+                f"{units.times(h.present_read_over_qemu)} (target ≤ 1.0x)"
+            )
     return lines
 
 
@@ -204,6 +210,29 @@ def exit_path_table(results: BenchResults) -> list[str]:
             f"| {units.ms(v.python_loop_seconds.median)} ms | {units.ms(v.qemu_seconds.median)} ms "
             f"| {units.times(v.default_loop_over_qemu)} | {units.times(v.python_loop_over_qemu)} |",
         ]
+    return lines
+
+
+def exit_cost_table(results: BenchResults) -> list[str]:
+    c = results.exit_cost
+    if c is None:
+        return [f"Not measured: {results.qemu_skipped or 'no QEMU'}."]
+    lines = [
+        f"{c.rounds} rounds of one boot each, {units.count(c.reads)} reads of each kind per boot; per read, "
+        "median [min–max] over the rounds; × QEMU is the median of each round's ratio:",
+        "",
+        "| VMM / strategy | absent function, per read | × QEMU | present function, per read | × QEMU "
+        "| RAM loop, per iteration | run loop | absent / present address |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c.rows:
+        a, p, m = r.absent_seconds_per_read, r.present_seconds_per_read, r.ram_seconds_per_read
+        lines.append(
+            f"| {r.label} | {units.us(a.median)} [{units.us(a.min)}–{units.us(a.max)}] "
+            f"| {units.times(r.absent_over_qemu)} | {units.us(p.median)} [{units.us(p.min)}–{units.us(p.max)}] "
+            f"| {units.times(r.present_over_qemu)} | {units.us(m.median)} | {r.run_loop or '—'} "
+            f"| {r.absent_address:#x} / {r.present_address:#x} |"
+        )
     return lines
 
 
@@ -334,6 +363,19 @@ def markdown(results: BenchResults, plots: list[str]) -> str:
             "pcihole's figure is (`exit` scan − `ro-filled` scan) / the extra ECAM exits.",
             "",
             *exit_path_table(results),
+        ],
+        [
+            "## Exit cost, same guest",
+            "",
+            "The same boots as the `exit` scan against QEMU's, booted in turn (the last table above): after "
+            "its timed scan the guest reads offset 0 of the first absent function it found N times, of the "
+            "first present one (the host bridge 00:00.0) N times and a RAM word N times "
+            "(`pcihole.exitloop=N`), each loop timed by its TSC. Every config read is one exit on both VMMs, "
+            "so (config-read ticks − RAM ticks) / N is one exit's round trip as the guest sees it, the "
+            "scan's own work left out. The run loop column is the loop pcihole ran (docs/run-loop.md says "
+            "which exits each answers).",
+            "",
+            *exit_cost_table(results),
         ],
         [
             "## Hot-plug: one function's ECAM page punched (hot-add) and filled (hot-remove)",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pcihole.bench.alias_sweep import AliasSweepRow
 from pcihole.bench.configs import Configs
+from pcihole.bench.exit_cost import ExitCost
 from pcihole.bench.exit_path import ExitPathResult
 from pcihole.bench.exit_vs_qemu import ExitVsQemu
 from pcihole.bench.headline import Headline
@@ -36,6 +37,8 @@ class BenchResults:
     exit_path: list[ExitPathResult] = field(default_factory=list)
     #: kvm `exit` (both run loops) and QEMU booted in turn (exit_vs_qemu.py); None without QEMU
     exit_vs_qemu: ExitVsQemu | None = None
+    #: one config read's cost, timed by the guest in the same boots (exit_cost.py); None without QEMU
+    exit_cost: ExitCost | None = None
     hotplug: list[HotplugResult] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
     #: backend -> ro-alias's granule x prefault rows, with their ro-filled floors (alias_sweep.py)
@@ -88,6 +91,7 @@ class BenchResults:
             },
             "exit_path": [e.as_dict() for e in self.exit_path],
             "exit_vs_qemu": self.exit_vs_qemu.as_dict() if self.exit_vs_qemu else None,
+            "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
             "hotplug": [h.as_dict() for h in self.hotplug],
             "scaling": [p.as_dict() for p in self.scaling],
             "alias_sweep": {b: [r.as_dict() for r in rows] for b, rows in self.alias_sweep.items()},

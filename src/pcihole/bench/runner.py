@@ -90,7 +90,7 @@ def _work_units(
     return (
         linux_boots
         + (configs + extra_scan_rows) * plan.scan_runs
-        + (2 * plan.qemu_runs if with_qemu else 0)  # the QEMU row, then the alternated rounds
+        + (plan.qemu_runs + plan.alternated_rounds if with_qemu else 0)  # the QEMU row, the alternated rounds
         + backends
         + configs
         + alias_backends * alias_sweep.point_count(plan)
@@ -137,11 +137,12 @@ def measure(results: BenchResults, progress: Progress, stops: StopRelay | None =
         except BenchError as e:
             results.qemu_skipped = f"QEMU failed: {e}"
     if results.qemu_skipped is None:
-        progress.note("exit vs QEMU: a boot of each in turn")
+        progress.note("exit vs QEMU: a boot of each in turn, timing the scan and one config read")
         try:
-            results.exit_vs_qemu = measure_exit_vs_qemu(
+            results.exit_vs_qemu, results.exit_cost = measure_exit_vs_qemu(
                 default_machine,
-                plan.qemu_runs,
+                plan.alternated_rounds,
+                plan.exit_loop_reads,
                 kernel,
                 clock,
                 stops,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pcihole.bench.configs import Config
 from pcihole.bench.errors import BenchError
 from pcihole.bench.summary import Summary, ratio
-from pcihole.guest.report import ReportError, ScanStatus, parse_serial, read_scan_tsc
+from pcihole.guest.report import ExitLoop, ReportError, ScanStatus, parse_serial, read_scan_tsc
 from pcihole.host.tsc import TscClock
 from pcihole.machine.builder import MachineBuildError, build_machine
 from pcihole.machine.dispatch import StopReason
@@ -67,6 +67,8 @@ class ScanSample:
     build_seconds: float = 0.0
     #: the vCPU loop that ran: "c" or "python" (Machine.run_loop)
     run_loop: str = "python"
+    #: the guest's exitloop line, where its command line asked for one (exit_cost.py)
+    exit_loop: ExitLoop | None = None
 
 
 def _minor_faults() -> int:
@@ -80,9 +82,10 @@ def boot_and_scan(
     clock: TscClock,
     stops: StopRelay | None = None,
     tuning: HoleTuning = DEFAULT_TUNING,
+    cmdline: str = GUEST_CMDLINE,
 ) -> ScanSample:
     """Build `spec` on `config`, run the scan guest once, close the machine; BenchError if it fails.
-    `stops` ends the run early (a signal: runner.py)."""
+    `stops` ends the run early (a signal: runner.py). `cmdline` must keep GUEST_CMDLINE's options."""
     pte_before, maps_before = vm_pte_bytes(), process_mappings()
     build_start = time.perf_counter()
     try:
@@ -92,7 +95,7 @@ def boot_and_scan(
             strategy=config.strategy,
             kernel=kernel.image,
             kernel_name=kernel.name,
-            cmdline=GUEST_CMDLINE,
+            cmdline=cmdline,
             hole_tuning=tuning,
             run_loop=config.run_loop,
         )
@@ -137,6 +140,7 @@ def boot_and_scan(
         host_faults=host_faults,
         build_seconds=build_seconds,
         run_loop=machine.run_loop,
+        exit_loop=serial.exit_loop,
     )
 
 

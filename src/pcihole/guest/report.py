@@ -178,6 +178,27 @@ class ScanReport:
         return self.ndevices > len(self.devices)
 
 
+@dataclass(frozen=True)
+class ExitLoop:
+    """The ``exitloop`` line (option ``pcihole.exitloop=N``): TSC ticks of N 4-byte reads of offset 0
+    of the first absent function the scan found, of the first present one (the host bridge 00:00.0)
+    and of a RAM word. An address of 0 means the scan found no such function (its ticks are 0)."""
+
+    reads: int
+    absent_addr: int
+    absent_tsc: int
+    present_addr: int
+    present_tsc: int
+    ram_tsc: int
+
+    def absent_ticks_per_read(self) -> float | None:
+        """(absent ticks - RAM ticks) / N: one read of an absent function, the guest's loop taken out."""
+        return (self.absent_tsc - self.ram_tsc) / self.reads if self.absent_addr else None
+
+    def present_ticks_per_read(self) -> float | None:
+        return (self.present_tsc - self.ram_tsc) / self.reads if self.present_addr else None
+
+
 @dataclass
 class SerialReport:
     """What the serial lines say. ``done`` is False when the final line has not (yet) been seen."""
@@ -191,6 +212,8 @@ class SerialReport:
     scans: int = 0
     #: TSC ticks the scans took, from the done line (only with the pcihole.timing option)
     scan_tsc: int | None = None
+    #: the exitloop line (only with the pcihole.exitloop=N option)
+    exit_loop: ExitLoop | None = None
 
 
 # ---------------------------------------------------------------------------- memory report
@@ -336,6 +359,10 @@ _DEVICE_RE = re.compile(
 _REGION_RE = re.compile(
     rf"ecam ({_HEX}{{4}}) base=0x({_HEX}{{16}}) buses=({_HEX}{{2}})-({_HEX}{{2}}) source=(mcfg|cmdline)( skipped)?"
 )
+_EXITLOOP_RE = re.compile(
+    rf"exitloop reads=(\d+) absent=0x({_HEX}{{8}}) absent_tsc=0x({_HEX}{{16}}) present=0x({_HEX}{{8}})"
+    rf" present_tsc=0x({_HEX}{{16}}) ram_tsc=0x({_HEX}{{16}})"
+)
 _DONE_RE = re.compile(
     r"done devices=(\d+) config_reads=(\d+) status=0x([0-9a-f]{2,8}) scans=(\d+)(?: scan_tsc=0x([0-9a-f]{16}))?"
 )
@@ -371,6 +398,16 @@ def parse_serial(text: str) -> SerialReport:
             seg, base, start, end, source, skipped = m.groups()
             rep.regions.append(
                 EcamRegion(int(base, 16), int(seg, 16), int(start, 16), int(end, 16), source, bool(skipped))
+            )
+        elif m := _EXITLOOP_RE.fullmatch(body):
+            reads, absent, absent_tsc, present, present_tsc, ram_tsc = m.groups()
+            rep.exit_loop = ExitLoop(
+                int(reads),
+                int(absent, 16),
+                int(absent_tsc, 16),
+                int(present, 16),
+                int(present_tsc, 16),
+                int(ram_tsc, 16),
             )
         elif m := _DONE_RE.fullmatch(body):
             rep.done = True
