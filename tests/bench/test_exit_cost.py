@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from pcihole.bench.configs import Configs
 from pcihole.bench.errors import BenchError
 from pcihole.bench.exit_cost import (
     DEFAULT_LOOP_LABEL,
@@ -16,6 +17,10 @@ from pcihole.bench.exit_cost import (
     exit_loop_option,
     sample_of,
 )
+from pcihole.bench.host import HostInfo
+from pcihole.bench.plan import QUICK
+from pcihole.bench.report import exit_cost_table, scan_table
+from pcihole.bench.results import BenchResults
 from pcihole.guest.report import ExitLoop
 from pcihole.host.tsc import TscClock
 
@@ -72,3 +77,18 @@ def test_the_ratios_to_qemu_are_the_medians_of_each_rounds():
 
 def test_the_option_is_the_guests():
     assert exit_loop_option(20000) == "pcihole.exitloop=20000"
+
+
+def test_failed_rounds_are_reported_as_such_not_as_a_missing_qemu_row():
+    # The QEMU row was measured; then a boot of the rounds failed (here pcihole's exitloop line).
+    results = BenchResults(
+        plan=QUICK,
+        host=HostInfo("cpu", 2, "6.1", "kvm", "3.12", "QEMU 8.2"),
+        clock=CLOCK,
+        configs=Configs(),
+        started="2026-01-01T00:00:00Z",
+    )
+    results.alternated_skipped = "a boot of the rounds failed: kvm / exit: no exitloop line"
+    assert not any("no QEMU row" in text for text in scan_table(results))
+    assert exit_cost_table(results) == [f"Not measured: {results.alternated_skipped}."]
+    assert results.as_json()["alternated_skipped"] == results.alternated_skipped

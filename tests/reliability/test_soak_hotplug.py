@@ -195,7 +195,8 @@ class LogChecker:
 
 def soak(backend: str, strategy: str, run_loop: str = "auto") -> dict[str, int]:
     """One soak run; asserts the contract and returns the counts. On kvm, `run_loop` "auto" is the
-    C loop (it answers the absent reads of `exit` from its bitmap, which hot-plug keeps current)."""
+    C loop (it answers `exit`'s reads itself: absent pages' from its bitmap, which hot-plug keeps
+    current, present functions' from their mirror pages under its seqlock)."""
     rng = random.Random(f"{SEED}-{backend}-{strategy}")
     specs_toml = {bdf: endpoint_toml(i, bdf) for i, bdf in enumerate(CANDIDATES)}
     # What each candidate's page holds when present: from a host bridge with all of them.

@@ -72,7 +72,7 @@ def _blocks(gaps: Sequence[MmioWindow], size: int) -> list[MmioWindow]:
     """Every naturally aligned block of `size` bytes inside the gaps, in address order."""
     out = []
     for g in gaps:
-        at = (g.base + size - 1) // size * size
+        at = align_up(g.base, size)
         while at + size - 1 <= g.last:
             out.append(MmioWindow(at, size))
             at += size

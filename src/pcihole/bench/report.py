@@ -198,6 +198,11 @@ def exit_path_table(results: BenchResults) -> list[str]:
             )
         lines += [f"- no C loop on {b.backend}: {b.c_skipped}" for b in breakdowns if b.c_skipped]
     v = results.exit_vs_qemu
+    if v is None and results.alternated_skipped:
+        lines += [
+            "",
+            f"The `exit` scan against QEMU's, booted in turn: not measured, {results.alternated_skipped}.",
+        ]
     if v is not None:
         lines += [
             "",
@@ -216,7 +221,7 @@ def exit_path_table(results: BenchResults) -> list[str]:
 def exit_cost_table(results: BenchResults) -> list[str]:
     c = results.exit_cost
     if c is None:
-        return [f"Not measured: {results.qemu_skipped or 'no QEMU'}."]
+        return [f"Not measured: {results.alternated_skipped or results.qemu_skipped or 'no QEMU'}."]
     lines = [
         f"{c.rounds} rounds of one boot each, {units.count(c.reads)} reads of each kind per boot; per read, "
         "median [min–max] over the rounds; × QEMU is the median of each round's ratio:",

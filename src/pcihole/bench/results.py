@@ -39,6 +39,9 @@ class BenchResults:
     exit_vs_qemu: ExitVsQemu | None = None
     #: one config read's cost, timed by the guest in the same boots (exit_cost.py); None without QEMU
     exit_cost: ExitCost | None = None
+    #: why the rounds booted in turn (exit_vs_qemu, exit_cost) are missing where the QEMU row is
+    #: there: one of their boots failed, pcihole's or QEMU's
+    alternated_skipped: str | None = None
     hotplug: list[HotplugResult] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
     #: backend -> ro-alias's granule x prefault rows, with their ro-filled floors (alias_sweep.py)
@@ -92,6 +95,7 @@ class BenchResults:
             "exit_path": [e.as_dict() for e in self.exit_path],
             "exit_vs_qemu": self.exit_vs_qemu.as_dict() if self.exit_vs_qemu else None,
             "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
+            "alternated_skipped": self.alternated_skipped,
             "hotplug": [h.as_dict() for h in self.hotplug],
             "scaling": [p.as_dict() for p in self.scaling],
             "alias_sweep": {b: [r.as_dict() for r in rows] for b, rows in self.alias_sweep.items()},

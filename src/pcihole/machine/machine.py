@@ -240,6 +240,11 @@ class Machine:
         inside emu_start: until close() has made it leave, Unicorn may still touch those host
         pages (the rest of its translation block). On KVM the order costs nothing: closing the
         VM drops its memslots at once, so the memory layer's slot deletions are skipped.
+
+        With the C run loop, run() must have returned first: the loop copies present functions'
+        bytes out of the config mirror without a lock, and its seqlock only tells it, after the
+        copy, that the bytes changed meanwhile; it cannot keep close_mirrors from unmapping the
+        pages under a copy (the kvm_run page, which vcpu.close() unmaps, is in the same case).
         """
         try:
             self.vcpu.close()

@@ -7,6 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 
+#: How many returns of the C run loop may wait, undecoded, before RunStats counts them: each holds
+#: a copy of the loop's log (16 KiB at most), so without a bound a guest that reads absent
+#: functions for hours would grow pcihole by about 1 MB a second. 256 waiting logs are 4 MiB at
+#: most; a scan's few hundred thousand reads fold once or not at all.
+MAX_DEFERRED_LOGS = 256
+
 
 @dataclass
 class ExitCounts:
@@ -71,8 +77,12 @@ class RunStats:
         next time somebody reads it. Counting a read address by address costs a few hundred ns on a
         vCPU thread just back from KVM_RUN (cold caches), about 2% of an `exit` scan if it were done
         at every return of the C loop; the run's other counts are kept exact at every return.
-        `decode` gives their addresses and sizes (two lists in the order of the reads)."""
-        self._absent_reads_to_add.append(decode)
+        `decode` gives their addresses and sizes (two lists in the order of the reads). Once
+        MAX_DEFERRED_LOGS wait, they are counted at once, so what waits stays bounded."""
+        waiting = self._absent_reads_to_add
+        waiting.append(decode)
+        if len(waiting) >= MAX_DEFERRED_LOGS:
+            self._add_absent_reads()
 
     def _add_absent_reads(self) -> None:
         accesses = self._absent_accesses

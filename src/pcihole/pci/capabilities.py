@@ -9,6 +9,8 @@ as QEMU's pci_add_capability()/pcie_add_capability() do.
 
 from __future__ import annotations
 
+from pcihole.memory.address import align_up
+
 from .config_space import ConfigSpace
 from .registers import (
     PCI_CAP_LIST_ID,
@@ -22,9 +24,9 @@ from .registers import (
     pci_ext_cap_header,
 )
 
-
-def _align4(value: int) -> int:
-    return (value + 3) & ~3
+#: Capabilities start on a DWORD boundary: the low two bits of a capability pointer are reserved
+#: (PCI Local Bus 3.0, 6.7), and of an extended capability's Next Capability Offset too (PCIe 7.6.3).
+CAPABILITY_ALIGN = 4
 
 
 def add_capability(config: ConfigSpace, cap_id: int, size: int) -> int:
@@ -40,7 +42,7 @@ def add_capability(config: ConfigSpace, cap_id: int, size: int) -> int:
                 break
             offset = nxt
         # Configuration space does not record a capability's length; the model keeps it beside the bytes.
-        new = _align4(offset + config.capability_sizes[offset])
+        new = align_up(offset + config.capability_sizes[offset], CAPABILITY_ALIGN)
         link_at = offset + PCI_CAP_LIST_NEXT
     if new + size > PCI_CFG_SPACE_SIZE:
         raise ValueError(f"capability {cap_id:#x} of {size} bytes does not fit below 0x100")
@@ -62,7 +64,7 @@ def add_extended_capability(config: ConfigSpace, cap_id: int, version: int, size
         previous = PCI_EXT_CAP_START
         while (nxt := config.read_int(previous, 4) >> 20) != 0:
             previous = nxt
-        new = _align4(previous + config.capability_sizes[previous])
+        new = align_up(previous + config.capability_sizes[previous], CAPABILITY_ALIGN)
     if new + size > len(config):
         raise ValueError(f"extended capability {cap_id:#x} of {size} bytes does not fit in the space")
     config.init_int(new, 4, pci_ext_cap_header(cap_id, version, 0))

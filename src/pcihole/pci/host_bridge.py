@@ -239,7 +239,9 @@ class HostBridge:
 
     def close_mirrors(self) -> None:
         """Give the functions private copies of their bytes and unmap the mirror (after the
-        memslots over it are gone, and after its readers were told no page is mirrored)."""
+        memslots over it are gone, and once no mirror reader can be copying: telling the readers
+        here that no page is mirrored keeps them from starting a copy, not from finishing one that
+        started before; Machine.close closes the vCPU, whose thread runs the C loop, first)."""
         with self._lock:
             if self._mirror is None:
                 return

@@ -153,8 +153,8 @@ class PendingEvents:
             return self.deliver_nmi(uc, state)
         if due is Due.INTERRUPT:
             return self.inject(uc)
-        self.deliver_from_source(uc, state)
-        return True
+        # Due.SOURCE: due() saw the window open, and nothing but this thread can close it.
+        return self.deliver_from_source(uc, state)
 
     def at_boundary(self, uc: Uc, state: EngineState | None) -> bool:
         """At an instruction boundary, once the run loop's own requests are answered: deliver what
@@ -175,14 +175,14 @@ class PendingEvents:
         return False
 
     def deliver_from_source(self, uc: Uc, state: EngineState | None) -> bool:
-        """Deliver the source's interrupt if the guest can take it now; True if it was delivered."""
+        """Deliver the source's interrupt if the guest can take it now; True if it was delivered
+        (or has gone meanwhile), False if the window is closed or the delivery triple-faulted."""
         source = self.source
         if source is None or state is None or not interrupt_window_open(uc, state):
             return False
         if not source.has_interrupt():  # taken meanwhile, or masked by a TPR raised since
             return True
-        self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
-        return True
+        return self._deliver(uc, Event(source.acknowledge(), EventKind.EXTERNAL))
 
     def halt(
         self, uc: Uc, state: EngineState | None, mmu: Mmu | None, in_engine: bool = False

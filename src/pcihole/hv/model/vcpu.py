@@ -211,7 +211,9 @@ class ModelVcpu:
         # Guest RDMSR / WRMSR reach self.msrs through the engine's SVM MSR intercept
         # (msr_intercept.py), but for the MSRs the engine keeps itself (cpu_msrs.py).
         self._intercept = MsrIntercept()
-        self._msr_state: EngineState | None = None  # the engine's state, where the intercept is on
+        # The engine's state wherever its layout is known, real mode included (the MSR intercept,
+        # KVM_GET_SREGS / KVM_SET_SREGS, the intercept exits); _engine_state is it outside real mode.
+        self._msr_state: EngineState | None = None
         self.engine_msrs = EngineMsrs(self._msr_engine, self._intercept.native, lambda: self._sregs)
         self._live_sregs = LiveSregs(self._requests, self._request_boundary, self.engine_msrs)  # set_sregs
         #: kvmclock (kvmclock.py): how Linux learns the TSC frequency.
