@@ -27,8 +27,6 @@ from pcihole.hv.uapi import kvm_sregs
 from tests.guest_runner import LONG_MODE_PAGE_TABLES, RAM_BYTES, bare_vcpu, flat_vcpu
 from tests.guestasm import assemble
 
-pytestmark = pytest.mark.kvm
-
 GDT = 0x3000
 DATA_BASE = 0x20000  # the base of the guest's own data segment (selector 0x20)
 
