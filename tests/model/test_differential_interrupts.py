@@ -14,7 +14,17 @@ import pytest
 from pcihole.hv import exits
 from pcihole.machine.host_quirks import host_is_pvm
 
-from .system_guest import RESULTS, USER_CS, USER_DS, USER_STACK, Handler, address_of, run_system_guest
+from .system_guest import (
+    HANDLER_BYTES,
+    HANDLERS,
+    RESULTS,
+    USER_CS,
+    USER_DS,
+    USER_STACK,
+    Handler,
+    address_of,
+    run_system_guest,
+)
 
 VECTOR = 0x30
 
@@ -306,3 +316,130 @@ def test_blocked_nmi_does_not_hold_back_kvm_interrupt(kvm_hv, model_hv):
     assert (model.exits, model.results[:24]) == (kvm.exits, kvm.results[:24])
     assert [type(e).__name__ for e in model.exits] == ["Hlt", "IoOut", "Hlt"]
     assert struct.unpack_from("<QQ", model.results, 8) == (1, 1)  # one NMI, seen by the handler
+
+
+# Handlers that count the order they run in: RESULTS+0 the count, then each handler's turn and the
+# RIP its frame holds (the NMI's at +8 / +16, the interrupt's at +24 / +32).
+ORDER_NMI = Handler(
+    2,
+    f"incq {RESULTS}\n mov {RESULTS}, %rax\n mov %rax, {RESULTS + 8}\n"
+    f" mov (%rsp), %rax\n mov %rax, {RESULTS + 16}\n iretq",
+)
+ORDER_INTERRUPT = Handler(
+    VECTOR,
+    f"incq {RESULTS}\n mov {RESULTS}, %rax\n mov %rax, {RESULTS + 24}\n"
+    f" mov (%rsp), %rax\n mov %rax, {RESULTS + 32}\n out %al, $0x81\n hlt",
+)
+INTERRUPT_HANDLER = HANDLERS + HANDLER_BYTES  # ORDER_INTERRUPT's slot
+PVM_NMI_LATER = (
+    "this host's KVM (PVM) has no NMI-window exit: the NMI waits for a later entry (after the "
+    "interrupt handler's OUT, or one instruction into it)"
+)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("ioctls", [("interrupt", "nmi"), ("nmi", "interrupt")], ids="-then-".join)
+@pytest.mark.parametrize(
+    ("body", "at"),
+    [
+        ("hlt\n out %al, $0x80", exits.Hlt),
+        ("cli\n hlt\n out %al, $0x80", exits.Hlt),
+        # an OUT's exit: both taken before the next instruction, the HLT in the same block
+        ("out %al, $0x81\n out %al, $0x80", exits.IoOut),
+    ],
+    ids=["hlt", "cli-hlt", "out"],
+)
+def test_kvm_interrupt_is_taken_before_an_nmi_of_the_same_exit(kvm_hv, model_hv, ioctls, body, at):
+    """KVM_INTERRUPT and KVM_NMI in the same exit: kvm_check_and_inject_events re-injects the
+    interrupt KVM_INTERRUPT marked injected (kvm_queue_interrupt) before it looks at nmi_pending,
+    whatever order the ioctls came in, and asks for the NMI window (enable_nmi_window), which
+    opens right after the interrupt's delivery (VMX's NMI-window exit): the NMI comes at the
+    interrupt handler's first instruction, and its handler runs first. On both, the interrupt's
+    frame holds the RIP after the exit's instruction, and the NMI's a RIP inside the interrupt's
+    handler."""
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, at) and not on_exit.done:
+            on_exit.done = True
+            for ioctl in ioctls:
+                vcpu.nmi() if ioctl == "nmi" else vcpu.interrupt(VECTOR)
+            return True
+        return False
+
+    runs = []
+    for hv in (kvm_hv, model_hv):
+        on_exit.done = False
+        runs.append(run_system_guest(hv, body, [ORDER_NMI, ORDER_INTERRUPT], on_exit=on_exit, rflags=0x202))
+    kvm, model = runs
+    after_exit = address_of(body, "out %al, $0x80")
+    # the NMI's handler ran first, from the interrupt handler's first instruction
+    order = struct.unpack_from("<5Q", model.results)  # count, NMI's turn and RIP, interrupt's
+    assert order == (2, 1, INTERRUPT_HANDLER, 2, after_exit)
+    assert [type(e).__name__ for e in model.exits] == [at.__name__, "IoOut", "Hlt"]
+    assert model.exits == kvm.exits
+    kvm_count, _, kvm_nmi_rip, _, kvm_interrupt_rip = struct.unpack_from("<5Q", kvm.results)
+    assert (kvm_count, kvm_interrupt_rip) == (2, after_exit)  # the interrupt first on kvm as well
+    assert INTERRUPT_HANDLER <= kvm_nmi_rip < INTERRUPT_HANDLER + HANDLER_BYTES
+    if host_is_pvm():
+        assert kvm_nmi_rip != INTERRUPT_HANDLER, PVM_NMI_LATER  # (if PVM gains the window: compare)
+    else:
+        assert kvm.results[:40] == model.results[:40]
+
+
+INS_LEFT_TO_THE_ENGINE = (
+    "the model finishes only plain IN / OUT in the hook (finish_pio): after an INS / OUTS exit the "
+    "rest of the translation block runs before the vector"
+)
+
+
+@pytest.mark.parametrize(
+    "insn",
+    [
+        "in $0x71, %al",
+        "in $0x71, %ax",
+        "in %dx, %eax",
+        "out %al, $0x71",
+        pytest.param("insb", marks=pytest.mark.xfail(strict=True, reason=INS_LEFT_TO_THE_ENGINE)),
+    ],
+)
+@pytest.mark.kvm
+def test_interrupt_queued_in_a_pio_exit_comes_after_the_instruction(kvm_hv, model_hv, insn):
+    """KVM_INTERRUPT in an IN / OUT exit: KVM finishes the instruction at the next entry
+    (complete_fast_pio_in / complete_fast_pio_out, an IN's data into RAX) and injects the vector
+    before the next instruction, which is in the same translation block on the model (the engine
+    leaves the block after the instruction: finish_pio). The handler sees RAX and its frame's RIP
+    as KVM leaves them; the MOV after the instruction runs only after the handler's IRETQ."""
+    body = f"""
+    movabs $0xaabbccddeeff0011, %rax
+    mov $0x71, %dx
+    mov ${RESULTS + 0x80}, %edi
+    {insn}
+    movq $1, {RESULTS + 0x40}
+    out %al, $0x80
+    """
+    handler = Handler(
+        VECTOR,
+        f"mov %rax, {RESULTS}\n push %rax\n mov 8(%rsp), %rax\n mov %rax, {RESULTS + 8}\n"
+        f" mov {RESULTS + 0x40}, %rax\n mov %rax, {RESULTS + 16}\n pop %rax\n iretq",
+    )
+
+    def on_exit(vcpu, exit_, index):
+        if isinstance(exit_, exits.IoIn | exits.IoOut) and exit_.port == 0x71:
+            vcpu.interrupt(VECTOR)
+            if isinstance(exit_, exits.IoIn):
+                vcpu.complete_read(b"\x99" * exit_.size * exit_.count)
+            return True
+        return False
+
+    kvm, model = (
+        run_system_guest(hv, body, [handler], on_exit=on_exit, rflags=0x202) for hv in (kvm_hv, model_hv)
+    )
+    assert (model.exits, model.regs, model.results) == (kvm.exits, kvm.regs, kvm.results)
+    rax, frame_rip, seen = struct.unpack_from("<3Q", model.results)
+    assert frame_rip == address_of(body, f"movq $1, {RESULTS + 0x40}") and seen == 0
+    expected_rax = {
+        "in $0x71, %al": 0xAABBCCDDEEFF0099,
+        "in $0x71, %ax": 0xAABBCCDDEEFF9999,
+        "in %dx, %eax": 0x99999999,
+    }.get(insn, 0xAABBCCDDEEFF0011)
+    assert rax == expected_rax

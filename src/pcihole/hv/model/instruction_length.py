@@ -292,3 +292,17 @@ def code_at_rip(
         except (Fault, UcError):
             break
     return out, _CS_BITS[live]
+
+
+def pio_end(code: bytes, rip: int, cs_bits: int) -> int | None:
+    """RIP past the IN or OUT at `rip` (`code`: its bytes), None for anything else (INS, OUTS:
+    string instructions whose registers the engine steps itself) or code that cannot be read."""
+    try:
+        length = decode(code, cs_bits).length
+    except IndexError:
+        return None
+    fixed_port = length >= 2 and 0xE4 <= code[length - 2] <= 0xE7  # IN / OUT imm8
+    if length > MAX_INSN_BYTES or not (fixed_port or 0xEC <= code[length - 1] <= 0xEF):  # or DX
+        return None
+    end = rip + length
+    return end & 0xFFFFFFFFFFFFFFFF if cs_bits == 64 else end & 0xFFFFFFFF

@@ -4,14 +4,21 @@ The model's counterpart of what arch/x86/kvm/x86.c keeps for a vCPU between entr
 each one (kvm_check_and_inject_events, inject_pending_event) and of kvm_vcpu_halt:
 - KVM_INTERRUPT's vector (kvm_queue_interrupt), delivered at the next entry whatever RFLAGS.IF says;
 - KVM_NMI (nmi_queued), delivered where NMIs are not blocked, blocking them until the next IRET;
+  queued in the same exit as KVM_INTERRUPT, after that vector's delivery (below);
 - kvm_run.request_interrupt_window: an IrqWindowOpen exit once the guest can take an interrupt;
 - the in-kernel interrupt source (interrupt_source.py: the LAPIC), whose interrupt waits for IF;
 - with a source, HLT as a sleep (mp_state HALTED) until something above can be delivered.
 
 It is its own file because it is one question asked in three places of the run loop (vcpu.py):
 between runs, at an instruction boundary (the boundary hook's callback, and its cheap IF poll), and
-while asleep in HLT. Each answer must be the same, in the same order: an NMI first, then
-KVM_INTERRUPT's vector, then the window exit, then the source; `due` is that order, written once. What belongs to the run loop stays
+while asleep in HLT. Each answer must be the same, in the same order: KVM_INTERRUPT's vector first,
+then an NMI, then the window exit, then the source; `due` is that order, written once. The vector
+comes first because KVM_INTERRUPT (kvm_vcpu_ioctl_interrupt -> kvm_queue_interrupt) marks it
+`interrupt.injected`, an event already under way that kvm_check_and_inject_events re-injects
+before it looks at new ones (nmi_pending); it then asks for the NMI window (enable_nmi_window),
+whose exit comes right after the vector's delivery, so the NMI is taken at the first instruction
+of the interrupt's handler, before it runs (measured on this host's KVM, PVM: the vector first as
+well, the NMI at a later entry: tests/model/test_differential_interrupts.py). What belongs to the run loop stays
 there (kicks, memslot changes, a new engine, closing): this file is handed what it needs of it,
 and the engine (`uc`) and its state (`EngineState`, None where out of reach) with each call, since
 an engine is replaced when the guest changes mode.
@@ -107,6 +114,10 @@ class PendingEvents:
             or (source is not None and source.has_interrupt())
         )
 
+    def queued(self) -> bool:
+        """KVM_INTERRUPT, KVM_NMI or the window request: what the VMM asks for at the next entry."""
+        return self.injection is not None or self.nmi_pending or self.window_requested
+
     def only_source_waits(self) -> bool:
         """The source's interrupt waits for IF, and nothing else of this file is asked."""
         return (
@@ -118,16 +129,16 @@ class PendingEvents:
 
     def due(self, uc: Uc, state: EngineState | None, *, window: bool = True, source: bool = True) -> Due | None:
         """What is delivered next, if anything can be now: the one order of the three places that
-        ask (module docstring), as inject_pending_event goes through them, each in turn where the
-        one before cannot be delivered (an NMI blocked until IRET does not hold back the rest):
-        an NMI where NMIs are not blocked, KVM_INTERRUPT's vector (whatever IF says), the
-        interrupt-window exit, the source's interrupt where the guest can take one. `window` /
+        ask (module docstring), as kvm_check_and_inject_events goes through them, each in turn where
+        the one before cannot be delivered (an NMI blocked until IRET does not hold back the rest):
+        KVM_INTERRUPT's vector (whatever IF says: re-injected first), an NMI where NMIs are not
+        blocked, the interrupt-window exit, the source's interrupt where the guest can take one. `window` /
         `source` False leave those out (HLT wakes for no window; between runs the source's
         interrupt waits for the first block start)."""
-        if self.nmi_pending and self.nmi_allowed(state):
-            return Due.NMI
         if self.injection is not None:
             return Due.INTERRUPT
+        if self.nmi_pending and self.nmi_allowed(state):
+            return Due.NMI
         if window and self.window_open(uc, state):
             return Due.WINDOW
         src = self.source

@@ -117,7 +117,7 @@ from pcihole.hv.model.kvmclock import KvmClock
 from pcihole.hv.model.lapic import LocalApic
 from pcihole.hv.model.live_sregs import LiveSregs
 from pcihole.hv.model.long_mode_switch import LongModeSwitch
-from pcihole.hv.model.mid_instruction_exit import MidInstructionExit
+from pcihole.hv.model.mid_instruction_exit import MidInstructionExit, finish_pio
 from pcihole.hv.model.mmu import Mmu
 from pcihole.hv.model.msr import MsrFault, MsrTable
 from pcihole.hv.model.msr_intercept import MsrIntercept
@@ -183,8 +183,7 @@ class ModelVcpu:
         self._stop_exit: exits.VcpuExit | None = None
         self._fault: OSError | None = None
         self._pending_read: int | None = None  # bytes the pending MmioRead / IoIn wants
-        # The exit paused in the middle of an instruction, what KVM_SET_REGS does during it, and
-        # the MMIO instruction run again after it (mid_instruction_exit.py).
+        # An exit mid-instruction, KVM_SET_REGS during it, its MMIO rerun (mid_instruction_exit.py).
         self._mid_exit = MidInstructionExit()
         self._read_data: bytes | None = None
         # Event delivery through the guest's IDT (interrupts.py), None where the engine's hidden
@@ -263,11 +262,9 @@ class ModelVcpu:
     def set_regs(self, regs: kvm_regs) -> None:
         self._regs = kvm_regs.from_buffer_copy(regs)
         engine = self._live_engine()
-        if engine is not None:
-            rip = self._mid_exit.rip_takes(self._regs.rip, in_exit=self._state is VcpuState.IN_EXIT)
-            engine_regs = self._mid_exit.engine_view(self._regs, rip)
-            self._mid_exit.registers_set(rip)  # an IN's data is dropped where RIP moved (_on_in)
-            cpu.write_regs(*engine, engine_regs, self._engine_state, rip=rip)
+        if engine is not None:  # RIP waits for the end of an exit mid-instruction (exit_to_user)
+            regs, rip = self._mid_exit.registers_set(self._regs, self._state is VcpuState.IN_EXIT)
+            cpu.write_regs(*engine, regs, self._engine_state, rip=rip)
 
     def get_sregs(self) -> kvm_sregs:
         engine, state, pending = self._live_engine(), self._msr_state, self._live_sregs.pending
@@ -676,21 +673,20 @@ class ModelVcpu:
         assert guest is not None and guest.parent is not None
         try:
             value = guest.parent.switch(exit_)
-        finally:
-            replay = self._mid_exit.end(exit_)
+        finally:  # the last RIP KVM_SET_REGS set, where it moves the guest (_on_in drops an IN's data)
+            replay, moved = self._mid_exit.end(exit_)
+            if moved is not None and self._mode is not None and self._state not in _LEFT:
+                cpu.write_regs(uc, self._mode, moved, self._engine_state)
             with self._sync:
                 if self._state is VcpuState.IN_EXIT:
                     self._set_state(VcpuState.RUNNING)
         if replay and self._state not in _LEFT:
-            # KVM_SET_REGS in the middle of a memory access: generated code may hold guest
-            # registers in host ones, and the rest of the block would overwrite what the VMM set
-            # (the engine's exit check after an access reloads nothing). So the engine leaves here,
-            # back at the start of the instruction (uc_exit_request_after_access ->
-            # cpu_loop_exit_restore), and runs it again with the VMM's registers; its access is
-            # answered from this exit, as KVM's emulator completes the access it decoded
-            # (complete_emulated_mmio), and RIP ends past the instruction as on KVM. (A VMM that
-            # changed the registers the address is made of gets a new exit for the new address;
-            # KVM's emulator would finish the access it had decoded.)
+            # KVM_SET_REGS mid-access: generated code may hold guest registers in host ones, which
+            # the rest of the block would write back over the VMM's. So the engine leaves, back at
+            # the instruction's start (uc_exit_request_after_access -> cpu_loop_exit_restore), and
+            # runs it again with the VMM's registers, its access answered from this exit as KVM's
+            # emulator completes the one it decoded (complete_emulated_mmio). (New address registers
+            # make a new exit for the new address; KVM's emulator finishes the decoded access.)
             self._mid_exit.replay_later(exit_, value)
             self._stop(uc)
         if self._state in _LEFT:
@@ -728,6 +724,7 @@ class ModelVcpu:
         self._mode_changed(uc)
         if not self.vm.pio_bus.write(port, data):
             self.exit_to_user(exits.IoOut(port, size, data))
+            self._events_after_pio(uc, size, None)
 
     def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
         """IN: KVM_PIO_BUS devices (the in-kernel PICs, PIT, speaker), else KVM_EXIT_IO (kernel_pio)."""
@@ -736,13 +733,18 @@ class ModelVcpu:
         if data is None:
             data = self.exit_to_user(exits.IoIn(port, size))
             if self._mid_exit.rip_moved:
-                # complete_fast_pio_in: RIP moved off the IN, which is left undone, RAX as the VMM
-                # set it: the engine leaves the block after this hook, for the new RIP, without
-                # storing what it returns (engine/patches/0005; a stock engine stores it: RAX's
-                # low bits are returned for it).
+                # complete_fast_pio_in: RIP moved off the IN, left undone, RAX as the VMM set it (the
+                # engine leaves the block without storing this: engine/patches/0005).
                 self._mid_exit.rip_moved = False
                 return self._regs.rax & ((1 << (8 * size)) - 1)
+            self._events_after_pio(uc, size, int.from_bytes(data or b"", "little"))
         return int.from_bytes(data, "little") if data is not None else 0
+
+    def _events_after_pio(self, uc: Uc, size: int, value: int | None) -> None:
+        """Events queued in this IN / OUT exit come before the next instruction (finish_pio)."""
+        if (mode := self._mode) is not None and self._state not in _LEFT and self._events.queued():
+            code, bits = self._code_at_rip(uc, mode, 0, MAX_INSN_BYTES)
+            finish_pio(uc, mode, self._engine_state, code, bits, size, value)
 
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """An exception or INT n, which Unicorn hands here instead of to the IDT: deliver it."""
@@ -768,12 +770,10 @@ class ModelVcpu:
         source, or with one a sleep inside this callback until the source has an interrupt the
         guest can take (kvm_vcpu_halt). The engine does not leave emu_start for a wake-up, so its
         translation cache survives an idle guest's every tick."""
-        # Only the sleep and the delivery happen in this callback. Whatever must reach run()'s
-        # caller (KVM_EXIT_HLT, a kick's Interrupted) or change the memory map (a memslot change,
-        # close) leaves emu_start instead, as HLT did before the intercept, and _emulate_in_engine
-        # goes on from there (sleeping on in PendingEvents.halt): measured, pausing in this callback for an
-        # exit and closing the VM then crashed the engine (in mem_unmap, or after the callback
-        # returned), which pausing in an IN / OUT hook does not.
+        # Only the sleep and the delivery happen here. What must reach run()'s caller (KVM_EXIT_HLT,
+        # a kick's Interrupted) or change the memory map (memslots, close) leaves emu_start, and
+        # _emulate_in_engine goes on (sleeping on in PendingEvents.halt): measured, pausing here for
+        # an exit and closing the VM crashed the engine, which pausing in IN / OUT does not.
         events = self._events
         if events.source is None:
             self._stop_exit = exits.Hlt()
