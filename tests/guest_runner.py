@@ -2,7 +2,8 @@
 
 - `run_guest`: a raw VM of the hv interface (tests/model, tests/hv): flat 32-bit code at CODE_GPA in
   one RAM slot; every exit is recorded, MMIO reads and INs are answered with `read_answer(addr)`, so
-  two backends get the same answers and can be compared exit by exit.
+  two backends get the same answers and can be compared exit by exit. `bare_vcpu` / `flat_vcpu`:
+  the same VM in real, protected or long mode, for a test that handles each exit itself.
 - `TableGuest`: a VM whose memory is laid out by pcihole.memory (RAM and a 256 MiB hole at ECAM,
   managed by GuestMemory with a strategy) running 64-bit code; `run_table` runs the table-driven
   access guest (tests/access_table_guest.py) and answers exits the way the machine does
@@ -19,11 +20,14 @@ bare Unicorn with synthetic ACPI and ECAM, as an independent check of the scan a
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, x86_cpu_state
+from pcihole.hv.uapi import kvm_regs
 from pcihole.machine.builder import build_machine
 from pcihole.machine.machinefile import MachineFile, loads
 from pcihole.memory import GuestMemory, GuestRange, Hole, MemoryMap, Ram
@@ -141,6 +145,53 @@ def run_guest(
 def close_run(run: GuestRun) -> None:
     run.vm.close()
     run.ram.close()
+
+
+#: Where `bare_vcpu` puts a 64-bit guest's identity map (x86_cpu_state.enter_long_mode), in RAM.
+LONG_MODE_PAGE_TABLES = 0x80000
+
+
+@contextmanager
+def bare_vcpu(
+    hv, source: str, *, bits: int = 32, data: Mapping[int, bytes] | None = None, cpuid: bool = False
+) -> Iterator[tuple[Any, HostMapping]]:
+    """A vCPU of a new VM of `hv`, for a test that handles each exit itself: RAM_BYTES of RAM at 0 in
+    one slot, `source` assembled for `bits` at CODE_GPA and `data` written at its addresses; with
+    `cpuid`, KVM_SET_CPUID2 of what the backend supports. The vCPU starts at CODE_GPA, its stack at
+    STACK_TOP, in real mode (`bits` 16, CS 0), flat protected mode (32) or long mode (64: the low
+    4 GiB identity-mapped at LONG_MODE_PAGE_TABLES). Yields the vCPU and the RAM; closes both."""
+    vm = hv.create_vm()
+    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
+    try:
+        ram.write(CODE_GPA, assemble(source, bits=bits, org=CODE_GPA))
+        for gpa, blob in (data or {}).items():
+            ram.write(gpa, blob)
+        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
+        vcpu = vm.create_vcpu(0)
+        if cpuid:
+            vcpu.set_cpuid2(hv.get_supported_cpuid())
+        if bits == 64:
+            x86_cpu_state.enter_long_mode(
+                vcpu, CODE_GPA, page_tables_gpa=LONG_MODE_PAGE_TABLES, write_guest=ram.write, rsp=STACK_TOP
+            )
+        elif bits == 32:
+            x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+        else:  # real mode, as reset leaves it, at 0:CODE_GPA
+            sregs = vcpu.get_sregs()
+            sregs.cs.selector = sregs.cs.base = 0
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(kvm_regs(rip=CODE_GPA, rsp=STACK_TOP, rflags=x86_cpu_state.X86_EFLAGS_FIXED))
+        yield vcpu, ram
+    finally:
+        vm.close()
+        ram.close()
+
+
+@contextmanager
+def flat_vcpu(hv, source: str, bits: int = 32) -> Iterator:
+    """bare_vcpu's vCPU in flat protected mode (`bits` 64: long mode)."""
+    with bare_vcpu(hv, source, bits=bits) as (vcpu, _ram):
+        yield vcpu
 
 
 # --- a VM laid out by pcihole.memory: RAM and a hole, 64-bit code --------------------------------------

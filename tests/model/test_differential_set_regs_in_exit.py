@@ -21,15 +21,11 @@ model, still in the middle of it, reports where it ends: instruction_length.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 
-from pcihole.host.mman import HostMapping
-from pcihole.hv import exits, x86_cpu_state
+from pcihole.hv import exits
 from pcihole.machine.host_quirks import host_is_pvm
-from tests.guest_runner import CODE_GPA, RAM_BYTES, STACK_TOP, read_answer
+from tests.guest_runner import CODE_GPA, flat_vcpu, read_answer
 from tests.guestasm import assemble
 
 pytestmark = pytest.mark.kvm
@@ -55,32 +51,6 @@ GUEST = """
 VMM_RBX = 0x100  # added to RBX in each exit
 VMM_RDI = 0x5EED  # written to RDI in each exit
 VMM_RAX = 0x12345678  # written to RAX in each exit
-
-
-PAGE_TABLES = 0x80000  # in RAM, for a 64-bit guest: x86_cpu_state.enter_long_mode's identity map
-
-
-@contextmanager
-def flat_vcpu(hv, source: str, bits: int = 32) -> Iterator:
-    """A vCPU of a new VM of `hv` in flat protected mode (`bits` 64: long mode, the low 4 GiB
-    identity-mapped) at `source` (as tests/guest_runner.py's run_guest lays it out), for a test
-    that handles each exit itself."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(source, bits=bits, org=CODE_GPA))
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        if bits == 64:
-            x86_cpu_state.enter_long_mode(
-                vcpu, CODE_GPA, page_tables_gpa=PAGE_TABLES, write_guest=ram.write, rsp=STACK_TOP
-            )
-        else:
-            x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
-        yield vcpu
-    finally:
-        vm.close()
-        ram.close()
 
 
 def run_setting_regs(hv):

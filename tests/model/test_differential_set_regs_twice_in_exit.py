@@ -25,9 +25,8 @@ import pytest
 
 from pcihole.hv import exits
 from pcihole.machine.host_quirks import host_is_pvm
-from tests.guest_runner import CODE_GPA
+from tests.guest_runner import CODE_GPA, flat_vcpu
 from tests.guestasm import assemble
-from tests.model.test_differential_set_regs_in_exit import flat_vcpu
 
 pytestmark = pytest.mark.kvm
 

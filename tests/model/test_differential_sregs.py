@@ -17,22 +17,17 @@ Named differences (this host's KVM is PVM), none of which is compared:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
-from pcihole.host.mman import HostMapping
 from pcihole.hv import exits, x86_cpu_state
 from pcihole.hv.model.cpu import UnsupportedCpuState
-from pcihole.hv.uapi import kvm_regs, kvm_sregs
-from tests.guest_runner import CODE_GPA, RAM_BYTES, STACK_TOP
+from pcihole.hv.uapi import kvm_sregs
+from tests.guest_runner import LONG_MODE_PAGE_TABLES, RAM_BYTES, bare_vcpu, flat_vcpu
 from tests.guestasm import assemble
 
-pytestmark = pytest.mark.kvm
-
 GDT = 0x3000
-PAGE_TABLES = 0x80000
 DATA_BASE = 0x20000  # the base of the guest's own data segment (selector 0x20)
 
 
@@ -144,20 +139,6 @@ gdtr: .word {len(GDT_BYTES) - 1}
 GUESTS = {"started-32": (STARTED_32, 32), "switching-16": (SWITCHING_16, 16), "long-64": (LONG_64, 64)}
 
 
-def start(vcpu, bits: int, write: Callable[[int, bytes], None]) -> None:
-    if bits == 32:
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
-    elif bits == 64:
-        x86_cpu_state.enter_long_mode(
-            vcpu, CODE_GPA, page_tables_gpa=PAGE_TABLES, write_guest=write, rsp=STACK_TOP
-        )
-    else:  # real mode, as reset leaves it, at 0:CODE_GPA
-        sregs = vcpu.get_sregs()
-        sregs.cs.selector = sregs.cs.base = 0
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(kvm_regs(rip=CODE_GPA, rsp=STACK_TOP, rflags=x86_cpu_state.X86_EFLAGS_FIXED))
-
-
 SEGMENT_FIELDS = (
     "selector",
     "base",
@@ -190,16 +171,7 @@ def run(hv, guest: str, on_exit: Callable | None = None):
     """Run `guest` to HLT, answering each IN with 0x99..., calling `on_exit(vcpu, exit)` first: (the
     exits, kvm_sregs at each, final registers but RIP at exits, the guest's stores)."""
     source, bits = GUESTS[guest]
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(source, bits=bits, org=CODE_GPA))
-        ram.write(GDT, GDT_BYTES)
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        if bits == 64:
-            vcpu.set_cpuid2(hv.get_supported_cpuid())
-        start(vcpu, bits, ram.write)
+    with bare_vcpu(hv, source, bits=bits, data={GDT: GDT_BYTES}, cpuid=bits == 64) as (vcpu, ram):
         seen, states = [], []
         for _ in range(8):
             exit_ = vcpu.run()
@@ -215,9 +187,6 @@ def run(hv, guest: str, on_exit: Callable | None = None):
         final = (regs.rax, regs.rip, segments(vcpu.get_sregs()))
         stores = tuple(ram.read(addr, size) for addr, size in STORES)
         return seen, states, final, stores
-    finally:
-        vm.close()
-        ram.close()
 
 
 # Where the guests store: DS 0x123 + 0x10 and + 0x12 (real mode), ES + 0x10, DS + 0x14 (32-bit),
@@ -326,14 +295,7 @@ gdtr: {GDTR}
 def run_mmio(hv, move: bool):
     """MMIO_GUEST, its read answered 0x11223344; with `move`, ES based at MOVED_BASE from the read's
     exit on: (the exits, ES then, the stores at both bases)."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(MMIO_GUEST, org=CODE_GPA))
-        ram.write(GDT, GDT_BYTES)
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+    with bare_vcpu(hv, MMIO_GUEST, data={GDT: GDT_BYTES}) as (vcpu, ram):
         seen = [vcpu.run()]
         assert isinstance(seen[0], exits.MmioRead), seen
         if move:
@@ -344,9 +306,6 @@ def run_mmio(hv, move: bool):
         vcpu.complete_read((0x11223344).to_bytes(4, "little"))
         seen += [vcpu.run(), vcpu.run()]
         return seen, es, ram.read(DATA_BASE + 0x10, 4), ram.read(MOVED_BASE + 0x10, 4)
-    finally:
-        vm.close()
-        ram.close()
 
 
 @pytest.mark.parametrize("move", [False, True], ids=["write-back", "moved"])
@@ -375,28 +334,18 @@ BOTH_MODES = """
 def run_into_long_mode(hv):
     """BOTH_MODES from flat 32-bit protected mode, switched to long mode by the VMM in the first
     OUT's exit: (the exits, RAX, CS / EFER at the end)."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(BOTH_MODES, org=CODE_GPA))
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid2(hv.get_supported_cpuid())
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
+    with bare_vcpu(hv, BOTH_MODES, cpuid=True) as (vcpu, ram):
         seen = [vcpu.run()]
-        ram.write(PAGE_TABLES, x86_cpu_state.identity_page_tables(PAGE_TABLES))
+        ram.write(LONG_MODE_PAGE_TABLES, x86_cpu_state.identity_page_tables(LONG_MODE_PAGE_TABLES))
         sregs = vcpu.get_sregs()
         sregs.cs.l, sregs.cs.db = 1, 0
-        sregs.cr3, sregs.cr4 = PAGE_TABLES, x86_cpu_state.X86_CR4_PAE
+        sregs.cr3, sregs.cr4 = LONG_MODE_PAGE_TABLES, x86_cpu_state.X86_CR4_PAE
         sregs.cr0 |= x86_cpu_state.X86_CR0_PG
         sregs.efer = x86_cpu_state.EFER_LME | x86_cpu_state.EFER_LMA
         vcpu.set_sregs(sregs)
         seen += [vcpu.run(), vcpu.run()]
         sregs = vcpu.get_sregs()
         return seen, vcpu.get_regs().rax, (sregs.cs.l, sregs.cs.db, sregs.efer & x86_cpu_state.EFER_LMA)
-    finally:
-        vm.close()
-        ram.close()
 
 
 def test_set_sregs_into_another_mode_in_an_exit(kvm_hv, model_hv):
@@ -410,7 +359,8 @@ def test_set_sregs_into_another_mode_in_an_exit(kvm_hv, model_hv):
 
 def test_states_the_model_cannot_run_are_refused_and_change_nothing(model_hv):
     """UnsupportedCpuState names the register, and the vCPU keeps the state it had."""
-    with _flat_vcpu_in_an_exit(model_hv) as vcpu:
+    with flat_vcpu(model_hv, "out %al, $0x80\nhlt") as vcpu:
+        assert isinstance(vcpu.run(), exits.IoOut)  # in the OUT's exit, the HLT next
         before = segments(vcpu.get_sregs())
         for change, what in (
             (lambda s: setattr(s.cs, "base", 0x1000), "cs.base 0x1000 in protected mode"),
@@ -424,23 +374,6 @@ def test_states_the_model_cannot_run_are_refused_and_change_nothing(model_hv):
                 vcpu.set_sregs(sregs)
             assert segments(vcpu.get_sregs()) == before
         assert vcpu.run() == exits.Hlt()
-
-
-@contextmanager
-def _flat_vcpu_in_an_exit(hv) -> Iterator:
-    """A flat 32-bit vCPU paused in an OUT's exit, its HLT next."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble("out %al, $0x80\nhlt", org=CODE_GPA))
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        x86_cpu_state.enter_protected_mode_flat(vcpu, CODE_GPA, esp=STACK_TOP)
-        assert isinstance(vcpu.run(), exits.IoOut)
-        yield vcpu
-    finally:
-        vm.close()
-        ram.close()
 
 
 HIGH = 0x30000  # above 64 KiB: out of a real-mode IP's reach
@@ -464,24 +397,14 @@ HIGH_32 = """
 def run_to_high(hv):
     """A real-mode guest that enters protected mode itself, far into 32-bit code above 64 KiB, and
     halts there twice: (the exits, RIP and CS at each)."""
-    vm = hv.create_vm()
-    ram = HostMapping.anonymous(RAM_BYTES, name="guest ram")
-    try:
-        ram.write(CODE_GPA, assemble(TO_HIGH_16, bits=16, org=CODE_GPA))
-        ram.write(HIGH, assemble(HIGH_32, org=HIGH))
-        ram.write(GDT, GDT_BYTES)
-        vm.set_user_memory_region(0, 0, 0, RAM_BYTES, ram.addr)
-        vcpu = vm.create_vcpu(0)
-        start(vcpu, 16, ram.write)
+    data = {HIGH: assemble(HIGH_32, org=HIGH), GDT: GDT_BYTES}
+    with bare_vcpu(hv, TO_HIGH_16, bits=16, data=data) as (vcpu, _ram):
         seen = []
         for _ in range(3):
             exit_ = vcpu.run()
             sregs = vcpu.get_sregs()
             seen.append((exit_, vcpu.get_regs().rip, sregs.cs.selector, sregs.cs.db))
         return seen
-    finally:
-        vm.close()
-        ram.close()
 
 
 def test_a_guest_entering_protected_mode_itself_runs_on_after_an_exit(kvm_hv, model_hv):

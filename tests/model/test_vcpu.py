@@ -18,10 +18,8 @@ from pcihole.hv.proposed import KVM_CAP_MMIO_FILL, KVM_CAP_PCI_HOLE_MEM, KVM_MEM
 from pcihole.hv.uapi import KvmCap, KvmMemFlag
 from pcihole.hv.x86_cpu_state import enter_long_mode, enter_protected_mode_flat
 from tests.backends import BACKENDS
-from tests.guest_runner import close_run, read_answer, run_guest
+from tests.guest_runner import close_run, flat_vcpu, read_answer, run_guest
 from tests.guestasm import assemble
-
-from .test_differential_set_regs_in_exit import flat_vcpu
 
 SLOT_GPA = 0x300000
 
