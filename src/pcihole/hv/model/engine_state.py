@@ -226,7 +226,13 @@ class EngineState:
         """Write segs[index] as it is, hflags untouched (special_registers.py derives them once all
         six are written)."""
         struct.pack_into(
-            "<I4xQII", self._data, _SEGS + index * _SEGMENT_BYTES, seg.selector, seg.base, seg.limit, seg.flags
+            "<I4xQII",
+            self._data,
+            _SEGS + index * _SEGMENT_BYTES,
+            seg.selector,
+            seg.base,
+            seg.limit,
+            seg.flags,
         )
 
     def set_gpr(self, index: int, value: int) -> None:

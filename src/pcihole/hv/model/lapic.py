@@ -586,7 +586,9 @@ class LocalApic:
     def _write_apic_base(self, index: int, value: int, host: bool) -> None:
         """kvm_set_apic_base -> kvm_lapic_set_base; reserved: kvm_vcpu_reserved_gpa_bits_raw, 0x2ff,
         and X2APIC_ENABLE unless the guest's CPUID has x2APIC."""
-        reserved = ((1 << 64) - (1 << self.maxphyaddr)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
+        reserved = (
+            ((1 << 64) - (1 << self.maxphyaddr)) | 0x2FF | (0 if self.x2apic_allowed else X2APIC_ENABLE)
+        )
         new_x2, new_en = bool(value & X2APIC_ENABLE), bool(value & MSR_IA32_APICBASE_ENABLE)
         if value & reserved or (new_x2 and not new_en):
             raise MsrFault(f"IA32_APIC_BASE {value:#x}: reserved bits, or x2APIC without enable")

@@ -127,7 +127,9 @@ class PendingEvents:
             and not self.window_requested
         )
 
-    def due(self, uc: Uc, state: EngineState | None, *, window: bool = True, source: bool = True) -> Due | None:
+    def due(
+        self, uc: Uc, state: EngineState | None, *, window: bool = True, source: bool = True
+    ) -> Due | None:
         """What is delivered next, if anything can be now: the one order of the three places that
         ask (module docstring), as kvm_check_and_inject_events goes through them, each in turn where
         the one before cannot be delivered (an NMI blocked until IRET does not hold back the rest):
