@@ -268,15 +268,7 @@ class EngineState:
 
     def load_segment_cache(self, index: int, seg: SegmentCache) -> None:
         """cpu_x86_load_seg_cache: the segment, and the hflags that follow from CS and SS."""
-        struct.pack_into(
-            "<I4xQII",
-            self._data,
-            _SEGS + index * _SEGMENT_BYTES,
-            seg.selector,
-            seg.base,
-            seg.limit,
-            seg.flags,
-        )
+        self.set_segment(index, seg)
         hflags = self.hflags
         if index == R_CS:
             if hflags & HF_LMA_MASK and seg.flags & DESC_L_MASK:
