@@ -64,8 +64,8 @@ def sample_of(loop: ExitLoop | None, reads: int, clock: TscClock, what: str) -> 
         # Every config read exits on these VMMs: one that costs no more than a RAM read did not.
         raise BenchError(f"{what}: config reads took no longer than RAM reads ({loop}): did they exit?")
     return ExitLoopSample(
-        absent_seconds=clock.seconds(loop.absent_tsc - loop.ram_tsc) / loop.reads,
-        present_seconds=clock.seconds(loop.present_tsc - loop.ram_tsc) / loop.reads,
+        absent_seconds=absent / clock.hz,
+        present_seconds=present / clock.hz,
         ram_seconds=clock.seconds(loop.ram_tsc) / loop.reads,
         absent_address=loop.absent_addr,
         present_address=loop.present_addr,
