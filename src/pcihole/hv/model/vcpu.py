@@ -732,15 +732,17 @@ class ModelVcpu:
         """IN: KVM_PIO_BUS devices (the in-kernel PICs, PIT, speaker), else KVM_EXIT_IO (kernel_pio)."""
         self._mode_changed(uc)
         data = self.vm.pio_bus.read(port, size)
-        if data is None:
-            data = self.exit_to_user(exits.IoIn(port, size))
-            if self._mid_exit.rip_moved:
-                # complete_fast_pio_in: RIP moved off the IN, left undone, RAX as the VMM set it (the
-                # engine leaves the block without storing this: engine/patches/0005).
-                self._mid_exit.rip_moved = False
-                return self._regs.rax & ((1 << (8 * size)) - 1)
-            self._events_after_pio(uc, size, int.from_bytes(data or b"", "little"))
-        return int.from_bytes(data, "little") if data is not None else 0
+        if data is not None:
+            return int.from_bytes(data, "little")
+        data = self.exit_to_user(exits.IoIn(port, size))
+        if self._mid_exit.rip_moved:
+            # complete_fast_pio_in: RIP moved off the IN, left undone, RAX as the VMM set it (the
+            # engine leaves the block without storing this: engine/patches/0005).
+            self._mid_exit.rip_moved = False
+            return self._regs.rax & ((1 << (8 * size)) - 1)
+        value = int.from_bytes(data or b"", "little")
+        self._events_after_pio(uc, size, value)
+        return value
 
     def _events_after_pio(self, uc: Uc, size: int, value: int | None) -> None:
         """Events queued in this IN / OUT exit come before the next instruction (finish_pio)."""
