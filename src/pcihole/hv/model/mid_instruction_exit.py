@@ -54,8 +54,7 @@ class MidInstructionExit:
         #: KVM_SET_REGS moved RIP during the last exit (an IN's data is then dropped).
         self.rip_moved = False
         self._regs_set = False  # KVM_SET_REGS during that exit (an MMIO one is replayed)
-        # The last KVM_SET_REGS during that exit: its RIP, and the registers the engine got.
-        self._vmm_rip: int | None = None
+        # The registers the engine got from the last KVM_SET_REGS during that exit (RIP as set).
         self._engine_regs: kvm_regs | None = None
         # An MMIO exit whose instruction runs again with the VMM's registers, and its answer:
         # the exit the instruction makes again, and what to return without the VMM.
@@ -64,6 +63,11 @@ class MidInstructionExit:
         # asked: what computes it, and the answer.
         self._compute_write_exit: Callable[[int], WriteExit | None] | None = None
         self._write: WriteExit | None = None
+
+    @property
+    def _vmm_rip(self) -> int | None:
+        """RIP as the last KVM_SET_REGS during this exit set it (None: no KVM_SET_REGS)."""
+        return None if self._engine_regs is None else self._engine_regs.rip
 
     def _rip_taken(self) -> bool:
         """Whether the last RIP KVM_SET_REGS set during this exit moves the guest (module
@@ -110,12 +114,12 @@ class MidInstructionExit:
         Elsewhere (a boundary's Interrupted, an exit after emu_start returned) RIP is taken now."""
         if not in_exit or self._rip is None:
             return regs, True
-        self._vmm_rip, self._regs_set = regs.rip, True
+        self._engine_regs, self._regs_set = regs, True
         write = None if self._rip_taken() else self._write_exit()
         if write is not None and write.string is not None:
             regs = kvm_regs.from_buffer_copy(regs)
-            step_string(regs, write.string, -1)
-        self._engine_regs = regs
+            step_string(regs, write.string, -1)  # RIP stays as set
+            self._engine_regs = regs
         return regs, False
 
     def state_set(self) -> bool:
@@ -138,7 +142,7 @@ class MidInstructionExit:
         if isinstance(exit_, _MID_INSTRUCTION):
             self._kind, self._rip = type(exit_), rip()
             self.rip_moved = self._regs_set = False
-            self._vmm_rip = self._engine_regs = None
+            self._engine_regs = None
             self._compute_write_exit, self._write = write_exit, None
 
     def end(self, exit_: exits.VcpuExit) -> tuple[bool, kvm_regs | None]:
@@ -150,7 +154,7 @@ class MidInstructionExit:
         replay = self._regs_set and isinstance(exit_, _MEMORY_ACCESS) and not self.rip_moved
         self._kind = self._rip = self._compute_write_exit = None
         self._regs_set = False
-        self._vmm_rip = self._engine_regs = None
+        self._engine_regs = None
         return replay, moved
 
     def replay_later(self, exit_: exits.VcpuExit, value: bytes | None) -> None:
